@@ -1,0 +1,1 @@
+"""prep: raw ImageNet archives or class folders -> resolution-specific LMDB / msgpack shards."""

@@ -1,0 +1,1 @@
+"""train: loaders, schedule and a lean DDP + AMP trainer over prep's shards."""
