@@ -1,0 +1,257 @@
+"""Build datasets: source members -> process pool (decode/resize/encode) -> one writer per output.
+
+The main process reads the source and writes; workers only transform bytes. Results are consumed
+in submission order with a bounded number of chunks in flight, so output order is the source
+order (a resumed build equals an uninterrupted one) and memory stays flat whatever the source
+size. Workers are forked before any store is opened (an LMDB environment must not cross a fork).
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import multiprocessing
+import os
+import time
+from pathlib import Path
+
+import lmdb
+from tqdm import tqdm
+
+from formats import jpeg
+from formats.errors import DatasetError
+from formats.manifest import Manifest, read_manifest
+from formats.msgpack_store import DEFAULT_SHARD_BYTES
+from formats.record import FORMAT_VERSION, checksum
+from prep.partial import BuildError, PartialOutput, Progress
+from prep.resize import RejectedImage, prepare_image
+from prep.sources import NO_LABEL, Source, open_source
+
+TOOL_VERSION = "0.1.0"
+CHUNK_IMAGES = 16  # per task: amortises IPC without making the ordered pipeline lumpy
+CHUNKS_IN_FLIGHT_PER_WORKER = 4
+COMMIT_SECONDS = 15.0
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildConfig:
+    src_dir: Path
+    out_dir: Path
+    split: str
+    prep_sizes: tuple[int, ...]
+    store: str  # "lmdb" or "msgpack"
+    quality: int = 90
+    upscale: bool = False
+    workers: int = dataclasses.field(default_factory=default_workers)
+    strict: bool = False
+    overwrite: bool = False
+    val_labels: Path | None = None
+    shard_bytes: int = DEFAULT_SHARD_BYTES
+    commit_every: int = 5000  # records between durable commits: a kill loses at most this many
+    quiet: bool = False
+
+
+@dataclasses.dataclass
+class BuildSummary:
+    manifests: dict[int, Manifest]  # prep_size -> manifest of the finished dataset
+    skipped: list[int]  # sizes already complete (not rebuilt without --overwrite)
+    resumed_from: int  # source members already done by an earlier, interrupted run
+    consumed: int
+    seconds: float
+    workers: int
+    codecs: dict
+
+    @property
+    def images_per_second(self) -> float:
+        return (self.consumed - self.resumed_from) / max(self.seconds, 1e-9)
+
+
+def _prepare_chunk(chunk: list, prep_sizes: tuple, quality: int, upscale: bool) -> list:
+    """Worker side: bytes in, encoded outputs (or a reject reason) out."""
+    results = []
+    for data in chunk:
+        try:
+            results.append(prepare_image(data, prep_sizes, quality, upscale))
+        except RejectedImage as rejected:
+            results.append(rejected.reason)
+    return results
+
+
+def _warm_worker() -> str:
+    return jpeg.codec_report()["turbojpeg"]
+
+
+class _InlinePool:
+    """--workers 0: transform in the main process (debugging, profiling)."""
+
+    def submit(self, fn, *args):
+        future = concurrent.futures.Future()
+        future.set_result(fn(*args))
+        return future
+
+    def shutdown(self, cancel_futures: bool = False):
+        pass
+
+
+def _fingerprint(config: BuildConfig, source: Source, prep_sizes: tuple[int, ...]) -> dict:
+    return {
+        "format_version": FORMAT_VERSION, "store": config.store, "split": config.split,
+        "prep_sizes": list(prep_sizes), "quality": config.quality, "upscale": config.upscale,
+        "shard_bytes": config.shard_bytes if config.store == "msgpack" else None,
+        "source": source.identity,
+    }
+
+
+def _manifest_fields(config: BuildConfig, source: Source, prep_sizes: tuple[int, ...]) -> dict:
+    return {
+        "split": config.split, "quality": config.quality, "upscale": config.upscale,
+        "classes": source.classes, "class_names": source.class_names, "source": source.identity,
+        "build": {
+            "tool_version": TOOL_VERSION, "codecs": jpeg.codec_report(),
+            "built_with_sizes": list(prep_sizes),
+            "decode": f"DCT-scaled (power of two) to cover {max(prep_sizes)} px, then bilinear resize",
+        },
+    }
+
+
+def _outputs_to_build(config: BuildConfig) -> tuple[list[PartialOutput], list[int]]:
+    todo, skipped = [], []
+    for prep_size in dict.fromkeys(config.prep_sizes):
+        output = PartialOutput(config.out_dir, config.split, prep_size, config.store, config.shard_bytes)
+        if not config.overwrite and (output.final_dir / "manifest.json").is_file():
+            skipped.append(prep_size)
+        elif not config.overwrite and output.complete_if_finalized():
+            skipped.append(prep_size)
+        else:
+            todo.append(output)
+    return todo, skipped
+
+
+def build(config: BuildConfig) -> BuildSummary:
+    if config.store not in ("lmdb", "msgpack"):
+        raise BuildError(f"unknown store {config.store!r}")
+    if not config.prep_sizes or min(config.prep_sizes) < 8:
+        raise BuildError("--size must be given, each >= 8 px")
+    if not 1 <= config.quality <= 100:
+        raise BuildError(f"--quality {config.quality}: must be 1..100")
+    source = open_source(config.src_dir, config.split, config.val_labels)
+    config.out_dir.mkdir(parents=True, exist_ok=True)
+    outputs, skipped = _outputs_to_build(config)
+    started = time.perf_counter()
+    if not outputs:
+        return BuildSummary({s: read_manifest(config.out_dir / f"{config.split}-{s}") for s in skipped},
+                            skipped, 0, 0, 0.0, config.workers, jpeg.codec_report())
+    prep_sizes = tuple(o.prep_size for o in outputs)
+    fingerprint = _fingerprint(config, source, prep_sizes)
+    saved = [o.saved_progress(fingerprint, config.overwrite) for o in outputs]
+    # Outputs commit one after another, so a kill can leave them at different points: all
+    # resume from the one furthest behind (records and rejects are the same for every size).
+    progress = min((p for p in saved if p), key=lambda p: p.consumed, default=None) or Progress(fingerprint)
+    if len(saved) > 1 and None in saved:
+        progress = Progress(fingerprint)
+    resumed_from = progress.consumed
+
+    pool = _start_pool(config.workers)
+    try:
+        for output in outputs:
+            output.open(progress)
+        if not progress.finished:
+            _run(config, source, outputs, progress, pool, prep_sizes)
+        fields = _manifest_fields(config, source, prep_sizes)
+        manifests = {o.prep_size: o.finalize(progress, fields) for o in outputs}
+    except (OSError, lmdb.Error) as err:
+        raise BuildError(f"writing {config.out_dir}: {err}; the partial build is kept: fix it and "
+                         "rerun the same command to resume") from None
+    finally:
+        pool.shutdown(cancel_futures=True)
+        for output in outputs:
+            output.close()
+    for size in skipped:
+        manifests[size] = read_manifest(config.out_dir / f"{config.split}-{size}")
+    return BuildSummary(manifests, skipped, resumed_from, progress.consumed,
+                        time.perf_counter() - started, config.workers, jpeg.codec_report())
+
+
+def _start_pool(workers: int):
+    if workers <= 0:
+        return _InlinePool()
+    pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+    # Spawn (and warm) every worker now, before any store is opened in this process.
+    for future in [pool.submit(_warm_worker) for _ in range(workers)]:
+        future.result()
+    return pool
+
+
+def _run(config: BuildConfig, source: Source, outputs: list[PartialOutput], progress: Progress,
+         pool, prep_sizes: tuple[int, ...]) -> None:
+    bar = tqdm(total=source.total_bytes, unit="B", unit_scale=True, unit_divisor=1024,
+               desc=f"{config.split} {'+'.join(map(str, prep_sizes))}", disable=config.quiet,
+               dynamic_ncols=True, smoothing=0.05)
+    pending: collections.deque = collections.deque()
+    max_in_flight = max(1, config.workers) * CHUNKS_IN_FLIGHT_PER_WORKER
+    state = {"committed_at": time.monotonic(), "records_at_commit": progress.num_records,
+             "started": time.monotonic(), "done_here": 0}
+
+    def handle(members: list, future) -> None:
+        results = iter(future.result())
+        for name, label, nbytes, sent in members:
+            result = next(results) if sent else "no label for this image in the validation labels"
+            if isinstance(result, str):
+                progress.rejects.append({"name": name, "reason": result})
+                if config.strict:
+                    raise BuildError(f"--strict: {name}: {result}")
+            else:
+                row_tail = (result.orig_height, result.orig_width)
+                name_line = (name.replace("\n", "?") + "\n").encode("utf-8", "surrogateescape")
+                for output, image in zip(outputs, result.outputs):
+                    row = (label, image.height, image.width, *row_tail, checksum(image.jpeg))
+                    output.append(progress.num_records, label, image.jpeg, row, name_line)
+                progress.num_records += 1
+                progress.names_bytes += len(name_line)
+            progress.consumed += 1
+            state["done_here"] += 1
+            bar.update(nbytes)
+        now = time.monotonic()
+        if (progress.num_records - state["records_at_commit"] >= config.commit_every
+                or now - state["committed_at"] >= COMMIT_SECONDS):
+            for output in outputs:
+                output.commit(progress)
+            state["committed_at"], state["records_at_commit"] = now, progress.num_records
+        rate = state["done_here"] / max(now - state["started"], 1e-9)
+        bar.set_postfix_str(f"{rate:,.0f} img/s, {len(progress.rejects)} rejected", refresh=False)
+
+    try:
+        chunk: list = []
+        chunk_data: list = []
+        for position, member in enumerate(source.members()):
+            if position < progress.consumed:  # done by an earlier run: headers only, no data read
+                bar.update(member.nbytes)
+                continue
+            sent = member.label != NO_LABEL
+            if sent:
+                chunk_data.append(member.read())
+            chunk.append((member.name, member.label, member.nbytes, sent))
+            if len(chunk) == CHUNK_IMAGES:
+                pending.append((chunk, pool.submit(_prepare_chunk, chunk_data, prep_sizes, config.quality, config.upscale)))
+                chunk, chunk_data = [], []
+                while len(pending) >= max_in_flight:
+                    handle(*pending.popleft())
+        if chunk:
+            pending.append((chunk, pool.submit(_prepare_chunk, chunk_data, prep_sizes, config.quality, config.upscale)))
+        while pending:
+            handle(*pending.popleft())
+        if progress.num_records == 0:
+            raise BuildError(f"{config.src_dir}: no {config.split} images could be read "
+                             f"({len(progress.rejects)} rejected)")
+        progress.finished = True
+        for output in outputs:
+            output.commit(progress)
+    finally:
+        bar.close()
+
+
+__all__ = ["BuildConfig", "BuildError", "BuildSummary", "build", "default_workers", "DatasetError"]

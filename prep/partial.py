@@ -1,0 +1,175 @@
+"""One output of a build while it is unfinished: `<out>/.<split>-<prep_size>.partial/`.
+
+Durability protocol (what makes kill -9 safe): records go to the store and to the append-only
+`records.partial` / `names.partial` files; `commit` syncs those first and only then atomically
+replaces `progress.json`. On reopen everything is rolled back to what progress.json says, so a
+store that got ahead of its progress is cut back, and the build resumes from exactly that
+member. `finalize` writes the record table, the names, the store's last files and the manifest
+(last), then renames the directory into place: a directory without a manifest is never a
+dataset, and the final name only ever holds complete ones.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from formats.errors import DatasetError
+from formats.lmdb_store import LmdbWriter
+from formats.manifest import Manifest, file_digest, fsync_dir, read_manifest, write_manifest
+from formats.msgpack_store import MsgpackWriter
+from formats.record import MANIFEST_FILE, NAMES_FILE, RECORD_DTYPE, RECORDS_FILE, split_dir_name
+
+PROGRESS_FILE = "progress.json"
+RECORDS_PARTIAL = "records.partial"
+NAMES_PARTIAL = "names.partial"
+
+
+class BuildError(Exception):
+    """A build cannot go on: one line for the user; partial output stays resumable."""
+
+
+@dataclasses.dataclass
+class Progress:
+    fingerprint: dict  # settings that decide the output bytes; a resume must match them
+    consumed: int = 0  # source members handled (records + rejects)
+    num_records: int = 0
+    names_bytes: int = 0
+    rejects: list = dataclasses.field(default_factory=list)
+    finished: bool = False  # every member consumed and committed
+
+
+def _write_json_atomic(path: Path, payload: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(payload, f, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def _open_truncated(path: Path, length: int):
+    """Append handle on `path`, cut back to `length` bytes first."""
+    handle = open(path, "ab")
+    if handle.tell() < length:
+        raise BuildError(f"{path}: holds {handle.tell()} bytes, progress says {length}")
+    handle.truncate(length)
+    return handle
+
+
+class PartialOutput:
+    def __init__(self, out_dir: Path, split: str, prep_size: int, store: str, shard_bytes: int):
+        self.prep_size = prep_size
+        self.store = store
+        self.shard_bytes = shard_bytes
+        self.final_dir = out_dir / split_dir_name(split, prep_size)
+        self.partial_dir = out_dir / f".{split_dir_name(split, prep_size)}.partial"
+        self.writer = None
+        self._records_file = self._names_file = None
+
+    def saved_progress(self, fingerprint: dict, overwrite: bool) -> Progress | None:
+        """What an earlier, interrupted build of the same settings left, or None."""
+        progress_path = self.partial_dir / PROGRESS_FILE
+        if overwrite or (self.partial_dir.exists() and not progress_path.exists()
+                         and not (self.partial_dir / MANIFEST_FILE).exists()):
+            shutil.rmtree(self.partial_dir, ignore_errors=True)  # nothing resumable in it
+        if not progress_path.exists():
+            return None
+        progress = Progress(**json.loads(progress_path.read_text(encoding="utf-8")))
+        if progress.fingerprint != fingerprint:
+            raise BuildError(
+                f"{self.partial_dir}: an unfinished build with other settings or another source; "
+                "rerun the command that started it, or pass --overwrite"
+            )
+        return progress
+
+    def open(self, progress: Progress) -> None:
+        """Roll everything back to `progress` and open for appending."""
+        self.partial_dir.mkdir(parents=True, exist_ok=True)
+        if self.store == "lmdb":
+            self.writer = LmdbWriter(self.partial_dir, keep_records=progress.num_records)
+        else:
+            self.writer = MsgpackWriter(self.partial_dir, keep_records=progress.num_records,
+                                        shard_bytes=self.shard_bytes)
+        self._records_file = _open_truncated(self.partial_dir / RECORDS_PARTIAL,
+                                             progress.num_records * RECORD_DTYPE.itemsize)
+        self._names_file = _open_truncated(self.partial_dir / NAMES_PARTIAL, progress.names_bytes)
+        self.commit(progress)
+
+    def append(self, index: int, label: int, jpeg: bytes, row: tuple, name_line: bytes) -> None:
+        self.writer.append(index, label, jpeg)
+        self._records_file.write(np.array([row], RECORD_DTYPE).tobytes())
+        self._names_file.write(name_line)
+
+    def commit(self, progress: Progress) -> None:
+        self.writer.commit()
+        for handle in (self._records_file, self._names_file):
+            handle.flush()
+            os.fsync(handle.fileno())
+        _write_json_atomic(self.partial_dir / PROGRESS_FILE, dataclasses.asdict(progress))
+
+    def finalize(self, progress: Progress, manifest_fields: dict) -> Manifest:
+        """Write the remaining files and the manifest (last), then move into the final name.
+
+        Build-state files stay until the manifest exists, so a kill anywhere in here resumes
+        (and redoes this) or, once the manifest is written, just completes the move."""
+        for handle in (self._records_file, self._names_file):
+            handle.flush()
+            os.fsync(handle.fileno())
+        records = np.fromfile(self.partial_dir / RECORDS_PARTIAL, RECORD_DTYPE)
+        if len(records) != progress.num_records:
+            raise DatasetError(f"{self.partial_dir}: record table holds {len(records)}, expected {progress.num_records}")
+        with open(self.partial_dir / (RECORDS_FILE + ".tmp"), "wb") as f:
+            np.save(f, records, allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(self.partial_dir / (RECORDS_FILE + ".tmp"), self.partial_dir / RECORDS_FILE)
+        shutil.copyfile(self.partial_dir / NAMES_PARTIAL, self.partial_dir / (NAMES_FILE + ".tmp"))
+        os.replace(self.partial_dir / (NAMES_FILE + ".tmp"), self.partial_dir / NAMES_FILE)
+        files = self.writer.finish()
+        files.update({name: file_digest(self.partial_dir / name) for name in (RECORDS_FILE, NAMES_FILE)})
+        manifest = Manifest(
+            store=self.store, prep_size=self.prep_size, count=progress.num_records,
+            counts_per_class=np.bincount(records["label"], minlength=len(manifest_fields["classes"])).tolist(),
+            rejects=progress.rejects, files=files, **manifest_fields,
+        )
+        write_manifest(self.partial_dir, manifest)
+        self.close()
+        self.complete_if_finalized()
+        return manifest
+
+    def complete_if_finalized(self) -> bool:
+        """A partial directory whose manifest was written is complete: drop the build-state
+        files the manifest does not list and move it into place."""
+        if not (self.partial_dir / MANIFEST_FILE).is_file():
+            return False
+        listed = set(read_manifest(self.partial_dir).files) | {MANIFEST_FILE}
+        for path in self.partial_dir.iterdir():
+            if path.name not in listed:
+                path.unlink()
+        self._move_into_place()
+        return True
+
+    def _move_into_place(self) -> None:
+        old = self.final_dir.with_name(f".{self.final_dir.name}.old")
+        if self.final_dir.exists():  # --overwrite: the old dataset goes only once the new is in place
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(self.final_dir, old)
+        os.replace(self.partial_dir, self.final_dir)
+        fsync_dir(self.final_dir.parent)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def close(self) -> None:
+        for handle in (self._records_file, self._names_file):
+            if handle is not None and not handle.closed:
+                handle.close()
+        if self.writer is not None:
+            try:
+                self.writer.close()
+            except Exception:  # closing after a failure must not hide the failure
+                pass

@@ -1,0 +1,244 @@
+"""Raw ImageNet, read in place: (name, label, bytes) members in a fixed order.
+
+Archives are never extracted. Tars are opened in random-access mode, which reads member
+headers and seeks past data, so a member's bytes are only read when asked for: a resumed build
+skips what it already wrote at the cost of header reads, and memory stays bounded whatever the
+archive's size (we drop tarfile's member list as we go). Order is fixed: class tars and class
+folders in sorted-wnid order, members within a class tar in archive order, files sorted by name.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tarfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+from prep.labels import (
+    KAGGLE_SYNSET_MAPPING,
+    KAGGLE_VAL_SOLUTION,
+    Devkit,
+    SourceError,
+    class_index,
+    image_key,
+    read_label_file,
+    read_synset_mapping,
+)
+
+TRAIN_ARCHIVE = "ILSVRC2012_img_train.tar"
+VAL_ARCHIVE = "ILSVRC2012_img_val.tar"
+KAGGLE_DATA_DIR = Path("ILSVRC/Data/CLS-LOC")
+NO_LABEL = -1
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceMember:
+    name: str  # file name inside its archive or folder, e.g. n01440764_10026.JPEG
+    label: int  # sorted-wnid class index, or NO_LABEL when the source has none for it
+    nbytes: int
+    read: Callable[[], bytes]
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    split: str
+    layout: str  # train-tar, val-tar, folders, flat-folder
+    classes: list[str]  # wnids (or folder names) in label order
+    class_names: list[str]
+    identity: dict  # what was read: a resumed build refuses to continue on a changed source
+    total_bytes: int  # for the progress bar's ETA
+    members: Callable[[], Iterator[SourceMember]]
+
+
+def _open_tar(fileobj, name: str) -> tarfile.TarFile:
+    try:
+        return tarfile.open(fileobj=fileobj, mode="r:")
+    except (tarfile.TarError, OSError) as err:
+        raise SourceError(f"{name}: not a readable tar archive ({err})") from None
+
+
+def _tar_files(tar: tarfile.TarFile, name: str) -> Iterator[tarfile.TarInfo]:
+    """Regular-file members in archive order, forgetting each header once passed."""
+    while True:
+        try:
+            info = tar.next()
+        except (tarfile.TarError, OSError, EOFError) as err:
+            raise SourceError(f"{name}: archive is damaged ({err})") from None
+        if info is None:
+            return
+        tar.members.clear()  # tarfile keeps every header it has read; we never look back
+        if info.isfile():
+            yield info
+
+
+def _file_identity(path: Path) -> dict:
+    stat = path.stat()
+    return {"path": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _list_class_tars(archive: Path) -> list[tarfile.TarInfo]:
+    with open(archive, "rb") as f:
+        tar = _open_tar(f, str(archive))
+        class_tars = [m for m in _tar_files(tar, str(archive)) if m.name.endswith(".tar")]
+    if not class_tars:
+        raise SourceError(f"{archive}: no per-class tars inside; is this ImageNet's train tar?")
+    return sorted(class_tars, key=lambda m: m.name)
+
+
+def _train_tar_source(archive: Path, names: dict[str, str]) -> Source:
+    class_tars = _list_class_tars(archive)
+    wnids = [Path(m.name).stem for m in class_tars]
+    labels = class_index(wnids)
+
+    def members() -> Iterator[SourceMember]:
+        with open(archive, "rb") as f:
+            outer = _open_tar(f, str(archive))
+            for class_tar in class_tars:
+                label = labels[Path(class_tar.name).stem]
+                inner_name = f"{archive.name}:{class_tar.name}"
+                inner = _open_tar(outer.extractfile(class_tar), inner_name)
+                for info in _tar_files(inner, inner_name):
+                    yield SourceMember(Path(info.name).name, label, info.size,
+                                       lambda inner=inner, info=info: inner.extractfile(info).read())
+
+    return Source("train", "train-tar", sorted(labels), [names.get(w, "") for w in sorted(labels)],
+                  {"layout": "train-tar", "archive": _file_identity(archive)},
+                  archive.stat().st_size, members)
+
+
+def _val_tar_source(archive: Path, wnid_by_key: dict[str, str], classes: list[str],
+                    names: dict[str, str], labels_identity: dict) -> Source:
+    labels = class_index(classes)
+
+    def members() -> Iterator[SourceMember]:
+        with open(archive, "rb") as f:
+            tar = _open_tar(f, str(archive))
+            for info in _tar_files(tar, str(archive)):
+                label = labels.get(wnid_by_key.get(image_key(info.name), ""), NO_LABEL)
+                yield SourceMember(Path(info.name).name, label, info.size,
+                                   lambda info=info: tar.extractfile(info).read())
+
+    return Source("val", "val-tar", sorted(labels), [names.get(w, "") for w in sorted(labels)],
+                  {"layout": "val-tar", "archive": _file_identity(archive), "labels": labels_identity},
+                  archive.stat().st_size, members)
+
+
+def _read_file(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _scan_files(directory: Path) -> list[os.DirEntry]:
+    return sorted((e for e in os.scandir(directory) if e.is_file() and not e.name.startswith(".")),
+                  key=lambda e: e.name)
+
+
+def _folder_source(split: str, root: Path, class_dirs: list[str], known_classes: list[str],
+                   names: dict[str, str]) -> Source:
+    classes = known_classes or class_dirs
+    labels = class_index(classes)
+    unknown = sorted(set(class_dirs) - set(labels))
+    if unknown:
+        raise SourceError(f"{root}: class folders {unknown[:3]} are not among the {len(labels)} known classes")
+    files = [(labels[c], entry) for c in sorted(class_dirs) for entry in _scan_files(root / c)]
+
+    def members() -> Iterator[SourceMember]:
+        for label, entry in files:
+            yield SourceMember(entry.name, label, entry.stat().st_size,
+                               lambda path=Path(entry.path): _read_file(path))
+
+    total = sum(entry.stat().st_size for _, entry in files)
+    return Source(split, "folders", sorted(labels), [names.get(w, "") for w in sorted(labels)],
+                  {"layout": "folders", "path": str(root.resolve()), "num_files": len(files), "bytes": total},
+                  total, members)
+
+
+def _flat_folder_source(root: Path, wnid_by_key: dict[str, str], classes: list[str],
+                        names: dict[str, str], labels_identity: dict) -> Source:
+    labels = class_index(classes)
+    files = _scan_files(root)
+
+    def members() -> Iterator[SourceMember]:
+        for entry in files:
+            label = labels.get(wnid_by_key.get(image_key(entry.name), ""), NO_LABEL)
+            yield SourceMember(entry.name, label, entry.stat().st_size,
+                               lambda path=Path(entry.path): _read_file(path))
+
+    total = sum(entry.stat().st_size for entry in files)
+    return Source("val", "flat-folder", sorted(labels), [names.get(w, "") for w in sorted(labels)],
+                  {"layout": "flat-folder", "path": str(root.resolve()), "num_files": len(files),
+                   "bytes": total, "labels": labels_identity},
+                  total, members)
+
+
+def _split_dir(src_dir: Path, split: str) -> Path | None:
+    for candidate in (src_dir / split, src_dir / KAGGLE_DATA_DIR / split):
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def _subdirs(directory: Path) -> list[str]:
+    return sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+
+
+def _train_classes(src_dir: Path) -> list[str]:
+    """The train split's classes, so val labels line up with train's when both are present."""
+    if (src_dir / TRAIN_ARCHIVE).is_file():
+        return [Path(m.name).stem for m in _list_class_tars(src_dir / TRAIN_ARCHIVE)]
+    train_dir = _split_dir(src_dir, "train")
+    return _subdirs(train_dir) if train_dir else []
+
+
+def _val_labels(src_dir: Path, val_labels: Path | None, devkit: Devkit | None,
+                classes: list[str]) -> tuple[dict[str, str], dict]:
+    if val_labels is not None:
+        return read_label_file(val_labels, classes), _file_identity(val_labels)
+    if devkit is not None:
+        return devkit.val_wnids(), {"devkit": True}
+    kaggle = src_dir / KAGGLE_VAL_SOLUTION
+    if kaggle.is_file():
+        return read_label_file(kaggle, classes), _file_identity(kaggle)
+    raise SourceError(
+        f"{src_dir}: no validation labels: put ILSVRC2012_devkit_t12.tar.gz (or Kaggle's "
+        f"{KAGGLE_VAL_SOLUTION}) in it, or pass --val-labels FILE"
+    )
+
+
+def open_source(src_dir: Path, split: str, val_labels: Path | None = None) -> Source:
+    """Find ImageNet's `split` in src_dir: the ILSVRC2012 tars (+ devkit for val), or class
+    folders `<split>/<class>/*` (also Kaggle's ILSVRC/Data/CLS-LOC/<split>), or for val a flat
+    folder with labels from the devkit, Kaggle's CSV or --val-labels."""
+    src_dir = Path(src_dir)
+    if not src_dir.is_dir():
+        raise SourceError(f"{src_dir}: no such directory")
+    if split not in ("train", "val"):
+        raise SourceError(f"unknown split {split!r}: use train or val")
+    devkit = Devkit.find(src_dir)
+    names = dict(devkit.names) if devkit else {}
+    if (src_dir / KAGGLE_SYNSET_MAPPING).is_file():
+        names.update(read_synset_mapping(src_dir / KAGGLE_SYNSET_MAPPING))
+    archive = src_dir / (TRAIN_ARCHIVE if split == "train" else VAL_ARCHIVE)
+    split_dir = _split_dir(src_dir, split)
+    if split == "train":
+        if archive.is_file():
+            return _train_tar_source(archive, names)
+        if split_dir and _subdirs(split_dir):
+            return _folder_source("train", split_dir, _subdirs(split_dir), [], names)
+        raise SourceError(f"{src_dir}: no ImageNet train data: expected {TRAIN_ARCHIVE} or train/<class>/*")
+    # Val classes: the devkit's, else train's, so that label i means the same class in both.
+    classes = sorted(devkit.wnid_by_id.values()) if devkit else _train_classes(src_dir)
+    if split_dir and _subdirs(split_dir):
+        return _folder_source("val", split_dir, _subdirs(split_dir), classes, names)
+    if not archive.is_file() and not (split_dir and _scan_files(split_dir)):
+        raise SourceError(f"{src_dir}: no ImageNet val data: expected {VAL_ARCHIVE} or val/")
+    wnid_by_key, labels_identity = _val_labels(src_dir, val_labels, devkit, classes)
+    classes = classes or sorted(set(wnid_by_key.values()))
+    unknown = set(wnid_by_key.values()) - set(classes)
+    if unknown:
+        raise SourceError(f"val labels name {len(unknown)} classes unknown to train/devkit, e.g. {sorted(unknown)[0]}")
+    if archive.is_file():
+        return _val_tar_source(archive, wnid_by_key, classes, names, labels_identity)
+    return _flat_folder_source(split_dir, wnid_by_key, classes, names, labels_identity)
+
+

@@ -1,0 +1,226 @@
+"""`prep verify`: re-read a dataset and check it against its manifest; the contract between
+prep and train. Every fault is reported (the first ones in full); any fault means exit 1.
+
+Whole-file checks (sha256 of every listed file, store structure, the record table, per-class
+counts) run first; then every record is checked in parallel: crc32, a full decode, its size
+against the table, the shorter side against prep_size (small originals excepted), and for
+msgpack the stored index and label.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import multiprocessing
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from formats import jpeg
+from formats.errors import DatasetError
+from formats.manifest import Manifest, file_digest, load_names, load_records, read_manifest
+from formats.lmdb_store import content_digest
+from formats.msgpack_store import MsgpackReader, shard_file_name
+from formats.record import checksum
+from formats.store import open_reader
+
+MAX_FAULTS_SHOWN = 20
+RANGES_PER_WORKER = 8
+
+
+@dataclasses.dataclass
+class VerifyReport:
+    dataset_dir: Path
+    manifest: Manifest | None
+    faults: list[str]
+    records_checked: int
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return not self.faults
+
+    @property
+    def records_per_second(self) -> float:
+        return self.records_checked / max(self.seconds, 1e-9)
+
+
+def _expected_dims(row, prep_size: int, upscale: bool) -> tuple[int, int] | None:
+    """(height, width) the record must have, derived from its original size."""
+    from prep.resize import target_dims  # pure; shared with the builder so they cannot disagree
+
+    return target_dims(int(row["orig_height"]), int(row["orig_width"]), prep_size, upscale)
+
+
+_worker_state: dict = {}
+
+
+def _init_worker(dataset_dir: Path, manifest: Manifest) -> None:
+    """Once per worker process: the table and names (1.28M of them for ImageNet train) are
+    loaded here rather than pickled into every task."""
+    _worker_state.update(dataset_dir=dataset_dir, manifest=manifest,
+                         records=load_records(dataset_dir, manifest),
+                         names=load_names(dataset_dir, manifest))
+
+
+def _check_range(start: int, stop: int) -> tuple[int, list[str]]:
+    dataset_dir, manifest = _worker_state["dataset_dir"], _worker_state["manifest"]
+    records, names = _worker_state["records"], _worker_state["names"]
+    reader = open_reader(dataset_dir, manifest, sequential=True)
+    tj = jpeg.turbo()
+    faults = []
+
+    def fault(index: int, problem: str) -> None:
+        faults.append(f"record {index} ({names[index]}): {problem}")
+
+    for index in range(start, stop):
+        row = records[index]
+        try:
+            if isinstance(reader, MsgpackReader):
+                stored_index, stored_label, data = reader.record(index)
+                if stored_index != index or stored_label != int(row["label"]):
+                    fault(index, f"stored as index {stored_index} label {stored_label}, "
+                                 f"table says {index} label {int(row['label'])}")
+            else:
+                data = reader.view(index)
+        except DatasetError as err:
+            fault(index, str(err))
+            continue
+        if checksum(data) != int(row["crc32"]):
+            fault(index, "checksum mismatch (corrupt bytes)")
+            continue
+        try:
+            pixels = jpeg.decode_turbo(data) if tj is not None and jpeg.sniff(data) == "jpeg" else None
+            if pixels is None:
+                from prep.resize import decode_rgb  # PIL path (no libturbojpeg)
+
+                pixels = decode_rgb(data, 1)[0]
+        except Exception as err:  # any decoder failure is this record's fault, not ours
+            fault(index, f"does not decode ({err})")
+            continue
+        height, width = pixels.shape[:2]
+        if (height, width) != (int(row["height"]), int(row["width"])):
+            fault(index, f"decodes to {height}x{width}, table says {row['height']}x{row['width']}")
+        elif (height, width) != _expected_dims(row, manifest.prep_size, manifest.upscale):
+            fault(index, f"{height}x{width} does not fit prep_size {manifest.prep_size} "
+                         f"(original {row['orig_height']}x{row['orig_width']})")
+        if not 0 <= int(row["label"]) < manifest.num_classes:
+            fault(index, f"label {int(row['label'])} outside [0, {manifest.num_classes})")
+    reader.close()
+    return stop - start, faults
+
+
+def _short(digest: dict) -> str:
+    return ", ".join(f"{k} {str(v)[:12]}" for k, v in sorted(digest.items()))
+
+
+def _check_files(dataset_dir: Path, manifest: Manifest) -> list[str]:
+    faults = []
+    for name, expected in sorted(manifest.files.items()):
+        path = dataset_dir / name
+        if not path.is_file():
+            faults.append(f"{name}: missing")
+            continue
+        try:
+            actual = content_digest(dataset_dir) if "content_sha256" in expected else file_digest(path)
+        except DatasetError as err:
+            faults.append(f"{name}: {err}")
+            continue
+        if actual != expected:
+            faults.append(f"{name}: digest {_short(actual)}, manifest says {_short(expected)}")
+    if manifest.store == "msgpack":
+        listed = {n for n in manifest.files if n.startswith("shard-")}
+        for extra in sorted(p.name for p in dataset_dir.glob("shard-*.msgpack") if p.name not in listed):
+            faults.append(f"{extra}: shard not in the manifest")
+    return faults
+
+
+def _check_table(manifest: Manifest, records: np.ndarray) -> list[str]:
+    faults = []
+    labels = records["label"]
+    if len(labels) and (labels.min() < 0 or labels.max() >= manifest.num_classes):
+        faults.append(f"record table has labels outside [0, {manifest.num_classes})")
+    else:
+        counts = np.bincount(labels, minlength=manifest.num_classes).tolist()
+        if counts != manifest.counts_per_class:
+            wrong = [c for c, (a, b) in enumerate(zip(counts, manifest.counts_per_class)) if a != b]
+            faults.append(f"per-class counts differ from the manifest for {len(wrong)} classes, "
+                          f"e.g. class {wrong[0]}: {counts[wrong[0]]} vs {manifest.counts_per_class[wrong[0]]}")
+    if sum(manifest.counts_per_class) != manifest.count:
+        faults.append(f"manifest counts_per_class sum to {sum(manifest.counts_per_class)}, count is {manifest.count}")
+    return faults
+
+
+def _check_msgpack_shards(dataset_dir: Path, manifest: Manifest) -> list[str]:
+    reader = MsgpackReader(dataset_dir, manifest.count)
+    faults = []
+    for shard, expected_bytes in sorted(reader.shard_sizes().items()):
+        path = dataset_dir / shard_file_name(shard)
+        actual = path.stat().st_size if path.exists() else 0
+        if actual != expected_bytes:
+            faults.append(f"{path.name}: {actual} bytes, index expects {expected_bytes} "
+                          f"({'truncated' if actual < expected_bytes else 'trailing data'})")
+    return faults
+
+
+def check_source(manifest: Manifest, names: list[str], src_dir: Path, val_labels: Path | None) -> list[str]:
+    """Every source member is a record or a listed reject, per class as the manifest says."""
+    from prep.sources import open_source  # only `verify --source` needs the raw archives
+
+    source = open_source(src_dir, manifest.split, val_labels)
+    members = collections.Counter()
+    per_class = collections.Counter()
+    for member in source.members():
+        members[member.name] += 1
+        per_class[member.label] += 1
+    built = collections.Counter(names) + collections.Counter(r["name"] for r in manifest.rejects)
+    faults = []
+    if members != built:
+        missing, extra = members - built, built - members
+        faults.append(f"source has {sum(members.values())} members, dataset accounts for "
+                      f"{sum(built.values())} (missing e.g. {sorted(missing)[:3]}, unknown e.g. {sorted(extra)[:3]})")
+    if source.classes != manifest.classes:
+        faults.append(f"source classes differ from the manifest's ({len(source.classes)} vs {manifest.num_classes})")
+    return faults
+
+
+def verify(dataset_dir: Path, workers: int, src_dir: Path | None = None,
+           val_labels: Path | None = None, quiet: bool = False) -> VerifyReport:
+    dataset_dir = Path(dataset_dir)
+    started = time.perf_counter()
+    manifest = read_manifest(dataset_dir)  # DatasetError: not a dataset at all
+    faults = _check_files(dataset_dir, manifest)
+    try:
+        records = load_records(dataset_dir, manifest)
+        names = load_names(dataset_dir, manifest)
+    except DatasetError as err:
+        return VerifyReport(dataset_dir, manifest, faults + [str(err)], 0, time.perf_counter() - started)
+    faults += _check_table(manifest, records)
+    try:
+        if manifest.store == "msgpack":
+            faults += _check_msgpack_shards(dataset_dir, manifest)
+        else:
+            open_reader(dataset_dir, manifest).view(0) if manifest.count else None
+    except DatasetError as err:
+        return VerifyReport(dataset_dir, manifest, faults + [str(err)], 0, time.perf_counter() - started)
+    checked = 0
+    bounds = np.linspace(0, manifest.count, max(1, workers) * RANGES_PER_WORKER + 1).astype(int)
+    ranges = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    bar = tqdm(total=manifest.count, unit="img", desc=f"verify {dataset_dir.name}", disable=quiet,
+               dynamic_ncols=True)
+    with concurrent.futures.ProcessPoolExecutor(
+        max(1, workers), mp_context=multiprocessing.get_context("fork"),
+        initializer=_init_worker, initargs=(dataset_dir, manifest),
+    ) as pool:
+        futures = [pool.submit(_check_range, a, b) for a, b in ranges]
+        for future in futures:  # in order, so faults come out sorted by record
+            count, range_faults = future.result()
+            checked += count
+            faults += range_faults
+            bar.update(count)
+    bar.close()
+    if src_dir is not None:
+        faults += check_source(manifest, names, src_dir, val_labels)
+    return VerifyReport(dataset_dir, manifest, faults, checked, time.perf_counter() - started)
