@@ -9,8 +9,8 @@ some smaller or up to ~1000 px; a few grayscale and CMYK JPEGs, as prep has to h
 
 Encoding follows ImageNet rather than a generic quality 90: a survey of the train set's JPEG
 headers (Max Ehrlich, "Compression in the ImageNet Dataset", 2021) found most images at quality
-96 without chroma subsampling (4:4:4), which is what gives ImageNet its ~110 KB mean and costs a
-decoder about 1.5x the coefficient blocks of 4:2:0. The wallpapers are smoother than Flickr
+96 without chroma subsampling (4:4:4), which is what gives ImageNet its ~110 KB mean and gives a
+decoder twice the coefficient blocks of 4:2:0 (here ~1.9x the decode time). The wallpapers are smoother than Flickr
 photos even at native resolution, so mild sensor-like noise (sigma 2-4 levels) tops them up.
 
 Writes DIR/folders/train/<wnid>/<wnid>_<i>.JPEG, DIR/archives/ILSVRC2012_img_train.tar (a tar of
@@ -71,7 +71,7 @@ NOISE_BANK_SIZE = 1 << 22  # normals; 3 channels x 1000 x 1000 px at most (long 
 
 @dataclass(frozen=True)
 class Source:
-    """One source photo: where its pixels come from and its size, known without decoding it."""
+    """One source photo: where its pixels come from, and its size (so crops can be planned)."""
 
     name: str  # "wallpaper:Path" or "skimage:astronaut"
     origin: str  # JPEG path, or the skimage.data name

@@ -76,7 +76,9 @@ class LmdbWriter:
         lock_path = self.dataset_dir / LOCK_FILE
         if lock_path.exists():
             lock_path.unlink()
-        return {DATA_FILE: content_digest(self.dataset_dir)}
+        digest = content_digest(self.dataset_dir)
+        release_env(self.dataset_dir)  # the directory is about to be renamed into place
+        return {DATA_FILE: digest}
 
     def close(self) -> None:
         if self._txn is not None:
@@ -85,57 +87,81 @@ class LmdbWriter:
         self._env.close()
 
 
-class LmdbReader:
-    """Zero-copy random access; safe to create before DataLoader workers fork."""
+_shared_envs: dict[tuple[int, int], tuple[int, lmdb.Environment]] = {}
+_shared_lock = threading.Lock()
 
-    def __init__(self, dataset_dir: Path, count: int, readahead: bool = False):
+
+def _shared_env(dataset_dir: Path) -> lmdb.Environment:
+    """The process's one read-only environment for this dataset.
+
+    py-lmdb refuses to open the same files twice in a process (LMDB's locks are per process),
+    so every reader of a dataset shares one environment. A forked child inherits the parent's
+    entry: it closes its copy (lock-free and read-only, so nothing is shared with the parent's
+    state) to release py-lmdb's guard, and opens its own."""
+    data_path = Path(dataset_dir) / DATA_FILE
+    try:
+        stat = data_path.stat()
+    except OSError:
+        raise DatasetError(f"{dataset_dir}: no {DATA_FILE}") from None
+    key = (stat.st_dev, stat.st_ino)
+    with _shared_lock:
+        pid, env = _shared_envs.get(key, (None, None))
+        if pid == os.getpid():
+            return env
+        if env is not None:
+            env.close()
+        try:
+            env = lmdb.open(str(dataset_dir), readonly=True, lock=False, subdir=True,
+                            readahead=False, meminit=False, max_readers=4096)
+        except lmdb.Error as err:
+            raise DatasetError(f"{dataset_dir}: cannot open LMDB ({err})") from None
+        _shared_envs[key] = (os.getpid(), env)
+        return env
+
+
+def release_env(dataset_dir: Path) -> None:
+    """Close this process's shared environment for the dataset (invalidates its readers' views)."""
+    with _shared_lock:
+        for key, (pid, env) in list(_shared_envs.items()):
+            if pid == os.getpid() and Path(env.path()).resolve() == Path(dataset_dir).resolve():
+                env.close()
+                del _shared_envs[key]
+
+
+class LmdbReader:
+    """Zero-copy random access; safe to create before DataLoader workers fork, and to use from
+    several threads (each gets its own read transaction on the process's shared environment)."""
+
+    def __init__(self, dataset_dir: Path, count: int):
         self.dataset_dir = Path(dataset_dir)
         self.count = count
-        self.readahead = readahead  # True for sequential scans (verify), False for random reads
-        self._env: lmdb.Environment | None = None
-        self._pid = -1
         self._local = threading.local()
-        self._open_lock = threading.Lock()
+        self._checked_pid = -1
 
     def __len__(self) -> int:
         return self.count
 
     def __getstate__(self):
         # Pickled into worker processes: ship the path, never an open environment.
-        return {"dataset_dir": self.dataset_dir, "count": self.count, "readahead": self.readahead}
+        return {"dataset_dir": self.dataset_dir, "count": self.count}
 
     def __setstate__(self, state):
         self.__init__(**state)
 
     def _txn(self) -> lmdb.Transaction:
-        if self._pid != os.getpid():
-            with self._open_lock:
-                if self._pid != os.getpid():
-                    self._env = self._open()
-                    self._local = threading.local()
-                    self._pid = os.getpid()
-        txn = getattr(self._local, "txn", None)
-        if txn is None:
-            txn = self._local.txn = self._env.begin(buffers=True)
-        return txn
-
-    def _open(self) -> lmdb.Environment:
-        if not (self.dataset_dir / DATA_FILE).is_file():
-            raise DatasetError(f"{self.dataset_dir}: no {DATA_FILE}")
-        try:
-            env = lmdb.open(
-                str(self.dataset_dir), readonly=True, lock=False, subdir=True,
-                readahead=self.readahead, meminit=False, max_readers=4096,
-            )
-        except lmdb.Error as err:
-            raise DatasetError(f"{self.dataset_dir}: cannot open LMDB ({err})") from None
-        entries = env.stat()["entries"]
-        if entries != self.count:
-            env.close()
-            raise DatasetError(
-                f"{self.dataset_dir}: LMDB holds {entries} records, manifest says {self.count}"
-            )
-        return env
+        local = self._local
+        if getattr(local, "pid", None) != os.getpid():
+            env = _shared_env(self.dataset_dir)
+            if self._checked_pid != os.getpid():
+                entries = env.stat()["entries"]
+                if entries != self.count:
+                    raise DatasetError(
+                        f"{self.dataset_dir}: LMDB holds {entries} records, manifest says {self.count}")
+                self._checked_pid = os.getpid()
+            # Long-lived read transaction: views stay valid while it lives, and nothing writes a
+            # finished dataset, so it pins nothing that matters.
+            local.txn, local.pid = env.begin(buffers=True), os.getpid()
+        return local.txn
 
     def view(self, index: int) -> memoryview:
         if not 0 <= index < self.count:
@@ -149,9 +175,11 @@ class LmdbReader:
         return value
 
     def close(self) -> None:
-        if self._env is not None and self._pid == os.getpid():
-            self._env.close()
-        self._env, self._pid = None, -1
+        """Drop this thread's transaction; the shared environment stays for other readers."""
+        txn = getattr(self._local, "txn", None)
+        if txn is not None and getattr(self._local, "pid", None) == os.getpid():
+            txn.abort()
+        self._local = threading.local()
 
 
 def content_digest(dataset_dir: Path) -> dict:
@@ -162,11 +190,8 @@ def content_digest(dataset_dir: Path) -> dict:
     instead of a file hash: equal contents give equal digests, and verify recomputes it."""
     h = hashlib.sha256()
     count = 0
-    try:
-        env = lmdb.open(str(dataset_dir), readonly=True, lock=False, subdir=True, readahead=True)
-    except lmdb.Error as err:
-        raise DatasetError(f"{dataset_dir}: cannot open LMDB ({err})") from None
-    with env, env.begin(buffers=True) as txn:
+    env = _shared_env(dataset_dir)
+    with env.begin(buffers=True) as txn:
         for key, value in txn.cursor():
             h.update(key)
             h.update(len(value).to_bytes(8, "little"))

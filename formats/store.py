@@ -8,8 +8,8 @@ from formats.manifest import Manifest
 from formats.msgpack_store import MsgpackReader
 
 
-def open_reader(dataset_dir: Path, manifest: Manifest, sequential: bool = False):
+def open_reader(dataset_dir: Path, manifest: Manifest):
     """A zero-copy reader (`len`, `view(i) -> memoryview`), opened lazily per process."""
     if manifest.store == "lmdb":
-        return LmdbReader(dataset_dir, manifest.count, readahead=sequential)
+        return LmdbReader(dataset_dir, manifest.count)
     return MsgpackReader(dataset_dir, manifest.count)

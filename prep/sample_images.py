@@ -139,26 +139,26 @@ def render_image(style: ClassStyle, shape: tuple[int, int], rng: np.random.Gener
     fg_minus_bg = [np.float32(f - c) for f, c in zip(style.fg_rgb, style.bg_rgb)]
     gain = np.float32(rng.uniform(0.7, 1.2))
     slope_x, slope_y = rng.uniform(-0.3, 0.3, size=2).astype(np.float32)
-    noise = _noise_window(rng, height, width)
-    noise_sigma = np.float32(rng.uniform(3.0, 12.0))
+    noise = _noise_window(rng, height, width) * np.float32(rng.uniform(0.01, 0.05))  # relative
 
+    # Per-column and per-row terms, so each band needs one broadcast add per field.
     xn = (np.arange(width, dtype=np.float32)[None, :] - width / 2) / np.float32(short)
-    yn_all = (np.arange(height, dtype=np.float32)[:, None] - height / 2) / np.float32(short)
-    x = xn * periods
+    yn = (np.arange(height, dtype=np.float32)[:, None] - height / 2) / np.float32(short)
+    x, y = xn * periods, yn * periods
+    t_x, t_y = x * cos, y * sin + phase_t
+    u_x, u_y = -x * sin, y * cos + phase_u
+    light_x, light_y = gain * (1.0 + slope_x * xn), gain * slope_y * yn
     image = np.empty((height, width, 3), np.uint8)
     rows = max(1, BAND_PIXELS // width)
     for y0 in range(0, height, rows):
-        yn = yn_all[y0 : y0 + rows]
-        y = yn * periods
-        t = x * cos + y * sin + phase_t
-        u = y * cos - x * sin + phase_u
-        r = np.sqrt((x - centre_x) ** 2 + (y - centre_y) ** 2) if style.texture == "rings" else None
-        light = gain * (1.0 + slope_x * xn + slope_y * yn)
-        lit_mask = _texture_mask(style, t, u, r, sharpness) * light
-        band_noise = noise[y0 : y0 + rows] * noise_sigma
+        band = slice(y0, y0 + rows)
+        r = np.sqrt((x - centre_x) ** 2 + (y[band] - centre_y) ** 2) if style.texture == "rings" else None
+        mask = _texture_mask(style, t_x + t_y[band], u_x + u_y[band], r, sharpness)
+        light = (light_x + light_y[band]) * (1.0 + noise[band])
+        lit_mask = mask * light
         for channel in range(3):
-            plane = bg[channel] * light + fg_minus_bg[channel] * lit_mask + band_noise
-            image[y0 : y0 + rows, :, channel] = plane.clip(0, 255)
+            plane = bg[channel] * light + fg_minus_bg[channel] * lit_mask
+            image[band, :, channel] = plane.clip(0, 255)
     _paint_distractor(image, rng)
     return image
 

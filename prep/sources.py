@@ -36,7 +36,7 @@ class SourceMember:
     name: str  # file name inside its archive or folder, e.g. n01440764_10026.JPEG
     label: int  # sorted-wnid class index, or NO_LABEL when the source has none for it
     nbytes: int
-    read: Callable[[], bytes]
+    read: Callable[[], bytes]  # valid until the members() iterator moves on (the archive stays open until then)
 
 
 @dataclasses.dataclass(frozen=True)

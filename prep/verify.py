@@ -68,7 +68,7 @@ def _init_worker(dataset_dir: Path, manifest: Manifest) -> None:
 def _check_range(start: int, stop: int) -> tuple[int, list[str]]:
     dataset_dir, manifest = _worker_state["dataset_dir"], _worker_state["manifest"]
     records, names = _worker_state["records"], _worker_state["names"]
-    reader = open_reader(dataset_dir, manifest, sequential=True)
+    reader = open_reader(dataset_dir, manifest)
     tj = jpeg.turbo()
     faults = []
 

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from train.imagenet18 import from_imagenet18
 from train.schedule import (
     Phase,
     Schedule,
     ScheduleError,
     format_table,
-    from_imagenet18,
     load_schedule,
     parse_schedule,
 )

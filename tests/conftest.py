@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny ImageNet-format archives and shards, generated per test session."""
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from prep.build import BuildConfig, build
+from prep.sample import write_sample
+
+
+def jpeg_bytes(height: int, width: int, seed: int = 0, mode: str = "RGB", quality: int = 90) -> bytes:
+    """A smooth-but-not-flat test image (gradients + a little noise), encoded."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    pixels = np.stack([(xx * 255 // max(width - 1, 1)), (yy * 255 // max(height - 1, 1)),
+                       ((xx + yy) * 3) % 256], axis=-1).astype(np.int16)
+    pixels = np.clip(pixels + rng.integers(-8, 9, pixels.shape), 0, 255).astype(np.uint8)
+    image = Image.fromarray(pixels).convert(mode)
+    out = io.BytesIO()
+    image.save(out, "PNG" if mode in ("RGBA", "P", "LA") else "JPEG", **({} if mode in ("RGBA", "P", "LA") else {"quality": quality}))
+    return out.getvalue()
+
+
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_train_tar(path: Path, classes: dict[str, list[tuple[str, bytes]]]) -> Path:
+    """ImageNet's train layout by hand: a tar of `<wnid>.tar`, each with flat members."""
+    with tarfile.open(path, "w") as outer:
+        for wnid, members in classes.items():
+            inner_bytes = io.BytesIO()
+            with tarfile.open(fileobj=inner_bytes, mode="w") as inner:
+                for name, data in members:
+                    add_member(inner, name, data)
+            add_member(outer, f"{wnid}.tar", inner_bytes.getvalue())
+    return path
+
+
+@pytest.fixture(scope="session")
+def sample_src(tmp_path_factory) -> tuple[Path, object]:
+    """3 classes x 6 train + 4 val images in the exact ILSVRC2012 archive format."""
+    src = tmp_path_factory.mktemp("sample")
+    info = write_sample(src, num_classes=3, train_per_class=6, val_per_class=4, seed=0)
+    return src, info
+
+
+@pytest.fixture(scope="session")
+def built_shards(sample_src, tmp_path_factory) -> Path:
+    """train-160/val-160 in LMDB and msgpack, built once per session: out/<store>/<split>-160."""
+    src, _ = sample_src
+    out = tmp_path_factory.mktemp("shards")
+    for store in ("lmdb", "msgpack"):
+        for split in ("train", "val"):
+            build(BuildConfig(src, out / store, split, (160,), store, workers=0, quiet=True))
+    return out
