@@ -16,7 +16,7 @@ import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import BinaryIO, Iterable, Iterator
 
 import numpy as np
 import scipy.io
@@ -43,7 +43,7 @@ IMAGENETTE = (
     ("n03445777", "golf ball"),
     ("n03888605", "parachute, chute"),
 )
-# Non-leaf synsets (the real meta.mat has 860 of them after the 1000 leaves).
+# Non-leaf synsets: a root and two groups that split the leaves.
 PARENTS = (("n00001740", "entity"), ("n00001930", "physical entity"), ("n00002137", "abstraction, abstract entity"))
 ADJECTIVES = ("striped", "spotted", "woven", "rippled", "banded", "speckled", "ringed", "checkered")
 NOUNS = ("kettle", "lantern", "beetle", "teapot", "marble", "kite", "barrel", "pebble", "shell", "drum")
@@ -145,22 +145,26 @@ def _render(spec: _ImageSpec, num_classes: int) -> bytes:
     return encode_image(render_image(class_style(spec.class_index, num_classes), shape, rng), spec.kind)
 
 
-def meta_mat_bytes(class_words_: list[tuple[str, str]], ilsvrc_ids: tuple[int, ...], train_per_class: int) -> bytes:
-    """meta.mat as the real devkit has it: struct array `synsets`, rows in ILSVRC2012_ID order,
-    leaves (num_children 0) with IDs 1..K, then a small hierarchy of parents above them."""
-    num_classes = len(class_words_)
-    empty = np.zeros((0, 0), np.uint16)
-    rows = [None] * num_classes
-    for class_index, (wnid, words) in enumerate(class_words_):
+def synset_rows(words_by_class: list[tuple[str, str]], ilsvrc_ids: tuple[int, ...], train_per_class: int) -> list[tuple]:
+    """meta.mat's synsets as (wnid, words, gloss, children, wordnet_height, num_train_images), in
+    ILSVRC2012_ID order as the real file: leaves (no children) are IDs 1..K, then three parents
+    above them (the real file has 860 non-leaf synsets after its 1000 leaves)."""
+    num_classes = len(words_by_class)
+    rows: list[tuple] = [()] * num_classes
+    for class_index, (wnid, words) in enumerate(words_by_class):
         gloss = f"synthetic class with a {class_style(class_index, num_classes).texture} texture"
-        rows[ilsvrc_ids[class_index] - 1] = (wnid, words, gloss, empty, 0, train_per_class)
+        rows[ilsvrc_ids[class_index] - 1] = (wnid, words, gloss, np.zeros((0, 0), np.uint16), 0, train_per_class)
     leaf_ids = np.arange(1, num_classes + 1, dtype=np.uint16)
-    half = (num_classes + 1) // 2
-    root_id = num_classes + 1
+    half, root_id = (num_classes + 1) // 2, num_classes + 1
     child_lists = (np.array([root_id + 1, root_id + 2], np.uint16), leaf_ids[:half], leaf_ids[half:])
     for (wnid, words), children, height in zip(PARENTS, child_lists, (2, 1, 1)):
         num_images = train_per_class * (num_classes if height == 2 else len(children))
         rows.append((wnid, words, f"{words.split(', ')[0]}: a non-leaf synset", children, height, num_images))
+    return rows
+
+
+def meta_mat_bytes(rows: list[tuple]) -> bytes:
+    """The `synsets` struct array (fields in the real order) as MAT v5 bytes, free of timestamps."""
     synsets = np.empty((len(rows), 1), dtype=[(field, object) for field in META_FIELDS])
     for i, (wnid, words, gloss, children, height, num_images) in enumerate(rows):
         synsets[i, 0] = (np.uint16(i + 1), wnid, words, gloss, np.uint16(len(children)), children,
@@ -168,7 +172,7 @@ def meta_mat_bytes(class_words_: list[tuple[str, str]], ilsvrc_ids: tuple[int, .
     buffer = io.BytesIO()
     scipy.io.savemat(buffer, {"synsets": synsets}, format="5")
     data = bytearray(buffer.getvalue())
-    data[:116] = b"MATLAB 5.0 MAT-file, written by shardtrain prep sample".ljust(116)  # savemat stamps the time
+    data[:116] = b"MATLAB 5.0 MAT-file, written by shardtrain prep sample".ljust(116)  # savemat stamps the time here
     return bytes(data)
 
 
@@ -182,7 +186,7 @@ def _tar_member(name: str, data: bytes | None) -> tarfile.TarInfo:
     return info
 
 
-def _write_tar(fileobj, members: Iterable[tuple[str, bytes | None]]) -> None:
+def _write_tar(fileobj: BinaryIO, members: Iterable[tuple[str, bytes | None]]) -> None:
     """Writes (name, bytes) members in the given order; bytes None makes a directory."""
     with tarfile.open(fileobj=fileobj, mode="w", format=tarfile.GNU_FORMAT) as tar:
         for name, data in members:
@@ -196,7 +200,7 @@ def _tar_bytes(members: Iterable[tuple[str, bytes | None]]) -> bytes:
 
 
 @contextlib.contextmanager
-def _atomic_file(path: Path) -> Iterator:
+def _atomic_file(path: Path) -> Iterator[BinaryIO]:
     """An open file that appears at `path` only once fully written (os.replace from a temp)."""
     tmp_path = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -242,7 +246,7 @@ def write_sample(
     devkit_members = [
         (f"{DEVKIT_DIR}/", None),
         (f"{DEVKIT_DIR}/data/", None),
-        (f"{DEVKIT_DIR}/data/meta.mat", meta_mat_bytes(words_by_class, ilsvrc_ids, train_per_class)),
+        (f"{DEVKIT_DIR}/data/meta.mat", meta_mat_bytes(synset_rows(words_by_class, ilsvrc_ids, train_per_class))),
         (f"{DEVKIT_DIR}/data/ILSVRC2012_validation_ground_truth.txt", ground_truth),
     ]
     with _atomic_file(paths[DEVKIT_NAME]) as file, gzip.GzipFile(filename="", mode="wb", fileobj=file, mtime=0) as gz:

@@ -1,5 +1,6 @@
 """prep.sample: the procedural dataset must look exactly like ILSVRC2012's archives, quirks included."""
 
+import gzip
 import io
 import re
 import tarfile
@@ -101,6 +102,7 @@ def test_meta_mat_has_the_real_fields_and_a_hierarchy_above_the_leaves(sample):
     assert [names[w] for w in sample.wnids] == list(sample.class_names)
 
 
+@pytest.mark.slow  # importing torch takes seconds; the test itself is fast
 def test_torchvision_parses_the_devkit(sample, tmp_path, monkeypatch):
     pytest.importorskip("torchvision")
     import torch
@@ -170,6 +172,23 @@ def test_same_seed_same_bytes_other_seed_other_images(tmp_path):
     assert first.wnids == other.wnids and first.ilsvrc_ids == other.ilsvrc_ids
 
 
+def test_archives_carry_no_clock_or_owner(tmp_path):
+    """Runs within one second match anyway, so check directly that no time or user leaks in."""
+    info = write_sample(tmp_path, num_classes=2, train_per_class=2, val_per_class=1)
+    gz = info.devkit_path.read_bytes()
+    assert gz[4:8] == bytes(4) and not gz[3] & 0x08  # gzip mtime 0, no file name
+    tar_files = [info.train_tar_path.open("rb"), info.val_tar_path.open("rb"), gzip.open(info.devkit_path)]
+    with tarfile.open(info.train_tar_path) as outer:
+        tar_files += [io.BytesIO(outer.extractfile(m).read()) for m in outer.getmembers()]
+    headers = set()
+    for tar_file in tar_files:
+        with tar_file, tarfile.open(fileobj=tar_file) as tar:
+            headers |= {(m.mtime, m.uid, m.gid, m.uname, m.gname) for m in tar.getmembers()}
+    assert len(headers) == 1 and next(iter(headers))[1:] == (0, 0, "", "")
+    with tarfile.open(info.devkit_path) as tar:
+        assert b"Created on" not in tar.extractfile(f"{DEVKIT_DIR}/data/meta.mat").read()[:116]
+
+
 def test_creates_out_dir_and_leaves_no_temp_files(tmp_path):
     out_dir = tmp_path / "nested" / "sample"
     write_sample(out_dir, num_classes=2, train_per_class=2, val_per_class=1)
@@ -183,6 +202,14 @@ def test_rejects_counts_that_cannot_hold_the_quirks(tmp_path):
     with pytest.raises(ValueError):
         write_sample(tmp_path, num_classes=2, train_per_class=1)
     assert not any(tmp_path.iterdir())
+
+
+def test_more_classes_than_imagenette_still_map_through_the_devkit(tmp_path):
+    info = write_sample(tmp_path, num_classes=12, train_per_class=1, val_per_class=1)
+    synsets, ground_truth = read_devkit(info)
+    id_to_wnid = leaf_id_to_wnid(synsets)
+    assert len(id_to_wnid) == 12 and len(read_train(info)) == 12
+    assert [id_to_wnid[i] for i in ground_truth] == [info.wnids[label] for label in info.val_labels]
 
 
 def test_class_words_use_imagenette_then_plausible_made_up_synsets():

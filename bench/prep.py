@@ -1,0 +1,177 @@
+"""Prep throughput on an ImageNet-like fixture of REAL photos, against baselines measured in the
+same run: a naive PIL script (full decode, resize, save: how fast.ai made its sz/160 copies) and
+the codec floor (our decode-at-scale + resize + encode calls alone, in memory, no I/O or IPC).
+
+    python bench/prep.py [--num-images 2000] [--repeats 3] [--json-out results.json]
+
+Prints img/s per configuration, the ratios the prep issue targets, peak RSS of the build's
+process tree at two dataset sizes, and the machine. Each timing is the best of --repeats.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+from PIL import Image
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+import fixture  # noqa: E402  (bench/fixture.py, a script module)
+from formats.jpeg import codec_report  # noqa: E402
+from prep.resize import prepare_image  # noqa: E402
+
+QUALITY = 90
+
+
+def machine() -> str:
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor())
+    codecs = codec_report()
+    return (f"{model}, {len(os.sched_getaffinity(0))} cores, Python {platform.python_version()}, "
+            f"{codecs['pil']}, {codecs['turbojpeg']}")
+
+
+def best_of(repeats: int, run) -> float:
+    return min(run() for _ in range(repeats))
+
+
+def naive_baseline(files: list[Path], out_dir: Path) -> float:
+    """One process: open, full decode, RGB, bilinear resize of the shorter side to 160, save."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    for path in files:
+        image = Image.open(path).convert("RGB")
+        ratio = 160 / min(image.size)
+        image = image.resize((max(1, round(image.width * ratio)), max(1, round(image.height * ratio))), Image.BILINEAR)
+        image.save(out_dir / path.name, "JPEG", quality=QUALITY)
+    return time.perf_counter() - started
+
+
+def codec_floor(datas: list[bytes], prep_sizes: tuple[int, ...]) -> float:
+    started = time.perf_counter()
+    for data in datas:
+        prepare_image(data, prep_sizes, QUALITY)
+    return time.perf_counter() - started
+
+
+class PeakRss:
+    """Samples the summed RSS of a process and its children (the build's whole tree)."""
+
+    def __init__(self, pid: int):
+        self.process, self.peak, self._stop = psutil.Process(pid), 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                tree = [self.process, *self.process.children(recursive=True)]
+                self.peak = max(self.peak, sum(p.memory_info().rss for p in tree))
+            except psutil.Error:
+                pass
+            time.sleep(0.02)
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return self.peak / (1 << 20)
+
+
+def run_tool(args: list[str]) -> tuple[float, float, str]:
+    """(seconds the tool reports for its work, peak tree RSS in MiB, stdout)."""
+    process = subprocess.Popen([sys.executable, "-m", "prep.cli", *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, cwd=HERE.parent)
+    rss = PeakRss(process.pid)
+    stdout, stderr = process.communicate()
+    peak = rss.stop()
+    if process.returncode:
+        raise SystemExit(f"prep {' '.join(args)} failed:\n{stderr}")
+    match = re.search(r"in ([\d.]+) s", stdout)
+    return float(match.group(1)), peak, stdout
+
+
+def prep_build(src: Path, out: Path, prep_sizes: tuple[int, ...], workers: int) -> tuple[float, float]:
+    args = ["build-lmdb", "--src", str(src), "--out", str(out), "--split", "train", "--workers", str(workers),
+            "--overwrite", "-q"] + [a for s in prep_sizes for a in ("--size", str(s))]
+    seconds, peak, _ = run_tool(args)
+    return seconds, peak
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--num-images", type=int, default=2000)
+    parser.add_argument("--small-images", type=int, default=500, help="second fixture size for the RSS growth check")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cache", type=Path, default=HERE / ".cache")
+    parser.add_argument("--json-out", type=Path)
+    args = parser.parse_args(argv)
+
+    fixture_dir = args.cache / f"fixture-{args.num_images}"
+    stats = fixture.build_fixture(fixture_dir, args.num_images, 20, 0, quiet=True)["stats"]
+    small_dir = args.cache / f"fixture-{args.small_images}"
+    fixture.build_fixture(small_dir, args.small_images, 20, 0, quiet=True)
+    files = sorted((fixture_dir / "folders" / "train").glob("*/*.JPEG"))
+    datas = [path.read_bytes() for path in files]
+    src = fixture_dir / "archives"
+    count = len(files)
+    print(f"machine: {machine()}")
+    print(f"fixture: {count} real-photo JPEGs, median {stats['median_width']:.0f}x{stats['median_height']:.0f}, "
+          f"mean {stats['mean_kb']:.0f} KB ({fixture_dir})")
+
+    with tempfile.TemporaryDirectory(prefix="bench-prep-") as tmp:
+        tmp = Path(tmp)
+        rate = {}
+        rate["naive 160"] = count / best_of(args.repeats, lambda: naive_baseline(files, tmp / "naive"))
+        rate["floor 160"] = count / best_of(args.repeats, lambda: codec_floor(datas, (160,)))
+        rate["floor 160+320"] = count / best_of(args.repeats, lambda: codec_floor(datas, (160, 320)))
+        peaks = {}
+        for name, sizes, workers in (("prep 160 w1", (160,), 1), ("prep 160+320 w1", (160, 320), 1),
+                                     ("prep 160 w2", (160,), 2)):
+            runs = [prep_build(src, tmp / "out", sizes, workers) for _ in range(args.repeats)]
+            rate[name] = count / min(s for s, _ in runs)
+            peaks[name] = max(p for _, p in runs)
+        _, peaks["prep 160 w2, small fixture"] = prep_build(small_dir / "archives", tmp / "small", (160,), 2)
+        prep_build(src, tmp / "out", (160,), 2)
+        for workers in (1, 2):
+            seconds = best_of(args.repeats, lambda: run_tool(["verify", str(tmp / "out" / "train-160"), "--workers",
+                                                             str(workers), "-q"])[0])
+            rate[f"verify 160 w{workers}"] = count / seconds
+
+    ratios = {
+        "sz/160 one core vs naive PIL": rate["prep 160 w1"] / rate["naive 160"],
+        "sz/160 one core vs codec floor": rate["prep 160 w1"] / rate["floor 160"],
+        "160+320 time vs 160 alone (one core)": rate["prep 160 w1"] / rate["prep 160+320 w1"],
+        "codec floor 160+320 time vs 160": rate["floor 160"] / rate["floor 160+320"],
+        "2 workers vs 1 worker": rate["prep 160 w2"] / rate["prep 160 w1"],
+        "verify per core (records/s)": rate["verify 160 w1"],
+    }
+    print("\nthroughput (img/s, best of %d):" % args.repeats)
+    for name, value in rate.items():
+        print(f"  {name:<28} {value:8.0f}")
+    print("\nratios (targets: >= 2x naive, >= 0.8 of floor, <= 1.4x for 160+320, >= 1.8x scaling, >= 2000/s verify):")
+    for name, value in ratios.items():
+        print(f"  {name:<40} {value:8.2f}")
+    print("\npeak RSS of the build's process tree (MiB):")
+    for name, value in peaks.items():
+        print(f"  {name:<28} {value:8.0f}")
+    if args.json_out:
+        args.json_out.write_text(json.dumps({"machine": machine(), "fixture": stats, "img_per_s": rate,
+                                             "ratios": ratios, "peak_rss_mib": peaks}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
