@@ -7,6 +7,7 @@ nothing else, so a reader can hand a memoryview of the stored value straight to 
 """
 from __future__ import annotations
 
+import struct
 import zlib
 
 import numpy as np
@@ -32,6 +33,11 @@ RECORD_DTYPE = np.dtype(
         ("crc32", "<u4"),
     ]
 )
+
+# One RECORD_DTYPE row as bytes, for writers appending rows one at a time (a numpy array per
+# row costs ~10x more than this).
+RECORD_STRUCT = struct.Struct("<iIIIII")
+assert RECORD_STRUCT.size == RECORD_DTYPE.itemsize
 
 KEY_DIGITS = 10
 

@@ -22,7 +22,7 @@ from formats import jpeg
 from formats.errors import DatasetError
 from formats.manifest import Manifest, read_manifest
 from formats.msgpack_store import DEFAULT_SHARD_BYTES
-from formats.record import FORMAT_VERSION, checksum
+from formats.record import FORMAT_VERSION, RECORD_STRUCT, checksum
 from prep.partial import BuildError, PartialOutput, Progress
 from prep.resize import RejectedImage, prepare_image
 from prep.sources import NO_LABEL, Source, open_source
@@ -70,14 +70,32 @@ class BuildSummary:
         return (self.consumed - self.resumed_from) / max(self.seconds, 1e-9)
 
 
-def _prepare_chunk(chunk: list, prep_sizes: tuple, quality: int, upscale: bool) -> list:
-    """Worker side: bytes in, encoded outputs (or a reject reason) out."""
+_open_files: dict[str, int] = {}  # per worker process: archive path -> descriptor, opened once
+
+
+def _read_span(path: str, offset: int, nbytes: int) -> bytes:
+    fd = _open_files.get(path)
+    if fd is None:
+        fd = _open_files[path] = os.open(path, os.O_RDONLY)
+    data = os.pread(fd, nbytes, offset)
+    if len(data) != nbytes:
+        raise OSError(f"short read ({len(data)} of {nbytes} bytes; did the source change?)")
+    return data
+
+
+def _prepare_chunk(spans: list, prep_sizes: tuple, quality: int, upscale: bool) -> list:
+    """Worker side: read each image's bytes where the source says they are, and transform them.
+
+    Reading here rather than in the main process keeps image bytes out of inter-process pipes
+    and leaves the main process little to do but write, so throughput scales with workers."""
     results = []
-    for data in chunk:
+    for path, offset, nbytes in spans:
         try:
-            results.append(prepare_image(data, prep_sizes, quality, upscale))
+            results.append(prepare_image(_read_span(path, offset, nbytes), prep_sizes, quality, upscale))
         except RejectedImage as rejected:
             results.append(rejected.reason)
+        except OSError as err:
+            results.append(f"unreadable: {err.strerror or err}")
     return results
 
 
@@ -205,10 +223,10 @@ def _run(config: BuildConfig, source: Source, outputs: list[PartialOutput], prog
                 if config.strict:
                     raise BuildError(f"--strict: {name}: {result}")
             else:
-                row_tail = (result.orig_height, result.orig_width)
                 name_line = (name.replace("\n", "?") + "\n").encode("utf-8", "surrogateescape")
                 for output, image in zip(outputs, result.outputs):
-                    row = (label, image.height, image.width, *row_tail, checksum(image.jpeg))
+                    row = RECORD_STRUCT.pack(label, image.height, image.width, result.orig_height,
+                                             result.orig_width, checksum(image.jpeg))
                     output.append(progress.num_records, label, image.jpeg, row, name_line)
                 progress.num_records += 1
                 progress.names_bytes += len(name_line)
@@ -226,22 +244,22 @@ def _run(config: BuildConfig, source: Source, outputs: list[PartialOutput], prog
 
     try:
         chunk: list = []
-        chunk_data: list = []
+        spans: list = []
         for position, member in enumerate(source.members()):
             if position < progress.consumed:  # done by an earlier run: headers only, no data read
                 bar.update(member.nbytes)
                 continue
             sent = member.label != NO_LABEL
             if sent:
-                chunk_data.append(member.read())
+                spans.append((member.path, member.offset, member.nbytes))
             chunk.append((member.name, member.label, member.nbytes, sent))
             if len(chunk) == CHUNK_IMAGES:
-                pending.append((chunk, pool.submit(_prepare_chunk, chunk_data, prep_sizes, config.quality, config.upscale)))
-                chunk, chunk_data = [], []
+                pending.append((chunk, pool.submit(_prepare_chunk, spans, prep_sizes, config.quality, config.upscale)))
+                chunk, spans = [], []
                 while len(pending) >= max_in_flight:
                     handle(*pending.popleft())
         if chunk:
-            pending.append((chunk, pool.submit(_prepare_chunk, chunk_data, prep_sizes, config.quality, config.upscale)))
+            pending.append((chunk, pool.submit(_prepare_chunk, spans, prep_sizes, config.quality, config.upscale)))
         while pending:
             handle(*pending.popleft())
         if progress.num_records == 0:

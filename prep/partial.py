@@ -101,9 +101,10 @@ class PartialOutput:
         self._names_file = _open_truncated(self.partial_dir / NAMES_PARTIAL, progress.names_bytes)
         self.commit(progress)
 
-    def append(self, index: int, label: int, jpeg: bytes, row: tuple, name_line: bytes) -> None:
+    def append(self, index: int, label: int, jpeg: bytes, row: bytes, name_line: bytes) -> None:
+        """`row`: one RECORD_DTYPE row, packed with formats.record.RECORD_STRUCT."""
         self.writer.append(index, label, jpeg)
-        self._records_file.write(np.array([row], RECORD_DTYPE).tobytes())
+        self._records_file.write(row)
         self._names_file.write(name_line)
 
     def commit(self, progress: Progress) -> None:

@@ -63,7 +63,7 @@ def format_build_summary(summary, out_dir: Path, split: str) -> str:
     if summary.consumed:
         done = summary.consumed - summary.resumed_from
         resumed = f" (resumed after {summary.resumed_from:,} done earlier)" if summary.resumed_from else ""
-        lines.append(f"{done:,} images in {summary.seconds:.1f} s = {summary.images_per_second:,.0f} img/s "
+        lines.append(f"{done:,} images in {summary.seconds:.2f} s = {summary.images_per_second:,.0f} img/s "
                      f"with {summary.workers} workers{resumed}; codecs: {summary.codecs['pil']}, {summary.codecs['turbojpeg']}")
     rejects = next(iter(summary.manifests.values())).rejects if summary.manifests else []
     for reject in rejects[:20]:
@@ -74,7 +74,7 @@ def format_build_summary(summary, out_dir: Path, split: str) -> str:
 
 
 def format_verify_report(report) -> str:
-    head = (f"{report.dataset_dir}: {report.records_checked:,} records checked in {report.seconds:.1f} s "
+    head = (f"{report.dataset_dir}: {report.records_checked:,} records checked in {report.seconds:.2f} s "
             f"({report.records_per_second:,.0f}/s)")
     if report.ok:
         return f"{head}: OK"

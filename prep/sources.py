@@ -1,7 +1,8 @@
 """Raw ImageNet, read in place: (name, label, bytes) members in a fixed order.
 
 Archives are never extracted. Tars are opened in random-access mode, which reads member
-headers and seeks past data, so a member's bytes are only read when asked for: a resumed build
+headers and seeks past data; each member is described by where its bytes lie (file, offset,
+size), and only whoever needs them reads them: the build's workers, in parallel. A resumed build
 skips what it already wrote at the cost of header reads, and memory stays bounded whatever the
 archive's size (we drop tarfile's member list as we go). Order is fixed: class tars and class
 folders in sorted-wnid order, members within a class tar in archive order, files sorted by name.
@@ -33,10 +34,26 @@ NO_LABEL = -1
 
 @dataclasses.dataclass(frozen=True)
 class SourceMember:
+    """One image of the source. Its bytes are `nbytes` at `offset` in the plain file `path` (an
+    archive or the image file itself), so a worker process can read them without the main
+    process ever touching image data."""
+
     name: str  # file name inside its archive or folder, e.g. n01440764_10026.JPEG
     label: int  # sorted-wnid class index, or NO_LABEL when the source has none for it
+    path: str
+    offset: int
     nbytes: int
-    read: Callable[[], bytes]  # valid until the members() iterator moves on (the archive stays open until then)
+
+    def read(self) -> bytes:
+        return read_span(self.path, self.offset, self.nbytes)
+
+
+def read_span(path: str, offset: int, nbytes: int) -> bytes:
+    with open(path, "rb") as f:
+        data = os.pread(f.fileno(), nbytes, offset)
+    if len(data) != nbytes:
+        raise OSError(f"{path}: short read at {offset} ({len(data)} of {nbytes} bytes; file changed?)")
+    return data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,9 +114,9 @@ def _train_tar_source(archive: Path, names: dict[str, str]) -> Source:
                 label = labels[Path(class_tar.name).stem]
                 inner_name = f"{archive.name}:{class_tar.name}"
                 inner = _open_tar(outer.extractfile(class_tar), inner_name)
-                for info in _tar_files(inner, inner_name):
-                    yield SourceMember(Path(info.name).name, label, info.size,
-                                       lambda inner=inner, info=info: inner.extractfile(info).read())
+                for info in _tar_files(inner, inner_name):  # inner offsets count from the class tar's data
+                    yield SourceMember(Path(info.name).name, label, str(archive),
+                                       class_tar.offset_data + info.offset_data, info.size)
 
     return Source("train", "train-tar", sorted(labels), [names.get(w, "") for w in sorted(labels)],
                   {"layout": "train-tar", "archive": _file_identity(archive)},
@@ -115,17 +132,11 @@ def _val_tar_source(archive: Path, wnid_by_key: dict[str, str], classes: list[st
             tar = _open_tar(f, str(archive))
             for info in _tar_files(tar, str(archive)):
                 label = labels.get(wnid_by_key.get(image_key(info.name), ""), NO_LABEL)
-                yield SourceMember(Path(info.name).name, label, info.size,
-                                   lambda info=info: tar.extractfile(info).read())
+                yield SourceMember(Path(info.name).name, label, str(archive), info.offset_data, info.size)
 
     return Source("val", "val-tar", sorted(labels), [names.get(w, "") for w in sorted(labels)],
                   {"layout": "val-tar", "archive": _file_identity(archive), "labels": labels_identity},
                   archive.stat().st_size, members)
-
-
-def _read_file(path: Path) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
 
 
 def _scan_files(directory: Path) -> list[os.DirEntry]:
@@ -144,8 +155,7 @@ def _folder_source(split: str, root: Path, class_dirs: list[str], known_classes:
 
     def members() -> Iterator[SourceMember]:
         for label, entry in files:
-            yield SourceMember(entry.name, label, entry.stat().st_size,
-                               lambda path=Path(entry.path): _read_file(path))
+            yield SourceMember(entry.name, label, entry.path, 0, entry.stat().st_size)
 
     total = sum(entry.stat().st_size for _, entry in files)
     return Source(split, "folders", sorted(labels), [names.get(w, "") for w in sorted(labels)],
@@ -161,8 +171,7 @@ def _flat_folder_source(root: Path, wnid_by_key: dict[str, str], classes: list[s
     def members() -> Iterator[SourceMember]:
         for entry in files:
             label = labels.get(wnid_by_key.get(image_key(entry.name), ""), NO_LABEL)
-            yield SourceMember(entry.name, label, entry.stat().st_size,
-                               lambda path=Path(entry.path): _read_file(path))
+            yield SourceMember(entry.name, label, entry.path, 0, entry.stat().st_size)
 
     total = sum(entry.stat().st_size for entry in files)
     return Source("val", "flat-folder", sorted(labels), [names.get(w, "") for w in sorted(labels)],

@@ -7,7 +7,8 @@ and, where the box is much larger than the output, decode at a reduced DCT scale
 (:func:`dct_scale_for_box` / :func:`scale_box`).
 
 Pure functions: no torch, no I/O, no global random state; randomness only through an explicitly
-passed :class:`random.Random`, so a worker seeded with (seed, epoch, rank, worker) is reproducible.
+passed :class:`random.Random` (the loader seeds one per sample from (seed, epoch, position), so
+batches do not depend on how many workers made them).
 """
 
 from __future__ import annotations
@@ -17,11 +18,14 @@ import random
 from dataclasses import dataclass
 from fractions import Fraction
 
+from formats.jpeg import POW2_SCALES, scaled_dim
+
 Box = tuple[int, int, int, int]  # (top, left, height, width)
 
 DEFAULT_RATIO = (3.0 / 4.0, 4.0 / 3.0)
-# libjpeg-turbo's 3/4, 5/8 and 7/8 IDCTs measured slower than full size here: power-of-two only.
-POWER_OF_TWO_SCALES = ((1, 8), (1, 4), (1, 2), (1, 1))
+# libjpeg-turbo's 3/4, 5/8 and 7/8 IDCTs measured slower than full size: power-of-two only
+# (the one list lives in formats.jpeg, shared with prep's decode).
+POWER_OF_TWO_SCALES = POW2_SCALES
 RECT_MULTIPLE = 8  # rect-val long side is rounded down to a multiple of this (imagenet18)
 RECT_RESIZE_RATIO = 1.14  # imagenet18: resize shorter side to int(crop_size * 1.14)
 
@@ -265,7 +269,7 @@ def dct_scale_for_box(
 def scaled_image_size(height: int, width: int, num: int, den: int) -> tuple[int, int]:
     """Image size after decoding at num/den: ceil(side * num / den), as libjpeg(-turbo) computes it
     (``jdiv_round_up`` in jdmaster.c; ``TJSCALED`` in turbojpeg.h)."""
-    return -(-height * num // den), -(-width * num // den)
+    return scaled_dim(height, (num, den)), scaled_dim(width, (num, den))
 
 
 def scale_box(box: Box, num: int, den: int, scaled_height: int, scaled_width: int) -> Box:

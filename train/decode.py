@@ -32,7 +32,7 @@ def decode_rgb(data, scale: tuple[int, int] = (1, 1)) -> np.ndarray:
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(image.convert("RGB"))
+        return np.array(image.convert("RGB"))
 
 
 def decode_scale(box: Box, out_height: int, out_width: int) -> tuple[int, int]:
@@ -77,7 +77,7 @@ def _pil_resize_scaled(pixels: np.ndarray, box: Box, num: int, den: int, scaled_
     resized = image.resize(
         (out_width, out_height), Image.Resampling.BILINEAR, box=(left, top, left + box_width, top + box_height)
     )
-    return torch.from_numpy(np.asarray(resized)).permute(2, 0, 1)
+    return torch.from_numpy(np.array(resized)).permute(2, 0, 1)
 
 
 # --------------------------------------------------------------------------- GPU (nvJPEG)

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from train.metrics import METRICS_NAME, read_metrics
+from train.metrics import CONFIG_NAME, METRICS_NAME, read_metrics
 
 PLOT_NAME = "curves.png"
+DEFAULT_TARGETS = {"top1": 75.9, "top5": 93.0}  # MLPerf's ResNet-50 top-1; DAWNBench's top-5
 
 
 class ReportError(ValueError):
@@ -84,6 +85,17 @@ def load_run(run_dir: Path) -> list[dict[str, Any]]:
     return records
 
 
+def run_targets(run_dir: Path) -> dict[str, float]:
+    """The targets a run was started with (config.json's recipe), else DEFAULT_TARGETS."""
+    import json
+
+    try:
+        config = json.loads((Path(run_dir) / CONFIG_NAME).read_text(encoding="utf-8"))
+        return dict(config["recipe"]["targets"]) or dict(DEFAULT_TARGETS)
+    except (OSError, ValueError, KeyError, TypeError):
+        return dict(DEFAULT_TARGETS)
+
+
 def plot(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path,
          targets: Mapping[str, float]) -> Path | None:
     """top-1/top-5 against hours and train loss against epoch; None without matplotlib."""
@@ -119,11 +131,15 @@ def plot(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path,
     return path
 
 
-def report(run_dirs: Sequence[Path], targets: Mapping[str, float],
+def report(run_dirs: Sequence[Path], targets: Mapping[str, float] | None = None,
            plot_path: Path | None = None) -> str:
-    """The text `train report` prints; writes the PNG beside the first run (or plot_path)."""
+    """The text `train report` prints; writes the PNG beside the first run (or plot_path).
+
+    `targets` (e.g. {"top5": 93}) default to those of the first run.
+    """
     if not run_dirs:
         raise ReportError("give at least one run directory")
+    targets = dict(targets) if targets else run_targets(Path(run_dirs[0]))
     runs = {str(Path(d)): load_run(Path(d)) for d in run_dirs}
     parts = []
     for name, records in runs.items():

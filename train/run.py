@@ -25,6 +25,7 @@ from train.augment import TrainCrop
 from train.dist import DistEnv, init_distributed, rank_zero_only, shutdown
 from train.metrics import RunLog, environment_info, git_sha
 from train.model import Recipe, RecipeError
+from train.report import DEFAULT_TARGETS
 from train.schedule import (
     TRAIN_LOADER_FIELDS,
     LoadedSchedule,
@@ -34,8 +35,6 @@ from train.schedule import (
     format_table,
     load_schedule,
 )
-
-DEFAULT_TARGETS = {"top1": 75.9, "top5": 93.0}  # MLPerf's ResNet-50 top-1; DAWNBench's top-5
 
 
 class TrainError(RuntimeError):
@@ -118,11 +117,12 @@ class ShardData:
                            device=device)
 
     def val_loader(self, dir_name, batch_size, crop_size, *, rank, world_size, workers, rect,
-                   decode):
+                   decode, **device):
         from train.data import ValLoader
 
         return ValLoader(self.data_dir / dir_name, batch_size, crop_size, rank=rank,
-                         world_size=world_size, workers=workers, rect=rect, decode=decode)
+                         world_size=world_size, workers=workers, rect=rect, decode=decode,
+                         **device)
 
     def prefetcher(self, loader, device, channels_last):
         from train.prefetch import DevicePrefetcher
@@ -136,6 +136,8 @@ def check_shards(schedule: Schedule, data: DataSource) -> list[str]:
     Returns the class list. Runs before anything is started so a missing `val-320/` fails in
     a second with the phase that needs it, not after hours of training.
     """
+    from formats.errors import DatasetError
+
     classes: list[str] | None = None
     first_dir = ""
     seen: set[str] = set()
@@ -147,7 +149,7 @@ def check_shards(schedule: Schedule, data: DataSource) -> list[str]:
             seen.add(dir_name)
             try:
                 found = data.classes(dir_name)
-            except (OSError, ValueError) as exc:  # formats.errors.DatasetError is a ValueError
+            except (DatasetError, OSError, ValueError) as exc:
                 raise TrainError(f"phase {index} needs {split} shards {dir_name}/ "
                                  f"(prep_size {prep_size}): {exc}") from None
             if classes is None:
@@ -169,6 +171,7 @@ class Loaders:
         self._train_key: tuple | None = None
         self._crop: TrainCrop | None = None
         self._val_key: tuple | None = None
+        self._val_crop: int | None = None
 
     def train_for(self, phase: Phase) -> tuple[Any, list[str]]:
         """The train loader for `phase`, and imagenet18-style event lines for what changed."""
@@ -193,15 +196,20 @@ class Loaders:
         return self.train, events
 
     def val_for(self, phase: Phase) -> Any:
-        key = (phase.val_dir_name, phase.batch_size, phase.val_crop_size, phase.rect_val)
-        if key != self._val_key:
+        key = (phase.val_dir_name, phase.batch_size, phase.rect_val)
+        set_crop_size = getattr(self.val, "set_crop_size", None)
+        if key != self._val_key or (self._val_crop != phase.val_crop_size
+                                    and set_crop_size is None):
             _close(self.val)
             env, cfg = self.env, self.config
             self.val = self.data.val_loader(
                 phase.val_dir_name, phase.batch_size, phase.val_crop_size, rank=env.rank,
                 world_size=env.world_size, workers=cfg.workers, rect=phase.rect_val,
-                decode=cfg.decode)
+                decode=cfg.decode, **({"device": str(env.device)} if cfg.decode == "gpu" else {}))
             self._val_key = key
+        elif self._val_crop != phase.val_crop_size:
+            set_crop_size(phase.val_crop_size)
+        self._val_crop = phase.val_crop_size
         return self.val
 
     def close(self) -> None:

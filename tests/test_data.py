@@ -1,0 +1,219 @@
+"""train.data: TrainLoader and ValLoader over both stores: batch shapes and contents, worker-count
+independence, resume inside an epoch, in-place crop changes, exact validation counting, and
+errors that name the record."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from formats.errors import DatasetError
+from train.augment import TrainCrop, center_crop_box, rect_crop_box, rect_target_size
+from train.data import TrainLoader, TrainPlan, ValLoader
+from train.decode import decode_crop_into
+from tests.loader_shards import STORES, corrupt_record, damaged_copy, dataset_dir
+
+
+def batches_of(loader):
+    return [(images.clone(), labels.clone()) for images, labels in loader]
+
+
+def assert_same_batches(first, second):
+    assert len(first) == len(second)
+    for (images_a, labels_a), (images_b, labels_b) in zip(first, second):
+        assert torch.equal(images_a, images_b) and torch.equal(labels_a, labels_b)
+
+
+def expected_image(records, index, box, out_height, out_width, flip=False):
+    out = torch.empty((3, out_height, out_width), dtype=torch.uint8)
+    decode_crop_into(out, records.view(index), int(records.heights[index]), int(records.widths[index]), box, flip)
+    return out
+
+
+@pytest.mark.parametrize("store", STORES)
+def test_train_batches_are_the_planned_crops(built_shards, store):
+    loader = TrainLoader(dataset_dir(built_shards, store), 4, TrainCrop(48), workers=0, seed=3)
+    loader.set_epoch(1)
+    assert len(loader) == 4 and loader.num_images == 18 and loader.num_classes == 3
+    batches = batches_of(loader)
+    assert len(batches) == 4
+    records = loader.records
+    all_flips = []
+    for batch, (images, labels) in enumerate(batches):
+        assert images.shape == (4, 3, 48, 48) and images.dtype == torch.uint8 and images.is_contiguous()
+        assert labels.dtype == torch.int64
+        plan = TrainPlan(loader.sampler.batch_indices(batch), loader.crop, loader.seed)
+        boxes, flips = plan.boxes_and_flips(records.heights, records.widths)
+        all_flips += flips
+        for slot, index in enumerate(plan.batch.indices.tolist()):
+            assert labels[slot] == records.labels[index]
+            assert torch.equal(images[slot], expected_image(records, index, boxes[slot], 48, 48, flips[slot]))
+    assert 0 < all_flips.count(True) < len(all_flips)
+
+
+def test_both_stores_give_identical_batches(built_shards):
+    lmdb_batches, msgpack_batches = (
+        batches_of(TrainLoader(dataset_dir(built_shards, store), 4, TrainCrop(32), workers=0)) for store in STORES
+    )
+    assert_same_batches(lmdb_batches, msgpack_batches)
+
+
+def test_worker_count_does_not_change_a_bit(built_shards):
+    runs = []
+    for workers in (0, 1, 2):
+        loader = TrainLoader(dataset_dir(built_shards), 2, TrainCrop(40, min_scale=0.3), workers=workers, seed=9)
+        loader.set_epoch(5)
+        runs.append(batches_of(loader))
+        loader.close()
+    assert_same_batches(runs[0], runs[1])
+    assert_same_batches(runs[0], runs[2])
+
+
+def test_resume_yields_exactly_the_rest_of_the_epoch(built_shards):
+    loader = TrainLoader(dataset_dir(built_shards, "msgpack"), 2, TrainCrop(32), workers=1, seed=1)
+    loader.set_epoch(2)
+    full = batches_of(loader)
+    loader.set_epoch(2, start_batch=5)
+    assert_same_batches(batches_of(loader), full[5:])
+    loader.set_epoch(3)
+    other_epoch = batches_of(loader)
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(full, other_epoch))
+    loader.close()
+
+
+def test_set_crop_keeps_workers_and_store(built_shards):
+    loader = TrainLoader(dataset_dir(built_shards), 4, TrainCrop(48), workers=1)
+    first = batches_of(loader)
+    pids = loader.worker_pids()
+    assert len(pids) == 1 and first[0][0].shape[-1] == 48
+    loader.set_crop(TrainCrop(24, min_scale=0.5))
+    second = batches_of(loader)
+    assert second[0][0].shape == (4, 3, 24, 24) and loader.worker_pids() == pids
+    loader.close()
+    in_process = TrainLoader(dataset_dir(built_shards, "msgpack"), 4, TrainCrop(48), workers=0)
+    batches_of(in_process)
+    maps = dict(in_process.records._reader._maps)
+    in_process.set_crop(TrainCrop(24))
+    batches_of(in_process)
+    assert maps and all(in_process.records._reader._maps[shard] is mapped for shard, mapped in maps.items())
+
+
+def test_ranks_split_the_single_process_batch(built_shards):
+    """Rank r's images are rows [r*B, (r+1)*B) of a one-process batch of W*B: same crops too."""
+    directory = dataset_dir(built_shards)
+    single = batches_of(TrainLoader(directory, 6, TrainCrop(32), workers=0, seed=4))
+    for rank in range(3):
+        ranked = batches_of(TrainLoader(directory, 2, TrainCrop(32), rank=rank, world_size=3, workers=0, seed=4))
+        assert len(ranked) == len(single) == 3
+        for (images, labels), (all_images, all_labels) in zip(ranked, single):
+            assert torch.equal(images, all_images[2 * rank : 2 * rank + 2])
+            assert torch.equal(labels, all_labels[2 * rank : 2 * rank + 2])
+
+
+@pytest.mark.parametrize("store", STORES)
+def test_center_val_is_resize_then_center_crop(built_shards, store):
+    loader = ValLoader(dataset_dir(built_shards, store, "val"), 5, 64, workers=0)
+    batches = batches_of(loader)
+    assert [len(labels) for _, labels in batches] == [5, 5, 2]
+    records = loader.records
+    images = torch.cat([images for images, _ in batches])
+    assert torch.cat([labels for _, labels in batches]).tolist() == records.labels.tolist()
+    for index in range(len(records)):
+        box = center_crop_box(int(records.heights[index]), int(records.widths[index]), 64, 0.875)
+        assert torch.equal(images[index], expected_image(records, index, box, 64, 64))
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 5])
+@pytest.mark.parametrize("rect", [False, True])
+def test_val_counts_each_image_once_on_every_rank_count(built_shards, world_size, rect):
+    """18 train records as a val set: uneven batches of 4, every rank the same number of steps."""
+    directory = dataset_dir(built_shards)
+    seen, lengths = [], set()
+    for rank in range(world_size):
+        loader = ValLoader(directory, 4, 48, rank=rank, world_size=world_size, workers=0, rect=rect)
+        batches = batches_of(loader)
+        lengths.add(len(batches))
+        assert len(batches) == len(loader)
+        for (images, labels), plan in zip(batches, loader._plans()):
+            assert len(images) == len(labels) == len(plan.batch.indices) and images.shape[1] == 3
+            seen += plan.batch.indices.tolist()
+    assert lengths == {-(-5 // world_size)} and sorted(seen) == list(range(18))
+
+
+def test_rect_val_batches_share_a_shape_from_their_mean_ratio(built_shards):
+    loader = ValLoader(dataset_dir(built_shards, "msgpack"), 4, 64, workers=0, rect=True)
+    records = loader.records
+    shapes = set()
+    for (images, _), plan in zip(batches_of(loader), loader._plans()):
+        target = rect_target_size(64, float(np.mean(records.aspect_ratios()[plan.batch.indices])))
+        assert images.shape[2:] == target
+        shapes.add(target)
+        for slot, index in enumerate(plan.batch.indices.tolist()):
+            box = rect_crop_box(int(records.heights[index]), int(records.widths[index]), *target)
+            assert torch.equal(images[slot], expected_image(records, index, box, *target))
+    assert len(shapes) > 1  # portrait and landscape batches
+    loader.set_crop_size(32)
+    assert all(min(images.shape[2:]) == 32 for images, _ in batches_of(loader))
+
+
+def test_empty_val_batches_have_zero_images(built_shards):
+    loader = ValLoader(dataset_dir(built_shards, split="val"), 12, 32, rank=1, world_size=2, workers=0)
+    (images, labels), = batches_of(loader)
+    assert images.shape == (0, 3, 32, 32) and labels.shape == (0,) and loader.num_images_on_rank == 0
+
+
+def test_bad_paths_and_arguments(built_shards, tmp_path):
+    with pytest.raises(DatasetError, match="no such dataset directory"):
+        TrainLoader(tmp_path / "train-160", 4, TrainCrop(32))
+    with pytest.raises(DatasetError, match="no manifest.json"):
+        ValLoader(tmp_path, 4, 32)
+    with pytest.raises(ValueError, match="decode"):
+        TrainLoader(dataset_dir(built_shards), 4, TrainCrop(32), decode="dali")
+    with pytest.raises(ValueError, match="fill no global batch"):
+        TrainLoader(dataset_dir(built_shards), 10, TrainCrop(32), world_size=2)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="needs CUDA"):
+            TrainLoader(dataset_dir(built_shards), 4, TrainCrop(32), decode="gpu")
+
+
+@pytest.mark.parametrize("store,workers", [("lmdb", 0), ("msgpack", 1)])
+def test_corrupt_record_raises_one_error_naming_it(built_shards, tmp_path, store, workers):
+    source = dataset_dir(built_shards, store)
+    directory = damaged_copy(source, tmp_path / "train-160")
+    loader = TrainLoader(directory, 2, TrainCrop(32), workers=workers)
+    corrupt_record(directory, bytes(loader.records.view(11)))
+    with pytest.raises(DatasetError) as raised:
+        batches_of(loader)
+    message = str(raised.value)
+    assert message.startswith(f"{directory}: record 11 ({loader.records.name(11)}): cannot decode")
+    assert "Traceback" not in message
+    loader.close()
+
+
+def test_gpu_decode_mode_on_cpu_matches_cpu_decode(built_shards):
+    """decode="gpu" with device="cpu" runs the nvJPEG code path through torchvision's CPU decoder."""
+    cpu = batches_of(TrainLoader(dataset_dir(built_shards), 6, TrainCrop(40), workers=0))
+    gpu_path = batches_of(TrainLoader(dataset_dir(built_shards), 6, TrainCrop(40), workers=1, decode="gpu", device="cpu"))
+    for (images, labels), (other_images, other_labels) in zip(cpu, gpu_path):
+        assert torch.equal(labels, other_labels)
+        assert (images.int() - other_images.int()).abs().float().mean() < 2.0
+
+
+@pytest.mark.gpu
+def test_gpu_decode_on_cuda(built_shards):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    loader = TrainLoader(dataset_dir(built_shards), 6, TrainCrop(40), workers=0, decode="gpu")
+    cpu = batches_of(TrainLoader(dataset_dir(built_shards), 6, TrainCrop(40), workers=0))
+    for (images, labels), (cpu_images, cpu_labels) in zip(batches_of(loader), cpu):
+        assert images.is_cuda and images.dtype == torch.uint8
+        assert (images.cpu().int() - cpu_images.int()).abs().float().mean() < 2.0
+
+
+@pytest.mark.gpu
+def test_cpu_batches_are_pinned_with_cuda(built_shards):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    for workers in (0, 1):
+        images, _ = next(iter(TrainLoader(dataset_dir(built_shards), 4, TrainCrop(32), workers=workers)))
+        assert images.is_pinned()

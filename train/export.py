@@ -1,0 +1,67 @@
+"""`train export RUN_DIR --out PATH`: weights that torchvision's own constructor loads as is.
+
+    model = torchvision.models.get_model(arch, num_classes=N)
+    model.load_state_dict(torch.load(PATH))          # strict
+
+Checkpoints already hold the plain module's state_dict, but a state_dict saved from a wrapped
+model carries prefixes: `module.` (DDP, and AveragedModel for the EMA), `_orig_mod.`
+(torch.compile). They are stripped here, and the result is loaded strictly into a fresh
+torchvision model before it is written, so an export that would not load is never written.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torchvision
+
+from train import checkpoint as ckpt
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+EMA_ONLY_KEYS = ("n_averaged",)  # AveragedModel's counter, not part of the model
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+def plain_state_dict(state: Mapping[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
+    """Strip wrapper prefixes (any order, any depth) and AveragedModel's counter."""
+    out: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for key, value in state.items():
+        if key in EMA_ONLY_KEYS:
+            continue
+        stripped = True
+        while stripped:
+            stripped = False
+            for prefix in WRAPPER_PREFIXES:
+                if key.startswith(prefix):
+                    key, stripped = key[len(prefix):], True
+        out[key] = value.detach().cpu().contiguous()
+    return out
+
+
+def export(run_dir: Path, out_path: Path, *, ema: bool = False) -> dict[str, Any]:
+    """Write the model (or its EMA) of a run's final (else last) checkpoint as a state_dict."""
+    path = ckpt.find_for_export(Path(run_dir))
+    state = ckpt.load(path)
+    if ema and state.get("ema") is None:
+        raise ExportError(f"{path}: no EMA weights (the run had no ema_decay)")
+    weights = plain_state_dict(state["ema"] if ema else state["model"])
+    arch, num_classes = state["arch"], state["num_classes"]
+    model_kwargs = dict(state.get("recipe", {}).get("model_kwargs", {}))
+    model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes,
+                                         **model_kwargs)
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        raise ExportError(f"{path}: weights do not load into torchvision's {arch}: "
+                          f"{str(exc).splitlines()[0]}") from None
+    out_path = Path(out_path)
+    ckpt.save_atomic(weights, out_path)
+    return {"source": str(path), "out": str(out_path), "arch": arch,
+            "num_classes": num_classes, "ema": ema, "epoch": state["epoch"],
+            "model_kwargs": model_kwargs}

@@ -1,0 +1,107 @@
+"""Loader throughput and worker memory, with no model attached: can the input pipeline keep up?
+
+`bench_loader` pulls batches as fast as the loader gives them (warm-up excluded: worker
+start, first store open, page cache), cycling epochs as needed, and samples each worker's
+memory as it goes. RSS counts the store's mmapped pages a worker has touched (shared page
+cache, which grows as the epoch reads the data) and the parent's pages a forked worker
+shares; `uss` is the worker's private memory, the number that must stay flat (a per-worker
+copy of the dataset, or copy-on-write of the parent's objects, would show up there).
+"""
+from __future__ import annotations
+
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from formats import jpeg
+from train.augment import TrainCrop
+from train.data import TrainLoader, ValLoader
+
+TRACE_POINTS = 8  # memory samples across the timed batches
+
+
+def process_memory_mb(pid: int) -> dict[str, float]:
+    """MiB: "rss" (all resident pages, shared ones included), "uss" (private: what this
+    process alone holds, Private_Clean + Private_Dirty) and "pss", from /proc/<pid>/smaps_rollup
+    (psutil off Linux). A forked worker's RSS includes the parent's torch pages it shares."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as rollup:
+            kib = {parts[0].rstrip(":"): int(parts[1]) for parts in map(str.split, rollup) if len(parts) == 3}
+        return {"rss": kib["Rss"] / 1024, "pss": kib["Pss"] / 1024,
+                "uss": (kib["Private_Clean"] + kib["Private_Dirty"]) / 1024}
+    except (OSError, KeyError, ValueError):
+        import psutil
+
+        info = psutil.Process(pid).memory_full_info()
+        return {"rss": info.rss / 2**20, "pss": getattr(info, "pss", float("nan")) / 2**20, "uss": info.uss / 2**20}
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    codecs = jpeg.codec_report()
+    return (f"{cpu}, {usable} usable cores, load {os.getloadavg()[0]:.1f}; torch {torch.__version__}; "
+            f"{codecs['pil']}; {codecs['turbojpeg']}")
+
+
+def _batches_forever(loader):
+    epoch = 0
+    while True:
+        if isinstance(loader, TrainLoader):
+            loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def bench_loader(data_dir: Path, crop_size: int, batch_size: int, workers: int, num_batches: int, *,
+                 decode: str = "cpu", val: bool = False, rect: bool = False, warmup_batches: int = 5,
+                 min_scale: float = 0.08) -> dict:
+    """img/s of `num_batches` batches after `warmup_batches`, worker memory at start and end."""
+    if val:
+        loader = ValLoader(data_dir, batch_size, crop_size, workers=workers, rect=rect, decode=decode)
+    else:
+        loader = TrainLoader(data_dir, batch_size, TrainCrop(crop_size, min_scale), workers=workers, decode=decode)
+    try:
+        batches = _batches_forever(loader)
+        for _ in range(warmup_batches):
+            next(batches)
+        pids = loader.worker_pids() or [os.getpid()]  # 0 workers: the main process decodes
+        trace = [(0, [process_memory_mb(pid) for pid in pids])]
+        images = 0
+        every = max(1, num_batches // TRACE_POINTS)
+        started = time.perf_counter()
+        for step in range(1, num_batches + 1):
+            images += len(next(batches)[0])
+            if step % every == 0 or step == num_batches:
+                trace.append((images, [process_memory_mb(pid) for pid in pids]))
+        if decode == "gpu" and torch.cuda.is_available():
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - started
+    finally:
+        loader.close()
+    img_per_s = images / max(seconds, 1e-9)
+    return {
+        "img_per_s": img_per_s,
+        "img_per_s_per_worker": img_per_s / max(workers, 1),
+        "images": images,
+        "seconds": seconds,
+        "data_wait_seconds": seconds,  # no model: all of it is waiting for data
+        "batches": num_batches,
+        "batches_per_epoch": len(loader),
+        "worker_rss_mb": [memory["rss"] for memory in trace[-1][1]],
+        "worker_rss_start_mb": [memory["rss"] for memory in trace[0][1]],
+        "worker_uss_mb": [memory["uss"] for memory in trace[-1][1]],
+        "worker_uss_start_mb": [memory["uss"] for memory in trace[0][1]],
+        "worker_uss_trace_mb": [(seen, [round(memory["uss"], 1) for memory in sample]) for seen, sample in trace],
+        "workers": workers, "decode": decode, "crop_size": crop_size, "batch_size": batch_size,
+        "val": val, "rect": rect, "min_scale": min_scale, "data_dir": str(data_dir),
+        "machine": machine_description(),
+    }

@@ -1,0 +1,169 @@
+"""`train bench`: per phase, the model's img/s on synthetic on-device batches (its ceiling
+here) against end-to-end img/s on real shards, and the share of time spent waiting for data.
+
+If real img/s is well below synthetic and data-wait is high, the run is data-bound: more
+workers, GPU decode, or smaller shards help; a faster GPU will not. Warm-up steps (cudnn
+autotuning, torch.compile, loader start-up) are excluded from every timing.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from train.augment import TrainCrop
+from train.dist import resolve_device
+from train.loop import Trainer, make_scaler, resolve_precision
+from train.model import Recipe, build_model, build_optimizer
+from train.schedule import Phase
+
+DATA_BOUND_RATIO = 0.9  # real below 90% of synthetic: the model waits for data
+
+
+class SyntheticBatches:
+    """The same random normalized batch, already on the device, `num_batches` times.
+
+    Mimics DevicePrefetcher's output (float, channels_last) with zero data cost, so a timing
+    over it is the model's own speed.
+    """
+
+    data_wait_seconds = 0.0
+
+    def __init__(self, batch_size: int, crop_size: int, num_classes: int, num_batches: int,
+                 device: torch.device, channels_last: bool = True, seed: int = 0) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        x = torch.randn(batch_size, 3, crop_size, crop_size, generator=generator)
+        self.x = x.to(device).contiguous(
+            memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        self.labels = torch.randint(0, num_classes, (batch_size,), generator=generator).to(device)
+        self.num_batches = num_batches
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for _ in range(self.num_batches):
+            yield self.x, self.labels
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    phases_path: Path
+    data_dir: Path | None = None  # None: synthetic only
+    arch: str | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    compile: bool = False
+    channels_last: bool = True
+    steps: int = 30
+    warmup_steps: int = 5
+    workers: int = 4
+    decode: str = "cpu"
+    num_classes: int | None = None  # None: from the shards, else 1000
+
+
+def _timed_steps(trainer: Trainer, batches, warmup: int, device: torch.device) -> dict:
+    """img/s and data-wait share over the batches after the first `warmup`."""
+    images = 0
+    start = wait_start = None
+    for index, (x, labels) in enumerate(batches):
+        if index == warmup:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start, wait_start = time.perf_counter(), getattr(batches, "data_wait_seconds", 0.0)
+        trainer.step(x, labels, lr=0.01)
+        if start is not None:
+            images += labels.shape[0]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    if start is None:
+        raise ValueError(f"need more than {warmup} batches to time")
+    seconds = time.perf_counter() - start
+    wait = getattr(batches, "data_wait_seconds", 0.0) - wait_start
+    return {"img_per_s": images / seconds, "data_wait": wait / seconds, "seconds": seconds}
+
+
+def bench_phases(config: BenchConfig, data: Any = None) -> list[dict[str, Any]]:
+    """One row per distinct (train shards, crop, batch) of the schedule; see module doc."""
+    from train.run import RunConfig, ShardData, check_shards, load_inputs
+
+    loaded, recipe = load_inputs(RunConfig(config.phases_path, arch=config.arch))
+    device = resolve_device(config.device)
+    precision = resolve_precision(config.precision, device)
+    if data is None and config.data_dir is not None:
+        data = ShardData(config.data_dir)
+    num_classes = config.num_classes or (len(check_shards(loaded.schedule, data))
+                                         if data is not None else 1000)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    seen: dict[tuple, Phase] = {}
+    for phase in loaded.schedule.phases:
+        seen.setdefault((phase.train_dir_name, phase.crop_size, phase.batch_size,
+                         phase.min_scale), phase)
+    rows = []
+    for phase in seen.values():
+        torch.manual_seed(0)
+        module = build_model(recipe, num_classes).to(
+            device, memory_format=torch.channels_last if config.channels_last
+            else torch.contiguous_format)
+        model = torch.compile(module) if config.compile else module
+        trainer = Trainer(model, build_optimizer(module, recipe, device), device, precision,
+                          recipe.label_smoothing, make_scaler(device, precision))
+        total = config.warmup_steps + config.steps
+        synthetic = _timed_steps(trainer, SyntheticBatches(
+            phase.batch_size, phase.crop_size, num_classes, total, device,
+            config.channels_last), config.warmup_steps, device)
+        row = {"phase_epochs": list(phase.epochs), "train_dir": phase.train_dir_name,
+               "crop_size": phase.crop_size, "batch_size": phase.batch_size,
+               "synthetic_img_per_s": synthetic["img_per_s"], "real_img_per_s": None,
+               "data_wait": None, "verdict": "synthetic only"}
+        if data is not None:
+            loader = data.train_loader(
+                phase.train_dir_name, phase.batch_size, TrainCrop(phase.crop_size,
+                                                                  phase.min_scale),
+                rank=0, world_size=1, seed=0, workers=config.workers, decode=config.decode,
+                device=str(device) if config.decode == "gpu" else None)
+            loader.set_epoch(0)
+            batches = _Limited(data.prefetcher(loader, device, config.channels_last), total)
+            real = _timed_steps(trainer, batches, config.warmup_steps, device)
+            getattr(loader, "close", lambda: None)()
+            bound = real["img_per_s"] < DATA_BOUND_RATIO * synthetic["img_per_s"]
+            row.update(real_img_per_s=real["img_per_s"], data_wait=real["data_wait"],
+                       verdict="data-bound" if bound else "model-bound")
+        rows.append(row)
+    return rows
+
+
+class _Limited:
+    """The first `limit` batches of an iterable, passing its data_wait_seconds through."""
+
+    def __init__(self, batches, limit: int) -> None:
+        self.batches, self.limit = batches, limit
+
+    @property
+    def data_wait_seconds(self) -> float:
+        return getattr(self.batches, "data_wait_seconds", 0.0)
+
+    def __iter__(self):
+        for index, batch in enumerate(self.batches):
+            if index >= self.limit:
+                return
+            yield batch
+
+
+def format_bench(rows: list[dict[str, Any]]) -> str:
+    header = ("epochs", "train_dir", "crop", "batch/gpu", "synthetic img/s", "real img/s",
+              "data_wait", "verdict")
+    body = [header]
+    for r in rows:
+        real = "-" if r["real_img_per_s"] is None else f"{r['real_img_per_s']:,.0f}"
+        wait = "-" if r["data_wait"] is None else f"{100 * r['data_wait']:.0f}%"
+        body.append((f"{r['phase_epochs'][0]}-{r['phase_epochs'][1]}", r["train_dir"],
+                     str(r["crop_size"]), str(r["batch_size"]),
+                     f"{r['synthetic_img_per_s']:,.0f}", real, wait, r["verdict"]))
+    widths = [max(len(row[c]) for row in body) for c in range(len(header))]
+    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in body)
