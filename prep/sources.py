@@ -1,20 +1,19 @@
 """Raw ImageNet, read in place: (name, label, bytes) members in a fixed order.
 
-Archives are never extracted. Tars are opened in random-access mode, which reads member
-headers and seeks past data; each member is described by where its bytes lie (file, offset,
-size), and only whoever needs them reads them: the build's workers, in parallel. A resumed build
-skips what it already wrote at the cost of header reads, and memory stays bounded whatever the
-archive's size (we drop tarfile's member list as we go). Order is fixed: class tars and class
+Archives are never extracted. Tars are walked header by header (prep.tar_scan), seeking past
+data; each member is described by where its bytes lie (file, offset, size), and only whoever
+needs them reads them: the build's workers, in parallel. A resumed build skips what it already
+wrote at the cost of header reads, and memory stays bounded whatever the archive's size. Order is fixed: class tars and class
 folders in sorted-wnid order, members within a class tar in archive order, files sorted by name.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-import tarfile
 from pathlib import Path
 from typing import Callable, Iterator
 
+from prep.tar_scan import TarFormatError, scan_tar
 from prep.labels import (
     KAGGLE_SYNSET_MAPPING,
     KAGGLE_VAL_SOLUTION,
@@ -67,25 +66,15 @@ class Source:
     members: Callable[[], Iterator[SourceMember]]
 
 
-def _open_tar(fileobj, name: str) -> tarfile.TarFile:
+def _tar_files(fd: int, name: str, start: int = 0, end: int | None = None) -> Iterator[tuple[str, int, int]]:
+    """(member name, data offset, size) of regular files, in archive order."""
     try:
-        return tarfile.open(fileobj=fileobj, mode="r:")
-    except (tarfile.TarError, OSError) as err:
-        raise SourceError(f"{name}: not a readable tar archive ({err})") from None
-
-
-def _tar_files(tar: tarfile.TarFile, name: str) -> Iterator[tarfile.TarInfo]:
-    """Regular-file members in archive order, forgetting each header once passed."""
-    while True:
-        try:
-            info = tar.next()
-        except (tarfile.TarError, OSError, EOFError) as err:
-            raise SourceError(f"{name}: archive is damaged ({err})") from None
-        if info is None:
-            return
-        tar.members.clear()  # tarfile keeps every header it has read; we never look back
-        if info.isfile():
-            yield info
+        for member_name, offset, size in scan_tar(fd, start, end):
+            yield Path(member_name).name, offset, size
+    except TarFormatError as err:
+        if start == 0 and "at byte 0" in str(err):
+            raise SourceError(f"{name}: not a readable tar archive ({err})") from None
+        raise SourceError(f"{name}: archive is damaged ({err})") from None
 
 
 def _file_identity(path: Path) -> dict:
@@ -93,30 +82,26 @@ def _file_identity(path: Path) -> dict:
     return {"path": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
-def _list_class_tars(archive: Path) -> list[tarfile.TarInfo]:
+def _list_class_tars(archive: Path) -> list[tuple[str, int, int]]:
+    """(name, offset, size) of the per-class tars, sorted by name (= by wnid)."""
     with open(archive, "rb") as f:
-        tar = _open_tar(f, str(archive))
-        class_tars = [m for m in _tar_files(tar, str(archive)) if m.name.endswith(".tar")]
+        class_tars = [m for m in _tar_files(f.fileno(), str(archive)) if m[0].endswith(".tar")]
     if not class_tars:
         raise SourceError(f"{archive}: no per-class tars inside; is this ImageNet's train tar?")
-    return sorted(class_tars, key=lambda m: m.name)
+    return sorted(class_tars)
 
 
 def _train_tar_source(archive: Path, names: dict[str, str]) -> Source:
     class_tars = _list_class_tars(archive)
-    wnids = [Path(m.name).stem for m in class_tars]
-    labels = class_index(wnids)
+    labels = class_index(Path(name).stem for name, _, _ in class_tars)
 
     def members() -> Iterator[SourceMember]:
         with open(archive, "rb") as f:
-            outer = _open_tar(f, str(archive))
-            for class_tar in class_tars:
-                label = labels[Path(class_tar.name).stem]
-                inner_name = f"{archive.name}:{class_tar.name}"
-                inner = _open_tar(outer.extractfile(class_tar), inner_name)
-                for info in _tar_files(inner, inner_name):  # inner offsets count from the class tar's data
-                    yield SourceMember(Path(info.name).name, label, str(archive),
-                                       class_tar.offset_data + info.offset_data, info.size)
+            for class_name, class_offset, class_size in class_tars:
+                label = labels[Path(class_name).stem]
+                inner = _tar_files(f.fileno(), f"{archive.name}:{class_name}", class_offset, class_offset + class_size)
+                for name, offset, size in inner:
+                    yield SourceMember(name, label, str(archive), offset, size)
 
     return Source("train", "train-tar", sorted(labels), [names.get(w, "") for w in sorted(labels)],
                   {"layout": "train-tar", "archive": _file_identity(archive)},
@@ -129,10 +114,9 @@ def _val_tar_source(archive: Path, wnid_by_key: dict[str, str], classes: list[st
 
     def members() -> Iterator[SourceMember]:
         with open(archive, "rb") as f:
-            tar = _open_tar(f, str(archive))
-            for info in _tar_files(tar, str(archive)):
-                label = labels.get(wnid_by_key.get(image_key(info.name), ""), NO_LABEL)
-                yield SourceMember(Path(info.name).name, label, str(archive), info.offset_data, info.size)
+            for name, offset, size in _tar_files(f.fileno(), str(archive)):
+                label = labels.get(wnid_by_key.get(image_key(name), ""), NO_LABEL)
+                yield SourceMember(name, label, str(archive), offset, size)
 
     return Source("val", "val-tar", sorted(labels), [names.get(w, "") for w in sorted(labels)],
                   {"layout": "val-tar", "archive": _file_identity(archive), "labels": labels_identity},
@@ -194,7 +178,7 @@ def _subdirs(directory: Path) -> list[str]:
 def _train_classes(src_dir: Path) -> list[str]:
     """The train split's classes, so val labels line up with train's when both are present."""
     if (src_dir / TRAIN_ARCHIVE).is_file():
-        return [Path(m.name).stem for m in _list_class_tars(src_dir / TRAIN_ARCHIVE)]
+        return [Path(name).stem for name, _, _ in _list_class_tars(src_dir / TRAIN_ARCHIVE)]
     train_dir = _split_dir(src_dir, "train")
     return _subdirs(train_dir) if train_dir else []
 

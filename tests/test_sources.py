@@ -139,3 +139,11 @@ def test_members_stream_without_reading_skipped_data(tmp_path):
     assert read == {"a3.JPEG": jpeg_bytes(30, 40, seed=3)}
     assert [m.name for m in source.members()] == [f"a{i}.JPEG" for i in range(5)]
     assert source.total_bytes == archive.stat().st_size
+
+
+def test_truncated_archive_is_damaged_not_short(sample_src, tmp_path):
+    src, _ = sample_src
+    data = (src / "ILSVRC2012_img_train.tar").read_bytes()
+    (tmp_path / "ILSVRC2012_img_train.tar").write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(SourceError, match="archive is damaged .*truncated|runs past the end"):
+        members(open_source(tmp_path, "train"))
