@@ -181,9 +181,10 @@ def build(config: BuildConfig) -> BuildSummary:
             _run(config, source, outputs, progress, pool, prep_sizes)
         fields = _manifest_fields(config, source, prep_sizes)
         manifests = {o.prep_size: o.finalize(progress, fields) for o in outputs}
-    except (OSError, lmdb.Error) as err:
-        raise BuildError(f"writing {config.out_dir}: {err}; the partial build is kept: fix it and "
-                         "rerun the same command to resume") from None
+    except (OSError, lmdb.Error) as err:  # a full disk, a vanished or unreadable file, ...
+        where = f"{err.filename}: {err.strerror}" if isinstance(err, OSError) and err.filename else str(err)
+        raise BuildError(f"{where}; the unfinished build in {config.out_dir} is kept: fix the cause "
+                         "and rerun the same command to resume") from None
     finally:
         pool.shutdown(cancel_futures=True)
         for output in outputs:

@@ -167,6 +167,35 @@ def test_kill_9_and_resume_gives_identical_output(tmp_path, store):
     assert not list(killed.glob(".*"))
 
 
+def test_full_disk_is_one_line_and_resumable(sample_src, tmp_path, monkeypatch):
+    import errno
+
+    from formats.msgpack_store import MsgpackWriter
+
+    src, _ = sample_src
+    original = MsgpackWriter.append
+    calls = {"n": 0}
+
+    def append_until_full(self, index, label, jpeg):
+        calls["n"] += 1
+        if calls["n"] > 17:  # past the first chunk of 16, which was committed
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.dataset_dir / "shard-00000.msgpack"))
+        return original(self, index, label, jpeg)
+
+    monkeypatch.setattr(MsgpackWriter, "append", append_until_full)
+    args = ["build-msgpack", "--src", str(src), "--out", str(tmp_path), "--split", "train", "--size", "160",
+            "--workers", "0", "--commit-every", "2", "-q"]
+    result = _cli(args)
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "No space left on device" in lines[0] and "rerun the same command" in lines[0]
+    assert not (tmp_path / "train-160").exists() and (tmp_path / ".train-160.partial" / "progress.json").exists()
+    monkeypatch.setattr(MsgpackWriter, "append", original)  # space freed: the same command resumes
+    resumed = _cli(args)
+    assert resumed.exit_code == 0 and "resumed after 16 done earlier" in resumed.stdout
+    assert read_manifest(tmp_path / "train-160").count == 18
+
+
 def _cli(args):
     return CliRunner().invoke(app, args)
 

@@ -69,4 +69,4 @@ def test_process_memory_has_rss_and_private_sizes():
     import os
 
     memory = process_memory_mb(os.getpid())
-    assert memory["rss"] >= memory["uss"] > 0
+    assert memory["rss"] >= memory["uss"] >= memory["private_dirty"] > 0

@@ -4,8 +4,8 @@
 start, first store open, page cache), cycling epochs as needed, and samples each worker's
 memory as it goes. RSS counts the store's mmapped pages a worker has touched (shared page
 cache, which grows as the epoch reads the data) and the parent's pages a forked worker
-shares; `uss` is the worker's private memory, the number that must stay flat (a per-worker
-copy of the dataset, or copy-on-write of the parent's objects, would show up there).
+shares; `private_dirty` is memory the worker wrote and owns alone, the number that must stay
+flat (a per-worker copy of the dataset, or copy-on-write of the parent's objects, shows there).
 """
 from __future__ import annotations
 
@@ -24,19 +24,22 @@ TRACE_POINTS = 8  # memory samples across the timed batches
 
 
 def process_memory_mb(pid: int) -> dict[str, float]:
-    """MiB: "rss" (all resident pages, shared ones included), "uss" (private: what this
-    process alone holds, Private_Clean + Private_Dirty) and "pss", from /proc/<pid>/smaps_rollup
-    (psutil off Linux). A forked worker's RSS includes the parent's torch pages it shares."""
+    """MiB from /proc/<pid>/smaps_rollup (psutil off Linux):
+    "rss": every resident page, shared ones included (a forked worker's share of the parent's
+    torch, and the store's mmapped pages it has touched: page cache, growing as data is read);
+    "uss": pages no other process maps (still counts store pages only this process touched);
+    "private_dirty": pages this process wrote and owns alone (heap, copy-on-write copies of the
+    parent's objects): the number that grows if a worker copies the dataset or leaks."""
     try:
         with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as rollup:
             kib = {parts[0].rstrip(":"): int(parts[1]) for parts in map(str.split, rollup) if len(parts) == 3}
-        return {"rss": kib["Rss"] / 1024, "pss": kib["Pss"] / 1024,
-                "uss": (kib["Private_Clean"] + kib["Private_Dirty"]) / 1024}
+        return {"rss": kib["Rss"] / 1024, "uss": (kib["Private_Clean"] + kib["Private_Dirty"]) / 1024,
+                "private_dirty": kib["Private_Dirty"] / 1024}
     except (OSError, KeyError, ValueError):
         import psutil
 
         info = psutil.Process(pid).memory_full_info()
-        return {"rss": info.rss / 2**20, "pss": getattr(info, "pss", float("nan")) / 2**20, "uss": info.uss / 2**20}
+        return {"rss": info.rss / 2**20, "uss": info.uss / 2**20, "private_dirty": float("nan")}
 
 
 def machine_description() -> str:
@@ -99,8 +102,10 @@ def bench_loader(data_dir: Path, crop_size: int, batch_size: int, workers: int, 
         "worker_rss_mb": [memory["rss"] for memory in trace[-1][1]],
         "worker_rss_start_mb": [memory["rss"] for memory in trace[0][1]],
         "worker_uss_mb": [memory["uss"] for memory in trace[-1][1]],
-        "worker_uss_start_mb": [memory["uss"] for memory in trace[0][1]],
-        "worker_uss_trace_mb": [(seen, [round(memory["uss"], 1) for memory in sample]) for seen, sample in trace],
+        "worker_private_dirty_mb": [memory["private_dirty"] for memory in trace[-1][1]],
+        "worker_private_dirty_start_mb": [memory["private_dirty"] for memory in trace[0][1]],
+        "worker_private_dirty_trace_mb": [(seen, [round(memory["private_dirty"], 1) for memory in sample])
+                                          for seen, sample in trace],
         "workers": workers, "decode": decode, "crop_size": crop_size, "batch_size": batch_size,
         "val": val, "rect": rect, "min_scale": min_scale, "data_dir": str(data_dir),
         "machine": machine_description(),
