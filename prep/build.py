@@ -22,7 +22,7 @@ from formats import jpeg
 from formats.errors import DatasetError
 from formats.manifest import Manifest, read_manifest
 from formats.msgpack_store import DEFAULT_SHARD_BYTES
-from formats.record import FORMAT_VERSION, RECORD_STRUCT, checksum
+from formats.record import FORMAT_VERSION, RECORD_STRUCT, checksum, split_dir_name
 from prep.partial import BuildError, PartialOutput, Progress
 from prep.resize import RejectedImage, prepare_image
 from prep.sources import NO_LABEL, Source, open_source
@@ -161,16 +161,15 @@ def build(config: BuildConfig) -> BuildSummary:
     outputs, skipped = _outputs_to_build(config)
     started = time.perf_counter()
     if not outputs:
-        return BuildSummary({s: read_manifest(config.out_dir / f"{config.split}-{s}") for s in skipped},
+        return BuildSummary({s: read_manifest(config.out_dir / split_dir_name(config.split, s)) for s in skipped},
                             skipped, 0, 0, 0.0, config.workers, jpeg.codec_report())
     prep_sizes = tuple(o.prep_size for o in outputs)
     fingerprint = _fingerprint(config, source, prep_sizes)
     saved = [o.saved_progress(fingerprint, config.overwrite) for o in outputs]
     # Outputs commit one after another, so a kill can leave them at different points: all
-    # resume from the one furthest behind (records and rejects are the same for every size).
-    progress = min((p for p in saved if p), key=lambda p: p.consumed, default=None) or Progress(fingerprint)
-    if len(saved) > 1 and None in saved:
-        progress = Progress(fingerprint)
+    # resume from the one furthest behind (records and rejects are the same for every size);
+    # if any output has nothing saved, all start over.
+    progress = min(saved, key=lambda p: p.consumed) if all(saved) else Progress(fingerprint)
     resumed_from = progress.consumed
 
     pool = _start_pool(config.workers)
@@ -190,7 +189,7 @@ def build(config: BuildConfig) -> BuildSummary:
         for output in outputs:
             output.close()
     for size in skipped:
-        manifests[size] = read_manifest(config.out_dir / f"{config.split}-{size}")
+        manifests[size] = read_manifest(config.out_dir / split_dir_name(config.split, size))
     return BuildSummary(manifests, skipped, resumed_from, progress.consumed,
                         time.perf_counter() - started, config.workers, jpeg.codec_report())
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from formats.manifest import load_records, read_manifest
+from formats.record import split_dir_name
 
 
 def _mib(num_bytes: int) -> str:
@@ -57,8 +58,8 @@ def format_build_summary(summary, out_dir: Path, split: str) -> str:
     lines = []
     for prep_size, manifest in sorted(summary.manifests.items()):
         state = "exists, not rebuilt (use --overwrite)" if prep_size in summary.skipped else "built"
-        size = sum(_file_bytes(out_dir / f"{split}-{prep_size}", name) for name in manifest.files)
-        lines.append(f"{out_dir / f'{split}-{prep_size}'}: {state}: {manifest.count:,} records, "
+        size = sum(_file_bytes(out_dir / split_dir_name(split, prep_size), name) for name in manifest.files)
+        lines.append(f"{out_dir / split_dir_name(split, prep_size)}: {state}: {manifest.count:,} records, "
                      f"{manifest.num_classes} classes, {_mib(size)}, {len(manifest.rejects)} rejected")
     if summary.consumed:
         done = summary.consumed - summary.resumed_from
