@@ -6,6 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-done
+BENCH_STAMP := $(VENV)/.bench-setup-done
 # A matched pair from PyPI: torchvision only imports against the torch build it was made for
 # (and pip would otherwise take a local CPU-only torch wheel that breaks torchvision).
 TORCH_PAIR ?= torch==2.13.0 torchvision==0.28.0
@@ -15,7 +16,9 @@ SHARDS ?= /data/shards
 FORMAT ?= lmdb
 DEMO ?= demo
 
-.PHONY: setup demo test bench shards shards-160 shards-320 verify info clean-demo
+GPUS ?= 8
+.PHONY: setup demo test bench shards shards-160 shards-320 verify info clean-demo \
+	train-imagenet18 train-rn50 train-rn18 bench-train
 
 setup: $(STAMP)
 
@@ -26,7 +29,8 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-# The main job on the embedded sample data: archives -> shards at 2 sizes in both formats -> verify.
+# The main job on the embedded sample data, on CPU in a few minutes: ImageNet-format archives ->
+# shards at 2 sizes in both formats -> verify -> train ResNet-18 (phases/demo.json) -> report.
 demo: $(STAMP)
 	$(BIN)/prep sample --out $(DEMO)/imagenet
 	for split in train val; do \
@@ -35,9 +39,18 @@ demo: $(STAMP)
 	done
 	for dir in $(DEMO)/shards/*/*-*; do $(BIN)/prep verify $$dir -q || exit 1; done
 	$(BIN)/prep info $(DEMO)/shards/lmdb/train-160
+	$(BIN)/train run --phases phases/demo.json --data $(DEMO)/shards/lmdb --out $(DEMO)/runs/demo --resume auto --workers 2
+	$(BIN)/train report $(DEMO)/runs/demo
 
-bench: $(STAMP)
+# Bench extras (webdataset, scikit-image for the real-photo fixture); setup re-checks that
+# pillow-simd is still the active PIL afterwards, since scikit-image pulls Pillow back in.
+$(BENCH_STAMP): $(STAMP)
+	@bash scripts/setup.sh "$(PYTHON)" "$(VENV)" "$(TORCH_PAIR)" "$(PILLOW_SIMD)" "test,bench"
+	@touch $@
+
+bench: $(BENCH_STAMP)
 	$(BIN)/python bench/prep.py
+	$(BIN)/python bench/loader.py
 
 # --- full pipelines on real ImageNet: tars -> shards -> verify ---------------------------------
 shards-160: $(STAMP)
@@ -58,6 +71,20 @@ verify: $(STAMP)
 
 info: $(STAMP)
 	for dir in $(SHARDS)/*-*; do $(BIN)/prep info $$dir; done
+
+# --- training on the shards (torchrun: one process per GPU; batch_size in phases/*.json is per GPU) --
+train-imagenet18: $(STAMP)
+	$(BIN)/torchrun --nproc_per_node=$(GPUS) -m train run --phases phases/imagenet18-1x8.json --data $(SHARDS) --out runs/imagenet18 --resume auto
+
+train-rn50: $(STAMP)
+	$(BIN)/torchrun --nproc_per_node=$(GPUS) -m train run --phases phases/rn50-16ep.json --data $(SHARDS) --out runs/rn50-16ep --resume auto
+
+train-rn18: $(STAMP)
+	$(BIN)/train run --phases phases/rn18-16ep.json --data $(SHARDS) --out runs/rn18-16ep --resume auto
+
+# Per phase: model ceiling on synthetic on-device data vs end-to-end from shards (are you data-bound?)
+bench-train: $(STAMP)
+	$(BIN)/train bench --phases phases/rn50-16ep.json --data $(SHARDS)
 
 clean-demo:
 	rm -rf $(DEMO)

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Create the project venv and install everything: a matched torch/torchvision pair, the project
 # (editable, with test extras), the system libturbojpeg, and pillow-simd in place of Pillow.
-# Usage: scripts/setup.sh PYTHON VENV TORCH_PAIR PILLOW_SIMD
+# Usage: scripts/setup.sh PYTHON VENV TORCH_PAIR PILLOW_SIMD [EXTRAS]
 set -euo pipefail
-python=$1 venv=$2 torch_pair=$3 pillow_simd=$4
+python=$1 venv=$2 torch_pair=$3 pillow_simd=$4 extras=${5:-test}
 say() { echo "setup: $*"; }
 
 if ! ldconfig -p 2>/dev/null | grep -q libturbojpeg.so.0; then
@@ -21,7 +21,7 @@ pip=("$venv/bin/python" -m pip)
 # that would break torchvision); pip's cache stays on, so repeated setups are fast.
 "${pip[@]}" install --isolated -q --upgrade pip
 "${pip[@]}" install --isolated -q $torch_pair
-"${pip[@]}" install --isolated -q -e ".[test]"
+"${pip[@]}" install --isolated -q -e ".[$extras]"
 
 # pillow-simd and Pillow both install the `PIL` module; whichever is installed last wins, so it
 # goes last. It builds from source (needs libjpeg and zlib headers); if that fails we keep Pillow.

@@ -217,3 +217,33 @@ def test_cpu_batches_are_pinned_with_cuda(built_shards):
     for workers in (0, 1):
         images, _ = next(iter(TrainLoader(dataset_dir(built_shards), 4, TrainCrop(32), workers=workers)))
         assert images.is_pinned()
+
+
+def test_dropping_a_loader_stops_its_workers_at_once(built_shards):
+    """No reference cycle through the DataLoader: a phase that switches shard directories frees
+    the old loader's persistent workers without waiting for the garbage collector."""
+    import gc
+
+    import time
+
+    def alive(pid):
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                return stat.read().split()[2] != "Z"
+        except FileNotFoundError:
+            return False
+
+    gc.disable()
+    try:
+        loader = TrainLoader(dataset_dir(built_shards), 2, TrainCrop(32), workers=2)
+        for _ in loader:
+            break
+        pids = loader.worker_pids()
+        assert len(pids) == 2 and all(alive(pid) for pid in pids)
+        del loader
+        deadline = time.monotonic() + 10
+        while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(alive(pid) for pid in pids)
+    finally:
+        gc.enable()

@@ -62,6 +62,17 @@ def test_read_before_and_after_fork(built_shards, store):
     assert bytes(dataset.view(7)) == expected
 
 
+@pytest.mark.parametrize("store", STORES)
+def test_threads_read_concurrently(built_shards, store):
+    from concurrent.futures import ThreadPoolExecutor
+
+    dataset = RecordDataset(dataset_dir(built_shards, store))
+    expected = [bytes(dataset.view(index)) for index in range(len(dataset))]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda index: bytes(dataset.view(index % 18)), range(200)))
+    assert got == [expected[index % 18] for index in range(200)]
+
+
 def test_image_dataset_works_with_a_plain_dataloader(built_shards):
     torch = pytest.importorskip("torch")
     dataset = ImageDataset(dataset_dir(built_shards, "msgpack"),

@@ -2,7 +2,6 @@
 record-table checks, and the GPU (nvJPEG) path's logic, run on CPU here and on CUDA when present."""
 from __future__ import annotations
 
-import io
 import random
 
 import numpy as np

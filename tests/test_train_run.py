@@ -20,7 +20,7 @@ RECIPE = {"arch": "resnet18", "weight_decay": 5e-5, "label_smoothing": 0.1,
           "targets": {"top1": 50.0}}
 PHASES = [
     {"epochs": [0, 1], "prep_size": 160, "crop_size": 32, "batch_size": 8, "lr": [0.05, 0.2]},
-    {"epochs": [1, 2], "prep_size": 160, "crop_size": 40, "batch_size": 8, "lr": [0.2, 0.0]},
+    {"epochs": [1, 2], "prep_size": 160, "crop_size": 40, "batch_size": 6, "lr": [0.2, 0.0]},
 ]
 
 
@@ -39,7 +39,7 @@ def config(tmp_path: Path, **overrides) -> RunConfig:
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory) -> tuple[Path, dict]:
     tmp_path = tmp_path_factory.mktemp("smoke")
-    last = run(config(tmp_path, ema_decay=0.9), StandInData())
+    last = run(config(tmp_path, ema_decay=0.9, flip_tta=True), StandInData())
     return tmp_path / "run", last
 
 
@@ -54,7 +54,9 @@ def test_smoke_run_writes_metrics_config_and_event_log(smoke_run) -> None:
         assert 0 <= record["top1"] <= 100 and record["top5"] == 100.0  # 3 classes
         assert record["img_per_s"] > 0 and 0 <= record["data_wait"] <= 1
     assert records[0]["hours"] < records[1]["hours"]
-    assert records[1]["lr"] == pytest.approx(0.2 / 6)  # last step of 6 heading to 0
+    assert [r["flip_tta"] for r in records] == [False, True]  # flip averaging at the end only
+    assert [r["batch_size"] for r in records] == [8, 6]  # per GPU, changed between phases
+    assert records[1]["lr"] == pytest.approx(0.2 / 8)  # last of 48 / 6 = 8 steps, heading to 0
     assert last["epoch"] == 1
     config = json.loads((run_dir / "config.json").read_text())
     assert config["recipe"]["arch"] == "resnet18" and config["num_classes"] == 3
@@ -62,7 +64,7 @@ def test_smoke_run_writes_metrics_config_and_event_log(smoke_run) -> None:
     assert "git_sha" in config and config["args"]["seed"] == 0
     event_log = (run_dir / "event.log").read_text()
     assert event_log.startswith("~~epoch\thours\ttop1\ttop5")
-    assert "Dataset changed." in event_log and "~~1\t" in event_log
+    assert event_log.count("Dataset changed.") == 2 and "~~1\t" in event_log
     assert {p.name for p in (run_dir / "checkpoints").iterdir()} == {"last.pt", "final.pt"}
 
 

@@ -174,8 +174,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--num-train", type=int, default=48)
     parser.add_argument("--num-val", type=int, default=18)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
-    config = RunConfig(args.phases, out_dir=args.out, device="cpu", resume=args.resume,
+    config = RunConfig(args.phases, out_dir=args.out, device=args.device, resume=args.resume,
                        checkpoint_every_steps=args.checkpoint_every_steps, threads=args.threads,
                        progress=False, tensorboard=False, log_every=1)
     run(config, StandInData(args.num_train, args.num_val, delay=args.delay))

@@ -24,24 +24,25 @@ def main() -> None:
     """Keeps `run` a subcommand (typer would otherwise turn a one-command app into it)."""
 
 
-def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
-    typer.echo(f"train: error: {message}", err=True)
+def fail(message: str, code: int = EXIT_ERROR, kind: str = "error") -> NoReturn:
+    typer.echo(f"train: {kind}: {message}", err=True)
     raise typer.Exit(code)
 
 
-def library_errors() -> tuple[type[BaseException], ...]:
-    from formats.errors import DatasetError
-    from train.checkpoint import CheckpointError
-    from train.dist import DistError
-    from train.export import ExportError
-    from train.loop import PrecisionError
-    from train.model import RecipeError
-    from train.report import ReportError
-    from train.run import TrainError
-    from train.schedule import ScheduleError
+# Library error classes by module. Only modules already imported can have raised one, so
+# `train report` never pays for importing torch just to name an error class.
+LIBRARY_ERRORS = {
+    "formats.errors": ("DatasetError",), "train.checkpoint": ("CheckpointError",),
+    "train.dist": ("DistError",), "train.export": ("ExportError",),
+    "train.loop": ("PrecisionError",), "train.model": ("RecipeError",),
+    "train.report": ("ReportError",), "train.run": ("TrainError",),
+    "train.schedule": ("ScheduleError",),
+}
 
-    return (TrainError, ScheduleError, RecipeError, CheckpointError, DistError, PrecisionError,
-            ExportError, ReportError, DatasetError)
+
+def library_errors() -> tuple[type[BaseException], ...]:
+    return tuple(getattr(sys.modules[module], name) for module, names in LIBRARY_ERRORS.items()
+                 if module in sys.modules for name in names)
 
 
 def parse_targets(values: List[str]) -> tuple[tuple[str, float], ...]:
@@ -59,13 +60,15 @@ def parse_targets(values: List[str]) -> tuple[tuple[str, float], ...]:
 
 def call(fn, *args, **kwargs):
     """Run a library function; its errors exit with one line instead of a traceback."""
-    errors = library_errors()
     try:
         return fn(*args, **kwargs)
-    except errors as exc:
-        from train.run import Interrupted
-
-        fail(str(exc), EXIT_INTERRUPTED if isinstance(exc, Interrupted) else EXIT_ERROR)
+    except Exception as exc:
+        if not isinstance(exc, library_errors()):
+            raise
+        interrupted = getattr(sys.modules.get("train.run"), "Interrupted", ())
+        if interrupted and isinstance(exc, interrupted):  # SIGINT/SIGTERM: saved, not failed
+            fail(str(exc), EXIT_INTERRUPTED, kind="interrupted")
+        fail(str(exc))
 
 
 @app.command()
@@ -92,6 +95,7 @@ def run(
     flip_tta: Optional[bool] = typer.Option(None, "--flip-tta/--no-flip-tta", help="flip-average the final eval"),
     sync_bn: bool = typer.Option(False, "--sync-bn", help="SyncBatchNorm across GPUs (CUDA)"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+    deterministic: Optional[bool] = typer.Option(None, "--deterministic/--no-deterministic", help="deterministic kernels [default: on for CPU, off for CUDA]"),
     full_prep_size: Optional[int] = typer.Option(None, help="imagenet18 lists: prep_size standing in for full-size images"),
     target: List[str] = typer.Option([], help="top1=75.9 or top5=93 (repeatable)"),
     tensorboard: bool = typer.Option(True, "--tensorboard/--no-tensorboard"),
@@ -108,6 +112,7 @@ def run(
         checkpoint_every_steps=checkpoint_every_steps, log_every=log_every,
         label_smoothing=label_smoothing, mixup_alpha=mixup, cutmix_alpha=cutmix,
         ema_decay=ema, flip_tta=flip_tta, sync_bn=sync_bn, threads=threads,
+        deterministic=deterministic,
         full_prep_size=full_prep_size, targets=parse_targets(target),
         tensorboard=tensorboard, progress=progress, dry_run=dry_run)
     call(run_training, config)

@@ -14,7 +14,7 @@ position in the epoch's permutation). So 0, 1 or 8 workers give the same bits, a
 `set_epoch(e, start_batch=k)` replays batches k.. of epoch e exactly.
 
 Phase changes: the crop travels in each plan, so `set_crop` / `set_crop_size` take effect from
-the next batch planned, with the same persistent workers and open stores (FFCV's in-place
+the next iteration (epoch), with the same persistent workers and open stores (FFCV's in-place
 decoder resize, without shared state to keep in sync).
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import random
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -176,16 +177,19 @@ class BatchBuilder:
 
 
 class _Plans:
-    """The DataLoader's sampler: the owning loader's current plans, re-read every iteration."""
+    """The DataLoader's sampler: the owning loader's current plans, re-read every iteration.
+
+    Holds its loader weakly: no reference cycle, so dropping a loader (a phase switching shard
+    directories) stops its persistent workers at once rather than at the next garbage collection."""
 
     def __init__(self, loader: "_Loader"):
-        self.loader = loader
+        self._loader = weakref.ref(loader)
 
     def __iter__(self):
-        return self.loader._plans()
+        return self._loader()._plans()
 
     def __len__(self) -> int:
-        return len(self.loader)
+        return len(self._loader())
 
 
 class _Loader:
@@ -268,7 +272,7 @@ class TrainLoader(_Loader):
         self.sampler.set_epoch(epoch, start_batch)
 
     def set_crop(self, crop: TrainCrop) -> None:
-        """New crop_size / min_scale from the next planned batch on; workers and stores stay."""
+        """New crop_size / min_scale from the next iteration on; workers and stores stay."""
         if not isinstance(crop, TrainCrop):
             raise TypeError(f"crop must be a TrainCrop, got {type(crop).__name__}")
         self.crop = crop
@@ -277,8 +281,7 @@ class TrainLoader(_Loader):
         return len(self.sampler)
 
     def _plans(self):
-        for batch in self.sampler:
-            yield TrainPlan(batch, self.crop, self.seed)
+        return _train_plans(self.sampler, self.crop, self.seed)
 
 
 class ValLoader(_Loader):
@@ -313,9 +316,17 @@ class ValLoader(_Loader):
         return len(self.batches)
 
     def _plans(self):
-        for batch in self.batches:
-            if self.rect:
-                out_size = rect_target_size(self.crop_size, batch.aspect_ratio)
-            else:
-                out_size = (self.crop_size, self.crop_size)
-            yield ValPlan(batch, out_size, self.rect, self.crop_ratio)
+        return _val_plans(self.batches, self.crop_size, self.rect, self.crop_ratio)
+
+
+# Plan generators are free functions of the loader's settings at the start of an iteration:
+# the DataLoader's iterator keeps one alive, and a method would keep the loader alive with it.
+def _train_plans(sampler: TrainBatchSampler, crop: TrainCrop, seed: int):
+    for batch in sampler:
+        yield TrainPlan(batch, crop, seed)
+
+
+def _val_plans(batches: list[ValBatchIndices], crop_size: int, rect: bool, crop_ratio: float):
+    for batch in batches:
+        out_size = rect_target_size(crop_size, batch.aspect_ratio) if rect else (crop_size, crop_size)
+        yield ValPlan(batch, out_size, rect, crop_ratio)

@@ -64,8 +64,11 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     if device == "cuda":
         if not torch.cuda.is_available():
             raise DistError("--device cuda, but CUDA is not available here")
-        if local_rank >= torch.cuda.device_count():
-            raise DistError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPUs")
+        count = torch.cuda.device_count()
+        if count == 1:  # a launcher that shows each process only its own GPU
+            return torch.device("cuda", 0)
+        if local_rank >= count:
+            raise DistError(f"LOCAL_RANK {local_rank} but only {count} GPUs are visible")
         return torch.device("cuda", local_rank)
     if device == "cpu":
         return torch.device("cpu")

@@ -80,7 +80,7 @@ class Recipe:
                            ("cutmix_alpha", math.inf), ("ema_decay", 1.0)):
             value = getattr(self, key)
             if not number(value) or not 0 <= value < upper:
-                fail(key, f"must be a number in [0, {upper})")
+                fail(key, f"must be a number in [0, {upper:g})")
         if not isinstance(self.model_kwargs, Mapping):
             fail("model_kwargs", "must be an object")
         if not isinstance(self.targets, Mapping) or not all(

@@ -14,16 +14,16 @@ from __future__ import annotations
 import dataclasses
 import signal
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
-from train import checkpoint as ckpt
 from train.augment import TrainCrop
 from train.dist import DistEnv, init_distributed, rank_zero_only, shutdown
-from train.metrics import RunLog, environment_info, git_sha
+from train.metrics import environment_info, git_sha
 from train.model import Recipe, RecipeError
 from train.report import DEFAULT_TARGETS
 from train.schedule import (
@@ -226,7 +226,23 @@ def _close(loader: Any) -> None:
 # --- configuration --------------------------------------------------------------------------
 
 
+def check_config(config: RunConfig) -> None:
+    """The plain-value arguments, checked before anything is loaded or started."""
+    for name, low in (("workers", 0), ("eval_every", 1), ("checkpoint_every_steps", 0),
+                      ("log_every", 1)):
+        if getattr(config, name) < low:
+            raise TrainError(f"--{name.replace('_', '-')} must be >= {low}, got "
+                             f"{getattr(config, name)}")
+    if config.decode not in ("cpu", "gpu"):
+        raise TrainError(f"--decode must be cpu or gpu, got {config.decode!r}")
+    if config.device not in ("auto", "cuda", "cpu"):
+        raise TrainError(f"--device must be auto, cuda or cpu, got {config.device!r}")
+    if config.threads is not None and config.threads < 1:
+        raise TrainError(f"--threads must be >= 1, got {config.threads}")
+
+
 def load_inputs(config: RunConfig) -> tuple[LoadedSchedule, Recipe]:
+    check_config(config)
     try:
         loaded = load_schedule(config.phases_path, full_prep_size=config.full_prep_size)
         recipe = Recipe.from_mapping(
@@ -256,6 +272,13 @@ def dry_run_text(config: RunConfig, loaded: LoadedSchedule, recipe: Recipe,
     lines = [f"{config.phases_path}: {schedule.num_epochs} epochs in {len(schedule.phases)} "
              f"phases ({loaded.source_format} format); batch is per GPU",
              f"recipe: {', '.join(f'{k}={v}' for k, v in recipe.to_dict().items())}"]
+    if recipe.tuned_num_gpus is not None:
+        sizes = sorted({p.batch_size * recipe.tuned_num_gpus for p in schedule.phases})
+        lines.append(f"LRs tuned for {recipe.tuned_num_gpus} GPU(s): global batch "
+                     f"{', '.join(map(str, sizes))} there; on N GPUs it is batch/gpu x N")
+    if recipe.blurpool:
+        lines.append("warning: the recipe asks for BlurPool, which this trainer does not "
+                     "implement; it trains without it")
     if loaded.note:
         lines.append(f"note: {loaded.note}")
     if classes is not None:
@@ -288,11 +311,16 @@ def run_config_record(config: RunConfig, loaded: LoadedSchedule, recipe: Recipe,
 class StopFlag:
     """SIGINT/SIGTERM ask for a checkpoint and a clean exit at the next safe point.
 
-    A second SIGINT falls through to Python's default (KeyboardInterrupt) for the impatient.
+    A second SIGINT aborts at once (KeyboardInterrupt) for the impatient, unless it comes
+    within DUPLICATE_S of the first: Ctrl-C under torchrun reaches a worker twice, from the
+    terminal and forwarded by torchrun.
     """
+
+    DUPLICATE_S = 2.0
 
     def __init__(self) -> None:
         self.requested = False
+        self._first_at = 0.0
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopFlag:
@@ -304,9 +332,11 @@ class StopFlag:
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
+        if self.requested:
+            if signum == signal.SIGINT and time.monotonic() - self._first_at > self.DUPLICATE_S:
+                raise KeyboardInterrupt
+            return
+        self.requested, self._first_at = True, time.monotonic()
         say(f"{signal.Signals(signum).name}: checkpointing at the next safe point "
             "(Ctrl-C again to abort without it)")
 

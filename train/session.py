@@ -22,7 +22,7 @@ from train.dist import DistEnv, all_reduce_max, all_reduce_sum, barrier, broadca
 from train.loop import EvalSums, Trainer, autocast, evaluate, make_mix, make_scaler, \
     resolve_precision, step_seed
 from train.metrics import RunLog, now
-from train.model import Recipe, build_model, build_optimizer, unwrap, zero_init_last_bn
+from train.model import Recipe, build_model, build_optimizer, zero_init_last_bn
 from train.report import format_targets, time_to_targets
 from train.run import (DataSource, Interrupted, Loaders, RunConfig, StopFlag, TrainError,
                        default_out_dir, run_config_record, say)
@@ -70,6 +70,7 @@ class Session:
         self._clock: float | None = None  # when this process started timing
         self.partial = _new_partial()
         resumed = self._resume(resume_from) if resume_from is not None else None
+        self._check_ranks_agree(resumed is not None)
 
         self.model: nn.Module = self.module
         if env.distributed:
@@ -80,7 +81,9 @@ class Session:
                 self.module, device_ids=ids, broadcast_buffers=False,
                 gradient_as_bucket_view=True)
         if config.compile:
-            self.model = torch.compile(self.model)
+            # Static shapes: one graph per (batch, crop) of the schedule, all warmed before
+            # timing, rather than a slower dynamic-shape graph after the second shape.
+            self.model = torch.compile(self.model, dynamic=False)
         self.trainer = Trainer(self.model, self.optimizer, self.device, self.precision,
                                recipe.label_smoothing, self.scaler,
                                make_mix(recipe.mixup_alpha, recipe.cutmix_alpha, num_classes),
@@ -90,8 +93,10 @@ class Session:
         self.log = RunLog(self.out_dir, enabled=is_main_process(),
                           tensorboard=config.tensorboard,
                           resume_epoch=self.epoch if resumed else None)
-        self.log.write_config(run_config_record(config, loaded, recipe, env, num_classes,
-                                                self.precision, resumed), resumed=bool(resumed))
+        if self.log.enabled:  # rank 0: git and version probes run once
+            self.log.write_config(run_config_record(config, loaded, recipe, env, num_classes,
+                                                    self.precision, resumed),
+                                  resumed=bool(resumed))
         if resumed:
             self.log.event(f"Resumed from {resumed['path']} at epoch {self.epoch} step "
                            f"{self.step}")
@@ -110,7 +115,7 @@ class Session:
         torch.use_deterministic_algorithms(deterministic, warn_only=True)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = not deterministic
-            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.set_float32_matmul_precision("high")  # TF32 for any fp32 matmul left
             torch.backends.cudnn.allow_tf32 = True
 
     # --- checkpoints ------------------------------------------------------------------------
@@ -170,6 +175,18 @@ class Session:
         self.partial = dict(state["partial"])
         return {"path": str(path), "epoch": self.epoch, "step": self.step}
 
+    def _check_ranks_agree(self, resuming: bool) -> None:
+        """Every rank resumes from the same position, or none does (one min and one max)."""
+        if not self.env.distributed:
+            return
+        position = [float(resuming), float(self.epoch), float(self.step)]
+        high = all_reduce_max(self.env, torch.tensor(position, device=self.device))
+        low = -all_reduce_max(self.env, -torch.tensor(position, device=self.device))
+        if not torch.equal(high, low):
+            mine = f"epoch {self.epoch} step {self.step}" if resuming else "a fresh start"
+            raise TrainError(f"ranks disagree on the resume point (rank {self.env.rank} sees "
+                             f"{mine}); put --out on storage that every node shares")
+
     # --- the loop ---------------------------------------------------------------------------
 
     def train(self, targets: dict[str, float]) -> dict[str, Any]:
@@ -222,35 +239,44 @@ class Session:
                    is_main_process()), desc=f"epoch {epoch}/{self.schedule.num_epochs} "
                    f"{phase.crop_size}px", leave=True, dynamic_ncols=True)
         lr = self.schedule.lr_at(epoch, min(self.step, steps - 1), steps)
-        if self.step < steps:  # a stop at an epoch's last step resumes straight into its eval
-            loader.set_epoch(epoch, self.step)
-            interval = _Interval(self.device)
-            batches = self.data.prefetcher(loader, self.device, config.channels_last)
-            wait_seen = 0.0
-            for step, (x, labels) in enumerate(batches, start=self.step):
-                lr = self.schedule.lr_at(epoch, step, steps)
-                seed = step_seed(config.seed, epoch, step, env.rank)
-                interval.add(self.trainer.step(x, labels, lr, seed), labels.shape[0])
-                self.step, self.global_step = step + 1, self.global_step + 1
-                every = config.checkpoint_every_steps
-                checkpoint_due = bool(every) and self.global_step % every == 0 and step + 1 < steps
-                if (checkpoint_due or (step + 1) % config.log_every == 0 or step + 1 == steps
-                        or (not env.distributed and self.stop.requested)):
-                    wait = getattr(batches, "data_wait_seconds", 0.0)
-                    synced = interval.sync(env, wait - wait_seen, self.stop.requested)
-                    wait_seen = wait
-                    self._account(synced, phase, epoch, step, lr, bar)
-                    if synced["stop"] or checkpoint_due:
-                        self.save()
-                    if synced["stop"]:
-                        raise Interrupted(f"stopped at epoch {epoch} step {self.step}; "
-                                          "checkpoint saved; continue with --resume auto")
-                if self.step >= steps:
-                    break
-        bar.close()
+        try:
+            if self.step < steps:  # a stop at an epoch's last step resumes into its eval
+                lr = self._run_steps(loader, phase, steps, bar)
+        finally:
+            bar.close()
         return self._finish_epoch(phase, phase_index, lr)
 
-    def _account(self, synced: dict[str, float], phase, epoch: int, step: int, lr: float,
+    def _run_steps(self, loader, phase, steps: int, bar) -> float:
+        """Steps self.step .. steps-1 of this epoch; returns the LR of the last one."""
+        env, config, epoch = self.env, self.config, self.epoch
+        loader.set_epoch(epoch, self.step)
+        interval = _Interval(self.device)
+        batches = self.data.prefetcher(loader, self.device, config.channels_last)
+        wait_seen, lr = 0.0, 0.0
+        every = config.checkpoint_every_steps
+        for step, (x, labels) in enumerate(batches, start=self.step):
+            lr = self.schedule.lr_at(epoch, step, steps)
+            seed = step_seed(config.seed, epoch, step, env.rank)
+            interval.add(self.trainer.step(x, labels, lr, seed), labels.shape[0])
+            self.step, self.global_step = step + 1, self.global_step + 1
+            checkpoint_due = bool(every) and self.global_step % every == 0 and step + 1 < steps
+            if (checkpoint_due or (step + 1) % config.log_every == 0 or step + 1 == steps
+                    or (not env.distributed and self.stop.requested)):
+                wait = getattr(batches, "data_wait_seconds", 0.0)
+                synced = interval.sync(env, wait - wait_seen, self.stop.requested)
+                wait_seen = wait
+                self._account(synced, epoch, step, lr, bar)
+                if synced["stop"] or checkpoint_due:
+                    self.save()
+                if synced["stop"]:
+                    raise Interrupted(f"stopped at epoch {epoch} step {self.step}; "
+                                      "checkpoint saved; continue with --resume auto")
+            if self.step >= steps:
+                return lr
+        raise TrainError(f"epoch {epoch}: the train loader stopped after {self.step} of its "
+                         f"{steps} batches")
+
+    def _account(self, synced: dict[str, float], epoch: int, step: int, lr: float,
                  bar) -> None:
         """Fold one sync point into the epoch sums; stop on a non-finite loss."""
         if not math.isfinite(synced["loss_sum"]):
