@@ -5,7 +5,8 @@ the codec floor (our decode-at-scale + resize + encode calls alone, in memory, n
     python bench/prep.py [--num-images 2000] [--repeats 3] [--json-out results.json]
 
 Prints img/s per configuration, the ratios the prep issue targets, peak RSS of the build's
-process tree at two dataset sizes, and the machine. Each timing is the best of --repeats.
+process tree at two dataset sizes, and the machine. Each timing is the best of --repeats, the
+configurations interleaved within each repeat.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -53,10 +55,6 @@ def load_or_build_fixture(fixture_dir: Path, num_images: int) -> dict:
     return fixture.build_fixture(fixture_dir, num_images, 20, 0, quiet=True)
 
 
-def best_of(repeats: int, run) -> float:
-    return min(run() for _ in range(repeats))
-
-
 def naive_baseline(files: list[Path], out_dir: Path) -> float:
     """One process: open, full decode, RGB, bilinear resize of the shorter side to 160, save."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -76,8 +74,18 @@ def codec_floor(datas: list[bytes], prep_sizes: tuple[int, ...]) -> float:
     return time.perf_counter() - started
 
 
+def _anon_rss_kib(pid: int) -> int:
+    """RssAnon: memory the process itself holds. Plain RSS also counts file pages it has mapped
+    (LMDB's data file, read back for the manifest's digest), which are page cache the kernel
+    reclaims at will and grow with the dataset without being held by the build."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1])
+    return 0
+
+
 class PeakRss:
-    """Samples the summed RSS of a process and its children (the build's whole tree)."""
+    """Samples the summed anonymous RSS of a process and its children (the build's whole tree)."""
 
     def __init__(self, pid: int):
         self.process, self.peak, self._stop = psutil.Process(pid), 0, threading.Event()
@@ -88,15 +96,15 @@ class PeakRss:
         while not self._stop.is_set():
             try:
                 tree = [self.process, *self.process.children(recursive=True)]
-                self.peak = max(self.peak, sum(p.memory_info().rss for p in tree))
-            except psutil.Error:
+                self.peak = max(self.peak, sum(_anon_rss_kib(p.pid) for p in tree))
+            except (psutil.Error, OSError):
                 pass
             time.sleep(0.02)
 
     def stop(self) -> float:
         self._stop.set()
         self._thread.join()
-        return self.peak / (1 << 20)
+        return self.peak / 1024
 
 
 def run_tool(args: list[str]) -> tuple[float, float, str]:
@@ -142,43 +150,62 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="bench-prep-") as tmp:
         tmp = Path(tmp)
-        rate = {}
-        rate["naive 160"] = count / best_of(args.repeats, lambda: naive_baseline(files, tmp / "naive"))
-        rate["floor 160"] = count / best_of(args.repeats, lambda: codec_floor(datas, (160,)))
-        rate["floor 160+320"] = count / best_of(args.repeats, lambda: codec_floor(datas, (160, 320)))
-        peaks = {}
-        for name, sizes, workers in (("prep 160 w1", (160,), 1), ("prep 160+320 w1", (160, 320), 1),
-                                     ("prep 160 w2", (160,), 2)):
-            runs = [prep_build(src, tmp / "out", sizes, workers) for _ in range(args.repeats)]
-            rate[name] = count / min(s for s, _ in runs)
-            peaks[name] = max(p for _, p in runs)
-        _, peaks["prep 160 w2, small fixture"] = prep_build(small_dir / "archives", tmp / "small", (160,), 2)
-        prep_build(src, tmp / "out", (160,), 2)
-        for workers in (1, 2):
-            seconds = best_of(args.repeats, lambda: run_tool(["verify", str(tmp / "out" / "train-160"), "--workers",
-                                                             str(workers), "-q"])[0])
-            rate[f"verify 160 w{workers}"] = count / seconds
+        builds = {"prep 160 w1": ((160,), 1), "prep 160+320 w1": ((160, 320), 1), "prep 160 w2": ((160,), 2)}
+        seconds: dict[str, list[float]] = {}
+        peaks: dict[str, float] = {}
 
-    ratios = {
-        "sz/160 one core vs naive PIL": rate["prep 160 w1"] / rate["naive 160"],
-        "sz/160 one core vs codec floor": rate["prep 160 w1"] / rate["floor 160"],
-        "160+320 time vs 160 alone (one core)": rate["prep 160 w1"] / rate["prep 160+320 w1"],
-        "codec floor 160+320 time vs 160": rate["floor 160"] / rate["floor 160+320"],
-        "2 workers vs 1 worker": rate["prep 160 w2"] / rate["prep 160 w1"],
-        "verify per core (records/s)": rate["verify 160 w1"],
-    }
-    print("\nthroughput (img/s, best of %d):" % args.repeats)
+        def record(name: str, value: float) -> None:
+            seconds.setdefault(name, []).append(value)
+
+        # This VM's speed drifts by ~20% within a minute, so every repeat measures every
+        # configuration in turn (interleaved), and each keeps its best: ratios then compare
+        # measurements taken close together, not early ones with late ones.
+        for _ in range(args.repeats):
+            record("naive 160", naive_baseline(files, tmp / "naive"))
+            record("floor 160", codec_floor(datas, (160,)))
+            record("floor 160+320", codec_floor(datas, (160, 320)))
+            for name, (sizes, workers) in builds.items():
+                elapsed, peak = prep_build(src, tmp / "out", sizes, workers)
+                record(name, elapsed)
+                peaks[name] = max(peaks.get(name, 0.0), peak)
+            prep_build(src, tmp / "out", (160,), 1)  # train-160 alone, for verify
+            for workers in (1, 2):
+                record(f"verify 160 w{workers}", run_tool(["verify", str(tmp / "out" / "train-160"), "--workers",
+                                                           str(workers), "-q"])[0])
+        _, peaks["prep 160 w2, small fixture"] = prep_build(small_dir / "archives", tmp / "small", (160,), 2)
+    runs = [{name: count / values[i] for name, values in seconds.items()} for i in range(args.repeats)]
+    rate = {name: max(run[name] for run in runs) for name in runs[0]}
+
+    def ratios_of(r: dict) -> dict:
+        return {
+            "sz/160 one core vs naive PIL": r["prep 160 w1"] / r["naive 160"],
+            "sz/160 one core vs codec floor": r["prep 160 w1"] / r["floor 160"],
+            "160+320 time vs 160 alone (one core)": r["prep 160 w1"] / r["prep 160+320 w1"],
+            "codec floor 160+320 time vs 160": r["floor 160"] / r["floor 160+320"],
+            "2 workers vs 1 worker": r["prep 160 w2"] / r["prep 160 w1"],
+            "verify per core (records/s)": r["verify 160 w1"],
+        }
+
+    # Ratios are taken within each repeat (measurements minutes apart are not comparable
+    # here), then summarised by their median and range.
+    per_run = [ratios_of(run) for run in runs]
+    ratios = {name: statistics.median(r[name] for r in per_run) for name in per_run[0]}
+    print("\nthroughput (img/s): best, and the range over %d interleaved repeats" % args.repeats)
     for name, value in rate.items():
-        print(f"  {name:<28} {value:8.0f}")
-    print("\nratios (targets: >= 2x naive, >= 0.8 of floor, <= 1.4x for 160+320, >= 1.8x scaling, >= 2000/s verify):")
+        values = [run[name] for run in runs]
+        print(f"  {name:<28} {value:8.0f}   ({min(values):.0f}-{max(values):.0f})")
+    print("\nratios, median (range) of per-repeat ratios; targets: >= 2x naive, >= 0.8 of floor, "
+          "<= 1.4x for 160+320, >= 1.8x scaling, >= 2000/s verify")
     for name, value in ratios.items():
-        print(f"  {name:<40} {value:8.2f}")
-    print("\npeak RSS of the build's process tree (MiB):")
+        values = [r[name] for r in per_run]
+        print(f"  {name:<40} {value:8.2f}   ({min(values):.2f}-{max(values):.2f})")
+    print("\npeak anonymous RSS of the build's process tree (MiB; file-backed pages excluded):")
     for name, value in peaks.items():
         print(f"  {name:<28} {value:8.0f}")
     if args.json_out:
-        args.json_out.write_text(json.dumps({"machine": machine(), "fixture": stats, "img_per_s": rate,
-                                             "ratios": ratios, "peak_rss_mib": peaks}, indent=1))
+        args.json_out.write_text(json.dumps({"machine": machine(), "fixture": stats, "img_per_s_best": rate,
+                                             "img_per_s_runs": runs, "ratios_median": ratios,
+                                             "ratios_runs": per_run, "peak_rss_mib": peaks}, indent=1))
     return 0
 
 

@@ -51,7 +51,9 @@ class BuildConfig:
     overwrite: bool = False
     val_labels: Path | None = None
     shard_bytes: int = DEFAULT_SHARD_BYTES
-    commit_every: int = 5000  # records between durable commits: a kill loses at most this many
+    # Records between durable commits: a kill loses at most this many, and an LMDB write
+    # transaction holds its dirty pages in memory until commit, so this also bounds memory.
+    commit_every: int = 1000
     quiet: bool = False
 
 

@@ -23,7 +23,7 @@ STRICT = typer.Option(False, "--strict", help="Fail on the first unreadable memb
 OVERWRITE = typer.Option(False, "--overwrite", help="Rebuild even if the dataset exists (or discard an unfinished build with other settings).")
 VAL_LABELS = typer.Option(None, "--val-labels", help="Validation labels: LOC_val_solution.csv or `filename label` lines (default: the devkit in --src).")
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar (for logs).")
-COMMIT_EVERY = typer.Option(5000, "--commit-every", help="Records between durable commits: a kill loses at most this much work.")
+COMMIT_EVERY = typer.Option(1000, "--commit-every", help="Records between durable commits: a kill loses at most this much work; also bounds memory.")
 
 
 def _fail(message: str, code: int = 1) -> None:
