@@ -67,6 +67,14 @@ def naive_baseline(files: list[Path], out_dir: Path) -> float:
     return time.perf_counter() - started
 
 
+def naive_in(python: str, file_list: Path, out_dir: Path) -> float:
+    """The naive baseline run by another interpreter (e.g. a venv with plain Pillow, what a user
+    has, while this one runs pillow-simd); it reports its own seconds."""
+    result = subprocess.run([python, __file__, "--naive-only", str(file_list), str(out_dir)],
+                            capture_output=True, text=True, check=True)
+    return float(result.stdout.strip().splitlines()[-1])
+
+
 def codec_floor(datas: list[bytes], prep_sizes: tuple[int, ...]) -> float:
     started = time.perf_counter()
     for data in datas:
@@ -134,7 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cache", type=Path, default=HERE / ".cache")
     parser.add_argument("--json-out", type=Path)
+    parser.add_argument("--baseline-python", help="also time the naive baseline under this interpreter (plain Pillow)")
+    parser.add_argument("--naive-only", nargs=2, type=Path, metavar=("FILE_LIST", "OUT_DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.naive_only:  # child mode for --baseline-python
+        file_list, out_dir = args.naive_only
+        print(naive_baseline([Path(p) for p in file_list.read_text().split("\n") if p], out_dir))
+        return 0
 
     fixture_dir = args.cache / f"fixture-{args.num_images}"
     stats = load_or_build_fixture(fixture_dir, args.num_images)["stats"]
@@ -145,6 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     src = fixture_dir / "archives"
     count = len(files)
     print(f"machine: {machine()}")
+    if args.baseline_python:
+        variant = subprocess.run([args.baseline_python, "-c", "import sys; sys.path.insert(0, %r); "
+                                  "from formats.jpeg import pil_variant; print(pil_variant())" % str(HERE.parent)],
+                                 capture_output=True, text=True, check=True).stdout.strip()
+        print(f"baseline python: {args.baseline_python} ({variant})")
     print(f"fixture: {count} real-photo JPEGs, median {stats['median_width']:.0f}x{stats['median_height']:.0f}, "
           f"mean {stats['mean_kb']:.0f} KB ({fixture_dir})")
 
@@ -160,8 +179,12 @@ def main(argv: list[str] | None = None) -> int:
         # This VM's speed drifts by ~20% within a minute, so every repeat measures every
         # configuration in turn (interleaved), and each keeps its best: ratios then compare
         # measurements taken close together, not early ones with late ones.
+        file_list = tmp / "files.txt"
+        file_list.write_text("\n".join(map(str, files)))
         for _ in range(args.repeats):
             record("naive 160", naive_baseline(files, tmp / "naive"))
+            if args.baseline_python:
+                record("naive 160, baseline python", naive_in(args.baseline_python, file_list, tmp / "naive2"))
             record("floor 160", codec_floor(datas, (160,)))
             record("floor 160+320", codec_floor(datas, (160, 320)))
             for name, (sizes, workers) in builds.items():
@@ -177,7 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     rate = {name: max(run[name] for run in runs) for name in runs[0]}
 
     def ratios_of(r: dict) -> dict:
+        baseline = {"sz/160 one core vs naive, baseline python": r["prep 160 w1"] / r["naive 160, baseline python"]} \
+            if args.baseline_python else {}
         return {
+            **baseline,
             "sz/160 one core vs naive PIL": r["prep 160 w1"] / r["naive 160"],
             "sz/160 one core vs codec floor": r["prep 160 w1"] / r["floor 160"],
             "160+320 time vs 160 alone (one core)": r["prep 160 w1"] / r["prep 160+320 w1"],
