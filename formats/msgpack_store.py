@@ -205,10 +205,11 @@ class MsgpackReader:
 
     def shard_sizes(self) -> dict[int, int]:
         """Bytes the index expects in each shard (verify compares with the files)."""
-        ends: dict[int, int] = {}
-        for shard, end in zip(self._shards.tolist(), self._jpeg_ends.tolist()):
-            ends[shard] = max(ends.get(shard, 0), end)
-        return ends
+        if not self.count:
+            return {}
+        ends = np.zeros(int(self._shards.max()) + 1, dtype=np.int64)
+        np.maximum.at(ends, self._shards, self._jpeg_ends)  # vectorised: 1.28M records in ~ms
+        return {shard: int(end) for shard, end in enumerate(ends.tolist()) if end}
 
     def close(self) -> None:
         for mapped in self._maps.values():

@@ -132,10 +132,12 @@ def test_val_counts_each_image_once_on_every_rank_count(built_shards, world_size
     for rank in range(world_size):
         loader = ValLoader(directory, 4, 48, rank=rank, world_size=world_size, workers=0, rect=rect)
         batches = batches_of(loader)
+        plans = list(loader._plans())
         lengths.add(len(batches))
-        assert len(batches) == len(loader)
-        for (images, labels), plan in zip(batches, loader._plans()):
+        assert len(batches) == len(loader) == len(plans)
+        for (images, labels), plan in zip(batches, plans):
             assert len(images) == len(labels) == len(plan.batch.indices) and images.shape[1] == 3
+            assert labels.tolist() == loader.records.labels[plan.batch.indices].tolist()
             seen += plan.batch.indices.tolist()
     assert lengths == {-(-5 // world_size)} and sorted(seen) == list(range(18))
 
@@ -194,6 +196,7 @@ def test_gpu_decode_mode_on_cpu_matches_cpu_decode(built_shards):
     """decode="gpu" with device="cpu" runs the nvJPEG code path through torchvision's CPU decoder."""
     cpu = batches_of(TrainLoader(dataset_dir(built_shards), 6, TrainCrop(40), workers=0))
     gpu_path = batches_of(TrainLoader(dataset_dir(built_shards), 6, TrainCrop(40), workers=1, decode="gpu", device="cpu"))
+    assert len(cpu) == len(gpu_path) > 0
     for (images, labels), (other_images, other_labels) in zip(cpu, gpu_path):
         assert torch.equal(labels, other_labels)
         assert (images.int() - other_images.int()).abs().float().mean() < 2.0
@@ -205,7 +208,9 @@ def test_gpu_decode_on_cuda(built_shards):
         pytest.skip("needs CUDA")
     loader = TrainLoader(dataset_dir(built_shards), 6, TrainCrop(40), workers=0, decode="gpu")
     cpu = batches_of(TrainLoader(dataset_dir(built_shards), 6, TrainCrop(40), workers=0))
-    for (images, labels), (cpu_images, cpu_labels) in zip(batches_of(loader), cpu):
+    on_gpu = batches_of(loader)
+    assert len(on_gpu) == len(cpu) > 0
+    for (images, labels), (cpu_images, cpu_labels) in zip(on_gpu, cpu):
         assert images.is_cuda and images.dtype == torch.uint8
         assert (images.cpu().int() - cpu_images.int()).abs().float().mean() < 2.0
 
@@ -247,3 +252,12 @@ def test_dropping_a_loader_stops_its_workers_at_once(built_shards):
         assert not any(alive(pid) for pid in pids)
     finally:
         gc.enable()
+
+
+def test_gpu_decode_mode_handles_empty_padding_val_batches(built_shards):
+    """Under DDP some ranks get empty validation batches; the GPU-decode path must pass them on."""
+    loader = ValLoader(dataset_dir(built_shards, "lmdb", "val"), 5, 32, rank=1, world_size=2, workers=0,
+                       decode="gpu", device="cpu")
+    batches = batches_of(loader)
+    assert len(batches) == len(loader) and batches[-1][0].shape == (0, 3, 32, 32)
+    assert sum(len(labels) for _, labels in batches) == loader.num_images_on_rank

@@ -50,12 +50,15 @@ def test_read_before_and_after_fork(built_shards, store):
     expected = bytes(dataset.view(7))
     read_end, write_end = os.pipe()
     pid = os.fork()
-    if pid == 0:  # child
+    if pid == 0:  # child: whatever happens, it must never return into pytest
+        ok = False
         try:
             ok = bytes(dataset.view(7)) == expected and bytes(dataset.view(1)) == bytes(dataset.view(1))
         finally:
-            os.write(write_end, b"1" if ok else b"0")
-            os._exit(0)
+            try:
+                os.write(write_end, b"1" if ok else b"0")
+            finally:
+                os._exit(0)
     os.close(write_end)
     assert os.read(read_end, 1) == b"1"
     os.waitpid(pid, 0)

@@ -31,6 +31,7 @@ def test_prefetcher_on_cpu_yields_normalized_batches(built_shards, dtype):
     batches = list(prefetcher)
     assert len(batches) == len(prefetcher) == 4
     raw = list(loader)
+    assert len(raw) == len(batches)
     for (x, labels), (images, raw_labels) in zip(batches, raw):
         assert x.dtype == dtype and x.is_contiguous(memory_format=torch.channels_last)
         assert torch.allclose(x.float(), normalize(images), atol=0.05) and torch.equal(labels, raw_labels)
@@ -49,7 +50,9 @@ def test_prefetcher_on_cuda(built_shards):
         pytest.skip("needs CUDA")
     loader = TrainLoader(dataset_dir(built_shards), 4, TrainCrop(32), workers=1)
     expected = [normalize(images).to(torch.bfloat16) for images, _ in loader]
-    for (x, labels), reference in zip(DevicePrefetcher(loader, torch.device("cuda"), torch.bfloat16), expected):
+    prefetched = list(DevicePrefetcher(loader, torch.device("cuda"), torch.bfloat16))
+    assert len(prefetched) == len(expected) > 0
+    for (x, labels), reference in zip(prefetched, expected):
         assert x.is_cuda and labels.is_cuda and x.dtype == torch.bfloat16
         assert x.is_contiguous(memory_format=torch.channels_last)
         assert torch.allclose(x.float().cpu(), reference.float(), atol=0.02)

@@ -92,9 +92,8 @@ def fallback_crop_box(height: int, width: int, ratio: tuple[float, float] = DEFA
 class TrainCrop:
     """Per-phase training crop: RandomResizedCrop(crop_size, scale=(min_scale, max_scale), ratio).
 
-    Only numbers, so a loader can publish it to long-lived workers through a shared array
-    (:meth:`to_floats` / :meth:`from_floats`) and change it between phases without respawning.
-    """
+    Small and immutable: the loader puts it in every batch plan, so a phase can change it
+    without respawning workers."""
 
     crop_size: int
     min_scale: float = 0.08
@@ -111,14 +110,6 @@ class TrainCrop:
 
     def box(self, height: int, width: int, rng: random.Random) -> Box:
         return random_resized_crop_box(height, width, rng, self.min_scale, self.max_scale, self.ratio)
-
-    def to_floats(self) -> tuple[float, float, float, float, float]:
-        return (float(self.crop_size), self.min_scale, self.max_scale, self.ratio[0], self.ratio[1])
-
-    @classmethod
-    def from_floats(cls, values) -> TrainCrop:
-        crop_size, min_scale, max_scale, min_ratio, max_ratio = values
-        return cls(int(crop_size), float(min_scale), float(max_scale), (float(min_ratio), float(max_ratio)))
 
 
 # --------------------------------------------------------------------------- resize + center crop

@@ -168,7 +168,8 @@ class BatchBuilder:
 
     def _encoded(self, plan, boxes, flips, labels) -> EncodedBatch:
         views = [self.records.view(index) for index in plan.batch.indices.tolist()]
-        offsets = np.concatenate([[0], np.cumsum([len(view) for view in views])]).tolist()
+        # int64 explicitly: an empty (padding) val batch would otherwise give float offsets.
+        offsets = np.concatenate([[0], np.cumsum([len(view) for view in views], dtype=np.int64)]).astype(np.int64).tolist()
         data = np.empty(offsets[-1], dtype=np.uint8)
         for view, start, end in zip(views, offsets, offsets[1:]):
             data[start:end] = np.frombuffer(view, dtype=np.uint8)
