@@ -67,3 +67,4 @@ def test_two_gloo_ranks_match_one_process_with_the_global_batch(tmp_path: Path) 
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
         assert b["top1"] == pytest.approx(a["top1"], abs=100 / NUM_VAL + 1e-9)  # 1 near-tie
         assert b["top5"] == a["top5"] == 100.0
+        assert b["val_images"] == a["val_images"] == NUM_VAL  # every image once, no padded duplicates

@@ -53,6 +53,7 @@ def test_smoke_run_writes_metrics_config_and_event_log(smoke_run) -> None:
             assert key in record, key
         assert 0 <= record["top1"] <= 100 and record["top5"] == 100.0  # 3 classes
         assert record["img_per_s"] > 0 and 0 <= record["data_wait"] <= 1
+        assert record["val_images"] == 18  # the stand-in's whole validation set, each image once
     assert records[0]["hours"] < records[1]["hours"]
     assert [r["flip_tta"] for r in records] == [False, True]  # flip averaging at the end only
     assert [r["batch_size"] for r in records] == [8, 6]  # per GPU, changed between phases
@@ -122,6 +123,30 @@ def test_nan_loss_stops_with_a_clear_message(tmp_path: Path) -> None:
     assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
 
 
+def test_non_finite_weights_are_never_saved(tmp_path: Path, monkeypatch) -> None:
+    """A step can turn the weights to inf from a finite loss; the next save must refuse them
+    and leave the last good checkpoint in place."""
+    from train.loop import Trainer
+
+    real_step, steps_done = Trainer.step, []
+
+    def poisoning_step(self, x, labels, lr, mix_seed=None):
+        loss = real_step(self, x, labels, lr, mix_seed)
+        steps_done.append(1)
+        if len(steps_done) == 4:  # right after the 4th step, before the save that follows it
+            with torch.no_grad():
+                next(self.model.parameters()).fill_(float("inf"))
+        return loss
+
+    monkeypatch.setattr(Trainer, "step", poisoning_step)
+    with pytest.raises(TrainError, match=r"weights are no longer finite at epoch 0 step 4; .*"
+                                         r"the last good checkpoint is"):
+        run(config(tmp_path, checkpoint_every_steps=2), StandInData())
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
+    assert saved["step"] == 2
+    assert all(torch.isfinite(value).all() for value in saved["model"].values() if value.is_floating_point())
+
+
 def test_sync_bn_and_fp16_need_cuda(tmp_path: Path) -> None:
     with pytest.raises(TrainError, match="--sync-bn needs CUDA"):
         run(config(tmp_path, sync_bn=True), StandInData())
@@ -129,3 +154,11 @@ def test_sync_bn_and_fp16_need_cuda(tmp_path: Path) -> None:
 
     with pytest.raises(PrecisionError, match="fp16 needs CUDA"):
         run(config(tmp_path, precision="fp16", out_dir=tmp_path / "r2"), StandInData())
+
+
+def test_report_uses_the_targets_the_run_was_started_with(tmp_path: Path) -> None:
+    from train.report import run_targets
+
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"recipe": {"targets": {"top1": 50.0, "top5": 80.0}}, "args": {"targets": [["top1", 70.0]]}}))
+    assert run_targets(tmp_path) == {"top1": 70.0, "top5": 80.0}

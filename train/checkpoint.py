@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from formats.manifest import fsync_dir
+
 CHECKPOINT_VERSION = 1
 CHECKPOINTS_DIR = "checkpoints"
 LAST_NAME = "last.pt"
@@ -50,11 +52,7 @@ def save_atomic(state: dict[str, Any], path: Path) -> Path:
     finally:
         if tmp.exists():
             tmp.unlink()
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)
     return path
 
 

@@ -86,14 +86,23 @@ def load_run(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def run_targets(run_dir: Path) -> dict[str, float]:
-    """The targets a run was started with (config.json's recipe), else DEFAULT_TARGETS."""
+    """The targets a run was started with, resolved as `train run` did: its --target over the
+    recipe's "targets" over DEFAULT_TARGETS (config.json holds both)."""
     import json
 
     try:
         config = json.loads((Path(run_dir) / CONFIG_NAME).read_text(encoding="utf-8"))
-        return dict(config["recipe"]["targets"]) or dict(DEFAULT_TARGETS)
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError):
         return dict(DEFAULT_TARGETS)
+    try:
+        targets = dict(config["recipe"]["targets"]) or dict(DEFAULT_TARGETS)
+    except (KeyError, TypeError):
+        targets = dict(DEFAULT_TARGETS)
+    try:
+        targets.update({name: float(value) for name, value in config["args"]["targets"]})
+    except (KeyError, TypeError, ValueError):
+        pass
+    return targets
 
 
 def plot(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path,

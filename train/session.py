@@ -140,7 +140,18 @@ class Session:
         return self.elapsed_s + (now() - self._clock if self._clock is not None else 0.0)
 
     def save(self, *, final: bool = False) -> None:
-        """All ranks call this (same point); rank 0 writes, then everyone waits for it."""
+        """All ranks call this (same point); rank 0 writes, then everyone waits for it.
+
+        Refuses weights that are no longer finite: a step can turn them to inf/NaN from a
+        finite loss (checked only before the step), and saving them would overwrite the last
+        good checkpoint. DDP keeps parameters identical on every rank, so every rank reaches
+        the same decision without a collective; one host sync per save."""
+        norms = torch._foreach_norm([p.detach() for p in self.module.parameters()])
+        if not math.isfinite(float(torch.stack(norms).sum())):
+            last = ckpt.checkpoint_dir(self.out_dir) / ckpt.LAST_NAME
+            kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
+            raise TrainError(f"weights are no longer finite at epoch {self.epoch} step {self.step}; "
+                             f"stopping without saving: {kept}")
         if is_main_process():
             state = self._state()
             directory = ckpt.checkpoint_dir(self.out_dir)
@@ -305,7 +316,7 @@ class Session:
         p = self.partial
         last_epoch = epoch == self.schedule.num_epochs - 1
         record: dict[str, Any] = {"epoch": epoch}
-        top = {"top1": None, "top5": None}
+        top = {"top1": None, "top5": None, "val_images": None}
         if last_epoch or (epoch + 1) % max(config.eval_every, 1) == 0:
             started = now()
             flip = self.recipe.val_flip_tta and last_epoch
@@ -335,7 +346,10 @@ class Session:
         batches = self.data.prefetcher(loader, self.device, self.config.channels_last)
         sums = evaluate(module, batches, self.device, self.precision, flip)
         result = EvalSums.from_tensor(all_reduce_sum(self.env, sums))
-        return {"top1": result.top1, "top5": result.top5, "val_loss": result.loss}
+        # val_images: how many images the metrics counted, summed over ranks; it must equal the
+        # validation set's size (padded duplicates would inflate it).
+        return {"top1": result.top1, "top5": result.top5, "val_loss": result.loss,
+                "val_images": int(result.count)}
 
     def _warm_up(self) -> None:
         """Compile each remaining phase's training shape before the clock starts.
