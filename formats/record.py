@@ -50,8 +50,3 @@ def encode_key(index: int) -> bytes:
 def checksum(data: bytes | memoryview) -> int:
     """crc32: ~GB/s, and enough to catch flipped bytes and truncation (not an adversary)."""
     return zlib.crc32(data) & 0xFFFFFFFF
-
-
-def split_dir_name(split: str, prep_size: int) -> str:
-    """`train-160`, `val-320`: the one place that names a dataset directory."""
-    return f"{split}-{prep_size}"

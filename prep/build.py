@@ -22,7 +22,8 @@ from formats import jpeg
 from formats.errors import DatasetError
 from formats.manifest import Manifest, read_manifest
 from formats.msgpack_store import DEFAULT_SHARD_BYTES
-from formats.record import FORMAT_VERSION, RECORD_STRUCT, checksum, split_dir_name
+from formats.layout import split_dir_name
+from formats.record import FORMAT_VERSION, RECORD_STRUCT, checksum
 from prep.partial import BuildError, PartialOutput, Progress
 from prep.resize import RejectedImage, prepare_image
 from prep.sources import NO_LABEL, Source, open_source

@@ -22,7 +22,8 @@ from formats.errors import DatasetError
 from formats.lmdb_store import LmdbWriter
 from formats.manifest import Manifest, file_digest, fsync_dir, read_manifest, write_manifest
 from formats.msgpack_store import MsgpackWriter
-from formats.record import MANIFEST_FILE, NAMES_FILE, RECORD_DTYPE, RECORDS_FILE, split_dir_name
+from formats.layout import split_dir_name
+from formats.record import MANIFEST_FILE, NAMES_FILE, RECORD_DTYPE, RECORDS_FILE
 
 PROGRESS_FILE = "progress.json"
 RECORDS_PARTIAL = "records.partial"

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from formats.manifest import load_records, read_manifest
-from formats.record import split_dir_name
+from formats.layout import split_dir_name
 
 
 def _mib(num_bytes: int) -> str:

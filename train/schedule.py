@@ -38,6 +38,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from formats.layout import split_dir_name
+
 DEFAULT_MIN_SCALE = 0.08
 
 # What each loader is built from.  A change in these rebuilds the loader (new shards, new
@@ -50,11 +52,6 @@ IN_PLACE_FIELDS = ("crop_size", "min_scale", "val_crop_size")
 
 class ScheduleError(ValueError):
     """A schedule that cannot be used; the message is one line naming the phase and key."""
-
-
-def shard_dir_name(split: str, prep_size: int) -> str:
-    """`train-160`, `val-320`: the shard directory naming shared with `prep`."""
-    return f"{split}-{prep_size}"
 
 
 def _is_number(value: Any) -> bool:
@@ -101,11 +98,11 @@ class Phase:
 
     @property
     def train_dir_name(self) -> str:
-        return shard_dir_name("train", self.prep_size)
+        return split_dir_name("train", self.prep_size)
 
     @property
     def val_dir_name(self) -> str:
-        return shard_dir_name("val", self.val_prep_size)
+        return split_dir_name("val", self.val_prep_size)
 
     def lr_at_fraction(self, progress: float) -> float:
         """LR at `progress` in [0, 1] of the way through this phase (0 = its first step)."""
