@@ -28,6 +28,7 @@ from train.model import Recipe, RecipeError
 from train.report import DEFAULT_TARGETS
 from train.schedule import (
     TRAIN_LOADER_FIELDS,
+    VAL_LOADER_FIELDS,
     LoadedSchedule,
     Phase,
     Schedule,
@@ -196,7 +197,7 @@ class Loaders:
         return self.train, events
 
     def val_for(self, phase: Phase) -> Any:
-        key = (phase.val_dir_name, phase.batch_size, phase.rect_val)
+        key = tuple(getattr(phase, name) for name in VAL_LOADER_FIELDS)  # as the dry-run table says
         set_crop_size = getattr(self.val, "set_crop_size", None)
         if key != self._val_key or (self._val_crop != phase.val_crop_size
                                     and set_crop_size is None):
