@@ -196,6 +196,23 @@ def test_full_disk_is_one_line_and_resumable(sample_src, tmp_path, monkeypatch):
     assert read_manifest(tmp_path / "train-160").count == 18
 
 
+def test_ctrl_c_is_one_line_and_resumable(tmp_path):
+    """Ctrl-C reaches the whole process group (workers too): one line, exit 130, resumable."""
+    src = tmp_path / "src"
+    write_sample(src, num_classes=3, train_per_class=40, val_per_class=1, seed=2)
+    command = PREP + ["build-msgpack", "--src", str(src), "--out", str(tmp_path / "out"), "--size", "160",
+                      "--workers", "2", "--commit-every", "4", "-q"]
+    process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    _wait_for_progress(tmp_path / "out" / ".train-160.partial", process, 8)
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert stderr.strip().splitlines() == ["prep: error: interrupted; rerun the same command to resume"]
+    resumed = subprocess.run(command, check=True, capture_output=True, text=True)
+    assert "resumed after" in resumed.stdout and read_manifest(tmp_path / "out" / "train-160").count == 120
+
+
 def _cli(args):
     return CliRunner().invoke(app, args)
 
