@@ -9,13 +9,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from formats.errors import DatasetError
+from formats.files import write_atomic
 from formats.record import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -60,17 +60,8 @@ def file_digest(path: Path) -> dict[str, Any]:
 
 
 def write_manifest(dataset_dir: Path, manifest: Manifest) -> Path:
-    """Atomic: temp file, fsync, rename, fsync the directory."""
-    path = dataset_dir / MANIFEST_FILE
-    tmp = path.with_suffix(".json.tmp")
     text = json.dumps(dataclasses.asdict(manifest), indent=1, sort_keys=True) + "\n"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(dataset_dir)
-    return path
+    return write_atomic(dataset_dir / MANIFEST_FILE, lambda f: f.write(text.encode("utf-8")))
 
 
 def read_manifest(dataset_dir: Path) -> Manifest:
@@ -130,10 +121,3 @@ def load_names(dataset_dir: Path, manifest: Manifest) -> list[str]:
         raise DatasetError(f"{path}: {len(names)} names for {manifest.count} records")
     return names
 
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

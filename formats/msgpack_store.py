@@ -18,6 +18,7 @@ import msgpack
 import numpy as np
 
 from formats.errors import DatasetError
+from formats.files import write_atomic
 from formats.manifest import file_digest
 
 INDEX_FILE = "index.npy"
@@ -114,12 +115,7 @@ class MsgpackWriter:
         self.commit()
         self._file.close()
         rows = self._saved_rows()
-        tmp = self.dataset_dir / (INDEX_FILE + ".tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, rows, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.dataset_dir / INDEX_FILE)
+        write_atomic(self.dataset_dir / INDEX_FILE, lambda f: np.save(f, rows, allow_pickle=False))
         names = sorted(p.name for p in self.dataset_dir.glob("shard-*.msgpack")) + [INDEX_FILE]
         return {name: file_digest(self.dataset_dir / name) for name in names}
 

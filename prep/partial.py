@@ -19,10 +19,11 @@ from pathlib import Path
 import numpy as np
 
 from formats.errors import DatasetError
-from formats.lmdb_store import LmdbWriter
-from formats.manifest import Manifest, file_digest, fsync_dir, read_manifest, write_manifest
-from formats.msgpack_store import MsgpackWriter
+from formats.files import fsync_dir, write_atomic
 from formats.layout import split_dir_name
+from formats.lmdb_store import LmdbWriter
+from formats.manifest import Manifest, file_digest, read_manifest, write_manifest
+from formats.msgpack_store import MsgpackWriter
 from formats.record import MANIFEST_FILE, NAMES_FILE, RECORD_DTYPE, RECORDS_FILE
 
 PROGRESS_FILE = "progress.json"
@@ -42,16 +43,6 @@ class Progress:
     names_bytes: int = 0
     rejects: list = dataclasses.field(default_factory=list)
     finished: bool = False  # every member consumed and committed
-
-
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(payload, f, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def _open_truncated(path: Path, length: int):
@@ -113,7 +104,8 @@ class PartialOutput:
         for handle in (self._records_file, self._names_file):
             handle.flush()
             os.fsync(handle.fileno())
-        _write_json_atomic(self.partial_dir / PROGRESS_FILE, dataclasses.asdict(progress))
+        text = json.dumps(dataclasses.asdict(progress), sort_keys=True)
+        write_atomic(self.partial_dir / PROGRESS_FILE, lambda f: f.write(text.encode("utf-8")))
 
     def finalize(self, progress: Progress, manifest_fields: dict) -> Manifest:
         """Write the remaining files and the manifest (last), then move into the final name.
@@ -126,13 +118,9 @@ class PartialOutput:
         records = np.fromfile(self.partial_dir / RECORDS_PARTIAL, RECORD_DTYPE)
         if len(records) != progress.num_records:
             raise DatasetError(f"{self.partial_dir}: record table holds {len(records)}, expected {progress.num_records}")
-        with open(self.partial_dir / (RECORDS_FILE + ".tmp"), "wb") as f:
-            np.save(f, records, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(self.partial_dir / (RECORDS_FILE + ".tmp"), self.partial_dir / RECORDS_FILE)
-        shutil.copyfile(self.partial_dir / NAMES_PARTIAL, self.partial_dir / (NAMES_FILE + ".tmp"))
-        os.replace(self.partial_dir / (NAMES_FILE + ".tmp"), self.partial_dir / NAMES_FILE)
+        write_atomic(self.partial_dir / RECORDS_FILE, lambda f: np.save(f, records, allow_pickle=False))
+        with open(self.partial_dir / NAMES_PARTIAL, "rb") as names:
+            write_atomic(self.partial_dir / NAMES_FILE, lambda f: shutil.copyfileobj(names, f))
         files = self.writer.finish()
         files.update({name: file_digest(self.partial_dir / name) for name in (RECORDS_FILE, NAMES_FILE)})
         manifest = Manifest(

@@ -162,3 +162,18 @@ def test_manifest_fields_are_the_documented_schema(built_shards):
     assert all(manifest.class_names)  # the devkit's names
     assert manifest.build["tool_version"] and manifest.build["codecs"]["pil"]
     assert np.sum(manifest.counts_per_class) == manifest.count == 12
+
+
+def test_write_atomic_all_or_nothing(tmp_path):
+    from formats.files import write_atomic
+
+    target = tmp_path / "table.bin"
+    write_atomic(target, lambda f: f.write(b"old"))
+
+    def fails_halfway(f):
+        f.write(b"new but partial")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        write_atomic(target, fails_halfway)
+    assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["table.bin"]

@@ -15,14 +15,13 @@ for anything else that might draw from them.
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from formats.manifest import fsync_dir
+from formats.files import write_atomic
 
 CHECKPOINT_VERSION = 1
 CHECKPOINTS_DIR = "checkpoints"
@@ -42,18 +41,7 @@ def save_atomic(state: dict[str, Any], path: Path) -> Path:
     """torch.save to `<path>.tmp`, fsync, rename over `path`, fsync the directory."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    fsync_dir(path.parent)
-    return path
+    return write_atomic(path, lambda f: torch.save(state, f))
 
 
 def load(path: Path) -> dict[str, Any]:
