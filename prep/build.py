@@ -19,7 +19,6 @@ import lmdb
 from tqdm import tqdm
 
 from formats import jpeg
-from formats.errors import DatasetError
 from formats.manifest import Manifest, read_manifest
 from formats.msgpack_store import DEFAULT_SHARD_BYTES
 from formats.layout import split_dir_name
@@ -275,4 +274,3 @@ def _run(config: BuildConfig, source: Source, outputs: list[PartialOutput], prog
         bar.close()
 
 
-__all__ = ["BuildConfig", "BuildError", "BuildSummary", "build", "default_workers", "DatasetError"]

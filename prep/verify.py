@@ -25,6 +25,7 @@ from formats.lmdb_store import content_digest
 from formats.msgpack_store import MsgpackReader, shard_file_name
 from formats.record import checksum
 from formats.store import open_reader
+from prep.resize import decode_rgb, target_dims
 
 MAX_FAULTS_SHOWN = 20
 RANGES_PER_WORKER = 8
@@ -45,13 +46,6 @@ class VerifyReport:
     @property
     def records_per_second(self) -> float:
         return self.records_checked / max(self.seconds, 1e-9)
-
-
-def _expected_dims(row, prep_size: int, upscale: bool) -> tuple[int, int] | None:
-    """(height, width) the record must have, derived from its original size."""
-    from prep.resize import target_dims  # pure; shared with the builder so they cannot disagree
-
-    return target_dims(int(row["orig_height"]), int(row["orig_width"]), prep_size, upscale)
 
 
 _worker_state: dict = {}
@@ -93,9 +87,7 @@ def _check_range(start: int, stop: int) -> tuple[int, list[str]]:
             continue
         try:
             pixels = jpeg.decode_turbo(data) if tj is not None and jpeg.sniff(data) == "jpeg" else None
-            if pixels is None:
-                from prep.resize import decode_rgb  # PIL path (no libturbojpeg)
-
+            if pixels is None:  # no libturbojpeg: PIL
                 pixels = decode_rgb(data, 1)[0]
         except Exception as err:  # any decoder failure is this record's fault, not ours
             fault(index, f"does not decode ({err})")
@@ -103,7 +95,9 @@ def _check_range(start: int, stop: int) -> tuple[int, list[str]]:
         height, width = pixels.shape[:2]
         if (height, width) != (int(row["height"]), int(row["width"])):
             fault(index, f"decodes to {height}x{width}, table says {row['height']}x{row['width']}")
-        elif (height, width) != _expected_dims(row, manifest.prep_size, manifest.upscale):
+        # target_dims is the builder's own rule, so the two cannot disagree.
+        elif (height, width) != target_dims(int(row["orig_height"]), int(row["orig_width"]),
+                                            manifest.prep_size, manifest.upscale):
             fault(index, f"{height}x{width} does not fit prep_size {manifest.prep_size} "
                          f"(original {row['orig_height']}x{row['orig_width']})")
         if not 0 <= int(row["label"]) < manifest.num_classes:
@@ -202,7 +196,8 @@ def verify(dataset_dir: Path, workers: int, src_dir: Path | None = None,
         if manifest.store == "msgpack":
             faults += _check_msgpack_shards(dataset_dir, manifest)
         else:
-            open_reader(dataset_dir, manifest).view(0) if manifest.count else None
+            if manifest.count:  # opening the LMDB checks its record count, once, here
+                open_reader(dataset_dir, manifest).view(0)
     except DatasetError as err:
         return VerifyReport(dataset_dir, manifest, faults + [str(err)], 0, time.perf_counter() - started)
     checked = 0
