@@ -1,0 +1,194 @@
+"""The steps of bench/scale.py: each runs the public commands or API on the rehearsal archive
+and returns what it measured (plain JSON-able dicts)."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import pstats
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from proctree import TreeSampler
+
+REPO = Path(__file__).resolve().parents[1]
+PREP_SIZE = 160
+SAMPLE_SECONDS = 0.5
+PROFILE_PARTS = 20  # profile one part of this many: the main process's costs, per member
+TRAIN_BATCH, VAL_BATCH, CROP = 256, 250, 128
+
+
+def machine() -> str:
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor())
+    return f"{model}, {len(os.sched_getaffinity(0))} cores, Python {platform.python_version()}"
+
+
+def _progress_probe(partial_dir: Path):
+    def probe():
+        try:
+            return json.loads((partial_dir / "progress.json").read_text())["consumed"]
+        except (OSError, ValueError, KeyError):
+            return None
+    return probe
+
+
+def run_watched(command: list[str], probe=None, cwd: Path = REPO) -> dict:
+    """Run a command; its wall time, exit, output, and the tree's peaks and samples."""
+    started = time.monotonic()
+    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sampler = TreeSampler(process.pid, SAMPLE_SECONDS, probe, keep_samples=True)
+    stdout, stderr = process.communicate()
+    sampler.stop()
+    if process.returncode:
+        raise SystemExit(f"{' '.join(command)} failed ({process.returncode}):\n{stderr[-3000:]}")
+    return {"wall_s": time.monotonic() - started, "stdout": stdout, "peak_rss_mib": sampler.peak_rss_mib,
+            "peak_fds": sampler.peak_fds, "peak_processes": sampler.peak_processes, "samples": sampler.samples}
+
+
+def throughput_profile(samples: list[dict], total: int) -> dict:
+    """img/s in each tenth of the members (from the build's committed progress), the main
+    process's CPU per image while streaming, and how long the build ran after the last member."""
+    points = [(s["t"], s["probe"], s["main_cpu_s"]) for s in samples if s["probe"] is not None]
+    if len(points) < 2 or total <= 0:
+        return {}
+
+    def time_at(count: float) -> float:  # linear between the samples around `count`
+        for (t0, c0, _), (t1, c1, _) in zip(points, points[1:]):
+            if c1 >= count:
+                return t0 if c1 == c0 else t0 + (t1 - t0) * (count - c0) / (c1 - c0)
+        return points[-1][0]
+
+    first, last = points[0], next(p for p in points if p[1] >= points[-1][1])
+    if last[1] - first[1] < 10 or last[0] <= first[0]:
+        return {}  # too short a build (tiny mode) to see its rate change
+    marks = [first[1] + (last[1] - first[1]) * k / 10 for k in range(11)]
+    times = [time_at(m) for m in marks]
+    rates = [(b - a) / max(tb - ta, 1e-9) for a, b, ta, tb in zip(marks, marks[1:], times, times[1:])]
+    return {"img_per_s_by_tenth": rates, "last_vs_first_tenth": rates[-1] / rates[0] if rates[0] else None,
+            "main_cpu_ms_per_image": 1e3 * (last[2] - first[2]) / max(last[1] - first[1], 1),
+            "streaming_s": last[0] - first[0], "started_streaming_at_s": first[0],
+            "after_last_member_s": samples[-1]["t"] - last[0]}
+
+
+def _du_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+class Rehearsal:
+    def __init__(self, data_dir: Path, quality: int, workers: int | None):
+        self.data_dir = Path(data_dir)
+        self.src_dir = self.data_dir / "src"
+        self.shards_dir = self.data_dir / "shards"
+        self.quality, self.workers = quality, workers
+
+    def _prep(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "prep.cli", *args]
+
+    def _build_args(self, split: str, out: Path) -> list[str]:
+        args = ["build-msgpack", "--src", str(self.src_dir), "--out", str(out), "--split", split,
+                "--size", str(PREP_SIZE), "--quality", str(self.quality), "--overwrite", "-q"]
+        return args + (["--workers", str(self.workers)] if self.workers is not None else [])
+
+    def run_prep(self) -> dict:
+        """train and val at 160 px, then val at 160 + 320 px in one pass (elsewhere), for the main
+        process's cost per image with two outputs."""
+        results = {}
+        two_sizes = self.data_dir / "two-sizes"
+        for name, split, out, extra in (("train", "train", self.shards_dir, []), ("val", "val", self.shards_dir, []),
+                                        ("val 160+320", "val", two_sizes, ["--size", "320"])):
+            partial = out / f".{split}-{PREP_SIZE}.partial"
+            run = run_watched(self._prep(*self._build_args(split, out), *extra), _progress_probe(partial))
+            dataset = out / f"{split}-{PREP_SIZE}"
+            manifest = json.loads((dataset / "manifest.json").read_text())
+            total = manifest["count"] + len(manifest["rejects"])
+            summary = re.search(r"([\d,]+) images in ([\d.]+) s = ([\d,]+) img/s with (\d+) workers", run["stdout"])
+            results[name] = {
+                "members": total, "records": manifest["count"], "rejects": len(manifest["rejects"]),
+                "conversions": len(manifest["conversions"]), "stored_as_is": manifest["build"]["num_stored_as_is"],
+                "tool_seconds": float(summary.group(2)), "tool_img_per_s": int(summary.group(3).replace(",", "")),
+                "workers": int(summary.group(4)), "dataset_bytes": _du_bytes(dataset),
+                **{k: run[k] for k in ("wall_s", "peak_rss_mib", "peak_fds", "peak_processes")},
+                **throughput_profile(run["samples"], total),
+                "rss_mib_by_sample": [round(s["rss_mib"], 1) for s in run["samples"]][:: max(1, len(run["samples"]) // 40)],
+            }
+        shutil.rmtree(two_sizes)
+        results["source_bytes"] = _du_bytes(self.src_dir)
+        return results
+
+    def run_profile(self) -> dict:
+        out, profile_path = self.data_dir / "profile-out", self.data_dir / "prep-main.prof"
+        command = [sys.executable, "-m", "cProfile", "-o", str(profile_path), "-m", "prep.cli",
+                   *self._build_args("train", out), "--num-parts", str(PROFILE_PARTS), "--part-index", "0"]
+        run = run_watched(command)
+        stats = pstats.Stats(str(profile_path))
+        total_s = stats.total_tt
+        rows = sorted(stats.stats.items(), key=lambda item: item[1][2], reverse=True)[:25]
+        members = json.loads(next(out.glob("train-*.part-*")).joinpath("manifest.json").read_text())["build"]["part"]
+        shutil.rmtree(out)
+        return {"members": members["num_members"], "counted_members": members["source_members"],
+                "wall_s": run["wall_s"], "main_total_s": total_s,
+                "top_tottime": [{"function": f"{Path(f).name}:{line}:{name}", "calls": calls, "tottime_s": tottime,
+                                 "us_per_member": 1e6 * tottime / members["num_members"]}
+                                for (f, line, name), (_, calls, tottime, _, _) in rows]}
+
+    def run_verify(self) -> dict:
+        results = {}
+        for split in ("train", "val"):
+            dataset = self.shards_dir / f"{split}-{PREP_SIZE}"
+            run = run_watched(self._prep("verify", str(dataset), "--source", str(self.src_dir), "-q",
+                                         *(["--workers", str(self.workers)] if self.workers is not None else [])))
+            checked = re.search(r"([\d,]+) records checked in ([\d.]+) s", run["stdout"])
+            results[split] = {"ok": run["stdout"].rstrip().endswith("OK"), "records": int(checked.group(1).replace(",", "")),
+                              "tool_seconds": float(checked.group(2)),
+                              **{k: run[k] for k in ("wall_s", "peak_rss_mib", "peak_fds")}}
+        return results
+
+    def run_train(self) -> dict:
+        from scale_train import measure_train_side  # imports torch: only this step pays for it
+
+        return measure_train_side(self.shards_dir / f"train-{PREP_SIZE}", self.shards_dir / f"val-{PREP_SIZE}",
+                                  self.data_dir)
+
+    def run_parts(self) -> dict:
+        """2 torchrun ranks build a part each and rank 0 merges; compared with the single build."""
+        single = self.shards_dir / f"train-{PREP_SIZE}"
+        kept = self.data_dir / "single-build-files"
+        if (single / "manifest.json").is_file():  # keep what is compared; drop the store (disk)
+            shutil.rmtree(kept, ignore_errors=True)
+            kept.mkdir()
+            for name in ("manifest.json", "records.npy", "names.txt", "index.npy"):
+                shutil.copy2(single / name, kept / name)
+            single_seconds = json.loads((self.data_dir / "results.json").read_text())["prep"]["train"]["wall_s"]
+            (kept / "wall_s").write_text(str(single_seconds))
+            shutil.rmtree(single)
+        out = self.data_dir / "parts"
+        shutil.rmtree(out, ignore_errors=True)
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                   "prep.cli", *self._build_args("train", out)]
+        run = run_watched(command)
+        merged = out / f"train-{PREP_SIZE}"
+        identical = {name: (merged / name).read_bytes() == (kept / name).read_bytes()
+                     for name in ("manifest.json", "records.npy", "names.txt", "index.npy")}
+        merge_s = float(re.search(r"merged from 2 parts in ([\d.]+) s", run["stdout"]).group(1))
+        ranks = [float(s) for s in re.findall(r"\[rank \d\] [\d,]+ images in ([\d.]+) s", run["stdout"])]
+        verify = run_watched(self._prep("verify", str(merged), "-q"))
+        os.replace(merged, single)  # equal to the single build: later steps may use it as that
+        return {"wall_s": run["wall_s"], "merge_s": merge_s, "rank_build_s": ranks,
+                "single_build_wall_s": float((kept / "wall_s").read_text()), "identical_files": identical,
+                "verify_ok": verify["stdout"].rstrip().endswith("OK"), "verify_wall_s": verify["wall_s"],
+                "peak_rss_mib": run["peak_rss_mib"], "peak_fds": run["peak_fds"]}
+
+
+def median_seconds(fn, repeats: int = 3) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
