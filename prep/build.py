@@ -140,7 +140,8 @@ def _fingerprint(config: BuildConfig, source: Source, prep_sizes: tuple[int, ...
     return fingerprint
 
 
-def _manifest_fields(config: BuildConfig, source: Source, prep_sizes: tuple[int, ...], part_info: dict | None) -> dict:
+def _manifest_fields(config: BuildConfig, source: Source, prep_sizes: tuple[int, ...], part_info: dict | None,
+                     progress: Progress) -> dict:
     build_info = {
         "tool_version": TOOL_VERSION, "codecs": jpeg.codec_report(),
         "built_with_sizes": list(prep_sizes),
@@ -149,7 +150,7 @@ def _manifest_fields(config: BuildConfig, source: Source, prep_sizes: tuple[int,
         "reencode_all": config.reencode,
     }
     if part_info is not None:
-        build_info["part"] = part_info
+        build_info["part"] = {**part_info, "num_members": progress.consumed}
     return {
         "split": config.split, "quality": config.quality, "upscale": config.upscale,
         "classes": source.classes, "class_names": source.class_names, "source": source.identity,
@@ -218,7 +219,7 @@ def build(config: BuildConfig) -> BuildSummary:
             output.open(progress)
         if not progress.finished:
             _run(config, source, outputs, progress, pool, prep_sizes)
-        fields = _manifest_fields(config, source, prep_sizes, part_info)
+        fields = _manifest_fields(config, source, prep_sizes, part_info, progress)
         manifests = {o.prep_size: o.finalize(progress, _output_fields(fields, progress, i))
                      for i, o in enumerate(outputs)}
     except (OSError, lmdb.Error) as err:  # a full disk, a vanished or unreadable file, ...

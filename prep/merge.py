@@ -79,7 +79,7 @@ def load_parts(part_dirs: list[Path]) -> list[Part]:
         if _shared_build(part.manifest) != _shared_build(first.manifest):
             raise BuildError(f"{part.dataset_dir}: built with other tool/codec versions or sizes than "
                              f"{first.dataset_dir} ({_short(_shared_build(part.manifest))})")
-        for key in ("num_parts", "source_members", "shard_bytes"):
+        for key in ("num_parts", "source_bytes", "shard_bytes"):
             if part.info.get(key) != first.info.get(key):
                 raise BuildError(f"{part.dataset_dir}: {key} {part.info.get(key)} differs from "
                                  f"{first.dataset_dir}'s {first.info.get(key)}: parts of different builds")
@@ -98,17 +98,18 @@ def _in_member_order(parts: list[Part]) -> list[Part]:
         shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
         raise BuildError(f"gap: part(s) {shown} of {num_parts} missing; give all {num_parts} part directories")
     position = 0
-    for part in parts:  # the indices are complete; the member ranges must tile the source too
-        start, count = part.info["first_member"], part.info["num_members"]
+    for part in parts:  # the indices are complete; their byte ranges must tile the source too
+        start, stop = part.info["bytes"]
         if start != position:
             kind = "overlap" if start < position else "gap"
-            raise BuildError(f"{kind}: {part.dataset_dir} starts at member {start}, the parts before it end at {position}")
-        if part.manifest.count + len(part.manifest.rejects) != count:
+            raise BuildError(f"{kind}: {part.dataset_dir} starts at source byte {start}, "
+                             f"the parts before it end at {position}")
+        if part.manifest.count + len(part.manifest.rejects) != part.info["num_members"]:
             raise BuildError(f"{part.dataset_dir}: {part.manifest.count} records + {len(part.manifest.rejects)} "
-                             f"rejects, but the part covers {count} members")
-        position = start + count
-    if position != parts[0].info["source_members"]:
-        raise BuildError(f"gap: the parts cover members [0, {position}) of {parts[0].info['source_members']}")
+                             f"rejects, but the part read {part.info['num_members']} members")
+        position = stop
+    if position != parts[0].info["source_bytes"]:
+        raise BuildError(f"gap: the parts cover source bytes [0, {position}) of {parts[0].info['source_bytes']}")
     return parts
 
 
@@ -171,7 +172,7 @@ def _copy_records(parts: list[Part], output: PartialOutput, progress: Progress, 
     progress.rejects = [r for p in parts for r in p.manifest.rejects]
     progress.conversions = [c for p in parts for c in p.manifest.conversions]
     progress.stored_as_is = [sum(p.manifest.build.get("num_stored_as_is", 0) for p in parts)]
-    progress.consumed = parts[-1].info["first_member"] + parts[-1].info["num_members"]
+    progress.consumed = sum(p.info["num_members"] for p in parts)
     progress.finished = True
     output.commit(progress)
 

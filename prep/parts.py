@@ -1,21 +1,24 @@
 """Part I of N of a build: a contiguous range of the source's canonical member order.
 
-The range depends only on the number of source members, never on timing, so every node of a
-Slurm array (or every torchrun rank) can compute its own share alone, and `prep merge` can join
-the parts into the dataset one machine would have built. A part is a dataset directory of its
-own, `<split>-<prep_size>.part-<i>-of-<n>/`, resumable and verifiable like any other; its
-manifest's `build.part` says which members it holds.
+Parts are cut by byte position, not by member count: member m's position is where its bytes
+start in the source laid out in canonical order (the train tar's class tars one after another,
+each member at its class tar's start plus the bytes of the members before it), and part I holds
+the members whose position lies in [I*T/N, (I+1)*T/N) of the T bytes. That depends only on the
+source, never on timing, so every node of a Slurm array (or torchrun rank) computes its share
+alone; it balances the decode work, which follows bytes; and it needs no pass over every member
+header to count them: a part skips whole class tars before its range and reads the headers of
+at most the two class tars its range cuts. A part is a dataset directory of its own,
+`<split>-<prep_size>.part-<i>-of-<n>/`, resumable and verifiable like any other; its manifest's
+`build.part` says which bytes and how many members it holds, and `prep merge` joins the parts.
 """
 from __future__ import annotations
 
 import dataclasses
-import itertools
-
-import numpy as np
+from typing import Callable, Iterator
 
 from formats.layout import split_dir_name
 from prep.partial import BuildError
-from prep.sources import Source
+from prep.sources import Source, SourceMember
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,10 +32,9 @@ class PartSpec:
                              "need num-parts >= 1 and 0 <= part-index < num-parts")
 
 
-def member_range(num_members: int, part: PartSpec) -> tuple[int, int]:
-    """[start, stop) of the part's members: N near-equal contiguous ranges covering all."""
-    return (num_members * part.index // part.num_parts,
-            num_members * (part.index + 1) // part.num_parts)
+def byte_range(total_bytes: int, part: PartSpec) -> tuple[int, int]:
+    """[start, stop) of the part's byte positions: N near-equal ranges tiling [0, total)."""
+    return total_bytes * part.index // part.num_parts, total_bytes * (part.index + 1) // part.num_parts
 
 
 def part_dir_name(split: str, prep_size: int, part: PartSpec) -> str:
@@ -41,17 +43,33 @@ def part_dir_name(split: str, prep_size: int, part: PartSpec) -> str:
     return f"{split_dir_name(split, prep_size)}.part-{part.index:0{width}d}-of-{part.num_parts}"
 
 
-def part_source(source: Source, part: PartSpec, shard_bytes: int | None) -> tuple[Source, dict]:
-    """The source cut down to the part's members, and the part's description for its manifest.
+def _segments(source: Source) -> list[tuple[int, Callable[[], Iterator[SourceMember]]]]:
+    return source.segments() if source.segments is not None else [(source.total_bytes, source.members)]
 
-    Counting the members takes one pass over the source's headers (no image data is read)."""
-    sizes = np.fromiter((member.nbytes for member in source.members()), dtype=np.int64)
-    if len(sizes) < part.num_parts:
-        raise BuildError(f"--num-parts {part.num_parts}: the source has only {len(sizes)} members")
-    start, stop = member_range(len(sizes), part)
-    info = {"index": part.index, "num_parts": part.num_parts, "first_member": start,
-            "num_members": stop - start, "source_members": len(sizes), "shard_bytes": shard_bytes}
-    members = source.members
-    cut = dataclasses.replace(source, total_bytes=int(sizes[start:stop].sum()),
-                              members=lambda: itertools.islice(members(), start, stop))
+
+def members_in(segments: list, start: int, stop: int) -> Iterator[SourceMember]:
+    """The members whose byte position lies in [start, stop), in order."""
+    segment_start = 0
+    for nbytes, members in segments:
+        if segment_start < stop and segment_start + nbytes > start:  # else skipped unread
+            position = segment_start
+            for member in members():
+                if position >= stop:
+                    break
+                if position >= start:
+                    yield member
+                position += member.nbytes
+        segment_start += nbytes
+
+
+def part_source(source: Source, part: PartSpec, shard_bytes: int | None) -> tuple[Source, dict]:
+    """The source cut down to the part's members, and the part's description for its manifest
+    (`num_members` is added once the part is built)."""
+    segments = _segments(source)
+    total = sum(nbytes for nbytes, _ in segments)
+    start, stop = byte_range(total, part)
+    info = {"index": part.index, "num_parts": part.num_parts, "bytes": [start, stop], "source_bytes": total,
+            "shard_bytes": shard_bytes}
+    cut = dataclasses.replace(source, total_bytes=stop - start, segments=None,
+                              members=lambda: members_in(segments, start, stop))
     return cut, info

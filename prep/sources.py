@@ -9,6 +9,7 @@ folders in sorted-wnid order, members within a class tar in archive order, files
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from pathlib import Path
 from typing import Callable, Iterator
@@ -64,6 +65,10 @@ class Source:
     identity: dict  # what was read: a resumed build refuses to continue on a changed source
     total_bytes: int  # for the progress bar's ETA
     members: Callable[[], Iterator[SourceMember]]
+    # The members again, as consecutive (bytes, members) spans in the same order, whose bytes
+    # are known without reading a member header (the train tar's class tars), so one part of a
+    # build can skip whole spans; None: one span of total_bytes (prep.parts).
+    segments: Callable[[], list[tuple[int, Callable[[], Iterator[SourceMember]]]]] | None = None
 
 
 def _tar_files(fd: int, name: str, start: int = 0, end: int | None = None) -> Iterator[tuple[str, int, int]]:
@@ -95,17 +100,23 @@ def _train_tar_source(archive: Path, names: dict[str, str]) -> Source:
     class_tars = _list_class_tars(archive)
     labels = class_index(Path(name).stem for name, _, _ in class_tars)
 
-    def members() -> Iterator[SourceMember]:
+    def class_members(class_name: str, class_offset: int, class_size: int) -> Iterator[SourceMember]:
+        label = labels[Path(class_name).stem]
         with open(archive, "rb") as f:
-            for class_name, class_offset, class_size in class_tars:
-                label = labels[Path(class_name).stem]
-                inner = _tar_files(f.fileno(), f"{archive.name}:{class_name}", class_offset, class_offset + class_size)
-                for name, offset, size in inner:
-                    yield SourceMember(name, label, str(archive), offset, size)
+            for name, offset, size in _tar_files(f.fileno(), f"{archive.name}:{class_name}", class_offset,
+                                                 class_offset + class_size):
+                yield SourceMember(name, label, str(archive), offset, size)
+
+    def segments() -> list:
+        return [(size, functools.partial(class_members, name, offset, size)) for name, offset, size in class_tars]
+
+    def members() -> Iterator[SourceMember]:
+        for _, segment in segments():
+            yield from segment()
 
     return Source("train", "train-tar", sorted(labels), [names.get(w, "") for w in sorted(labels)],
                   {"layout": "train-tar", "archive": _file_identity(archive)},
-                  archive.stat().st_size, members)
+                  archive.stat().st_size, members, segments)
 
 
 def _val_tar_source(archive: Path, wnid_by_key: dict[str, str], classes: list[str],

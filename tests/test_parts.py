@@ -19,8 +19,9 @@ from prep.build import BuildConfig, build
 from prep.cli import app
 from prep.merge import merge
 from prep.partial import BuildError
-from prep.parts import PartSpec, member_range
+from prep.parts import PartSpec, byte_range, part_source
 from prep.sample import write_sample
+from prep.sources import open_source
 from prep.verify import verify
 from tests.test_build import dataset_bytes
 
@@ -62,13 +63,35 @@ def assert_same_dataset(single: Path, merged: Path) -> None:
     assert report.ok, report.faults
 
 
-def test_member_ranges_tile_the_source_in_order():
-    for num_members in (5, 36, 1_281_167):
-        for num_parts in (1, 2, 3, 5):
-            ranges = [member_range(num_members, PartSpec(i, num_parts)) for i in range(num_parts)]
-            assert ranges[0][0] == 0 and ranges[-1][1] == num_members
+def test_byte_ranges_tile_the_source():
+    for total in (5, 36, 147_000_000_000):
+        for num_parts in (1, 2, 3, 7):
+            ranges = [byte_range(total, PartSpec(i, num_parts)) for i in range(num_parts)]
+            assert ranges[0][0] == 0 and ranges[-1][1] == total
             assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
             assert max(b - a for a, b in ranges) - min(b - a for a, b in ranges) <= 1
+
+
+@pytest.mark.parametrize("num_parts", [1, 2, 5, 36, 50])
+def test_parts_hold_every_member_once_in_order(src, num_parts):
+    source = open_source(src, "train")
+    names = [m.name for m in source.members()]
+    parts = [[m.name for m in part_source(source, PartSpec(i, num_parts), None)[0].members()] for i in range(num_parts)]
+    assert [name for part in parts for name in part] == names
+    if num_parts <= 5:  # balanced by bytes: no part is empty while there are members to spare
+        assert all(parts)
+
+
+def test_a_part_reads_no_class_tar_outside_its_range(src, monkeypatch):
+    """Skipping whole class tars: part 3 of 4 reads the headers of at most two of them."""
+    from prep import sources
+
+    source = open_source(src, "train")
+    scanned = []
+    original = sources._tar_files
+    monkeypatch.setattr(sources, "_tar_files", lambda fd, name, *a: scanned.append(name) or original(fd, name, *a))
+    list(part_source(source, PartSpec(3, 4), None)[0].members())
+    assert 1 <= len(scanned) <= 2 and all(name.endswith(".tar") for name in scanned)
 
 
 @pytest.mark.parametrize("store", ["lmdb", "msgpack"])
@@ -86,6 +109,19 @@ def test_parts_merged_equal_a_single_build(src, tmp_path, store):
     assert "part" not in manifest.build and len(manifest.conversions) == 3
     if store == "msgpack":  # the shard boundaries fell inside the parts, not only between them
         assert len([n for n in manifest.files if n.startswith("shard-")]) > 3
+
+
+def test_more_parts_than_members_merge_too(sample_src, tmp_path):
+    """15 parts of the 12-image val tar: some parts hold no member at all, and still merge."""
+    src, _ = sample_src
+    single = build(BuildConfig(src, tmp_path / "single", "val", (64,), "msgpack", workers=0, quiet=True))
+    for index in range(15):
+        build(BuildConfig(src, tmp_path / "parts", "val", (64,), "msgpack", workers=0, quiet=True,
+                          part=PartSpec(index, 15)))
+    counts = [read_manifest(p).count for p in sorted((tmp_path / "parts").glob("val-64.part-*"))]
+    assert 0 in counts and sum(counts) == single.manifests[64].count == 12
+    merge(list((tmp_path / "parts").glob("val-64.part-*")), tmp_path / "merged", quiet=True)
+    assert_same_dataset(tmp_path / "single" / "val-64", tmp_path / "merged" / "val-64")
 
 
 def test_cli_parts_and_merge(src, tmp_path):
@@ -153,8 +189,11 @@ def _tampered(part: Path, target: Path, change) -> Path:
 @pytest.mark.parametrize("change, message", [
     (lambda m: m["build"].update(tool_version="9.9"), "other tool/codec versions"),
     (lambda m: m.update(format_version=99), "format_version 99"),
-    (lambda m: m["build"]["part"].update(first_member=17), "overlap: "),
-    (lambda m: m["build"]["part"].update(first_member=19), "gap: "),
+    (lambda m: m["build"]["part"].update(bytes=[m["build"]["part"]["bytes"][0] - 1, m["build"]["part"]["bytes"][1]]),
+     "overlap: "),
+    (lambda m: m["build"]["part"].update(bytes=[m["build"]["part"]["bytes"][0] + 1, m["build"]["part"]["bytes"][1]]),
+     "gap: "),
+    (lambda m: m["build"]["part"].update(num_members=5), "but the part read 5 members"),
 ])
 def test_merge_refuses_other_versions_and_bad_ranges(two_parts, tmp_path, change, message):
     root = two_parts["root"]
@@ -170,7 +209,6 @@ def test_merge_refuses_other_versions_and_bad_ranges(two_parts, tmp_path, change
     (["--num-parts", "3"], "--num-parts and --part-index go together"),
     (["--num-parts", "3", "--part-index", "3"], "need num-parts >= 1 and 0 <= part-index < num-parts"),
     (["--num-parts", "0", "--part-index", "0"], "need num-parts >= 1"),
-    (["--num-parts", "99", "--part-index", "0"], "the source has only 36 members"),
 ])
 def test_bad_part_arguments_are_one_line(src, tmp_path, args, message):
     result = CliRunner().invoke(app, ["build-lmdb", "--src", str(src), "--out", str(tmp_path), "--size", "48",
@@ -193,12 +231,14 @@ def test_interrupted_part_and_merge_resume_to_a_single_build(src, tmp_path, monk
         calls["n"] = 0
         monkeypatch.setattr(MsgpackWriter, "append", append)
 
-    fail_after(34)  # part 1 (18 members, 2 outputs) dies in its 2nd chunk, after committing the 1st
+    first = config(src, tmp_path / "parts", "msgpack", PartSpec(0, 2))
+    assert len(list(part_source(open_source(src, "train"), first.part, None)[0].members())) > 17
+    fail_after(34)  # part 0 (2 outputs) dies in its 2nd chunk, after committing the 1st (16 members)
     with pytest.raises(BuildError, match="rerun the same command to resume"):
-        build(config(src, tmp_path / "parts", "msgpack", PartSpec(1, 2)))
+        build(first)
     monkeypatch.setattr(MsgpackWriter, "append", original)
-    assert build(config(src, tmp_path / "parts", "msgpack", PartSpec(1, 2))).resumed_from == 16
-    build(config(src, tmp_path / "parts", "msgpack", PartSpec(0, 2)))
+    assert build(first).resumed_from == 16
+    build(config(src, tmp_path / "parts", "msgpack", PartSpec(1, 2)))
     parts = sorted((tmp_path / "parts").glob("train-96.part-*"))
     fail_after(20)  # the merge dies part-way too
     with pytest.raises(BuildError, match="unfinished merge"):
