@@ -1,8 +1,8 @@
 """ImageNet's exact archive layout and counts, filled with small real-photo crops: the data of
 bench/scale.py.
 
-`ILSVRC2012_img_train.tar` holds 1,000 per-class tars, 1,281,167 members in all (per class
-between 732 and 1,300, as ImageNet's), `ILSVRC2012_img_val.tar` 50,000 flat members in shuffled
+`ILSVRC2012_img_train.tar` holds 1,000 per-class tars, 1,281,167 members in all (1,300 in most
+classes, fewer in 110, as in ImageNet, whose smallest class has 732), `ILSVRC2012_img_val.tar` 50,000 flat members in shuffled
 class order (50 per class), and `ILSVRC2012_devkit_t12.tar.gz` the meta.mat and ground truth
 that map them, with ILSVRC2012_IDs that are not in sorted-wnid order. Images are crops of
 bench/fixture.py's source photos at half its ImageNet-like sizes (median 250x188 px, JPEG q60-80

@@ -86,7 +86,7 @@ def _read_span(path: str, offset: int, nbytes: int) -> bytes:
     if _open_file[0] != path:
         if _open_file[1] >= 0:
             os.close(_open_file[1])
-        _open_file[:] = [None, -1]
+            _open_file[:] = [None, -1]  # closed, even if the next open fails
         _open_file[:] = [path, os.open(path, os.O_RDONLY)]
     data = os.pread(_open_file[1], nbytes, offset)
     if len(data) != nbytes:

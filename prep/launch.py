@@ -92,10 +92,18 @@ def run_build(config: BuildConfig, environ=os.environ) -> LaunchResult:
         return LaunchResult(build(single), [], env.rank)  # merged earlier: nothing to build or merge
     config = dataclasses.replace(config, prep_sizes=tuple(todo))
     torch_dist = _torch_distributed()
-    torch_dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
+    try:
+        torch_dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
+    except (ValueError, RuntimeError) as err:  # e.g. WORLD_SIZE exported outside torchrun
+        raise BuildError(f"WORLD_SIZE={env.world_size} RANK={env.rank}, but joining the ranks failed "
+                         f"({str(err).splitlines()[0]}); start with torchrun, or unset them for a plain build") from None
     try:
         summary = build(dataclasses.replace(config, part=part, quiet=config.quiet or env.rank != 0))
-        torch_dist.barrier()  # every part is finished and on the shared --out
+        try:
+            torch_dist.barrier()  # every part is finished and on the shared --out
+        except RuntimeError as err:
+            raise BuildError(f"rank {env.rank}: another rank failed before the merge ({str(err).splitlines()[0]}); "
+                             "rerun the same command: finished parts are kept") from None
         merges = _merge_parts(config, part) if env.rank == 0 else []
     finally:
         torch_dist.destroy_process_group()

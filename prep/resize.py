@@ -173,8 +173,8 @@ def prepare_image(data, prep_sizes: tuple[int, ...], quality: int, upscale: bool
         if (height, width) == reusable:
             outputs.append(ResizedImage(bytes(data), height, width, stored_as_is=True))
             continue
-        resized = pixels if (height, width) == pixels.shape[:2] else np.asarray(image.resize((width, height), RESAMPLE))
-        outputs.append(ResizedImage(jpeg.encode_jpeg(resized, quality), height, width))
+        resized = image if (height, width) == pixels.shape[:2] else image.resize((width, height), RESAMPLE)
+        outputs.append(ResizedImage(jpeg.encode_image(resized, quality), height, width))
     return PreparedImage(orig_height, orig_width, tuple(outputs), decoded.conversion)
 
 

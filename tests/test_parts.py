@@ -262,6 +262,18 @@ def test_torchrun_without_torch_is_one_line(src, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_world_size_without_torchrun_is_one_line(src, tmp_path):
+    """WORLD_SIZE/RANK exported by something else, no MASTER_ADDR: one line, nothing built."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MASTER_")}
+    result = subprocess.run([sys.executable, "-m", "prep.cli", "build-lmdb", "--src", str(src), "--out", str(tmp_path),
+                             "--size", "48", "--workers", "0"], cwd=REPO, capture_output=True, text=True,
+                            env={**env, "WORLD_SIZE": "2", "RANK": "1"}, timeout=120)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "joining the ranks failed" in lines[0], result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.slow
 def test_torchrun_two_ranks_build_and_merge_a_single_build(src, tmp_path, store="msgpack"):
     build(config(src, tmp_path / "single", store, shard_bytes=DEFAULT_SHARD_BYTES))
