@@ -157,7 +157,7 @@ def test_thread_loader_batches_do_not_depend_on_the_thread_count(built_shards):
 
     def first_batches(workers):
         loader = thread_loader.ThreadLoader(dataset_dir(built_shards), 4, TrainCrop(32), workers=workers,
-                                            layout="nhwc")
+                                            layout="nhwc", tune_process=False)
         batches = iter(loader)
         out = [tuple(t.clone() for t in next(batches)) for _ in range(6)]  # crosses an epoch (18 images)
         loader.close()

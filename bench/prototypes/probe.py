@@ -149,6 +149,115 @@ def _process_worker(name, seconds, start, queue) -> None:
     queue.put(run_worker((name, seconds, start, [None], 0)))
 
 
+def gil_ops() -> dict:
+    """Ops on LARGE inputs (tens of ms per call), for `gil_check`."""
+    from formats import jpeg
+
+    big = np.random.default_rng(0).integers(0, 255, (6000, 8000, 3), dtype=np.uint8)
+    big[:, :4000] //= 3  # some structure, so the JPEG is not pure noise
+    data = jpeg.encode_jpeg(big, 90)
+    buffer = np.empty(big.size, np.uint8)
+    decompressor = tjdecode.Decompressor()
+    address, size = tjdecode.address_of(data)
+    turbo = jpeg.turbo()
+    image = Image.fromarray(big).convert("RGBX")
+    tensor = torch.from_numpy(big).permute(2, 0, 1)[None]
+    stack = tensor.expand(6, -1, -1, -1).contiguous()  # ~0.9 GB: one copy or flip takes ~100 ms
+    target = torch.empty_like(stack)
+    return {
+        "decode-pyturbojpeg": lambda: turbo.decode(data, pixel_format=0),
+        "decode-ctypes": lambda: decompressor.decode_into(address, size, buffer.ctypes.data, 8000, 24000, 6000),
+        "resize-pil": lambda: image.resize((7000, 5000), Image.Resampling.BILINEAR),
+        "transpose-pil": lambda: image.transpose(Image.Transpose.FLIP_LEFT_RIGHT),
+        "tobytes-pil": lambda: image.tobytes("raw", "RGB"),
+        "resize-torch-1thread": lambda: F.interpolate(tensor, size=(5000, 7000), mode="bilinear", antialias=True),
+        "copy-torch": lambda: target.copy_(stack),
+        "flip-torch": lambda: stack.flip(-1),
+        "copy-numpy": lambda: np.copyto(target.numpy(), stack.numpy()),
+        "strided-copy-numpy": lambda: np.copyto(buffer.reshape(big.shape)[:, ::-1], big),
+    }
+
+
+def gil_check(op, repeats: int = 3) -> tuple[float, float]:
+    """(ms per call, longest stall in ms of a pure-Python loop in the main thread while another
+    thread runs `op`): a stall near the call's length means the op holds the GIL throughout;
+    one far shorter means it runs without it (what's left is the OS and the switch interval).
+    Calls are made ~50-500 ms long (`gil_ops`), far above that ~10 ms background."""
+    torch.set_num_threads(1)
+    op()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        op()
+    call_ms = (time.perf_counter() - started) / repeats * 1000
+    done = threading.Event()
+
+    def run():
+        for _ in range(repeats):
+            op()
+        done.set()
+
+    thread = threading.Thread(target=run)
+    last, stall = time.perf_counter(), 0.0
+    thread.start()
+    while not done.is_set():
+        now = time.perf_counter()
+        stall, last = max(stall, now - last), now
+    thread.join()
+    return call_ms, stall * 1000
+
+
+def breakdown(rec: dict) -> dict[str, float]:
+    """CPU microseconds per image of each step of the prototype's "pil" path, one thread."""
+    from prototypes.crop_decode import TJPF_RGBX, dct_scale
+    from train.augment import scaled_image_size
+
+    size, n = rec["crop_size"], len(rec["datas"])
+    scratch = np.empty(max(h * w for h, w in zip(rec["heights"], rec["widths"])) * 4, np.uint8)
+    decompressor, mapped, slot = tjdecode.Decompressor(), {}, np.empty((size, size, 3), np.uint8)
+    lib, crop = decompressor.lib, TrainCrop(size)
+    totals: dict[str, float] = {}
+    clock = time.thread_time
+
+    def tick(step, since):
+        now = clock()
+        totals[step] = totals.get(step, 0.0) + now - since
+        return now
+
+    for _pass in range(2):
+        totals.clear()
+        for i in range(n):
+            t = clock()
+            height, width = rec["heights"][i], rec["widths"][i]
+            box = crop.box(height, width, random.Random(i))
+            flip = random.Random(i).random() < 0.5
+            t = tick("box+flip draw (random.Random per sample)", t)
+            num, den = dct_scale(box[2], box[3], size, size)
+            scaled_height, scaled_width = scaled_image_size(height, width, num, den)
+            t = tick("DCT scale + scaled size", t)
+            address, nbytes = tjdecode.address_of(rec["datas"][i])
+            t = tick("buffer address (np.frombuffer)", t)
+            lib.tjDecompress2(decompressor.handle, address, nbytes, scratch.ctypes.data, scaled_width,
+                              scaled_width * 4, scaled_height, TJPF_RGBX, tjdecode.TJFLAG_NOREALLOC)
+            t = tick("decode RGBX (tjDecompress2)", t)
+            image = mapped.get((scaled_width, scaled_height))
+            if image is None:
+                image = mapped[scaled_width, scaled_height] = Image.frombuffer(
+                    "RGBX", (scaled_width, scaled_height), scratch, "raw", "RGBX", 0, 1)
+            t = tick("PIL view of the scratch (cached)", t)
+            top, left, box_height, box_width = box
+            resized = image.resize((size, size), Image.Resampling.BILINEAR,
+                                   box=(left, top, left + box_width, top + box_height))
+            t = tick("PIL resize(box=...)", t)
+            if flip:
+                resized = resized.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            t = tick("PIL flip (half the images)", t)
+            data = resized.tobytes("raw", "RGB")
+            t = tick("tobytes RGBX -> RGB", t)
+            slot.reshape(-1)[:] = np.frombuffer(data, dtype=np.uint8)
+            tick("copy into the slot", t)
+    return {step: seconds / n * 1e6 for step, seconds in totals.items()}
+
+
 def main(argv=None) -> int:
     global _records
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -156,9 +265,22 @@ def main(argv=None) -> int:
     parser.add_argument("--crop-size", type=int, default=128)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--ops", default=",".join(OPS))
+    parser.add_argument("--gil", action="store_true", help="only the GIL check (large inputs, no records)")
     args = parser.parse_args(argv)
     keep_freed_memory()
+    print(f"GIL check (switch interval {sys.getswitchinterval() * 1000:g} ms): ms per call | longest stall of "
+          "a Python loop in another thread")
+    for name, op in gil_ops().items():
+        call_ms, stall_ms = gil_check(op)
+        print(f"  {name:<22} {call_ms:8.1f} ms | {stall_ms:8.1f} ms  {'HOLDS the GIL' if stall_ms > 0.6 * call_ms else 'releases it'}",
+              flush=True)
+    if args.gil:
+        return 0
     _records = load(args.data, args.crop_size)
+    steps = breakdown(_records)
+    print(f"per-image steps of the prototype, one thread, CPU us: total {sum(steps.values()):.0f}")
+    for step, micros in steps.items():
+        print(f"  {step:<42} {micros:6.1f}")
     print(f"{len(_records['datas'])} records of {args.data}, crop {args.crop_size}; img/s (img/CPU-s)")
     print(f"  {'op':<20} {'1 thread':>16} {'2 threads':>16} {'1 process':>16} {'2 processes':>16}  2/1 thr  2/1 proc")
     for name in args.ops.split(","):

@@ -33,7 +33,7 @@ LAYOUTS = ("nchw-view", "nhwc", "nchw")
 class ThreadLoader:
     def __init__(self, dataset_dir: Path, batch_size: int, crop: TrainCrop, *, workers: int = 2, seed: int = 0,
                  resize: str = "pil", layout: str = "nchw-view", slots_per_worker: int = 2, pin: bool = False,
-                 flags: int = 0):
+                 flags: int = 0, tune_process: bool = True):
         if workers < 1 or layout not in LAYOUTS:
             raise ValueError(f"need workers >= 1 and layout in {LAYOUTS}")
         self.records = RecordDataset(dataset_dir)
@@ -43,9 +43,10 @@ class ThreadLoader:
         self.crop, self.seed, self.workers, self.resize, self.layout, self.flags = crop, seed, workers, resize, layout, flags
         self.ring = BatchRing(workers * slots_per_worker, batch_size, crop.crop_size, crop.crop_size, pin=pin)
         self.threads: list[threading.Thread] = []
-        # torch's intra-op pool is process-wide: per-image ops must not fan out to it (see report).
-        torch.set_num_threads(1)
-        keep_freed_memory()
+        if tune_process:  # both process-wide: fine for a bench process, a decision for train/
+            if resize == "torch":  # per-image torch ops must not fan out to the intra-op pool
+                torch.set_num_threads(1)
+            keep_freed_memory()
 
     def _plans(self):
         """Endless plans, epoch after epoch (the next epoch is known here, so no drain between)."""
