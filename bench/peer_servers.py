@@ -136,8 +136,8 @@ def peer_baselines(args, shards_dir: Path, cache: Path) -> list[tuple]:
     python, why = peers_python(getattr(args, "peers_python", None))
     rows = []
     for group, prep_size, crop_size in (("train128", 160, 128), ("train224", 320, 224)):
-        for name, label in (("ffcv", "FFCV 1.0.2, default output (NCHW view of NHWC)"),
-                            ("ffcv-contiguous", "FFCV 1.0.2, contiguous NCHW output"),
+        for name, label in (("ffcv", "FFCV default (NCHW view of NHWC)"),
+                            ("ffcv-contiguous", "FFCV contiguous NCHW"),
                             ("dali", "DALI CPU pipeline (NHWC)")):
             def thunk(name=name, prep_size=prep_size, crop_size=crop_size):
                 if python is None:
