@@ -17,7 +17,7 @@ FORMAT ?= lmdb
 DEMO ?= demo
 
 GPUS ?= 8
-.PHONY: setup demo test bench bench-scale shards shards-160 shards-320 verify info clean-demo \
+.PHONY: setup demo test bench bench-peers bench-scale shards shards-160 shards-320 verify info clean-demo \
 	train-imagenet18 train-rn50 train-rn18 bench-train
 
 setup: $(STAMP)
@@ -58,6 +58,12 @@ SCALE_DATA ?= bench/.cache/scale
 SCALE ?= 1
 bench-scale: $(BENCH_STAMP)
 	$(BIN)/python bench/scale.py --data $(SCALE_DATA) --scale $(SCALE) all
+
+# FFCV and DALI's CPU pipeline in their own venv (bench/.peers-venv), against ours and the issue-10
+# threaded prototype in interleaved rounds (bench/loader.py then shows them as rows (7) too).
+bench-peers: $(BENCH_STAMP)
+	bash bench/setup_peers.sh
+	$(BIN)/python bench/loader_peers.py
 
 # --- full pipelines on real ImageNet: tars -> shards -> verify ---------------------------------
 shards-160: $(STAMP)
