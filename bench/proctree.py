@@ -48,8 +48,18 @@ class TreeSampler:
         self.peak_processes = max(self.peak_processes, len(tree))
         if self.keep_samples:
             cpu = self.process.cpu_times()
+            tree_cpu = 0.0
+            for process in tree:
+                try:
+                    times = process.cpu_times()
+                    tree_cpu += times.user + times.system
+                except (psutil.Error, OSError):
+                    pass
             self.samples.append({"t": time.monotonic() - self._started, "rss_mib": rss / 1024, "fds": fds,
                                  "processes": len(tree), "main_cpu_s": cpu.user + cpu.system,
+                                 "main_sys_s": cpu.system, "tree_cpu_s": tree_cpu,
+                                 "main_rss_mib": anon_rss_kib(self.process.pid) / 1024,
+                                 "available_mib": psutil.virtual_memory().available / 2**20,
                                  "probe": self.probe() if self.probe else None})
 
     def _run(self) -> None:

@@ -29,6 +29,10 @@ def _prep_lines(prep: dict) -> list[str]:
             f"{r['conversions']:,} converted, {r['stored_as_is']:,} stored as is) in {r['wall_s']:.0f} s wall, "
             f"{r['tool_img_per_s']:,} img/s with {r['workers']} workers; {_gib(r['dataset_bytes'])}",
             f"  img/s by tenth of the members: {', '.join(f'{x:,.0f}' for x in tenths)}",
+            "  CPU ms per image by tenth, main process | whole tree: " + ", ".join(
+                f"{t['main_cpu_ms']:.3f}|{t['tree_cpu_ms']:.2f}" for t in r.get("tenths", [])),
+            "  cores busy by tenth: " + ", ".join(f"{t['tree_cpu_share']:.2f}" for t in r.get("tenths", []))
+            + "; machine's available memory (GiB): " + ", ".join(f"{t['available_mib'] / 1024:.1f}" for t in r.get("tenths", [])),
             f"  last tenth / first tenth: {r.get('last_vs_first_tenth', float('nan')):.2f} (target >= 0.90)",
             f"  peak RSS of the process tree: {r['peak_rss_mib']:,.0f} MiB (target < 1024); peak open files "
             f"{r['peak_fds']}; {r['peak_processes']} processes",

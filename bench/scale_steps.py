@@ -52,28 +52,35 @@ def run_watched(command: list[str], probe=None, cwd: Path = REPO) -> dict:
 
 
 def throughput_profile(samples: list[dict], total: int) -> dict:
-    """img/s in each tenth of the members (from the build's committed progress), the main
-    process's CPU per image while streaming, and how long the build ran after the last member."""
-    points = [(s["t"], s["probe"], s["main_cpu_s"]) for s in samples if s["probe"] is not None]
+    """Per tenth of the members (from the build's committed progress): img/s, the main
+    process's and the whole tree's CPU ms per image, the main process's RSS and the machine's
+    available memory; and how long the build ran before the first and after the last member."""
+    points = [s for s in samples if s["probe"] is not None]
     if len(points) < 2 or total <= 0:
         return {}
-
-    def time_at(count: float) -> float:  # linear between the samples around `count`
-        for (t0, c0, _), (t1, c1, _) in zip(points, points[1:]):
-            if c1 >= count:
-                return t0 if c1 == c0 else t0 + (t1 - t0) * (count - c0) / (c1 - c0)
-        return points[-1][0]
-
-    first, last = points[0], next(p for p in points if p[1] >= points[-1][1])
-    if last[1] - first[1] < 10 or last[0] <= first[0]:
+    first = points[0]
+    last = next(p for p in points if p["probe"] >= points[-1]["probe"])
+    if last["probe"] - first["probe"] < 10 or last["t"] <= first["t"]:
         return {}  # too short a build (tiny mode) to see its rate change
-    marks = [first[1] + (last[1] - first[1]) * k / 10 for k in range(11)]
-    times = [time_at(m) for m in marks]
-    rates = [(b - a) / max(tb - ta, 1e-9) for a, b, ta, tb in zip(marks, marks[1:], times, times[1:])]
-    return {"img_per_s_by_tenth": rates, "last_vs_first_tenth": rates[-1] / rates[0] if rates[0] else None,
-            "main_cpu_ms_per_image": 1e3 * (last[2] - first[2]) / max(last[1] - first[1], 1),
-            "streaming_s": last[0] - first[0], "started_streaming_at_s": first[0],
-            "after_last_member_s": samples[-1]["t"] - last[0]}
+    span = [p for p in points if p["t"] <= last["t"]]
+    marks = [first["probe"] + (last["probe"] - first["probe"]) * k / 10 for k in range(11)]
+    # the sample at or just after each mark: progress moves in commits, so this is exact enough
+    at = [next(p for p in span if p["probe"] >= m) for m in marks]
+    tenths = []
+    for a, b in zip(at, at[1:]):
+        images = max(b["probe"] - a["probe"], 1)
+        seconds = max(b["t"] - a["t"], 1e-9)
+        tenths.append({"img_per_s": images / seconds, "main_cpu_ms": 1e3 * (b["main_cpu_s"] - a["main_cpu_s"]) / images,
+                       "main_sys_ms": 1e3 * (b["main_sys_s"] - a["main_sys_s"]) / images,
+                       "tree_cpu_ms": 1e3 * (b["tree_cpu_s"] - a["tree_cpu_s"]) / images,
+                       "tree_cpu_share": (b["tree_cpu_s"] - a["tree_cpu_s"]) / seconds,
+                       "main_rss_mib": b["main_rss_mib"], "available_mib": b["available_mib"]})
+    rates = [t["img_per_s"] for t in tenths]
+    return {"tenths": tenths, "img_per_s_by_tenth": rates,
+            "last_vs_first_tenth": rates[-1] / rates[0] if rates[0] else None,
+            "main_cpu_ms_per_image": 1e3 * (last["main_cpu_s"] - first["main_cpu_s"]) / (last["probe"] - first["probe"]),
+            "streaming_s": last["t"] - first["t"], "started_streaming_at_s": first["t"],
+            "after_last_member_s": samples[-1]["t"] - last["t"]}
 
 
 def _du_bytes(path: Path) -> int:

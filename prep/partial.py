@@ -52,8 +52,9 @@ class Progress:
     finished: bool = False  # every member consumed and committed
 
     def saved_fields(self) -> dict:
-        """What progress.json holds: everything but the lists, which live in LIST_FILES."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in LIST_FILES}
+        """What progress.json holds: everything but the lists, which live in LIST_FILES (and
+        are not even copied: dataclasses.asdict would deep-copy them at every commit)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in LIST_FILES}
 
 
 def _json_line(entry: dict) -> bytes:
