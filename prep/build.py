@@ -22,7 +22,7 @@ from formats import jpeg
 from formats.manifest import Manifest, read_manifest
 from formats.msgpack_store import DEFAULT_SHARD_BYTES
 from formats.layout import split_dir_name
-from formats.record import FORMAT_VERSION, RECORD_STRUCT, checksum
+from formats.record import FORMAT_VERSION, RECORD_STRUCT
 from prep.partial import BuildError, PartialOutput, Progress
 from prep.parts import PartSpec, part_dir_name, part_source
 from prep.resize import RejectedImage, prepare_image
@@ -272,7 +272,7 @@ def _run(config: BuildConfig, source: Source, outputs: list[PartialOutput], prog
                 for position, (output, image) in enumerate(zip(outputs, result.outputs)):
                     progress.stored_as_is[position] += image.stored_as_is
                     row = RECORD_STRUCT.pack(label, image.height, image.width, result.orig_height,
-                                             result.orig_width, checksum(image.jpeg))
+                                             result.orig_width, image.crc32)
                     output.append(progress.num_records, label, image.jpeg, row, name_line)
                 progress.num_records += 1
                 progress.names_bytes += len(name_line)

@@ -75,7 +75,7 @@ def _tar_files(fd: int, name: str, start: int = 0, end: int | None = None) -> It
     """(member name, data offset, size) of regular files, in archive order."""
     try:
         for member_name, offset, size in scan_tar(fd, start, end):
-            yield Path(member_name).name, offset, size
+            yield member_name.rpartition("/")[2], offset, size  # Path(...).name costs ~5 us a member
     except TarFormatError as err:
         if start == 0 and "at byte 0" in str(err):
             raise SourceError(f"{name}: not a readable tar archive ({err})") from None
