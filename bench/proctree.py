@@ -20,10 +20,19 @@ def anon_rss_kib(pid: int) -> int:
     return 0
 
 
+def machine_cpu_seconds() -> dict:
+    """The whole machine's CPU seconds so far (all cores): busy (anything but idle and iowait),
+    iowait and steal, so a sample can tell the tree's share from everyone else's."""
+    times = psutil.cpu_times()
+    total = sum(times)
+    return {"machine_busy_s": total - times.idle - getattr(times, "iowait", 0.0),
+            "machine_iowait_s": getattr(times, "iowait", 0.0), "machine_steal_s": getattr(times, "steal", 0.0)}
+
+
 class TreeSampler:
     """Every `interval` s: summed anonymous RSS and open file descriptors of `pid` and all its
-    descendants, the root's own CPU seconds, and `probe()` (e.g. a build's progress). Keeps the
-    peaks, and every sample when `keep_samples`."""
+    descendants, the root's own CPU seconds, the machine's CPU seconds, and `probe()` (e.g. a
+    build's progress). Keeps the peaks, and every sample when `keep_samples`."""
 
     def __init__(self, pid: int, interval: float = 0.02, probe: Callable[[], object] | None = None,
                  keep_samples: bool = False):
@@ -60,6 +69,7 @@ class TreeSampler:
                                  "main_sys_s": cpu.system, "tree_cpu_s": tree_cpu,
                                  "main_rss_mib": anon_rss_kib(self.process.pid) / 1024,
                                  "available_mib": psutil.virtual_memory().available / 2**20,
+                                 **machine_cpu_seconds(),
                                  "probe": self.probe() if self.probe else None})
 
     def _run(self) -> None:

@@ -31,7 +31,9 @@ def _prep_lines(prep: dict) -> list[str]:
             f"  img/s by tenth of the members: {', '.join(f'{x:,.0f}' for x in tenths)}",
             "  CPU ms per image by tenth, main process | whole tree: " + ", ".join(
                 f"{t['main_cpu_ms']:.3f}|{t['tree_cpu_ms']:.2f}" for t in r.get("tenths", [])),
-            "  cores busy by tenth: " + ", ".join(f"{t['tree_cpu_share']:.2f}" for t in r.get("tenths", []))
+            "  cores busy by tenth, the build | everyone else: " + ", ".join(
+                f"{t['tree_cpu_share']:.2f}|{t.get('others_cpu_share', float('nan')):.2f}" for t in r.get("tenths", []))
+            + "; iowait: " + ", ".join(f"{t.get('iowait_share', float('nan')):.2f}" for t in r.get("tenths", []))
             + "; machine's available memory (GiB): " + ", ".join(f"{t['available_mib'] / 1024:.1f}" for t in r.get("tenths", [])),
             f"  last tenth / first tenth: {r.get('last_vs_first_tenth', float('nan')):.2f} (target >= 0.90)",
             f"  peak RSS of the process tree: {r['peak_rss_mib']:,.0f} MiB (target < 1024); peak open files "
@@ -81,8 +83,9 @@ def format_report(results: dict, prep_bench: dict | None = None) -> str:
     lines += _prep_lines(results.get("prep", {}))
     profile = results.get("profile")
     if profile:
-        lines.append(f"profile of the main process, one part of {profile['counted_members']:,} members "
-                     f"({profile['members']:,}): top functions by own time, us per member")
+        lines.append(f"profile of the main process, one part ({profile['members']:,} members, "
+                     f"{_gib(profile['part_bytes'])} of {_gib(profile['source_bytes'])}): top functions by own time, "
+                     "us per member")
         lines += [f"  {row['us_per_member']:8.2f}  {row['calls']:>9,}  {row['function']}" for row in profile["top_tottime"][:15]]
     for split, r in results.get("verify", {}).items():
         lines.append(f"verify {split} --source: {r['records']:,} records in {r['tool_seconds']:.0f} s "
@@ -109,5 +112,8 @@ def format_report(results: dict, prep_bench: dict | None = None) -> str:
                      f"merge {parts['merge_s']:.1f} s = {parts['merge_s'] / parts['single_build_wall_s']:.1%} of the single build "
                      f"(target < 10%); identical to the single build: {all(parts['identical_files'].values())} "
                      f"({', '.join(parts['identical_files'])}); prep verify: {'OK' if parts['verify_ok'] else 'FAULTS'}")
+        if parts.get("img_per_s_by_tenth"):
+            lines.append("  both ranks' img/s by tenth: " + ", ".join(f"{x:,.0f}" for x in parts["img_per_s_by_tenth"])
+                         + "; tree CPU ms per image: " + ", ".join(f"{t['tree_cpu_ms']:.2f}" for t in parts["tenths"]))
     lines += _projection_lines(results, prep_bench or {})
     return "\n".join(lines)

@@ -29,12 +29,31 @@ def machine() -> str:
     return f"{model}, {len(os.sched_getaffinity(0))} cores, Python {platform.python_version()}"
 
 
+def _consumed(partial_dir: Path) -> int | None:
+    try:
+        return json.loads((partial_dir / "progress.json").read_text())["consumed"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def _progress_probe(partial_dir: Path):
+    return lambda: _consumed(partial_dir)
+
+
+def _parts_probe(out: Path, split: str):
+    """Members consumed by all the parts of a build: the running ones' progress plus the
+    finished ones' manifests (a finished part's partial directory is gone)."""
     def probe():
-        try:
-            return json.loads((partial_dir / "progress.json").read_text())["consumed"]
-        except (OSError, ValueError, KeyError):
-            return None
+        running = [_consumed(p) for p in out.glob(f".{split}-{PREP_SIZE}.part-*.partial")]
+        finished = 0
+        for manifest_path in out.glob(f"{split}-{PREP_SIZE}.part-*/manifest.json"):
+            try:
+                manifest = json.loads(manifest_path.read_text())
+                finished += manifest["count"] + len(manifest["rejects"])
+            except (OSError, ValueError, KeyError):
+                pass
+        known = [c for c in running if c is not None]
+        return sum(known) + finished if known or finished else None
     return probe
 
 
@@ -74,6 +93,13 @@ def throughput_profile(samples: list[dict], total: int) -> dict:
                        "main_sys_ms": 1e3 * (b["main_sys_s"] - a["main_sys_s"]) / images,
                        "tree_cpu_ms": 1e3 * (b["tree_cpu_s"] - a["tree_cpu_s"]) / images,
                        "tree_cpu_share": (b["tree_cpu_s"] - a["tree_cpu_s"]) / seconds,
+                       # cores busy with anything else (other users of the machine), waiting on
+                       # the disk, or taken by the hypervisor: what the tree could not have
+                       **{f"{key}_share": (b[f"machine_{key}_s"] - a[f"machine_{key}_s"]) / seconds
+                          for key in ("iowait", "steal") if f"machine_{key}_s" in a},
+                       **({"others_cpu_share": (b["machine_busy_s"] - a["machine_busy_s"]
+                                                - (b["tree_cpu_s"] - a["tree_cpu_s"])) / seconds}
+                          if "machine_busy_s" in a else {}),
                        "main_rss_mib": b["main_rss_mib"], "available_mib": b["available_mib"]})
     rates = [t["img_per_s"] for t in tenths]
     return {"tenths": tenths, "img_per_s_by_tenth": rates,
@@ -110,6 +136,9 @@ class Rehearsal:
         for name, split, out, extra in (("train", "train", self.shards_dir, []), ("val", "val", self.shards_dir, []),
                                         ("val 160+320", "val", two_sizes, ["--size", "320"])):
             partial = out / f".{split}-{PREP_SIZE}.partial"
+            # --overwrite discards it anyway; removed first so the probe cannot read an
+            # interrupted earlier run's progress before the build has started
+            shutil.rmtree(partial, ignore_errors=True)
             run = run_watched(self._prep(*self._build_args(split, out), *extra), _progress_probe(partial))
             dataset = out / f"{split}-{PREP_SIZE}"
             manifest = json.loads((dataset / "manifest.json").read_text())
@@ -138,7 +167,8 @@ class Rehearsal:
         rows = sorted(stats.stats.items(), key=lambda item: item[1][2], reverse=True)[:25]
         members = json.loads(next(out.glob("train-*.part-*")).joinpath("manifest.json").read_text())["build"]["part"]
         shutil.rmtree(out)
-        return {"members": members["num_members"], "counted_members": members["source_members"],
+        return {"members": members["num_members"], "part_bytes": members["bytes"][1] - members["bytes"][0],
+                "source_bytes": members["source_bytes"],
                 "wall_s": run["wall_s"], "main_total_s": total_s,
                 "top_tottime": [{"function": f"{Path(f).name}:{line}:{name}", "calls": calls, "tottime_s": tottime,
                                  "us_per_member": 1e6 * tottime / members["num_members"]}
@@ -178,18 +208,21 @@ class Rehearsal:
         shutil.rmtree(out, ignore_errors=True)
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
                    "prep.cli", *self._build_args("train", out)]
-        run = run_watched(command)
+        run = run_watched(command, _parts_probe(out, "train"))
         merged = out / f"train-{PREP_SIZE}"
         identical = {name: (merged / name).read_bytes() == (kept / name).read_bytes()
                      for name in ("manifest.json", "records.npy", "names.txt", "index.npy")}
         merge_s = float(re.search(r"merged from 2 parts in ([\d.]+) s", run["stdout"]).group(1))
         ranks = [float(s) for s in re.findall(r"\[rank \d\] [\d,]+ images in ([\d.]+) s", run["stdout"])]
+        merged_manifest = json.loads((merged / "manifest.json").read_text())
+        members = merged_manifest["count"] + len(merged_manifest["rejects"])
         verify = run_watched(self._prep("verify", str(merged), "-q"))
         os.replace(merged, single)  # equal to the single build: later steps may use it as that
         return {"wall_s": run["wall_s"], "merge_s": merge_s, "rank_build_s": ranks,
                 "single_build_wall_s": float((kept / "wall_s").read_text()), "identical_files": identical,
                 "verify_ok": verify["stdout"].rstrip().endswith("OK"), "verify_wall_s": verify["wall_s"],
-                "peak_rss_mib": run["peak_rss_mib"], "peak_fds": run["peak_fds"]}
+                "peak_rss_mib": run["peak_rss_mib"], "peak_fds": run["peak_fds"],
+                **throughput_profile(run["samples"], members)}
 
 
 def median_seconds(fn, repeats: int = 3) -> float:

@@ -51,7 +51,9 @@ def test_every_step_measured_and_parts_equal_the_single_build(tiny):
         assert 0 < prep[split]["peak_rss_mib"] < 1024 and prep[split]["peak_fds"] > 0
     assert prep["train"]["conversions"] >= 2  # the CMYK and the PNG at least
     assert results["verify"]["train"]["ok"] and results["verify"]["val"]["ok"]
-    assert results["profile"]["members"] == 50 and results["profile"]["top_tottime"]
+    profile = results["profile"]  # one part of 20, cut by bytes: about a 20th of the members
+    assert abs(profile["part_bytes"] - profile["source_bytes"] / 20) <= 1 and 25 <= profile["members"] <= 100
+    assert profile["top_tottime"]
     train = results["train"]
     assert set(train["sampler_plan_s"]) == {"1", "8", "64"} and train["num_val_records"] == 50
     assert train["train_loader"]["batch_shape"][1:] == [3, 128, 128] and train["dry_run_s"] > 0
