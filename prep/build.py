@@ -24,7 +24,7 @@ from formats.msgpack_store import DEFAULT_SHARD_BYTES
 from formats.layout import split_dir_name
 from formats.record import FORMAT_VERSION, RECORD_STRUCT, checksum
 from prep.partial import BuildError, PartialOutput, Progress
-from prep.resize import RejectedImage, prepare_image
+from prep.resize import RejectedImage, describe_error, prepare_image
 from prep.sources import NO_LABEL, Source, open_source
 
 TOOL_VERSION = "0.1.0"
@@ -93,11 +93,16 @@ def _prepare_chunk(spans: list, prep_sizes: tuple, quality: int, upscale: bool) 
     results = []
     for path, offset, nbytes in spans:
         try:
-            results.append(prepare_image(_read_span(path, offset, nbytes), prep_sizes, quality, upscale))
-        except RejectedImage as rejected:
-            results.append(rejected.reason)
+            data = _read_span(path, offset, nbytes)
         except OSError as err:
             results.append(f"unreadable: {err.strerror or err}")
+            continue
+        try:
+            results.append(prepare_image(data, prep_sizes, quality, upscale))
+        except RejectedImage as rejected:
+            results.append(rejected.reason)
+        except Exception as err:  # whatever one member does, it is that member's reject
+            results.append(f"cannot prepare: {describe_error(err)}")
     return results
 
 
