@@ -22,6 +22,7 @@ import numpy as np
 from formats.errors import DatasetError
 from formats.manifest import Manifest, load_names, load_records, read_manifest
 from formats.msgpack_store import shard_file_name
+from formats.names import escape_name
 from formats.record import checksum
 from formats.store import open_reader
 
@@ -76,7 +77,7 @@ class RecordDataset:
     def record_error(self, index: int, reason: str) -> DatasetError:
         """One error that names the dataset dir, the record index and its source name."""
         try:
-            name = self.name(index)
+            name = escape_name(self.name(index))
         except (DatasetError, IndexError):
             name = "name unknown"
         reason = reason.replace(f"{self.dataset_dir}: ", "")  # the prefix below says it once

@@ -20,12 +20,13 @@ from tqdm import tqdm
 
 from formats import jpeg
 from formats.manifest import Manifest, read_manifest
+from formats.names import escape_name, names_line
 from formats.msgpack_store import DEFAULT_SHARD_BYTES
 from formats.layout import split_dir_name
 from formats.record import FORMAT_VERSION, RECORD_STRUCT, checksum
 from prep.partial import BuildError, PartialOutput, Progress
 from prep.resize import RejectedImage, describe_error, prepare_image
-from prep.sources import NO_LABEL, Source, open_source
+from prep.sources import Source, open_source
 
 TOOL_VERSION = "0.1.0"
 CHUNK_IMAGES = 16  # per task: amortises IPC without making the ordered pipeline lumpy
@@ -223,14 +224,14 @@ def _run(config: BuildConfig, source: Source, outputs: list[PartialOutput], prog
 
     def handle(members: list, future) -> None:
         results = iter(future.result())
-        for name, label, nbytes, sent in members:
-            result = next(results) if sent else "no label for this image in the validation labels"
+        for name, label, nbytes, skip_reason in members:
+            result = skip_reason or next(results)
             if isinstance(result, str):
                 progress.rejects.append({"name": name, "reason": result})
                 if config.strict:
-                    raise BuildError(f"--strict: {name}: {result}")
+                    raise BuildError(f"--strict: {escape_name(name)}: {result}")
             else:
-                name_line = (name.replace("\n", "?") + "\n").encode("utf-8", "surrogateescape")
+                name_line = names_line(name)
                 for output, image in zip(outputs, result.outputs):
                     row = RECORD_STRUCT.pack(label, image.height, image.width, result.orig_height,
                                              result.orig_width, checksum(image.jpeg))
@@ -256,10 +257,10 @@ def _run(config: BuildConfig, source: Source, outputs: list[PartialOutput], prog
             if position < progress.consumed:  # done by an earlier run: headers only, no data read
                 bar.update(member.nbytes)
                 continue
-            sent = member.label != NO_LABEL
-            if sent:
+            skip_reason = member.skip_reason
+            if not skip_reason:
                 spans.append((member.path, member.offset, member.nbytes))
-            chunk.append((member.name, member.label, member.nbytes, sent))
+            chunk.append((member.name, member.label, member.nbytes, skip_reason))
             if len(chunk) == CHUNK_IMAGES:
                 pending.append((chunk, pool.submit(_prepare_chunk, spans, prep_sizes, config.quality, config.upscale)))
                 chunk, spans = [], []

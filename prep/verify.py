@@ -22,6 +22,7 @@ from formats import jpeg
 from formats.errors import DatasetError
 from formats.manifest import Manifest, file_digest, load_names, load_records, read_manifest
 from formats.lmdb_store import content_digest
+from formats.names import escape_name
 from formats.msgpack_store import MsgpackReader, shard_file_name
 from formats.record import checksum
 from formats.store import open_reader
@@ -67,7 +68,7 @@ def _check_range(start: int, stop: int) -> tuple[int, list[str]]:
     faults = []
 
     def fault(index: int, problem: str) -> None:
-        faults.append(f"record {index} ({names[index]}): {problem}")
+        faults.append(f"record {index} ({escape_name(names[index])}): {problem}")
 
     for index in range(start, stop):
         row = records[index]
