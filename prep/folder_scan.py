@@ -49,7 +49,7 @@ def _walk(directory: str, prefix: str, seen: set, out: list[FolderEntry]) -> Non
             out.append(FolderEntry(name, entry.path, 0, info))
         elif stat.S_ISDIR(info.st_mode):
             if (info.st_dev, info.st_ino) in seen:
-                out.append(FolderEntry(name, entry.path, 0, "symlink to a folder already included (a loop?)"))
+                out.append(FolderEntry(name, entry.path, 0, "symlink to a folder already included (a loop, or another class's folder): not followed"))
                 continue
             seen.add((info.st_dev, info.st_ino))
             _walk(entry.path, name + "/", seen, out)
@@ -59,13 +59,25 @@ def _walk(directory: str, prefix: str, seen: set, out: list[FolderEntry]) -> Non
             out.append(FolderEntry(name, entry.path, 0, "not a regular file (a device, fifo or socket)"))
 
 
+def _identity(path: Path) -> tuple[int, int] | None:
+    info = _stat(str(path))
+    return None if isinstance(info, str) else (info.st_dev, info.st_ino)
+
+
 def walk_images(directory: Path) -> list[FolderEntry]:
     """Every entry under `directory`, subfolders included, in sorted order."""
-    out: list[FolderEntry] = []
-    info = _stat(str(directory))
-    seen = set() if isinstance(info, str) else {(info.st_dev, info.st_ino)}
-    _walk(str(directory), "", seen, out)
-    return out
+    return walk_class_folders(directory, [""])[""]
+
+
+def walk_class_folders(split_dir: Path, classes: list[str]) -> dict[str, list[FolderEntry]]:
+    """Each class folder's entries. A symlink to the split folder or to any class folder is
+    listed, not followed: its images would count twice, under the wrong label."""
+    seen = {_identity(split_dir / name) for name in ["", *classes]} - {None}
+    walked = {}
+    for name in classes:
+        walked[name] = []
+        _walk(str(split_dir / name), "", seen, walked[name])
+    return walked
 
 
 def class_folders(split_dir: Path) -> tuple[list[str], list[FolderEntry]]:

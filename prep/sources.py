@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Callable, Iterator
 
-from prep.folder_scan import FolderEntry, class_folders, walk_images
+from prep.folder_scan import FolderEntry, class_folders, walk_class_folders, walk_images
 from prep.tar_scan import TarFormatError, scan_members
 from prep.labels import (
     KAGGLE_SYNSET_MAPPING,
@@ -142,7 +142,8 @@ def _folder_source(split: str, root: Path, class_dirs: list[str], known_classes:
     unknown = sorted(set(class_dirs) - set(labels))
     if unknown:
         raise SourceError(f"{root}: class folders {unknown[:3]} are not among the {len(labels)} known classes")
-    files = [(labels[c], entry) for c in sorted(class_dirs) for entry in walk_images(root / c)]
+    walked = walk_class_folders(root, sorted(class_dirs))
+    files = [(labels[c], entry) for c in sorted(class_dirs) for entry in walked[c]]
     files += [(NO_LABEL, entry) for entry in strays]
 
     def members() -> Iterator[SourceMember]:

@@ -32,6 +32,8 @@ GNU_TYPES = (b"L", b"K", b"S")
 # An extended header is read whole; real ones are a few hundred bytes (a long path or two).
 MAX_EXTENDED_HEADER_BYTES = 1 << 20
 _PAX_RECORD = re.compile(rb"(\d+) ([^=]+)=")
+_OTHER_NUMBERS = ((100, 108), (108, 116), (116, 124), (136, 148), (329, 337), (337, 345))
+_OCTAL = b"01234567\x00"
 
 
 class TarFormatError(ValueError):
@@ -73,9 +75,10 @@ def _blocks(size: int) -> int:
     return -(-size // BLOCK) * BLOCK
 
 
-def _pax_records(buffer: bytes, at: int) -> dict[str, str]:
-    """`<length> <key>=<value>\\n` records, parsed where tarfile parses them (it stops at the
-    first place that does not look like a record, e.g. the NUL padding)."""
+def _pax_records(buffer: bytes, size: int, at: int) -> dict[str, str]:
+    """`<length> <key>=<value>\\n` records, parsed where tarfile parses them (over the padded
+    buffer, stopping where nothing looks like a record); unlike tarfile, bytes of the header's
+    `size` that are no record are damage, not ignored."""
     records, position = {}, 0
     while match := _PAX_RECORD.match(buffer, position):
         length = int(match.group(1))
@@ -85,6 +88,8 @@ def _pax_records(buffer: bytes, at: int) -> dict[str, str]:
         key = match.group(2).decode("utf-8", "surrogateescape")
         records[key] = buffer[match.end():end - 1].decode("utf-8", "surrogateescape")
         position = end
+    if position < size:
+        raise TarFormatError(f"bad pax record at byte {at + BLOCK + position}: {buffer[position:position + 20]!r}")
     return records
 
 
@@ -123,11 +128,11 @@ class _Scanner:
             if self.chain_name is None:
                 self.chain_name = _text(padded)
         elif kind == b"g":
-            self.global_pax.update(_pax_records(padded, at))
+            self.global_pax.update(_pax_records(padded, size, at))
             if any(key == "size" or key.startswith("GNU.sparse.") for key in self.global_pax):
                 raise TarFormatError(f"global pax header at byte {at} sets a size: not a sane archive")
         elif kind != b"K":  # 'K' names a link target: links hold no data
-            for key, value in _pax_records(padded, at).items():
+            for key, value in _pax_records(padded, size, at).items():
                 if key == "path" and self.chain_name is None:
                     self.chain_name = value.rstrip("/")
                 self.chain_pax.setdefault(key, value)
@@ -176,6 +181,12 @@ class _Scanner:
                 raise TarFormatError(f"bad header checksum at byte {at}")
             kind = header[156:157]
             size = _number(header[124:136], "size", at)
+            # mode, uid, gid, mtime, devmajor, devminor: unused here, but tarfile stops at a
+            # garbled one, so we refuse it. Fast path: nothing but octal digits and NULs.
+            if header[100:124].translate(None, _OCTAL) or header[136:148].translate(None, _OCTAL) \
+                    or header[329:345].translate(None, _OCTAL):
+                for start, stop in _OTHER_NUMBERS:
+                    _number(header[start:stop], "numeric", at)
             if size < 0:
                 raise TarFormatError(f"negative size in the header at byte {at}")
             if kind in EXTENSION_TYPES:

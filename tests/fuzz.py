@@ -60,6 +60,17 @@ def mutate(data: bytes, rng: random.Random, protect: int = 0) -> bytes:
     return bytes(out)
 
 
+def fix_tar_checksums(data: bytes) -> bytes:
+    """Recompute the checksum of every block that looks like a tar header, so that mutated
+    header fields get past the checksum and reach the parsing behind it."""
+    out = bytearray(data)
+    for at in range(0, len(out) - 511, 512):
+        if out[at + 257:at + 262] == b"ustar":
+            out[at + 148:at + 156] = b" " * 8
+            out[at + 148:at + 156] = b"%06o\0 " % sum(out[at:at + 512])
+    return bytes(out)
+
+
 def run_cases(seeds: Iterator[int], budget_s: float, case: Callable[[int], None],
               per_case_s: float = 5.0) -> int:
     """Call `case(seed)` for successive seeds until `budget_s` is spent; return how many ran."""
