@@ -65,7 +65,8 @@ class MsgpackWriter:
         rows = self._saved_rows()
         if len(rows) < keep_records:
             raise DatasetError(
-                f"{self.dataset_dir}: store holds {len(rows)} records, progress says {keep_records}"
+                f"{self.dataset_dir}: store holds {len(rows)} records, progress says {keep_records}: "
+                "the unfinished build is damaged; pass --overwrite to start it over"
             )
         shard, position = 0, 0
         if keep_records:

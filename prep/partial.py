@@ -49,7 +49,8 @@ def _open_truncated(path: Path, length: int):
     """Append handle on `path`, cut back to `length` bytes first."""
     handle = open(path, "ab")
     if handle.tell() < length:
-        raise BuildError(f"{path}: holds {handle.tell()} bytes, progress says {length}")
+        raise BuildError(f"{path}: holds {handle.tell()} bytes, progress says {length}: the unfinished "
+                         "build is damaged; pass --overwrite to start it over")
     handle.truncate(length)
     return handle
 
