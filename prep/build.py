@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import concurrent.futures.process
 import dataclasses
-import multiprocessing
 import os
 import time
 from pathlib import Path
@@ -24,9 +24,11 @@ from formats.names import escape_name, names_line
 from formats.msgpack_store import DEFAULT_SHARD_BYTES
 from formats.layout import split_dir_name
 from formats.record import FORMAT_VERSION, RECORD_STRUCT, checksum
+from prep.lock import lock_path, locked
 from prep.partial import BuildError, PartialOutput, Progress
 from prep.resize import RejectedImage, describe_error, prepare_image
 from prep.sources import Source, open_source
+from prep.workers import process_pool
 
 TOOL_VERSION = "0.1.0"
 CHUNK_IMAGES = 16  # per task: amortises IPC without making the ordered pipeline lumpy
@@ -166,6 +168,13 @@ def build(config: BuildConfig) -> BuildSummary:
         raise BuildError(f"--quality {config.quality}: must be 1..100")
     source = open_source(config.src_dir, config.split, config.val_labels)
     config.out_dir.mkdir(parents=True, exist_ok=True)
+    names = [split_dir_name(config.split, size) for size in dict.fromkeys(config.prep_sizes)]
+    with locked([(lock_path(config.out_dir, name), str(config.out_dir / name)) for name in names]):
+        return _build_locked(config, source)
+
+
+def _build_locked(config: BuildConfig, source: Source) -> BuildSummary:
+    """The build proper, with every output locked against other builds."""
     outputs, skipped = _outputs_to_build(config)
     started = time.perf_counter()
     if not outputs:
@@ -188,6 +197,9 @@ def build(config: BuildConfig) -> BuildSummary:
             _run(config, source, outputs, progress, pool, prep_sizes)
         fields = _manifest_fields(config, source, prep_sizes)
         manifests = {o.prep_size: o.finalize(progress, fields) for o in outputs}
+    except concurrent.futures.process.BrokenProcessPool:
+        raise BuildError(f"a worker process died (out of memory? killed?); the unfinished build in "
+                         f"{config.out_dir} is kept: rerun the same command to resume") from None
     except (OSError, lmdb.Error) as err:  # a full disk, a vanished or unreadable file, ...
         where = f"{err.filename}: {err.strerror}" if isinstance(err, OSError) and err.filename else str(err)
         raise BuildError(f"{where}; the unfinished build in {config.out_dir} is kept: fix the cause "
@@ -205,7 +217,7 @@ def build(config: BuildConfig) -> BuildSummary:
 def _start_pool(workers: int):
     if workers <= 0:
         return _InlinePool()
-    pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+    pool = process_pool(workers)
     # Spawn (and warm) every worker now, before any store is opened in this process.
     for future in [pool.submit(_warm_worker) for _ in range(workers)]:
         future.result()

@@ -3,6 +3,7 @@ function per command; errors become one line on stderr and a non-zero exit."""
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -31,20 +32,35 @@ def _fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
-def _run(fn):
-    """Library errors -> one stderr line. Anything else is a bug and keeps its traceback."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the main thread is, so cleanup runs exactly as for Ctrl-C."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def _run(fn, resumable: bool = True):
+    """Library errors -> one stderr line. Anything else is a bug and keeps its traceback.
+    SIGTERM is handled like SIGINT (exit 143 instead of 130)."""
     from formats.errors import DatasetError
     from prep.labels import SourceError
     from prep.partial import BuildError
 
+    hint = "; rerun the same command to resume" if resumable else ""
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return fn()
     except (BuildError, SourceError, DatasetError) as err:
         _fail(str(err))
     except OSError as err:
         _fail(f"{err.filename or ''}: {err.strerror or err}".lstrip(": "))
+    except Terminated:
+        _fail(f"terminated (SIGTERM){hint}", 128 + signal.SIGTERM)
     except KeyboardInterrupt:
-        _fail("interrupted; rerun the same command to resume", 130)
+        _fail(f"interrupted{hint}", 128 + signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _build(store: str, src: Path, out: Path, split: str, sizes: List[int], quality: int,
@@ -92,7 +108,7 @@ def verify(dataset_dir: Path = typer.Argument(..., help="A dataset directory, e.
     from prep.verify import verify as run_verify
 
     report = _run(lambda: run_verify(dataset_dir, default_workers() if workers is None else workers,
-                                     source, val_labels, quiet))
+                                     source, val_labels, quiet), resumable=False)
     typer.echo(format_verify_report(report))
     if not report.ok:
         raise typer.Exit(1)
@@ -104,7 +120,7 @@ def info(dataset_dir: Path = typer.Argument(..., help="A dataset directory, e.g.
     """Print a dataset's summary from its manifest."""
     from prep.report import dataset_info, format_info
 
-    summary = _run(lambda: dataset_info(dataset_dir))
+    summary = _run(lambda: dataset_info(dataset_dir), resumable=False)
     typer.echo(json.dumps(summary, sort_keys=True) if as_json else format_info(summary))
 
 
@@ -118,7 +134,7 @@ def sample(out: Path = typer.Option(..., "--out", help="Directory for the three 
     from prep.sample import write_sample
 
     result = _run(lambda: write_sample(out, num_classes=num_classes, train_per_class=train_per_class,
-                                       val_per_class=val_per_class, seed=seed))
+                                       val_per_class=val_per_class, seed=seed), resumable=False)
     typer.echo(f"wrote {result.train_tar_path}, {result.val_tar_path}, {result.devkit_path} "
                f"({result.num_classes} classes, {result.train_per_class} train + {result.val_per_class} val images each)")
 

@@ -9,9 +9,7 @@ msgpack the stored index and label.
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import dataclasses
-import multiprocessing
 import time
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from formats.msgpack_store import MsgpackReader, shard_file_name
 from formats.record import checksum
 from formats.store import open_reader
 from prep.resize import decode_rgb, target_dims
+from prep.workers import process_pool
 
 MAX_FAULTS_SHOWN = 20
 RANGES_PER_WORKER = 8
@@ -206,10 +205,7 @@ def verify(dataset_dir: Path, workers: int, src_dir: Path | None = None,
     ranges = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
     bar = tqdm(total=manifest.count, unit="img", desc=f"verify {dataset_dir.name}", disable=quiet,
                dynamic_ncols=True)
-    with concurrent.futures.ProcessPoolExecutor(
-        max(1, workers), mp_context=multiprocessing.get_context("fork"),
-        initializer=_init_worker, initargs=(dataset_dir, manifest),
-    ) as pool:
+    with process_pool(max(1, workers), _init_worker, (dataset_dir, manifest)) as pool:
         futures = [pool.submit(_check_range, a, b) for a, b in ranges]
         for future in futures:  # in order, so faults come out sorted by record
             count, range_faults = future.result()
