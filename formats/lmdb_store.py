@@ -18,7 +18,7 @@ from pathlib import Path
 import lmdb
 
 from formats.errors import DatasetError
-from formats.record import encode_key
+from formats.record import checksum, encode_key
 
 DATA_FILE = "data.mdb"
 LOCK_FILE = "lock.mdb"
@@ -88,6 +88,19 @@ class LmdbWriter:
 
     def count(self) -> int:
         return self._env.stat()["entries"]
+
+    def first_mismatch(self, checksums, labels) -> int | None:
+        """The first kept record whose key or bytes disagree with the record table (a resumed
+        build checks what an earlier run left before trusting it), or None."""
+        index = 0
+        with self._env.begin(buffers=True) as txn:
+            for key, value in txn.cursor():
+                if index == len(checksums):
+                    break
+                if bytes(key) != encode_key(index) or checksum(value) != int(checksums[index]):
+                    return index
+                index += 1
+        return None if index == len(checksums) else index
 
     def append(self, index: int, label: int, jpeg: bytes) -> None:
         if self._txn is None:

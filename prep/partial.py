@@ -92,7 +92,22 @@ class PartialOutput:
         self._records_file = _open_truncated(self.partial_dir / RECORDS_PARTIAL,
                                              progress.num_records * RECORD_DTYPE.itemsize)
         self._names_file = _open_truncated(self.partial_dir / NAMES_PARTIAL, progress.names_bytes)
+        if progress.num_records:
+            self._check_kept(progress)
         self.commit(progress)
+
+    def _check_kept(self, progress: Progress) -> None:
+        """Trust nothing an earlier run left (two builds once wrote one output at the same time):
+        every kept record must be in place, with the bytes and label its table row says."""
+        rows = np.fromfile(self.partial_dir / RECORDS_PARTIAL, RECORD_DTYPE, count=progress.num_records)
+        with open(self.partial_dir / NAMES_PARTIAL, "rb") as names:
+            num_names = names.read(progress.names_bytes).count(b"\n")
+        bad = self.writer.first_mismatch(rows["crc32"], rows["label"])
+        if bad is not None or num_names != progress.num_records:
+            what = f"record {bad} disagrees with its table row" if bad is not None else \
+                f"{num_names} names for {progress.num_records} records"
+            raise BuildError(f"{self.partial_dir}: the unfinished build is damaged ({what}); "
+                             "pass --overwrite to start it over")
 
     def append(self, index: int, label: int, jpeg: bytes, row: bytes, name_line: bytes) -> None:
         """`row`: one RECORD_DTYPE row, packed with formats.record.RECORD_STRUCT."""
