@@ -36,8 +36,27 @@ CHUNKS_IN_FLIGHT_PER_WORKER = 4
 COMMIT_SECONDS = 15.0
 
 
+# More processes than this per core only add memory (each holds its codecs and buffers).
+MAX_WORKERS_PER_CORE = 4
+MAX_PREP_SIZE = jpeg.MAX_JPEG_SIDE
+
+
 def default_workers() -> int:
     return len(os.sched_getaffinity(0))
+
+
+def resolve_workers(requested: int | None) -> tuple[int, str | None]:
+    """(workers to start, a warning or None) for a --workers value (None: one per core)."""
+    cores = default_workers()
+    if requested is None:
+        return cores, None
+    if requested < 0:
+        raise BuildError(f"--workers {requested}: must be >= 0 (0 transforms in the main process)")
+    cap = MAX_WORKERS_PER_CORE * cores
+    if requested > cap:
+        return cap, (f"--workers {requested} is more than {MAX_WORKERS_PER_CORE} per core "
+                     f"({cores} cores here): starting {cap}")
+    return requested, None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,12 +179,7 @@ def _outputs_to_build(config: BuildConfig) -> tuple[list[PartialOutput], list[in
 
 
 def build(config: BuildConfig) -> BuildSummary:
-    if config.store not in ("lmdb", "msgpack"):
-        raise BuildError(f"unknown store {config.store!r}")
-    if not config.prep_sizes or min(config.prep_sizes) < 8:
-        raise BuildError("--size must be given, each >= 8 px")
-    if not 1 <= config.quality <= 100:
-        raise BuildError(f"--quality {config.quality}: must be 1..100")
+    _check_config(config)
     source = open_source(config.src_dir, config.split, config.val_labels)
     config.out_dir.mkdir(parents=True, exist_ok=True)
     names = [split_dir_name(config.split, size) for size in dict.fromkeys(config.prep_sizes)]
@@ -212,6 +226,22 @@ def _build_locked(config: BuildConfig, source: Source) -> BuildSummary:
         manifests[size] = read_manifest(config.out_dir / split_dir_name(config.split, size))
     return BuildSummary(manifests, skipped, resumed_from, progress.consumed,
                         time.perf_counter() - started, config.workers, jpeg.codec_report())
+
+
+def _check_config(config: BuildConfig) -> None:
+    """Every setting in range, or one line saying which is not (before anything is touched)."""
+    if config.store not in ("lmdb", "msgpack"):
+        raise BuildError(f"unknown store {config.store!r}")
+    if not config.prep_sizes or not all(8 <= size <= MAX_PREP_SIZE for size in config.prep_sizes):
+        raise BuildError(f"--size must be given, each 8..{MAX_PREP_SIZE} px (got {list(config.prep_sizes)})")
+    if not 1 <= config.quality <= 100:
+        raise BuildError(f"--quality {config.quality}: must be 1..100")
+    if config.workers < 0:
+        raise BuildError(f"--workers {config.workers}: must be >= 0 (0 transforms in the main process)")
+    if config.commit_every < 1:
+        raise BuildError(f"--commit-every {config.commit_every}: must be >= 1")
+    if config.store == "msgpack" and config.shard_bytes < 1 << 20:
+        raise BuildError(f"--shard-mb {config.shard_bytes / (1 << 20):g}: must be >= 1")
 
 
 def _start_pool(workers: int):

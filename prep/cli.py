@@ -63,15 +63,25 @@ def _run(fn, resumable: bool = True):
         signal.signal(signal.SIGTERM, previous)
 
 
+def _workers(requested: Optional[int]) -> int:
+    """--workers checked and capped (with a warning on stderr), before anything starts."""
+    from prep.build import resolve_workers
+
+    workers, warning = _run(lambda: resolve_workers(requested), resumable=False)
+    if warning:
+        typer.echo(f"prep: warning: {warning}", err=True)
+    return workers
+
+
 def _build(store: str, src: Path, out: Path, split: str, sizes: List[int], quality: int,
            workers: Optional[int], upscale: bool, strict: bool, overwrite: bool,
            val_labels: Optional[Path], quiet: bool, commit_every: int, shard_mb: int = 256) -> None:
-    from prep.build import BuildConfig, build, default_workers
+    from prep.build import BuildConfig, build
     from prep.report import format_build_summary
 
     config = BuildConfig(
         src_dir=src, out_dir=out, split=split, prep_sizes=tuple(sizes), store=store,
-        quality=quality, upscale=upscale, workers=default_workers() if workers is None else workers,
+        quality=quality, upscale=upscale, workers=_workers(workers),
         strict=strict, overwrite=overwrite, val_labels=val_labels, shard_bytes=shard_mb << 20, quiet=quiet,
         commit_every=commit_every,
     )
@@ -103,12 +113,11 @@ def verify(dataset_dir: Path = typer.Argument(..., help="A dataset directory, e.
            source: Optional[Path] = typer.Option(None, "--source", help="Also check counts against the raw source directory."),
            val_labels: Optional[Path] = VAL_LABELS, workers: Optional[int] = WORKERS, quiet: bool = QUIET) -> None:
     """Re-read everything and compare with the manifest; exit 1 on any fault."""
-    from prep.build import default_workers
     from prep.report import format_verify_report
     from prep.verify import verify as run_verify
 
-    report = _run(lambda: run_verify(dataset_dir, default_workers() if workers is None else workers,
-                                     source, val_labels, quiet), resumable=False)
+    num_workers = _workers(workers)
+    report = _run(lambda: run_verify(dataset_dir, num_workers, source, val_labels, quiet), resumable=False)
     typer.echo(format_verify_report(report))
     if not report.ok:
         raise typer.Exit(1)
