@@ -84,7 +84,9 @@ def test_jpeg_header_claiming_a_huge_size_is_rejected_before_decoding(height, wi
     data = with_jpeg_dims(jpeg_bytes(48, 64), height, width)
     assert len(data) < 8000
     reason = rejected_reason(data)
-    assert reason.startswith("implausible jpeg") and what in reason and f"{width}x{height}" in reason
+    assert reason.startswith("implausible jpeg: ")
+    if "DecompressionBombError" not in reason:  # PIL (no libturbojpeg) refuses 1.6 Gpx at open, first
+        assert what in reason and f"{width}x{height}" in reason
 
 
 @pytest.mark.parametrize("side", [30000, 12000, 3000])  # over PIL's bomb limit, over ours, per byte
