@@ -2,7 +2,6 @@
 holder), workers never outlive the main process, SIGTERM is one line and resumable."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -17,6 +16,7 @@ from prep.build import BuildConfig, build
 from prep.lock import LockedError, lock_path, locked
 from prep.sample import write_sample
 from prep.verify import verify
+from tests.conftest import wait_for_progress
 
 PREP = [sys.executable, "-m", "prep.cli"]
 
@@ -36,18 +36,6 @@ def _command(src, out, workers=2):
 def _start(command):
     return subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
-
-
-def _wait_for_records(partial, process, at_least=8):
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if json.loads((partial / "progress.json").read_text())["num_records"] >= at_least:
-                return
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.005)
-    raise AssertionError("the build finished or stalled before it was interrupted")
 
 
 def _children(process) -> list[psutil.Process]:
@@ -100,7 +88,7 @@ def test_a_second_build_of_the_same_output_refuses_naming_the_holder(slow_src, t
 def test_kill_9_releases_the_lock_and_kills_the_workers(slow_src, tmp_path):
     command = _command(slow_src, tmp_path)
     first = _start(command)
-    _wait_for_records(tmp_path / ".train-96.partial", first)  # 96 commits after 160
+    wait_for_progress(tmp_path / ".train-96.partial", first, 8)  # 96 commits after 160
     workers = _children(first)
     first.kill()  # the main process only: its workers must not live on
     first.wait()
@@ -114,7 +102,7 @@ def test_kill_9_releases_the_lock_and_kills_the_workers(slow_src, tmp_path):
 def test_sigterm_is_one_line_exit_143_and_resumable(slow_src, tmp_path, whole_group):
     command = _command(slow_src, tmp_path)
     process = _start(command)
-    _wait_for_records(tmp_path / ".train-96.partial", process)  # 96 commits after 160
+    wait_for_progress(tmp_path / ".train-96.partial", process, 8)  # 96 commits after 160
     workers = _children(process)
     if whole_group:  # as a service manager stops a job
         os.killpg(process.pid, signal.SIGTERM)
