@@ -77,7 +77,7 @@ def _build(store: str, src: Path, out: Path, split: str, sizes: List[int], quali
            workers: Optional[int], upscale: bool, strict: bool, overwrite: bool,
            val_labels: Optional[Path], quiet: bool, commit_every: int, shard_mb: int = 256) -> None:
     from prep.build import BuildConfig, build
-    from prep.report import format_build_summary
+    from prep.report import build_warnings, format_build_summary
 
     config = BuildConfig(
         src_dir=src, out_dir=out, split=split, prep_sizes=tuple(sizes), store=store,
@@ -87,6 +87,8 @@ def _build(store: str, src: Path, out: Path, split: str, sizes: List[int], quali
     )
     summary = _run(lambda: build(config))
     typer.echo(format_build_summary(summary, out, split))
+    for warning in build_warnings(summary):
+        typer.echo(f"prep: warning: {warning}", err=True)
 
 
 @app.command("build-lmdb")

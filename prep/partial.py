@@ -73,7 +73,11 @@ class PartialOutput:
             shutil.rmtree(self.partial_dir, ignore_errors=True)  # nothing resumable in it
         if not progress_path.exists():
             return None
-        progress = Progress(**json.loads(progress_path.read_text(encoding="utf-8")))
+        try:
+            progress = Progress(**json.loads(progress_path.read_text(encoding="utf-8")))
+        except (ValueError, TypeError) as err:  # written atomically: only tampering gets here
+            raise BuildError(f"{progress_path}: unreadable ({type(err).__name__}: {err}); pass "
+                             "--overwrite to start the build over") from None
         if progress.fingerprint != fingerprint:
             raise BuildError(
                 f"{self.partial_dir}: an unfinished build with other settings or another source; "

@@ -67,18 +67,24 @@ def format_build_summary(summary, out_dir: Path, split: str) -> str:
         resumed = f" (resumed after {summary.resumed_from:,} done earlier)" if summary.resumed_from else ""
         lines.append(f"{done:,} images in {summary.seconds:.2f} s = {summary.images_per_second:,.0f} img/s "
                      f"with {summary.workers} workers{resumed}; codecs: {summary.codecs['pil']}, {summary.codecs['turbojpeg']}")
-    first = next(iter(summary.manifests.values()), None)
-    rejects = first.rejects if first else []
-    empty = [wnid for wnid, count in zip(first.classes, first.counts_per_class) if count == 0] if first else []
-    if empty:
-        lines.append(f"  warning: {len(empty)} of {first.num_classes} classes have no records: "
-                     f"{', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''} "
-                     "(an empty class tar or folder, or every image in it rejected)")
+    rejects = next(iter(summary.manifests.values())).rejects if summary.manifests else []
     for reject in rejects[:20]:
         lines.append(f"  rejected {escape_name(reject['name'])}: {reject['reason']}")
     if len(rejects) > 20:
         lines.append(f"  ... and {len(rejects) - 20} more (see prep info --json)")
     return "\n".join(lines)
+
+
+def build_warnings(summary) -> list[str]:
+    """What the user should know about a build that succeeded (the CLI prints these on stderr)."""
+    first = next(iter(summary.manifests.values()), None)
+    if first is None:
+        return []
+    empty = [wnid for wnid, count in zip(first.classes, first.counts_per_class) if count == 0]
+    if not empty:
+        return []
+    return [f"{len(empty)} of {first.num_classes} classes have no records: {', '.join(empty[:5])}"
+            f"{', ...' if len(empty) > 5 else ''} (an empty class tar or folder, or every image in it rejected)"]
 
 
 def format_verify_report(report) -> str:

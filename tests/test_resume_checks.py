@@ -91,3 +91,13 @@ def test_intact_unfinished_build_resumes(sample_src, tmp_path, monkeypatch, stor
     config = _interrupted(sample_src, tmp_path, monkeypatch, store)
     resumed = build(config)
     assert resumed.resumed_from == KEPT and verify(tmp_path / "train-64", workers=1, quiet=True).ok
+
+
+@pytest.mark.parametrize("text", ["{not json", '{"fingerprint": {}, "unknown_field": 1}', "[]"])
+def test_unreadable_progress_file_is_one_line(sample_src, tmp_path, text):
+    src, _ = sample_src
+    partial = tmp_path / ".val-64.partial"
+    partial.mkdir()
+    (partial / "progress.json").write_text(text)
+    with pytest.raises(BuildError, match="progress.json: unreadable .*pass --overwrite"):
+        build(BuildConfig(src, tmp_path, "val", (64,), "lmdb", workers=0, quiet=True))
