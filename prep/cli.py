@@ -3,6 +3,7 @@ function per command; errors become one line on stderr and a non-zero exit."""
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -34,20 +35,45 @@ def _fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
-def _run(fn):
-    """Library errors -> one stderr line. Anything else is a bug and keeps its traceback."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the main thread is, so cleanup runs exactly as for Ctrl-C."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def _run(fn, resumable: bool = True):
+    """Library errors -> one stderr line. Anything else is a bug and keeps its traceback.
+    SIGTERM is handled like SIGINT (exit 143 instead of 130)."""
     from formats.errors import DatasetError
     from prep.labels import SourceError
     from prep.partial import BuildError
 
+    hint = "; rerun the same command to resume" if resumable else ""
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return fn()
     except (BuildError, SourceError, DatasetError) as err:
         _fail(str(err))
     except OSError as err:
         _fail(f"{err.filename or ''}: {err.strerror or err}".lstrip(": "))
+    except Terminated:
+        _fail(f"terminated (SIGTERM){hint}", 128 + signal.SIGTERM)
     except KeyboardInterrupt:
-        _fail("interrupted; rerun the same command to resume", 130)
+        _fail(f"interrupted{hint}", 128 + signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _workers(requested: Optional[int]) -> int:
+    """--workers checked and capped (with a warning on stderr), before anything starts."""
+    from prep.build import resolve_workers
+
+    workers, warning = _run(lambda: resolve_workers(requested), resumable=False)
+    if warning:
+        typer.echo(f"prep: warning: {warning}", err=True)
+    return workers
 
 
 def _build(store: str, src: Path, out: Path, split: str, sizes: List[int], quality: int,
@@ -57,15 +83,16 @@ def _build(store: str, src: Path, out: Path, split: str, sizes: List[int], quali
     from prep.build import BuildConfig
     from prep.launch import default_build_workers, run_build
     from prep.parts import PartSpec
-    from prep.report import format_build_summary, format_merge_summary
+    from prep.report import build_warnings, format_build_summary, format_merge_summary, manifest_warnings
 
     if (num_parts is None) != (part_index is None):
         _fail("--num-parts and --part-index go together (or neither, under torchrun)")
+    num_workers = default_build_workers() if workers is None else _workers(workers)
 
     def launch():
         config = BuildConfig(
             src_dir=src, out_dir=out, split=split, prep_sizes=tuple(sizes), store=store,
-            quality=quality, upscale=upscale, workers=default_build_workers() if workers is None else workers,
+            quality=quality, upscale=upscale, workers=num_workers,
             strict=strict, overwrite=overwrite, val_labels=val_labels, shard_bytes=shard_mb << 20, quiet=quiet,
             commit_every=commit_every, reencode=reencode,
             part=None if num_parts is None else PartSpec(part_index, num_parts),
@@ -75,8 +102,13 @@ def _build(store: str, src: Path, out: Path, split: str, sizes: List[int], quali
     result = _run(launch)
     prefix = "" if result.rank is None else f"[rank {result.rank}] "
     typer.echo("\n".join(prefix + line for line in format_build_summary(result.build, out, split).splitlines()))
+    # a part holds some classes only: whether a class is empty is the whole dataset's to say
+    warnings = build_warnings(result.build) if num_parts is None and result.rank is None else []
     for merged in result.merges:
         typer.echo(format_merge_summary(merged))
+        warnings += manifest_warnings(merged.manifest)
+    for warning in warnings:
+        typer.echo(f"prep: warning: {warning}", err=True)
 
 
 @app.command("build-lmdb")
@@ -108,10 +140,12 @@ def merge(part_dirs: List[Path] = typer.Argument(..., help="Every part directory
           overwrite: bool = OVERWRITE, quiet: bool = QUIET) -> None:
     """Join the parts of a --num-parts build into the dataset one machine would have built."""
     from prep.merge import merge as run_merge
-    from prep.report import format_merge_summary
+    from prep.report import format_merge_summary, manifest_warnings
 
     summary = _run(lambda: run_merge(part_dirs, out, overwrite=overwrite, quiet=quiet))
     typer.echo(format_merge_summary(summary))
+    for warning in manifest_warnings(summary.manifest):
+        typer.echo(f"prep: warning: {warning}", err=True)
     typer.echo(f"the {summary.num_parts} part directories are no longer needed (rm -r them)")
 
 
@@ -120,12 +154,11 @@ def verify(dataset_dir: Path = typer.Argument(..., help="A dataset directory, e.
            source: Optional[Path] = typer.Option(None, "--source", help="Also check counts against the raw source directory."),
            val_labels: Optional[Path] = VAL_LABELS, workers: Optional[int] = WORKERS, quiet: bool = QUIET) -> None:
     """Re-read everything and compare with the manifest; exit 1 on any fault."""
-    from prep.build import default_workers
     from prep.report import format_verify_report
     from prep.verify import verify as run_verify
 
-    report = _run(lambda: run_verify(dataset_dir, default_workers() if workers is None else workers,
-                                     source, val_labels, quiet))
+    num_workers = _workers(workers)
+    report = _run(lambda: run_verify(dataset_dir, num_workers, source, val_labels, quiet), resumable=False)
     typer.echo(format_verify_report(report))
     if not report.ok:
         raise typer.Exit(1)
@@ -137,7 +170,7 @@ def info(dataset_dir: Path = typer.Argument(..., help="A dataset directory, e.g.
     """Print a dataset's summary from its manifest."""
     from prep.report import dataset_info, format_info
 
-    summary = _run(lambda: dataset_info(dataset_dir))
+    summary = _run(lambda: dataset_info(dataset_dir), resumable=False)
     typer.echo(json.dumps(summary, sort_keys=True) if as_json else format_info(summary))
 
 
@@ -151,7 +184,7 @@ def sample(out: Path = typer.Option(..., "--out", help="Directory for the three 
     from prep.sample import write_sample
 
     result = _run(lambda: write_sample(out, num_classes=num_classes, train_per_class=train_per_class,
-                                       val_per_class=val_per_class, seed=seed))
+                                       val_per_class=val_per_class, seed=seed), resumable=False)
     typer.echo(f"wrote {result.train_tar_path}, {result.val_tar_path}, {result.devkit_path} "
                f"({result.num_classes} classes, {result.train_per_class} train + {result.val_per_class} val images each)")
 

@@ -22,8 +22,9 @@ from tqdm import tqdm
 
 from formats.manifest import Manifest, load_records, read_manifest
 from formats.msgpack_store import DEFAULT_SHARD_BYTES
-from formats.record import MANIFEST_FILE, NAMES_FILE, RECORD_DTYPE
+from formats.record import FORMAT_VERSION, MANIFEST_FILE, NAMES_FILE, RECORD_DTYPE
 from formats.store import open_reader
+from prep.lock import lock_path, locked
 from prep.partial import BuildError, PartialOutput, Progress
 
 COMMIT_EVERY = 10_000  # records between durable commits of a merge (it only copies bytes)
@@ -70,6 +71,9 @@ def load_parts(part_dirs: list[Path]) -> list[Part]:
             raise BuildError(f"{part_dir}: not a part (its manifest has no build.part; built without --num-parts)")
         parts.append(Part(part_dir, manifest, info))
     first = parts[0]
+    if first.manifest.format_version != FORMAT_VERSION:  # names.txt of older versions is written otherwise
+        raise BuildError(f"{first.dataset_dir}: format_version {first.manifest.format_version}, this prep writes "
+                         f"{FORMAT_VERSION}: rebuild the parts with this version")
     for part in parts[1:]:
         for field in SAME_FIELDS:
             mine, theirs = getattr(part.manifest, field), getattr(first.manifest, field)
@@ -127,18 +131,26 @@ def _merged_fields(parts: list[Part], progress: Progress) -> dict:
 
 def merge(part_dirs: list[Path], out_dir: Path, overwrite: bool = False, quiet: bool = False,
           commit_every: int = COMMIT_EVERY) -> MergeSummary:
-    """Join `part_dirs` (all parts of one build) into `<out_dir>/<split>-<prep_size>/`."""
+    """Join `part_dirs` (all parts of one build) into `<out_dir>/<split>-<prep_size>/`; the
+    output is locked against builds and other merges of it, as a build's is."""
     started = time.perf_counter()
     parts = load_parts(part_dirs)
     first = parts[0].manifest
     output = PartialOutput(Path(out_dir), first.split, first.prep_size, first.store,
                            parts[0].info.get("shard_bytes") or DEFAULT_SHARD_BYTES)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    with locked([(lock_path(Path(out_dir), output.final_dir.name), str(output.final_dir))]):
+        return _merge_locked(parts, output, overwrite, quiet, commit_every, started)
+
+
+def _merge_locked(parts: list[Part], output: PartialOutput, overwrite: bool, quiet: bool, commit_every: int,
+                  started: float) -> MergeSummary:
+    out_dir = output.final_dir.parent
     if output.complete_if_finalized():  # an earlier merge was killed just before its last rename
         manifest = read_manifest(output.final_dir)
         return MergeSummary(output.final_dir, manifest, len(parts), manifest.count, 0.0)
     if (output.final_dir / MANIFEST_FILE).is_file() and not overwrite:
         raise BuildError(f"{output.final_dir}: exists; pass --overwrite to replace it with the merge")
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
     fingerprint = _fingerprint(parts)
     progress = output.saved_progress(fingerprint, overwrite) or Progress(fingerprint)
     resumed_from = progress.num_records

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from formats.manifest import load_records, read_manifest
+from formats.names import escape_name
 from formats.layout import split_dir_name
 
 
@@ -61,7 +62,7 @@ def format_info(info: dict) -> str:
 
 def _listed(entries: list[dict], what: str, key: str) -> list[str]:
     """The first entries of a manifest list (rejects, conversions), then how many more."""
-    lines = [f"  {what} {entry['name']}: {entry[key]}" for entry in entries[:MAX_LISTED]]
+    lines = [f"  {what} {escape_name(entry['name'])}: {entry[key]}" for entry in entries[:MAX_LISTED]]
     if len(entries) > MAX_LISTED:
         lines.append(f"  ... and {len(entries) - MAX_LISTED} more {what.strip()} (see prep info --json)")
     return lines
@@ -90,6 +91,21 @@ def format_build_summary(summary, out_dir: Path, split: str) -> str:
         manifest = next(iter(summary.manifests.values()))
         lines += _listed(manifest.rejects, "rejected", "reason") + _listed(manifest.conversions, "converted", "conversion")
     return "\n".join(lines)
+
+
+def build_warnings(summary) -> list[str]:
+    """What the user should know about a build that succeeded (the CLI prints these on stderr)."""
+    first = next(iter(summary.manifests.values()), None)
+    return [] if first is None else manifest_warnings(first)
+
+
+def manifest_warnings(manifest) -> list[str]:
+    """What the user should know about a finished dataset (a build's or a merge's)."""
+    empty = [wnid for wnid, count in zip(manifest.classes, manifest.counts_per_class) if count == 0]
+    if not empty:
+        return []
+    return [f"{len(empty)} of {manifest.num_classes} classes have no records: {', '.join(empty[:5])}"
+            f"{', ...' if len(empty) > 5 else ''} (an empty class tar or folder, or every image in it rejected)"]
 
 
 def format_merge_summary(summary) -> str:
