@@ -128,7 +128,7 @@ def machine_line(cuda: bool) -> str:
 
     import torch
     import torchvision
-    from train.loader_bench import machine_description
+    from train.bench_loader import machine_description
 
     gpu = "no CUDA (CPU run)"
     if cuda:
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from gpu_measure import Inputs
     from train.dist import resolve_device
-    from train.schedule import load_schedule
+    from train.phases import load_schedule
 
     device = resolve_device(args.device)
     cuda = device.type == "cuda"

@@ -14,7 +14,8 @@ from train.checkpoint import CheckpointError
 from train.export import export, plain_state_dict
 from train.metrics import read_metrics
 from train.report import report
-from train.run import RunConfig, TrainError, run
+from train.config import RunConfig, TrainError
+from train.run import run
 
 RECIPE = {"arch": "resnet18", "weight_decay": 5e-5, "label_smoothing": 0.1,
           "targets": {"top1": 50.0}}
@@ -126,19 +127,19 @@ def test_nan_loss_stops_with_a_clear_message(tmp_path: Path) -> None:
 def test_non_finite_weights_are_never_saved(tmp_path: Path, monkeypatch) -> None:
     """A step can turn the weights to inf from a finite loss; the next save must refuse them
     and leave the last good checkpoint in place."""
-    from train.loop import Trainer
+    from train.step import Trainer
 
-    real_step, steps_done = Trainer.step, []
+    real_step, steps_done = Trainer.accumulate, []
 
-    def poisoning_step(self, x, labels, lr, mix_seed=None):
-        loss = real_step(self, x, labels, lr, mix_seed)
+    def poisoning_step(self, micro_batches, lr, seeds):
+        loss = real_step(self, micro_batches, lr, seeds)
         steps_done.append(1)
         if len(steps_done) == 4:  # right after the 4th step, before the save that follows it
             with torch.no_grad():
                 next(self.model.parameters()).fill_(float("inf"))
         return loss
 
-    monkeypatch.setattr(Trainer, "step", poisoning_step)
+    monkeypatch.setattr(Trainer, "accumulate", poisoning_step)
     with pytest.raises(TrainError, match=r"weights are no longer finite at epoch 0 step 4; .*"
                                          r"the last good checkpoint is"):
         run(config(tmp_path, checkpoint_every_steps=2), StandInData())
@@ -150,7 +151,7 @@ def test_non_finite_weights_are_never_saved(tmp_path: Path, monkeypatch) -> None
 def test_sync_bn_and_fp16_need_cuda(tmp_path: Path) -> None:
     with pytest.raises(TrainError, match="--sync-bn needs CUDA"):
         run(config(tmp_path, sync_bn=True), StandInData())
-    from train.loop import PrecisionError
+    from train.step import PrecisionError
 
     with pytest.raises(PrecisionError, match="fp16 needs CUDA"):
         run(config(tmp_path, precision="fp16", out_dir=tmp_path / "r2"), StandInData())
