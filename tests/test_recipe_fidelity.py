@@ -79,12 +79,13 @@ def test_blurpool_filter_is_a_normalized_binomial() -> None:
         assert torch.allclose(conv(flat)[..., 1:-1, 1:-1], reference[..., 1:-1, 1:-1], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_blurpool_run_exports_weights_torchvision_loads(tmp_path: Path) -> None:
     phases = tmp_path / "p.json"
     phases.write_text(json.dumps({"recipe": {"arch": "resnet18", "blurpool": True},
                                   "phases": [phase(0, 1, crop_size=32, batch_size=8, lr=0.05)]}))
     run(RunConfig(phases, out_dir=tmp_path / "run", device="cpu", progress=False,
-                  tensorboard=False), StandInData(num_train=16, num_val=6))
+                  tensorboard=False, threads=1), StandInData(num_train=16, num_val=6))
     info = export(tmp_path / "run", tmp_path / "w.pt")
     assert info["blurpool"]
     weights = torch.load(tmp_path / "w.pt", weights_only=True)
@@ -245,6 +246,7 @@ def test_accumulation_all_reduces_once_per_step() -> None:
     assert calls == ["no_sync", "no_sync"]  # not the last one: its backward all-reduces
 
 
+@pytest.mark.slow
 def test_accumulation_in_the_schedule_and_the_run(tmp_path: Path) -> None:
     assert "key 'accum_steps': must be a positive integer" in schedule_error(
         phase(0, 1, accum_steps=0))
@@ -254,7 +256,8 @@ def test_accumulation_in_the_schedule_and_the_run(tmp_path: Path) -> None:
     phases.write_text(json.dumps({"recipe": {"arch": "resnet18"},
                                   "phases": schedule.to_dicts()}))
     last = run(RunConfig(phases, out_dir=tmp_path / "run", device="cpu", progress=False,
-                         tensorboard=False, log_every=1), StandInData(num_train=24, num_val=6))
+                         tensorboard=False, log_every=1, threads=1),
+               StandInData(num_train=24, num_val=6))
     assert last["accum_steps"] == 2 and last["global_batch_size"] == 8
     saved = torch.load(tmp_path / "run" / "checkpoints" / "final.pt", weights_only=True)
     assert saved["global_step"] == 3  # 24 images / (4 x 2)
@@ -298,7 +301,7 @@ def test_timm_model_trains_and_exports(tmp_path: Path) -> None:
     phases.write_text(json.dumps({"recipe": recipe.to_dict(),
                                   "phases": [phase(0, 1, crop_size=32, batch_size=8, lr=0.05)]}))
     run(RunConfig(phases, out_dir=tmp_path / "run", device="cpu", progress=False,
-                  tensorboard=False), StandInData(num_train=16, num_val=6))
+                  tensorboard=False, threads=1), StandInData(num_train=16, num_val=6))
     export(tmp_path / "run", tmp_path / "w.pt")
     model = timm.create_model("test_resnet", pretrained=False, num_classes=3)
     model.load_state_dict(torch.load(tmp_path / "w.pt", weights_only=True))  # strict

@@ -32,7 +32,7 @@ def write_phases(path: Path, phases=PHASES, recipe=RECIPE) -> Path:
 
 def config(tmp_path: Path, **overrides) -> RunConfig:
     values = dict(phases_path=write_phases(tmp_path / "phases.json"), out_dir=tmp_path / "run",
-                  device="cpu", progress=False, tensorboard=False, log_every=2)
+                  device="cpu", progress=False, tensorboard=False, log_every=2, threads=1)
     values.update(overrides)
     return RunConfig(**values)
 
@@ -40,8 +40,34 @@ def config(tmp_path: Path, **overrides) -> RunConfig:
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory) -> tuple[Path, dict]:
     tmp_path = tmp_path_factory.mktemp("smoke")
-    last = run(config(tmp_path, ema_decay=0.9, flip_tta=True), StandInData())
+    last = run(config(tmp_path, ema_decay=0.9, flip_tta=True, tensorboard=True), StandInData())
     return tmp_path / "run", last
+
+
+def test_tensorboard_events_read_back_with_tensorboards_reader(smoke_run) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, _ = smoke_run
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"epoch/top1", "epoch/top5", "epoch/train_loss", "train/loss", "train/lr"} <= tags
+    records = read_metrics(run_dir)
+    top1 = events.Scalars("epoch/top1")
+    assert [e.step for e in top1] == [1, 2]  # epochs completed
+    assert [e.value for e in top1] == pytest.approx([r["top1"] for r in records])
+    lrs = events.Scalars("train/lr")
+    assert lrs and lrs[-1].value == pytest.approx(records[-1]["lr"])
+
+
+def test_missing_tensorboard_is_one_clear_error(tmp_path: Path, monkeypatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if not installed
+    with pytest.raises(TrainError, match=r"TensorBoard events need the tensorboard package .*"
+                                         r"--no-tensorboard"):
+        run(config(tmp_path, tensorboard=True), StandInData())
+    assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 def test_smoke_run_writes_metrics_config_and_event_log(smoke_run) -> None:

@@ -109,6 +109,13 @@ class RunLog:
         self._tb = None
         if not enabled:
             return
+        writer = None
+        if tensorboard:  # checked before anything is written
+            try:
+                from torch.utils.tensorboard import SummaryWriter as writer
+            except ImportError as exc:  # a dependency: its absence is a broken install
+                raise TrainError(f"TensorBoard events need the tensorboard package ({exc}); "
+                                 "pip install tensorboard, or pass --no-tensorboard") from None
         self.out_dir.mkdir(parents=True, exist_ok=True)
         metrics = self.out_dir / METRICS_NAME
         if resume_epoch is not None and metrics.exists():
@@ -118,13 +125,8 @@ class RunLog:
         event_log = self.out_dir / EVENT_LOG_NAME
         if not event_log.exists():
             event_log.write_text("~~epoch\thours\ttop1\ttop5\n\n", encoding="utf-8")
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as exc:  # a dependency: its absence is a broken install
-                raise TrainError(f"TensorBoard events need the tensorboard package ({exc}); "
-                                 "pip install tensorboard, or pass --no-tensorboard") from None
-            self._tb = SummaryWriter(str(self.out_dir / TENSORBOARD_DIR))
+        if writer is not None:
+            self._tb = writer(str(self.out_dir / TENSORBOARD_DIR))
 
     def write_config(self, config: dict[str, Any], *, resumed: bool) -> None:
         """config.json for a fresh run; a resume adds config.resume-<n>.json beside it."""
