@@ -42,7 +42,7 @@ PREP_SIZES = (160, 320)
 NEEDS_SECONDS = {False: 10.0, True: 150.0}  # least budget left to start an eager / compiled row
 TINY = {"archs": "resnet18", "sizes": "32,64", "arch_sizes": "", "compile_sizes": "32,64", "steps": 2,
         "warmup": 1, "log_every": 1, "batch_size": 8, "fixture_images": 64, "fixture_classes": 4,
-        "workers": 1, "budget_seconds": 120.0, "config_seconds": 5.0}
+        "workers": 1, "budget_seconds": 240.0, "config_seconds": 20.0}
 
 
 def usable_cores() -> int:

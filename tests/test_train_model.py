@@ -106,6 +106,7 @@ def test_evaluate_counts_exactly_and_skips_empty_batches() -> None:
     assert model.training  # restored
 
 
+@pytest.mark.slow
 def test_bench_compares_synthetic_and_real(tmp_path: Path) -> None:
     phases = tmp_path / "p.json"
     phases.write_text(json.dumps({"recipe": {"arch": "resnet18"}, "phases": [

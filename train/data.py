@@ -1,8 +1,8 @@
 """Loaders, read top-down: sampler -> plan -> batch -> DataLoader -> (prefetch to the device).
 
 1. sampler (train.samplers): which records form batch b of epoch e on this rank.
-2. plan (`TrainPlan`, `ValPlan`): a batch's indices plus everything that decides its pixels
-   (crop boxes and flips, drawn from per-sample seeds).
+2. plan (train.samplers `TrainPlan`, `ValPlan`): a batch's indices plus everything that
+   decides its pixels (crop boxes and flips, drawn from per-sample seeds).
 3. batch (`BatchBuilder`): one worker turns one plan into one uint8 batch, decoding each JPEG
    straight into its slot of a preallocated tensor (train.decode; train.gpu_decode for
    decode="gpu", where workers only gather bytes), then the recipe's auto-augment per image.
@@ -12,18 +12,17 @@
 5. prefetch (train.prefetch.DevicePrefetcher): the next batch's copy to the device and its
    conversion to normalized float `x` run while the model works on the current one.
 
-The contract the trainer codes against is `TrainBatches` / `ValBatches` below; a faster loader
-(or a test stand-in) implements those and nothing else changes.
+`TrainLoader` and `ValLoader` implement the contract the trainer codes against
+(train.loader_contract: `TrainBatches`, `ValBatches`); a faster loader, or a test stand-in,
+implements those and nothing else changes.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import os
-import random
 import weakref
 from pathlib import Path
-from typing import Callable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -31,104 +30,14 @@ from torch.utils.data import DataLoader, get_worker_info
 
 from formats.dataset import RecordDataset
 from formats.errors import DatasetError
-from train.augment import TrainCrop, center_crop_box, rect_crop_box, rect_target_size
+from train.augment import TrainCrop
 from train.decode import decode_crop_into
 from train.gpu_decode import EncodedBatch, decode_on_device, encode_batch
-from train.samplers import (TrainBatchIndices, TrainBatchSampler, ValBatchIndices,
-                            center_val_batches, rect_val_batches, sample_seed)
+from train.loader_contract import Augment
+from train.samplers import (TrainBatchSampler, TrainPlan, ValPlan, center_val_batches,
+                            rect_val_batches, train_plans, val_plans)
 
 DECODERS = ("cpu", "gpu")
-Augment = Callable[[torch.Tensor, "list[int]"], None]  # train.auto_augment.AutoAugment
-
-
-class TrainBatches(Protocol):
-    """One rank's training batches, the contract `train run` relies on.
-
-    - `iter(loader)` yields `(images, labels)`: images uint8 of shape (N, 3, H, W) with
-      N = batch_size and H = W = the crop's side, in either memory format (NCHW or
-      channels_last strides); labels int64 (N,). On the CPU (pinned when CUDA is there), or
-      on the device for decode="gpu". Every batch is a fresh tensor today; a loader that
-      reuses buffers must not overwrite one before its (non_blocking) device copy is done.
-    - `len(loader)` batches per epoch, equal on every rank.
-    - `set_epoch(e, start_batch=k)`: the next iteration yields batches k..len-1 of epoch e;
-      what batch b holds depends only on (seed, e, rank, world_size, b) and the crop, so any
-      number of workers gives the same bits and a resumed epoch replays exactly.
-    - `set_crop(crop)`: from the next iteration on, without restarting workers.
-    - `close()`: stop the workers now.
-    """
-
-    batch_size: int
-
-    def __len__(self) -> int: ...
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None: ...
-
-    def set_crop(self, crop: TrainCrop) -> None: ...
-
-    def close(self) -> None: ...
-
-
-class ValBatches(Protocol):
-    """One rank's validation batches: each image exactly once over all ranks, `len()` equal
-    on every rank (so some batches may be EMPTY), a batch's images of one shape."""
-
-    def __len__(self) -> int: ...
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
-
-    def set_crop_size(self, crop_size: int) -> None: ...
-
-    def close(self) -> None: ...
-
-
-# --- 2. plans -------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainPlan:
-    batch: TrainBatchIndices
-    crop: TrainCrop
-    seed: int
-
-    @property
-    def out_size(self) -> tuple[int, int]:
-        return self.crop.crop_size, self.crop.crop_size
-
-    def sample_seeds(self) -> list[int]:
-        first, epoch = self.batch.first_position, self.batch.epoch
-        return [sample_seed(self.seed, epoch, first + slot) for slot in range(len(self.batch.indices))]
-
-    def boxes_and_flips(self, heights: np.ndarray, widths: np.ndarray):
-        boxes, flips = [], []
-        for index, seed in zip(self.batch.indices.tolist(), self.sample_seeds()):
-            rng = random.Random(seed)
-            boxes.append(self.crop.box(int(heights[index]), int(widths[index]), rng))
-            flips.append(rng.random() < 0.5)
-        return boxes, flips
-
-
-@dataclasses.dataclass(frozen=True)
-class ValPlan:
-    batch: ValBatchIndices
-    out_size: tuple[int, int]
-    rect: bool
-    crop_ratio: float
-
-    def sample_seeds(self) -> None:
-        return None  # validation is not augmented
-
-    def boxes_and_flips(self, heights: np.ndarray, widths: np.ndarray):
-        out_height, out_width = self.out_size
-        boxes = []
-        for index in self.batch.indices.tolist():
-            height, width = int(heights[index]), int(widths[index])
-            if self.rect:
-                boxes.append(rect_crop_box(height, width, out_height, out_width))
-            else:
-                boxes.append(center_crop_box(height, width, out_height, self.crop_ratio))
-        return boxes, [False] * len(boxes)
 
 
 # --- 3. batches -----------------------------------------------------------------------------
@@ -304,7 +213,7 @@ class _Core:
 
 
 class TrainLoader(_Core):
-    """One rank's training batches (`TrainBatches`).
+    """One rank's training batches (train.loader_contract.TrainBatches).
 
     decode="cpu": images are CPU tensors (pinned when CUDA is available). decode="gpu": images
     come back on `device` (default "cuda"), decoded by nvJPEG; workers only read bytes.
@@ -338,7 +247,7 @@ class TrainLoader(_Core):
 
 
 class ValLoader(_Core):
-    """One rank's validation batches (`ValBatches`). rect=False: resize shorter side to
+    """One rank's validation batches (train.loader_contract.ValBatches). rect=False: resize shorter side to
     crop_size / crop_ratio, center crop. rect=True: imagenet18's aspect-ratio batches."""
 
     def __init__(self, dataset_dir: Path, batch_size: int, crop_size: int, *, rank: int = 0, world_size: int = 1,
@@ -369,16 +278,3 @@ class ValLoader(_Core):
 
     def plans(self):
         return val_plans(self.batches, self.crop_size, self.rect, self.crop_ratio)
-
-
-# Plan generators are free functions of the loader's settings at the start of an iteration:
-# the DataLoader's iterator keeps one alive, and a method would keep the loader alive with it.
-def train_plans(sampler: TrainBatchSampler, crop: TrainCrop, seed: int):
-    for batch in sampler:
-        yield TrainPlan(batch, crop, seed)
-
-
-def val_plans(batches: list[ValBatchIndices], crop_size: int, rect: bool, crop_ratio: float):
-    for batch in batches:
-        out_size = rect_target_size(crop_size, batch.aspect_ratio) if rect else (crop_size, crop_size)
-        yield ValPlan(batch, out_size, rect, crop_ratio)

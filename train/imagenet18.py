@@ -72,10 +72,41 @@ def from_imagenet18(entries: Sequence[Any], *, full_prep_size: int | None = None
       phase's last step; we count from 0 (FFCV), starting exactly at `s`.  The two differ
       by one step's increment.
     """
+    data, lrs = _read_entries(entries)
+    num_epochs = _check_lr_phases(data, lrs)
+    if full_prep_size is not None and (not is_int(full_prep_size) or full_prep_size <= 0):
+        raise ScheduleError(f"full_prep_size must be a positive integer, got {full_prep_size!r}")
+    if full_prep_size is None:
+        sized = [int(m.group(1)) for _, d in data for key in ("trndir", "valdir")
+                 if (m := _SZ_DIR.fullmatch(d[key]))]
+        full_prep_size = max(sized) if sized else None
+    bounds = sorted({s for s, _ in data} | {s for s, _, _ in lrs} | {num_epochs})
+    bounds = [b for b in bounds if b <= num_epochs]
+    phases = []
+    for lo, hi in zip(bounds, bounds[1:]):
+        d = next(d for s, d in reversed(data) if s <= lo)
+        lr_phase = next(seg for seg in reversed(lrs) if seg[0] <= lo)
+        phases.append(Phase(
+            epochs=(lo, hi),
+            prep_size=_prep_size_of(d["trndir"], full_prep_size, d["index"], "trndir", d["sz"]),
+            crop_size=d["sz"], batch_size=d["bs"], lr=(_lr_of(lr_phase, lo), _lr_of(lr_phase, hi)),
+            min_scale=d["min_scale"], rect_val=d["rect_val"],
+            val_prep_size=_prep_size_of(d["valdir"], full_prep_size, d["index"], "valdir",
+                                        d["sz"]),
+            val_crop_size=d["sz"]))
+    return Schedule(tuple(phases))
+
+
+DataPhases = list[tuple[int, dict[str, Any]]]  # (start epoch, settings)
+LRPhases = list[tuple[int, int | None, tuple[float, float]]]  # (start, end or None, lr pair)
+
+
+def _read_entries(entries: Sequence[Any]) -> tuple[DataPhases, LRPhases]:
+    """Each entry checked and sorted into data phases and LR phases."""
     if not isinstance(entries, list) or not entries:
         raise ScheduleError("imagenet18 phases must be a non-empty list")
-    data: list[tuple[int, dict[str, Any]]] = []
-    lrs: list[tuple[int, int | None, tuple[float, float]]] = []
+    data: DataPhases = []
+    lrs: LRPhases = []
     for i, entry in enumerate(entries):
         if not isinstance(entry, Mapping):
             raise ScheduleError(f"imagenet18 entry {i}: must be an object")
@@ -106,6 +137,11 @@ def from_imagenet18(entries: Sequence[Any], *, full_prep_size: int | None = None
                 raise _entry_error(i, "ep", f"LR phases must start in increasing order "
                                    f"({start} after {lrs[-1][0]})")
             lrs.append((start, end, lr))
+    return data, lrs
+
+
+def _check_lr_phases(data: DataPhases, lrs: LRPhases) -> int:
+    """Both kinds start at epoch 0 and the LR phases leave no gap; returns the epoch count."""
     if not data or data[0][0] != 0:
         raise ScheduleError("imagenet18 list: no data phase ('bs') at epoch 0")
     if not lrs or lrs[0][0] != 0:
@@ -117,27 +153,7 @@ def from_imagenet18(entries: Sequence[Any], *, full_prep_size: int | None = None
         if e is not None and lrs[k + 1][0] > e and lr0 != lr1:
             raise ScheduleError(f"imagenet18 list: linear LR phase {[s, e]} ends before the "
                                 f"next LR phase starts at {lrs[k + 1][0]} (gap)")
-    if full_prep_size is not None and (not is_int(full_prep_size) or full_prep_size <= 0):
-        raise ScheduleError(f"full_prep_size must be a positive integer, got {full_prep_size!r}")
-    if full_prep_size is None:
-        sized = [int(m.group(1)) for _, d in data for key in ("trndir", "valdir")
-                 if (m := _SZ_DIR.fullmatch(d[key]))]
-        full_prep_size = max(sized) if sized else None
-    bounds = sorted({s for s, _ in data} | {s for s, _, _ in lrs} | {num_epochs})
-    bounds = [b for b in bounds if b <= num_epochs]
-    phases = []
-    for lo, hi in zip(bounds, bounds[1:]):
-        d = next(d for s, d in reversed(data) if s <= lo)
-        lr_phase = next(seg for seg in reversed(lrs) if seg[0] <= lo)
-        phases.append(Phase(
-            epochs=(lo, hi),
-            prep_size=_prep_size_of(d["trndir"], full_prep_size, d["index"], "trndir", d["sz"]),
-            crop_size=d["sz"], batch_size=d["bs"], lr=(_lr_of(lr_phase, lo), _lr_of(lr_phase, hi)),
-            min_scale=d["min_scale"], rect_val=d["rect_val"],
-            val_prep_size=_prep_size_of(d["valdir"], full_prep_size, d["index"], "valdir",
-                                        d["sz"]),
-            val_crop_size=d["sz"]))
-    return Schedule(tuple(phases))
+    return num_epochs
 
 
 def _lr_of(lr_phase: tuple[int, int | None, tuple[float, float]], epoch: int) -> float:

@@ -10,10 +10,9 @@ A phase is a half-open epoch range `[start, end)` and what it trains on (GUIDE.m
 
 - `prep_size`: shorter side of the stored shards the phase reads (`train-{prep_size}/`).
 - `crop_size`: side of the training input, at most `prep_size`. `[a, b]` is a ramp (FFCV's
-  progressive resizing): `a` at the phase's first epoch, `b` at its last, linear per epoch in
-  between, each rounded to a multiple of `crop_multiple` (default 32, as FFCV; 1 = exact).
-  FFCV's min_res/max_res ramp from start_ramp to end_ramp is the phase
-  [start_ramp, end_ramp + 1). The crop changes in place: no loader is rebuilt.
+  progressive resizing, applied in place): `a` in the phase's first epoch, `b` in its last,
+  linear per epoch, rounded to a multiple of `crop_multiple` (default 32 as FFCV; 1 = exact).
+  FFCV's ramp from start_ramp to end_ramp is the phase [start_ramp, end_ramp + 1).
 - `batch_size`: PER GPU, per forward pass. `accum_steps` (default 1) forward/backward passes
   make one optimizer step, so the global batch is `batch_size * world_size * accum_steps`.
 - `lr`: the optimizer LR, applied to the gradient averaged over that global batch (the meaning
@@ -24,8 +23,7 @@ A phase is a half-open epoch range `[start, end)` and what it trains on (GUIDE.m
   the same factor from one epoch to the next: `start` in the first epoch, `end` in the last,
   torch's StepLR with step_size 1; both > 0). A scalar `lr` is constant. An LR is tuned for
   one world size; each recipe says which (`recipe.tuned_num_gpus`).
-- `min_scale`: lower area bound of RandomResizedCrop; default 0.08 (torchvision, imagenet18
-  and FFCV alike). `rect_val`: imagenet18's aspect-ratio-batched validation; default false.
+- `min_scale`: RandomResizedCrop's lower area bound (0.08). `rect_val`: imagenet18's rect val.
 - `val_prep_size` / `val_crop_size`: validation shards and input side; default to
   `prep_size` / `crop_size` (a ramp's last crop).
 """

@@ -18,7 +18,7 @@ import torch
 
 from train.augment import TrainCrop
 from train.config import RunConfig, TrainError
-from train.data import Augment, TrainBatches, ValBatches
+from train.loader_contract import Augment, TrainBatches, ValBatches
 from train.dist import DistEnv
 from train.loop import DeviceBatches
 from train.rebuilds import loader_changes, loader_settings
