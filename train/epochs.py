@@ -9,6 +9,7 @@ and the end-of-epoch stop check happen at the same (epoch, step) on every rank; 
 from __future__ import annotations
 
 import math
+import random
 from typing import Any
 
 import torch
@@ -45,6 +46,7 @@ def build_trainer(config: RunConfig, recipe: Recipe, env: DistEnv, num_classes: 
                   precision: str) -> Trainer:
     """Model (same initial weights on every rank), EMA, optimizer, scaler, DDP, compile."""
     torch.manual_seed(config.seed)
+    random.seed(config.seed)  # nothing draws from it; seeded, its saved state is the same too
     module = build_model(recipe, num_classes)
     for note in model_notes(recipe, module):
         say(note)

@@ -113,7 +113,7 @@ class _Interval:
                                                             device=self.device)
                                                for v in (self.batches, self.images,
                                                          data_wait_s, float(stop)))])
-        reduced = (all_reduce_sum(env, values) if env is not None else values).tolist()
+        reduced = all_reduce_sum(env, values).tolist()
         seconds = now() - self.started
         self.reset()
         return [*reduced, seconds]
