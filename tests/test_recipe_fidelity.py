@@ -186,6 +186,8 @@ def test_crop_ramp_errors() -> None:
         phase(0, 3, crop_size=[128, 192]))
     assert "rounds to 0" in schedule_error(phase(0, 3, crop_size=[8, 16]))
     assert "positive integer or a ramp" in schedule_error(phase(0, 3, crop_size=[8, "x"]))
+    assert "key 'crop_multiple': must be a positive integer" in schedule_error(
+        phase(0, 3, crop_multiple=0))
 
 
 # --- gradient accumulation --------------------------------------------------------------

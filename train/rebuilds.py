@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from formats.layout import split_dir_name
-from train.schedule import Schedule
+from train.schedule import Schedule, ShardDirs
 
 # A change in TRAIN_/VAL_LOADER_FIELDS rebuilds that loader (new shards, new batch sampler);
 # a change in IN_PLACE_FIELDS alone is applied to the live loader (`set_crop`,
@@ -23,7 +22,7 @@ IN_PLACE_FIELDS = ("crop_size", "min_scale", "val_crop_size")
 
 
 @dataclass(frozen=True)
-class LoaderSettings:
+class LoaderSettings(ShardDirs):
     """What the loaders of one epoch are built from (field order = Phase's)."""
 
     prep_size: int
@@ -33,14 +32,6 @@ class LoaderSettings:
     rect_val: bool
     val_prep_size: int
     val_crop_size: int
-
-    @property
-    def train_dir_name(self) -> str:
-        return split_dir_name("train", self.prep_size)
-
-    @property
-    def val_dir_name(self) -> str:
-        return split_dir_name("val", self.val_prep_size)
 
 
 LOADER_KEYS = tuple(f.name for f in fields(LoaderSettings))

@@ -52,8 +52,20 @@ def round_crop(value: float, multiple: int) -> int:
     return int(round(value / multiple)) * multiple
 
 
+class ShardDirs:
+    """`train-{prep_size}/` and `val-{val_prep_size}/` of a Phase or one epoch's settings."""
+
+    @property
+    def train_dir_name(self) -> str:
+        return split_dir_name("train", self.prep_size)
+
+    @property
+    def val_dir_name(self) -> str:
+        return split_dir_name("val", self.val_prep_size)
+
+
 @dataclass(frozen=True)
-class Phase:
+class Phase(ShardDirs):
     """One contiguous run of epochs; field names equal the JSON keys.
 
     JSON lists become tuples, a scalar `lr` becomes `(lr, lr)`, and the `val_*` defaults are
@@ -116,14 +128,6 @@ class Phase:
     def num_epochs(self) -> int:
         return self.epochs[1] - self.epochs[0]
 
-    @property
-    def train_dir_name(self) -> str:
-        return split_dir_name("train", self.prep_size)
-
-    @property
-    def val_dir_name(self) -> str:
-        return split_dir_name("val", self.val_prep_size)
-
     def lr_at_fraction(self, progress: float) -> float:
         """LR at `progress` in [0, 1] of the phase's steps (0 = its first step); not "step"."""
         start, end = self.lr
@@ -174,13 +178,13 @@ def phase_error(index: int, key: str, message: str) -> ScheduleError:
 
 def _check_crops(p: Phase, i: int) -> None:
     ramp = p.crop_ramp
+    if not is_int(p.crop_multiple) or p.crop_multiple < 1:
+        raise phase_error(i, "crop_multiple", f"must be a positive integer, got "
+                          f"{p.crop_multiple!r}")
     if ramp is not None:
         if not (len(ramp) == 2 and all(is_int(x) and x > 0 for x in ramp)):
             raise phase_error(i, "crop_size", f"must be a positive integer or a ramp [first, "
                               f"last], got {list(ramp)}")
-        if not is_int(p.crop_multiple) or p.crop_multiple < 1:
-            raise phase_error(i, "crop_multiple", f"must be a positive integer, got "
-                              f"{p.crop_multiple!r}")
         if p.num_epochs < 2:
             raise phase_error(i, "crop_size", "a ramp [first, last] needs a phase of 2 or "
                               "more epochs")
