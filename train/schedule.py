@@ -1,7 +1,5 @@
 """Training schedule maths: `Phase` / `Schedule` and the pure queries a run asks of them.
-
-Stdlib only: no torch, no typer, nothing runs at import time. Reading files and telling our
-format from imagenet18's is train.phases; this module holds what the phases mean.
+Stdlib only (no torch); reading files and telling the formats apart is train.phases.
 
 A phase is a half-open epoch range `[start, end)` and what it trains on (GUIDE.md section 4):
 
@@ -22,10 +20,9 @@ A phase is a half-open epoch range `[start, end)` and what it trains on (GUIDE.m
   "constant" (one LR: a number or [x, x]), "step" (constant within each epoch, multiplied by
   the same factor from one epoch to the next: `start` in the first epoch, `end` in the last,
   torch's StepLR with step_size 1; both > 0). A scalar `lr` is constant. An LR is tuned for
-  one world size; each recipe says which (`recipe.tuned_num_gpus`).
+  one world size (`recipe.tuned_num_gpus`).
 - `min_scale`: RandomResizedCrop's lower area bound (0.08). `rect_val`: imagenet18's rect val.
-- `val_prep_size` / `val_crop_size`: validation shards and input side; default to
-  `prep_size` / `crop_size` (a ramp's last crop).
+- `val_prep_size` / `val_crop_size`: validation shards and side (default: the phase's).
 """
 
 from __future__ import annotations
