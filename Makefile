@@ -17,7 +17,7 @@ FORMAT ?= lmdb
 DEMO ?= demo
 
 GPUS ?= 8
-.PHONY: setup demo test test-quick bench shards shards-160 shards-320 verify info clean-demo \
+.PHONY: setup demo test test-quick bench bench-peers shards shards-160 shards-320 verify info clean-demo \
 	train-imagenet18 train-rn50 train-rn18 bench-train
 
 setup: $(STAMP)
@@ -55,6 +55,12 @@ $(BENCH_STAMP): $(STAMP)
 bench: $(BENCH_STAMP)
 	$(BIN)/python bench/prep.py
 	$(BIN)/python bench/loader.py
+
+# FFCV and DALI's CPU pipeline in their own venv (bench/.peers-venv), against ours and the issue-10
+# threaded prototype in interleaved rounds (bench/loader.py then shows them as rows (7) too).
+bench-peers: $(BENCH_STAMP)
+	bash bench/setup_peers.sh
+	$(BIN)/python bench/loader_peers.py
 
 # --- full pipelines on real ImageNet: tars -> shards -> verify ---------------------------------
 shards-160: $(STAMP)

@@ -8,6 +8,9 @@ the baselines people use, measured in the same run with the same workers and bat
   (4) WebDataset + PIL over tar shards of the sz/160 JPEGs (skipped if webdataset is missing)
   (5) ours: TrainLoader over train-160 (LMDB and msgpack), built by `prep build-*`
   (6) the floor: libjpeg-turbo decode of the stored sz/160 JPEGs alone, one process
+  (7) FFCV (default and contiguous output) and DALI's CPU pipeline on the same records, when
+      bench/setup_peers.sh has made their venv (else one "skipped" line each); bench/loader_peers.py
+      compares them with ours and the issue-10 prototype in interleaved rounds
 
     python bench/loader.py [--workers 2] [--batch-size 128] [--seconds 5] [--repeats 1] [--json-out r.json]
 
@@ -36,6 +39,7 @@ sys.path.insert(1, str(HERE))
 
 import fixture  # noqa: E402  (bench/fixture.py)
 import loader_baselines as base  # noqa: E402  (bench/loader_baselines.py)
+import peer_servers  # noqa: E402  (bench/peer_servers.py: FFCV, DALI in their own venv)
 from train.augment import TrainCrop  # noqa: E402
 from train.data import TrainLoader, ValLoader  # noqa: E402
 from train.bench_loader import machine_description  # noqa: E402
@@ -185,7 +189,13 @@ RATIOS = [  # (group, label, numerator, denominator or None for a per-core figur
     ("train128", "ours msgpack vs ours LMDB", "ours_msgpack", "ours_lmdb", ""),
     ("train128", "ours LMDB per core vs (6) decode floor", "ours_lmdb", "floor", ""),
     ("train128", "ours LMDB img/s per worker core", "ours_lmdb", None, ">= 2000"),
+    ("train128", "ours LMDB vs (7) FFCV default", "ours_lmdb", "ffcv", ""),
+    ("train128", "ours LMDB vs (7) FFCV contiguous", "ours_lmdb", "ffcv-contiguous", ""),
+    ("train128", "ours LMDB vs (7) DALI CPU", "ours_lmdb", "dali", ""),
     ("train224", "ours LMDB vs (1) ImageFolder full-size", "ours_lmdb", "imagefolder_full", ""),
+    ("train224", "ours LMDB vs (7) FFCV default", "ours_lmdb", "ffcv", ""),
+    ("train224", "ours LMDB vs (7) FFCV contiguous", "ours_lmdb", "ffcv-contiguous", ""),
+    ("train224", "ours LMDB vs (7) DALI CPU", "ours_lmdb", "dali", ""),
     ("train224", "ours LMDB vs (2) ImageFolder sz/320", "ours_lmdb", "imagefolder_320", ""),
     ("train224", "ours LMDB per core vs (6) decode floor", "ours_lmdb", "floor", ""),
     ("val224", "ours center vs (1) ImageFolder full-size", "ours_center", "imagefolder_full", ""),
@@ -227,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup-batches", type=int, default=4)
     parser.add_argument("--groups", default=",".join(GROUPS), help=f"comma-separated subset of {GROUPS}")
     parser.add_argument("--cache", type=Path, default=HERE / ".cache")
+    parser.add_argument("--peers-python", type=Path, help="python of the peer venv (default bench/.peers-venv)")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args(argv)
     groups = [g for g in args.groups.split(",") if g]
@@ -237,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     fixture_dir = args.cache / f"fixture-{args.num_images}"
     stats = load_or_build_fixture(fixture_dir, args.num_images)["stats"]
     cache = base.cache_dir_for(fixture_dir)
-    todo = [c for c in configs(args, fixture_dir, cache) if c[0] in groups]
+    peers = peer_servers.peer_baselines(args, base.our_shards(fixture_dir, cache, (160, 320))["lmdb"], cache)
+    todo = sorted((c for c in configs(args, fixture_dir, cache) + peers if c[0] in groups), key=lambda c: GROUPS.index(c[0]))
     prepared = time.perf_counter() - started
     print(f"machine: {machine_description()}")
     print(f"fixture: {stats['count']} real-photo JPEGs, median {stats['median_width']:.0f}x"
@@ -273,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json_out:
         args.json_out.write_text(json.dumps({
             "machine": machine_description(), "fixture": stats, "settings": vars(args) | {"cache": str(args.cache),
-                                                                                        "json_out": str(args.json_out)},
+                                                                                        "json_out": str(args.json_out),
+                                                                                        "peers_python": str(args.peers_python)},
             "results": results, "ratios": table, "seconds_total": total, "seconds_inputs": prepared}, indent=1))
     return 0
 

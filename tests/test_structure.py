@@ -153,7 +153,7 @@ def test_benchmarks_and_library_use_public_api_only() -> None:
     """bench/ and the bench-facing train code (train bench, train bench-loader) touch no
     leading-underscore name from outside its module; the library crosses module lines only
     through public names too, torch's allowed exceptions aside."""
-    paths = sorted((REPO / "bench").glob("*.py")) + [p for p in modules().values()]
+    paths = sorted((REPO / "bench").rglob("*.py")) + [p for p in modules().values()]
     found = []
     for path in paths:
         relative = str(path.relative_to(REPO))
