@@ -17,7 +17,7 @@ FORMAT ?= lmdb
 DEMO ?= demo
 
 GPUS ?= 8
-.PHONY: setup demo test bench bench-peers bench-scale shards shards-160 shards-320 verify info clean-demo \
+.PHONY: setup demo test test-quick bench bench-peers bench-scale shards shards-160 shards-320 verify info clean-demo \
 	train-imagenet18 train-rn50 train-rn18 bench-train
 
 setup: $(STAMP)
@@ -28,6 +28,10 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The quick tier while editing (< ~1 min): everything but the tests marked slow.
+test-quick: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 # The main job on the embedded sample data, on CPU in a few minutes: ImageNet-format archives ->
 # shards at 2 sizes in both formats -> verify -> train ResNet-18 (phases/demo.json) -> report.

@@ -42,7 +42,7 @@ PREP_SIZES = (160, 320)
 NEEDS_SECONDS = {False: 10.0, True: 150.0}  # least budget left to start an eager / compiled row
 TINY = {"archs": "resnet18", "sizes": "32,64", "arch_sizes": "", "compile_sizes": "32,64", "steps": 2,
         "warmup": 1, "log_every": 1, "batch_size": 8, "fixture_images": 64, "fixture_classes": 4,
-        "workers": 1, "budget_seconds": 120.0, "config_seconds": 5.0}
+        "workers": 1, "budget_seconds": 240.0, "config_seconds": 20.0}
 
 
 def usable_cores() -> int:
@@ -128,7 +128,7 @@ def machine_line(cuda: bool) -> str:
 
     import torch
     import torchvision
-    from train.loader_bench import machine_description
+    from train.bench_loader import machine_description
 
     gpu = "no CUDA (CPU run)"
     if cuda:
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from gpu_measure import Inputs
     from train.dist import resolve_device
-    from train.schedule import load_schedule
+    from train.phases import load_schedule
 
     device = resolve_device(args.device)
     cuda = device.type == "cuda"

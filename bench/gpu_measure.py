@@ -1,14 +1,14 @@
 """One row of bench/gpu.py: `train run`'s own step loop, timed at its own sync points.
 
-Each measurement builds a `train.session.Session` (model, channels_last, fused SGD, autocast,
-GradScaler for fp16, torch.compile, cudnn.benchmark, TF32: exactly as `train run` sets them up)
-and drives `Session._run_steps`, the loop `train run` runs every epoch: per step the schedule's
-LR, the step seed, `Trainer.step`, the loss summed on the device, and one host sync every
-`log_every` steps. Only the data source differs between configs (it is `train run`'s
-`DataSource` seam). The sync points are timestamped by overriding `_account`, the method the
-loop calls right after each sync, so a window between two of them is wall time with the GPU
+Public API only. Each measurement sets torch up and builds the trainer with the functions
+`train run` uses (`train.epochs.configure_torch` and `build_trainer`: model, channels_last,
+fused SGD, autocast, GradScaler for fp16, torch.compile, cudnn.benchmark, TF32) and drives
+`train.loop.train_steps`, the loop `train run` runs every epoch: per step the LR, the step
+seed, `Trainer.accumulate`, the loss summed on the device, and one host sync every
+`log_every` steps. Only the batches differ between configs. Its `on_sync` callback
+timestamps each sync point, so a window between two of them is wall time with the GPU
 drained at both ends: warm-up intervals (cudnn autotuning, loader start) are left out, and the
-window stops at `steps` or when `cap_seconds` have passed.
+window stops at `steps` or when `cap_seconds` have passed (on_sync returns True).
 """
 from __future__ import annotations
 
@@ -17,20 +17,21 @@ import itertools
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from gpu_report import Mark, window_rate  # bench/ is on sys.path (bench/gpu.py puts it there)
 from train.augment import TrainCrop
+from train.bench import SyntheticBatches
+from train.config import Recipe, RunConfig
 from train.constants import IMAGENET_MEAN, IMAGENET_STD
 from train.data import TrainLoader
 from train.dist import init_distributed
-from train.model import Recipe
-from train.run import RunConfig, ShardData, StopFlag
-from train.schedule import parse_schedule
-from train.session import Session
-from train.synthetic import SyntheticBatches
+from train.epochs import build_trainer, configure_torch
+from train.loop import SyncPoint, TrainState, train_steps
+from train.prefetch import DevicePrefetcher
+from train.step import resolve_precision
 
 NUM_CLASSES = 1000  # the ImageNet head, whatever the fixture's class count
 LR = 0.01  # constant: random labels at a small LR keep every precision finite
@@ -60,32 +61,28 @@ class Inputs:
     out_dir: Path
 
 
-class WindowFull(Exception):
-    """Raised from the loop's sync point once the timed window has lasted cap_seconds."""
+class Window:
+    """on_sync for train_steps: timestamps each sync point; True once the timed window has
+    lasted `cap_seconds` (train_steps then returns)."""
 
+    def __init__(self, warmup_steps: int, cap_seconds: float) -> None:
+        self.warmup_steps, self.cap_seconds = warmup_steps, cap_seconds
+        self.marks: list[Mark] = []
 
-class MeasuredSession(Session):
-    """train run's Session; each sync point is also timestamped (see the module doc)."""
-
-    warmup_steps = 0
-    cap_seconds = float("inf")
-
-    def _account(self, synced, epoch, step, lr, bar) -> None:
-        super()._account(synced, epoch, step, lr, bar)
-        self.marks.append(Mark(time.perf_counter(), step + 1, synced["images"], synced["data_wait_s"]))
+    def __call__(self, sync: SyncPoint) -> bool:
+        self.marks.append(Mark(time.perf_counter(), sync.step, sync.images, sync.data_wait_s))
         started = next((m.time for m in self.marks if m.steps >= self.warmup_steps), None)
-        if started is not None and self.marks[-1].steps > self.warmup_steps and \
-                self.marks[-1].time - started >= self.cap_seconds:
-            raise WindowFull
+        return (started is not None and self.marks[-1].steps > self.warmup_steps
+                and self.marks[-1].time - started >= self.cap_seconds)
 
 
 class EndlessTrainLoader(TrainLoader):
     """Epochs back to back in one DataLoader iteration: a fixture epoch is a few batches."""
 
-    def _plans(self):
+    def plans(self):
         for epoch in itertools.count():
             self.set_epoch(epoch)
-            yield from super()._plans()
+            yield from super().plans()
 
 
 class FolderLoader:
@@ -104,18 +101,15 @@ class FolderLoader:
         self.loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                  sampler=RandomSampler(dataset, num_samples=ENDLESS), drop_last=True,
                                  pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
-        self._iterator = None
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        pass
 
     def __iter__(self):
-        self._iterator = iter(self.loader)
-        return self._iterator
+        if self.loader is None:
+            raise RuntimeError("closed")
+        return iter(self.loader)
 
     def close(self) -> None:
-        if hasattr(self._iterator, "_shutdown_workers"):
-            self._iterator._shutdown_workers()
+        """Dropping the DataLoader (and so its iterator) stops its workers (torch's finalizer)."""
+        self.loader = None
 
 
 class PlainCopy:
@@ -140,46 +134,37 @@ class PlainCopy:
                    labels.to(self.device, non_blocking=True))
 
 
-class _NoLoader:
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        pass
-
-
 @dataclass
 class Source:
-    """A `DataSource` for Session (only `prefetcher` is used on this path) and the loader."""
+    """A config's batches on the device, and the loader behind them (None for synthetic)."""
 
-    loader: Any
-    make_prefetcher: Callable[[Any, torch.device, bool], Any]
-
-    def prefetcher(self, loader, device, channels_last):
-        return self.make_prefetcher(loader, device, channels_last)
+    batches: Any
+    loader: Any = None
 
     def close(self) -> None:
-        getattr(self.loader, "close", lambda: None)()
+        if self.loader is not None:
+            self.loader.close()
 
 
 def make_source(job: Job, inputs: Inputs, device: torch.device, prep_size: int) -> Source:
     if job.config == "a":
-        return Source(_NoLoader(), lambda loader, dev, cl: SyntheticBatches(
-            job.batch_size, job.crop_size, NUM_CLASSES, ENDLESS, dev, cl))
+        return Source(SyntheticBatches(job.batch_size, job.crop_size, NUM_CLASSES, ENDLESS, device))
     if job.config in ("b", "c"):
+        gpu = job.config == "c"
         loader = EndlessTrainLoader(inputs.shard_dirs[prep_size], job.batch_size, TrainCrop(job.crop_size),
-                                    workers=inputs.workers, decode="gpu" if job.config == "c" else "cpu",
-                                    device=str(device) if job.config == "c" else None)
-        return Source(loader, ShardData(inputs.shard_dirs[prep_size].parent).prefetcher)  # train run's
+                                    workers=inputs.workers, decode="gpu" if gpu else "cpu",
+                                    device=str(device) if gpu else None)
+        loader.set_epoch(0)
+        return Source(DevicePrefetcher(loader, device, channels_last=True), loader)  # train run's
     if job.config == "d":
         loader = FolderLoader(inputs.folder_dir, job.crop_size, job.batch_size, inputs.workers)
-        return Source(loader, lambda loader, dev, cl: PlainCopy(loader, dev, cl))
+        return Source(PlainCopy(loader, device, channels_last=True), loader)
     raise ValueError(f"unknown config {job.config!r}")
 
 
 def measure(job: Job, inputs: Inputs, prep_size: int, cap_seconds: float) -> dict[str, Any]:
     """Run `job` through train run's loop; img/s, data-wait share and GPU memory peak."""
-    phase = {"epochs": [0, 1], "prep_size": prep_size, "crop_size": job.crop_size,
-             "batch_size": job.batch_size, "lr": LR}
-    loaded = parse_schedule({"recipe": inputs.recipe, "phases": [phase]})
-    recipe = Recipe.from_mapping(loaded.recipe, arch=job.arch)
+    recipe = Recipe.from_mapping(inputs.recipe, arch=job.arch)
     config = RunConfig(Path("bench/gpu.py"), out_dir=inputs.out_dir / "run", arch=job.arch,
                        device=inputs.device, precision=job.precision, compile=job.compile,
                        workers=inputs.workers, decode="gpu" if job.config == "c" else "cpu",
@@ -188,30 +173,25 @@ def measure(job: Job, inputs: Inputs, prep_size: int, cap_seconds: float) -> dic
     cuda = env.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(env.device)
-    torch.manual_seed(0)
+    configure_torch(config, env.device)
     source = make_source(job, inputs, env.device, prep_size)
-    session = None
+    trainer = None
     try:
-        session = MeasuredSession(config, loaded, recipe, source, env, NUM_CLASSES, StopFlag())
-        session.marks, session.warmup_steps, session.cap_seconds = [], inputs.warmup_steps, cap_seconds
-        if job.compile:
-            session._warm_up()  # compile the shape before the clock, as train run does
-        from tqdm import tqdm
-
-        try:
-            session._run_steps(source.loader, loaded.schedule.phases[0],
-                               inputs.warmup_steps + inputs.steps, tqdm(disable=True))
-        except WindowFull:
-            pass
-        result = window_rate(session.marks, inputs.warmup_steps)
+        trainer = build_trainer(config, recipe, env, NUM_CLASSES,
+                                resolve_precision(job.precision, env.device))
+        if job.compile:  # compile the shape before the clock, as train run does
+            trainer.warm_up([(job.batch_size, job.crop_size)], channels_last=True, say=lambda _: None)
+        window = Window(inputs.warmup_steps, cap_seconds)
+        train_steps(trainer, TrainState(), source.batches, steps=inputs.warmup_steps + inputs.steps,
+                    lr_at=lambda step: LR, on_sync=window, sync_every=inputs.log_every, seed=config.seed,
+                    env=env)
+        result = window_rate(window.marks, inputs.warmup_steps)
     finally:
         source.close()
-        if session is not None:
-            session.log.close()
-        del session
+        del trainer
         gc.collect()
         if job.compile:
-            torch._dynamo.reset()
+            torch.compiler.reset()
     if cuda:
         result["gpu_mem_gib"] = torch.cuda.max_memory_allocated(env.device) / 2**30
         torch.cuda.empty_cache()

@@ -123,7 +123,7 @@ def project(schedule_path: Path, rows: Sequence[dict], configs: Sequence[str] = 
     """Hours of the schedule's training steps on one GPU, per config, from bf16 eager rows of
     the schedule's arch (or, if none was measured, of the first measured arch, flagged).
     A relative `schedule_path` is read under `root` (default: the working directory)."""
-    from train.schedule import load_schedule
+    from train.phases import load_schedule
 
     loaded = load_schedule(schedule_path if root is None else Path(root) / schedule_path)
     arch = loaded.recipe.get("arch", "resnet50")
@@ -138,13 +138,16 @@ def project(schedule_path: Path, rows: Sequence[dict], configs: Sequence[str] = 
         if rates:
             out["hours"][config] = 0.0
         for index, phase in enumerate(loaded.schedule.phases):
+            crops = [phase.crop_size_at(epoch) for epoch in range(*phase.epochs)]  # a ramp moves
             if len(out["phases"]) <= index:
-                out["phases"].append({"epochs": list(phase.epochs), "crop_size": phase.crop_size,
-                                      "num_epochs": phase.epochs[1] - phase.epochs[0], "rates": {}})
+                shown = phase.crop_size if len(set(crops)) == 1 else f"{crops[0]}-{crops[-1]}"
+                out["phases"].append({"epochs": list(phase.epochs), "crop_size": shown,
+                                      "num_epochs": len(crops), "rates": {}})
             if not rates:
                 continue
-            rate, how = rate_at(rates, phase.crop_size)
-            hours = out["phases"][index]["num_epochs"] * images_per_epoch / rate / 3600
+            how = rate_at(rates, crops[0])[1]
+            hours = sum(images_per_epoch / rate_at(rates, crop)[0] / 3600 for crop in crops)
+            rate = len(crops) * images_per_epoch / hours / 3600
             out["phases"][index]["rates"][config] = {"img_per_s": rate, "how": how, "hours": hours}
             out["hours"][config] += hours
     return out

@@ -42,7 +42,7 @@ import loader_baselines as base  # noqa: E402  (bench/loader_baselines.py)
 import peer_servers  # noqa: E402  (bench/peer_servers.py: FFCV, DALI in their own venv)
 from train.augment import TrainCrop  # noqa: E402
 from train.data import TrainLoader, ValLoader  # noqa: E402
-from train.loader_bench import machine_description  # noqa: E402
+from train.bench_loader import machine_description  # noqa: E402
 
 GROUPS = ("train128", "train224", "val224")
 GROUP_TITLES = {
@@ -55,16 +55,16 @@ GROUP_TITLES = {
 class EndlessTrainLoader(TrainLoader):
     """Epochs back to back in one DataLoader iteration, like the baselines' endless samplers."""
 
-    def _plans(self):
+    def plans(self):
         for epoch in itertools.count():
             self.set_epoch(epoch)
-            yield from super()._plans()
+            yield from super().plans()
 
 
 class EndlessValLoader(ValLoader):
-    def _plans(self):
+    def plans(self):
         while True:
-            yield from super()._plans()
+            yield from super().plans()
 
 
 @contextlib.contextmanager
@@ -76,12 +76,21 @@ def running(loader):
         finally:
             loader.close()
         return
+    # A baseline DataLoader (not persistent): its workers are this process's new children,
+    # and they stop when its iterator is freed (torch's finalizer), here on exit.
+    before = {child.pid for child in psutil.Process().children()}
     iterator = iter(loader)
+
+    def batches():
+        yield from iterator
+
+    stream = batches()
     try:
-        yield iterator, lambda: [worker.pid for worker in getattr(iterator, "_workers", [])]
+        yield stream, lambda: [child.pid for child in psutil.Process().children()
+                               if child.pid not in before]
     finally:
-        if hasattr(iterator, "_shutdown_workers"):
-            iterator._shutdown_workers()
+        stream.close()
+        del iterator
 
 
 def _cpu_seconds(processes) -> float:

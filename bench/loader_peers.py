@@ -31,7 +31,7 @@ import decode_floor  # noqa: E402
 import fixture  # noqa: E402
 import loader_baselines as base  # noqa: E402
 import peer_servers as servers  # noqa: E402
-from train.loader_bench import machine_description  # noqa: E402
+from train.bench_loader import machine_description  # noqa: E402
 
 GROUPS = {"train128": (160, 128), "train224": (320, 224)}  # group: (prep_size, crop_size)
 DEFAULT_LOADERS = ("ours", "proto", "proto-fastdct", "ffcv", "ffcv-contiguous", "dali")

@@ -77,3 +77,16 @@ def built_shards(sample_src, tmp_path_factory) -> Path:
         for split in ("train", "val"):
             build(BuildConfig(src, out / store, split, (160,), store, workers=0, quiet=True))
     return out
+
+
+@pytest.fixture(autouse=True)
+def torch_threads_restored():
+    """Runs that pass threads=1 (2-core machines run much faster unoversubscribed) set torch's
+    process-wide thread count; put it back for the next test."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch is not None else None
+    yield
+    if threads is not None:
+        torch.set_num_threads(threads)

@@ -58,6 +58,7 @@ def by_key(rows):
     return {(r["config"], r["arch"], r["crop_size"], r["precision"], r["compile"]): r for r in rows}
 
 
+@pytest.mark.slow
 def test_rows_and_skips(tiny):
     result, text, _ = tiny
     rows = by_key(result["rows"])
@@ -83,6 +84,7 @@ def test_rows_and_skips(tiny):
     assert text.count("skipped: no CUDA (GPU decode needs nvJPEG)") >= 2 * len(SIZES)  # progress + table
 
 
+@pytest.mark.slow
 def test_ratios_come_from_measured_rates(tiny):
     result, text, _ = tiny
     rows = by_key(result["rows"])
@@ -96,6 +98,7 @@ def test_ratios_come_from_measured_rates(tiny):
         assert a["ratio_vs_a"] == 1.0 and d["ratio_vs_d"] == 1.0
 
 
+@pytest.mark.slow
 def test_projection_reads_the_schedule_files(tiny):
     result, text, _ = tiny
     rows = by_key(result["rows"])
@@ -118,6 +121,7 @@ def test_projection_reads_the_schedule_files(tiny):
     assert "NOT a measurement" in text and "not a resnet50 projection" in text
 
 
+@pytest.mark.slow
 def test_gpu_decode_path_runs_on_cpu_tensors(tiny):
     """(c)'s plumbing (encoded batches, batched decode, crop) through the same loop, on CPU."""
     from gpu_measure import Inputs, Job, measure

@@ -132,7 +132,7 @@ def test_val_counts_each_image_once_on_every_rank_count(built_shards, world_size
     for rank in range(world_size):
         loader = ValLoader(directory, 4, 48, rank=rank, world_size=world_size, workers=0, rect=rect)
         batches = batches_of(loader)
-        plans = list(loader._plans())
+        plans = list(loader.plans())
         lengths.add(len(batches))
         assert len(batches) == len(loader) == len(plans)
         for (images, labels), plan in zip(batches, plans):
@@ -146,7 +146,7 @@ def test_rect_val_batches_share_a_shape_from_their_mean_ratio(built_shards):
     loader = ValLoader(dataset_dir(built_shards, "msgpack"), 4, 64, workers=0, rect=True)
     records = loader.records
     shapes = set()
-    for (images, _), plan in zip(batches_of(loader), loader._plans()):
+    for (images, _), plan in zip(batches_of(loader), loader.plans()):
         target = rect_target_size(64, float(np.mean(records.aspect_ratios()[plan.batch.indices])))
         assert images.shape[2:] == target
         shapes.add(target)

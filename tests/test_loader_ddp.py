@@ -36,7 +36,7 @@ def rank_main(rank: int, port: int, train_dir, val_dir, results) -> None:
         val_seen, val_steps, images_counted = [], 0, torch.zeros(1, dtype=torch.int64)
         for rect in (False, True):
             val = ValLoader(val_dir, 5, 32, rank=rank, world_size=WORLD_SIZE, workers=0, rect=rect)
-            for (images, labels), plan in zip(val, val._plans()):
+            for (images, labels), plan in zip(val, val.plans()):
                 step_count = torch.tensor([len(labels)])
                 dist.all_reduce(step_count)  # as a DDP evaluation step does: every rank must come
                 images_counted += len(labels)

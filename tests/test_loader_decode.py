@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import train.decode as decode
+import train.gpu_decode as gpu_decode
 from formats import jpeg
 from formats.dataset import RecordDataset
 from train.augment import TrainCrop, center_crop_box
@@ -107,7 +108,7 @@ def gpu_batch(records, device):
     flips = [i % 2 == 1 for i in indices]
     jpegs = [torch.frombuffer(bytearray(records.view(i)), dtype=torch.uint8) for i in indices]
     sizes = [(int(records.heights[i]), int(records.widths[i])) for i in indices]
-    images = decode.decode_crop_batch_gpu(jpegs, boxes, flips, (64, 64), device, sizes)
+    images = gpu_decode.decode_crop_batch_gpu(jpegs, boxes, flips, (64, 64), device, sizes)
     expected = torch.stack([decoded(records, i, boxes[i], 64, 64, flips[i]) for i in indices])
     return images, expected
 
@@ -125,7 +126,7 @@ def test_gpu_path_matches_the_cpu_path(records, device):
 def test_gpu_path_names_the_bad_image(records):
     jpegs = [torch.frombuffer(bytearray(records.view(i)), dtype=torch.uint8) for i in range(3)]
     jpegs[1] = torch.zeros(500, dtype=torch.uint8)
-    with pytest.raises(decode.BatchDecodeError) as raised:
-        decode.decode_crop_batch_gpu(jpegs, [(0, 0, 40, 40)] * 3, [False] * 3, (32, 32), "cpu")
+    with pytest.raises(gpu_decode.BatchDecodeError) as raised:
+        gpu_decode.decode_crop_batch_gpu(jpegs, [(0, 0, 40, 40)] * 3, [False] * 3, (32, 32), "cpu")
     assert raised.value.position == 1
-    assert decode.decode_crop_batch_gpu([], [], [], (32, 48), "cpu").shape == (0, 3, 32, 48)
+    assert gpu_decode.decode_crop_batch_gpu([], [], [], (32, 48), "cpu").shape == (0, 3, 32, 48)

@@ -8,7 +8,7 @@ import torch
 from train.augment import TrainCrop
 from train.constants import IMAGENET_MEAN, IMAGENET_STD
 from train.data import TrainLoader, ValLoader
-from train.loader_bench import bench_loader, process_memory_mb
+from train.bench_loader import bench_loader, process_memory_mb
 from train.prefetch import DevicePrefetcher, normalize
 from tests.loader_shards import dataset_dir
 

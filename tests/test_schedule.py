@@ -9,15 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from train.dry_run import epoch_rows, format_table
 from train.imagenet18 import from_imagenet18
-from train.schedule import (
-    Phase,
-    Schedule,
-    ScheduleError,
-    format_table,
-    load_schedule,
-    parse_schedule,
-)
+from train.phases import load_schedule, parse_schedule
+from train.rebuilds import loader_changes
+from train.schedule import Phase, Schedule, ScheduleError
 
 REPO = Path(__file__).resolve().parents[1]
 PHASES_DIR = REPO / "phases"
@@ -175,27 +171,27 @@ def test_loader_changes() -> None:
         phase(5, 6, prep_size=320, crop_size=224, batch_size=128),  # new shards
         phase(6, 7, prep_size=320, crop_size=224, batch_size=128, rect_val=True),
     ]).schedule
-    start = schedule.loader_changes(0)
+    start = loader_changes(schedule, 0)
     assert start.fresh and start.rebuild_train and start.rebuild_val
-    assert schedule.loader_changes(1).changed == ()
-    assert not schedule.loader_changes(1).rebuild_train
-    crop = schedule.loader_changes(2)
+    assert loader_changes(schedule, 1).changed == ()
+    assert not loader_changes(schedule, 1).rebuild_train
+    crop = loader_changes(schedule, 2)
     assert not crop.rebuild_train and not crop.rebuild_val
     assert crop.in_place == ("crop_size", "min_scale", "val_crop_size")
-    batch = schedule.loader_changes(4)
+    batch = loader_changes(schedule, 4)
     assert batch.changed == ("batch_size",) and batch.rebuild_train and batch.rebuild_val
-    shards = schedule.loader_changes(5)
+    shards = loader_changes(schedule, 5)
     assert shards.rebuild_train and shards.rebuild_val
     assert shards.in_place == ()  # both loaders are rebuilt with the new crop
-    rect = schedule.loader_changes(6)
+    rect = loader_changes(schedule, 6)
     assert not rect.rebuild_train and rect.rebuild_val and rect.changed == ("rect_val",)
-    resumed = schedule.loader_changes(3, fresh=True)  # after a resume: build everything
+    resumed = loader_changes(schedule, 3, fresh=True)  # after a resume: build everything
     assert resumed.rebuild_train and resumed.rebuild_val
 
 
 def test_table_rows_and_text() -> None:
     schedule = parse_schedule(TWO_PHASES).schedule
-    rows = schedule.table()
+    rows = epoch_rows(schedule)
     assert [r.epoch for r in rows] == list(range(5))
     assert [r.phase_index for r in rows] == [0, 0, 1, 1, 1]
     assert rows[0].train_dir_name == "train-160" and rows[0].val_dir_name == "val-160"
@@ -380,7 +376,7 @@ def test_demo_is_small_enough_for_two_cpu_cores() -> None:
 
 
 def test_import_pulls_in_neither_torch_nor_typer() -> None:
-    code = ("import sys, train.schedule; "
+    code = ("import sys, train.schedule, train.phases, train.rebuilds, train.dry_run; "
             "bad = [m for m in ('torch', 'typer', 'numpy') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,

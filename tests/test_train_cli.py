@@ -96,7 +96,7 @@ def test_report_and_export_errors(tmp_path: Path) -> None:
 
 
 def test_bench_loader_last_line_is_machine_readable(monkeypatch, tmp_path: Path) -> None:
-    import train.loader_bench
+    import train.bench_loader
 
     calls = []
 
@@ -104,7 +104,7 @@ def test_bench_loader_last_line_is_machine_readable(monkeypatch, tmp_path: Path)
         calls.append((data_dir, crop_size, batch_size, workers, num_batches, kwargs))
         return {"img_per_s": 1234.5, "batches": num_batches, "data_dir": str(data_dir)}
 
-    monkeypatch.setattr(train.loader_bench, "bench_loader", fake)
+    monkeypatch.setattr(train.bench_loader, "bench_loader", fake)
     result = invoke("bench-loader", "--data", tmp_path, "--crop-size", "128", "--batch-size",
                     "16", "--workers", "3", "--batches", "7", "--decode", "cpu", "--val",
                     "--rect")
@@ -115,8 +115,8 @@ def test_bench_loader_last_line_is_machine_readable(monkeypatch, tmp_path: Path)
 
 
 def test_train_library_imports_neither_typer_nor_prep() -> None:
-    code = ("import sys, train.run, train.session, train.report, train.export, "
-            "train.synthetic, train.imagenet18; "
+    code = ("import sys, train.run, train.epochs, train.report, train.export, "
+            "train.bench, train.bench_loader, train.imagenet18; "
             "bad = [m for m in ('typer', 'prep') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,

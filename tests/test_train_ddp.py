@@ -18,7 +18,8 @@ import torch
 
 from tests.train_standin import StandInData
 from train.metrics import read_metrics
-from train.run import RunConfig, run
+from train.config import RunConfig
+from train.run import run
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = {"arch": "squeezenet1_1", "model_kwargs": {"dropout": 0.0},

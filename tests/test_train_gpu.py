@@ -13,8 +13,9 @@ import torch
 
 from tests.train_standin import StandInData
 from train.metrics import read_metrics
-from train.run import RunConfig, run
-from train.synthetic import BenchConfig, bench_phases
+from train.config import RunConfig
+from train.run import run
+from train.bench import BenchConfig, bench_phases
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

@@ -11,9 +11,11 @@ import torch
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from tests.train_standin import StandInData
-from train.loop import Trainer, evaluate, make_mix, resolve_precision, step_seed
-from train.model import Recipe, RecipeError, build_model, build_optimizer, param_groups, unwrap
-from train.synthetic import BenchConfig, SyntheticBatches, bench_phases, format_bench, verdict
+from train.bench import BenchConfig, SyntheticBatches, bench_phases, format_bench, verdict
+from train.config import Recipe, RecipeError
+from train.loop import evaluate
+from train.model import build_model, build_optimizer, param_groups
+from train.step import Trainer, make_mix, resolve_precision, step_seed
 
 CPU = torch.device("cpu")
 
@@ -57,11 +59,6 @@ def test_no_weight_decay_on_bn_and_bias() -> None:
     assert len(everything["params"]) == len(list(model.parameters()))
     optimizer = build_optimizer(model, Recipe(momentum=0.8, nesterov=True), CPU)
     assert optimizer.defaults["momentum"] == 0.8 and optimizer.defaults["nesterov"]
-
-
-def test_unwrap_sees_through_compile() -> None:
-    model = torch.nn.Linear(2, 2)
-    assert unwrap(torch.compile(model)) is model and unwrap(model) is model
 
 
 def test_precision_resolution() -> None:
@@ -109,6 +106,7 @@ def test_evaluate_counts_exactly_and_skips_empty_batches() -> None:
     assert model.training  # restored
 
 
+@pytest.mark.slow
 def test_bench_compares_synthetic_and_real(tmp_path: Path) -> None:
     phases = tmp_path / "p.json"
     phases.write_text(json.dumps({"recipe": {"arch": "resnet18"}, "phases": [

@@ -14,7 +14,8 @@ from train.checkpoint import CheckpointError
 from train.export import export, plain_state_dict
 from train.metrics import read_metrics
 from train.report import report
-from train.run import RunConfig, TrainError, run
+from train.config import RunConfig, TrainError
+from train.run import run
 
 RECIPE = {"arch": "resnet18", "weight_decay": 5e-5, "label_smoothing": 0.1,
           "targets": {"top1": 50.0}}
@@ -31,7 +32,7 @@ def write_phases(path: Path, phases=PHASES, recipe=RECIPE) -> Path:
 
 def config(tmp_path: Path, **overrides) -> RunConfig:
     values = dict(phases_path=write_phases(tmp_path / "phases.json"), out_dir=tmp_path / "run",
-                  device="cpu", progress=False, tensorboard=False, log_every=2)
+                  device="cpu", progress=False, tensorboard=False, log_every=2, threads=1)
     values.update(overrides)
     return RunConfig(**values)
 
@@ -39,8 +40,34 @@ def config(tmp_path: Path, **overrides) -> RunConfig:
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory) -> tuple[Path, dict]:
     tmp_path = tmp_path_factory.mktemp("smoke")
-    last = run(config(tmp_path, ema_decay=0.9, flip_tta=True), StandInData())
+    last = run(config(tmp_path, ema_decay=0.9, flip_tta=True, tensorboard=True), StandInData())
     return tmp_path / "run", last
+
+
+def test_tensorboard_events_read_back_with_tensorboards_reader(smoke_run) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, _ = smoke_run
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"epoch/top1", "epoch/top5", "epoch/train_loss", "train/loss", "train/lr"} <= tags
+    records = read_metrics(run_dir)
+    top1 = events.Scalars("epoch/top1")
+    assert [e.step for e in top1] == [1, 2]  # epochs completed
+    assert [e.value for e in top1] == pytest.approx([r["top1"] for r in records])
+    lrs = events.Scalars("train/lr")
+    assert lrs and lrs[-1].value == pytest.approx(records[-1]["lr"])
+
+
+def test_missing_tensorboard_is_one_clear_error(tmp_path: Path, monkeypatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if not installed
+    with pytest.raises(TrainError, match=r"TensorBoard events need the tensorboard package .*"
+                                         r"--no-tensorboard"):
+        run(config(tmp_path, tensorboard=True), StandInData())
+    assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 def test_smoke_run_writes_metrics_config_and_event_log(smoke_run) -> None:
@@ -126,19 +153,19 @@ def test_nan_loss_stops_with_a_clear_message(tmp_path: Path) -> None:
 def test_non_finite_weights_are_never_saved(tmp_path: Path, monkeypatch) -> None:
     """A step can turn the weights to inf from a finite loss; the next save must refuse them
     and leave the last good checkpoint in place."""
-    from train.loop import Trainer
+    from train.step import Trainer
 
-    real_step, steps_done = Trainer.step, []
+    real_step, steps_done = Trainer.accumulate, []
 
-    def poisoning_step(self, x, labels, lr, mix_seed=None):
-        loss = real_step(self, x, labels, lr, mix_seed)
+    def poisoning_step(self, micro_batches, lr, seeds):
+        loss = real_step(self, micro_batches, lr, seeds)
         steps_done.append(1)
         if len(steps_done) == 4:  # right after the 4th step, before the save that follows it
             with torch.no_grad():
                 next(self.model.parameters()).fill_(float("inf"))
         return loss
 
-    monkeypatch.setattr(Trainer, "step", poisoning_step)
+    monkeypatch.setattr(Trainer, "accumulate", poisoning_step)
     with pytest.raises(TrainError, match=r"weights are no longer finite at epoch 0 step 4; .*"
                                          r"the last good checkpoint is"):
         run(config(tmp_path, checkpoint_every_steps=2), StandInData())
@@ -150,7 +177,7 @@ def test_non_finite_weights_are_never_saved(tmp_path: Path, monkeypatch) -> None
 def test_sync_bn_and_fp16_need_cuda(tmp_path: Path) -> None:
     with pytest.raises(TrainError, match="--sync-bn needs CUDA"):
         run(config(tmp_path, sync_bn=True), StandInData())
-    from train.loop import PrecisionError
+    from train.step import PrecisionError
 
     with pytest.raises(PrecisionError, match="fp16 needs CUDA"):
         run(config(tmp_path, precision="fp16", out_dir=tmp_path / "r2"), StandInData())

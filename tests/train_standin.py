@@ -1,7 +1,9 @@
 """A stand-in for train.data / train.prefetch over tiny in-memory uint8 images, for trainer tests.
 
-It implements the loader interface the trainer codes against (set_epoch with start_batch,
-set_crop, equal len on every rank, possibly empty val batches, data_wait_seconds) and one
+It implements the loader contract the trainer codes against (train.data.TrainBatches /
+ValBatches: set_epoch with start_batch, set_crop, close, equal len on every rank, possibly
+empty val batches; train.loop.DeviceBatches' data_wait_seconds), records every loader call in
+`StandInData.calls` (the rebuild test compares them with the dry-run table), and one
 property the DDP test needs: rank r's batch b of world size W is rows [r*B, (r+1)*B) of the
 global batch b that a single process with batch W*B gets. Images are learnable (each class
 has its own mean colour), so a few steps beat chance.
@@ -49,18 +51,24 @@ def resize(images: torch.Tensor, size: int) -> torch.Tensor:
 
 class StandInTrainLoader:
     def __init__(self, images, labels, batch_size: int, crop: TrainCrop, *, rank: int,
-                 world_size: int, seed: int, delay: float = 0.0) -> None:
+                 world_size: int, seed: int, delay: float = 0.0, calls=None) -> None:
         self.images, self.labels = images, labels
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.crop, self.delay = crop, delay
         self.epoch, self.start_batch = 0, 0
         self.num_images, self.num_classes = len(images), NUM_CLASSES
+        self.calls = calls if calls is not None else []
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.calls.append(("set_epoch", epoch, start_batch))
         self.epoch, self.start_batch = epoch, start_batch
 
     def set_crop(self, crop: TrainCrop) -> None:
+        self.calls.append(("set_crop", crop.crop_size, crop.min_scale))
         self.crop = crop
+
+    def close(self) -> None:
+        self.calls.append(("close_train",))
 
     def __len__(self) -> int:
         return self.num_images // (self.batch_size * self.world_size)
@@ -85,15 +93,20 @@ class StandInValLoader:
     """Rank r gets images r, r+W, ...; batches padded with EMPTY ones to equal counts."""
 
     def __init__(self, images, labels, batch_size: int, crop_size: int, *, rank: int,
-                 world_size: int) -> None:
+                 world_size: int, calls=None) -> None:
         self.images, self.labels, self.crop_size = images, labels, crop_size
+        self.calls = calls if calls is not None else []
         self.indices = list(range(rank, len(images), world_size))
         per_rank = -(-len(images) // world_size)
         self.num_batches = -(-per_rank // batch_size)
         self.batch_size = batch_size
 
     def set_crop_size(self, crop_size: int) -> None:
+        self.calls.append(("set_crop_size", crop_size))
         self.crop_size = crop_size
+
+    def close(self) -> None:
+        self.calls.append(("close_val",))
 
     def __len__(self) -> int:
         return self.num_batches
@@ -134,7 +147,7 @@ class StandInPrefetcher:
 
 
 class StandInData:
-    """A DataSource (train.run) with shards named train-<N>/val-<N> for N in `prep_sizes`."""
+    """A DataSource (train.shards) with shards named train-<N>/val-<N> for N in `prep_sizes`."""
 
     def __init__(self, num_train: int = 48, num_val: int = 18, prep_sizes=(160,),
                  delay: float = 0.0) -> None:
@@ -142,6 +155,7 @@ class StandInData:
         self.val = make_images(num_val, seed=2)
         self.dir_names = {f"{split}-{n}" for split in ("train", "val") for n in prep_sizes}
         self.delay = delay
+        self.calls: list[tuple] = []  # every loader call, in order
 
     def classes(self, dir_name: str) -> list[str]:
         if dir_name not in self.dir_names:
@@ -149,21 +163,25 @@ class StandInData:
         return [f"n{i:08d}" for i in range(NUM_CLASSES)]
 
     def train_loader(self, dir_name, batch_size, crop, *, rank, world_size, seed, workers,
-                     decode, device):
+                     decode, device, augment=None):
+        self.calls.append(("train_loader", dir_name, batch_size, crop.crop_size, crop.min_scale))
         return StandInTrainLoader(*self.train, batch_size, crop, rank=rank,
-                                  world_size=world_size, seed=seed, delay=self.delay)
+                                  world_size=world_size, seed=seed, delay=self.delay,
+                                  calls=self.calls)
 
     def val_loader(self, dir_name, batch_size, crop_size, *, rank, world_size, workers, rect,
                    decode, device=None):
+        self.calls.append(("val_loader", dir_name, batch_size, crop_size, rect))
         return StandInValLoader(*self.val, batch_size, crop_size, rank=rank,
-                                world_size=world_size)
+                                world_size=world_size, calls=self.calls)
 
     def prefetcher(self, loader, device, channels_last):
         return StandInPrefetcher(loader, device, channels_last)
 
 
 def main(argv: list[str] | None = None) -> None:
-    from train.run import RunConfig, run
+    from train.config import RunConfig
+    from train.run import run
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--phases", type=Path, required=True)

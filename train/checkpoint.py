@@ -1,4 +1,4 @@
-"""Atomic checkpoints and exact resume.
+"""Atomic checkpoints and exact resume: capture, resume checks, restore.
 
 A checkpoint is written to a temp file in the same directory, fsynced, then renamed over the
 old one, so a crash (even SIGKILL) at any moment leaves either the previous checkpoint or the
@@ -11,10 +11,15 @@ partial-epoch metric sums) or a pure function of it: the schedule gives the LR o
 the loaders give batch b of epoch e from (seed, epoch, rank, world_size, b), and the per-step
 mixup/cutmix draws are seeded from (seed, epoch, step, rank). Global RNG states are saved too,
 for anything else that might draw from them.
+
+`capture(state, trainer, identity)` is what a save writes; `check_resume(saved, ...)` refuses a
+checkpoint the run cannot continue (another schedule, model or mid-epoch world size) before
+anything is restored: the home of every "can this run resume that one" rule.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from pathlib import Path
 from typing import Any
@@ -22,8 +27,11 @@ from typing import Any
 import torch
 
 from formats.files import write_atomic
+from train.config import TrainError
+from train.loop import TrainState, sums_from_dict
+from train.step import Trainer
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: phases gained lr_shape, accum_steps, crop_multiple
 CHECKPOINTS_DIR = "checkpoints"
 LAST_NAME = "last.pt"
 FINAL_NAME = "final.pt"
@@ -113,3 +121,56 @@ def _as_python_state(value: Any) -> tuple:
     """random.getstate() is (version, tuple of ints, gauss); pickling may turn tuples to lists."""
     version, internal, gauss = value
     return version, tuple(internal), gauss
+
+
+# --- capture / check / restore ------------------------------------------------------------
+
+IDENTITY_KEYS = ("arch", "num_classes", "recipe", "schedule", "seed", "world_size", "precision")
+
+
+def capture(state: TrainState, trainer: Trainer, identity: dict[str, Any],
+            elapsed_s: float) -> dict[str, Any]:
+    """Everything a resume needs: `identity` (IDENTITY_KEYS: what run this is), the position,
+    the epoch's sums, weights, optimizer, scaler, EMA and RNG states."""
+    plain = trainer.module if trainer.module is not None else trainer.model
+    return {
+        "version": CHECKPOINT_VERSION, **{key: identity[key] for key in IDENTITY_KEYS},
+        "epoch": state.epoch, "step": state.step, "global_step": state.global_step,
+        "elapsed_s": elapsed_s, "eval_s": state.eval_s,
+        "partial": dataclasses.asdict(state.sums),
+        "model": plain.state_dict(), "optimizer": trainer.optimizer.state_dict(),
+        "scaler": trainer.scaler.state_dict() if trainer.scaler is not None else None,
+        "ema": trainer.ema.state_dict() if trainer.ema is not None else None,
+        "rng": rng_state(),
+    }
+
+
+def check_resume(saved: dict[str, Any], path: Path, identity: dict[str, Any],
+                 phases_path: Path) -> None:
+    """Refuse a checkpoint this run cannot continue, with one line naming the difference."""
+    if saved["schedule"] != identity["schedule"]:
+        raise TrainError(f"{path}: the schedule differs from {phases_path}; resume with the "
+                         "phases file the run started with")
+    if (saved["arch"], saved["num_classes"]) != (identity["arch"], identity["num_classes"]):
+        raise TrainError(f"{path}: holds {saved['arch']} with {saved['num_classes']} classes, "
+                         f"this run builds {identity['arch']} with {identity['num_classes']}")
+    if saved["step"] > 0 and saved["world_size"] != identity["world_size"]:
+        raise TrainError(f"{path}: stopped mid-epoch with world size {saved['world_size']}; "
+                         f"resume it with the same number of processes (not "
+                         f"{identity['world_size']}) or from an epoch-end checkpoint")
+
+
+def restore(saved: dict[str, Any], state: TrainState, trainer: Trainer) -> None:
+    """Load weights, optimizer, scaler, EMA, RNG and position into a freshly built run."""
+    plain = trainer.module if trainer.module is not None else trainer.model
+    plain.load_state_dict(saved["model"])
+    trainer.optimizer.load_state_dict(saved["optimizer"])
+    if trainer.scaler is not None and saved["scaler"] is not None:
+        trainer.scaler.load_state_dict(saved["scaler"])
+    if trainer.ema is not None and saved["ema"] is not None:
+        trainer.ema.load_state_dict(saved["ema"])
+    restore_rng_state(saved["rng"])
+    state.epoch, state.step, state.global_step = saved["epoch"], saved["step"], \
+        saved["global_step"]
+    state.elapsed_s, state.eval_s = saved["elapsed_s"], saved["eval_s"]
+    state.sums = sums_from_dict(saved["partial"])

@@ -33,10 +33,9 @@ def fail(message: str, code: int = EXIT_ERROR, kind: str = "error") -> NoReturn:
 # `train report` never pays for importing torch just to name an error class.
 LIBRARY_ERRORS = {
     "formats.errors": ("DatasetError",), "train.checkpoint": ("CheckpointError",),
-    "train.dist": ("DistError",), "train.export": ("ExportError",),
-    "train.loop": ("PrecisionError",), "train.model": ("RecipeError",),
-    "train.report": ("ReportError",), "train.run": ("TrainError",),
-    "train.schedule": ("ScheduleError",),
+    "train.config": ("TrainError", "RecipeError"), "train.dist": ("DistError",),
+    "train.export": ("ExportError",), "train.report": ("ReportError",),
+    "train.schedule": ("ScheduleError",), "train.step": ("PrecisionError",),
 }
 
 
@@ -65,7 +64,7 @@ def call(fn, *args, **kwargs):
     except Exception as exc:
         if not isinstance(exc, library_errors()):
             raise
-        interrupted = getattr(sys.modules.get("train.run"), "Interrupted", ())
+        interrupted = getattr(sys.modules.get("train.config"), "Interrupted", ())
         if interrupted and isinstance(exc, interrupted):  # SIGINT/SIGTERM: saved, not failed
             fail(str(exc), EXIT_INTERRUPTED, kind="interrupted")
         fail(str(exc))
@@ -76,7 +75,7 @@ def run(
     phases: Path = typer.Option(..., help="phases.json (ours or imagenet18's format)"),
     data: Optional[Path] = typer.Option(None, help="directory holding train-<N>/ and val-<N>/"),
     out: Optional[Path] = typer.Option(None, help="run directory [default: runs/<phases stem>]"),
-    arch: Optional[str] = typer.Option(None, help="torchvision model [default: recipe's, else resnet50]"),
+    arch: Optional[str] = typer.Option(None, help="torchvision model or timm/<name> [default: recipe's, else resnet50]"),
     device: str = typer.Option("auto", help="auto | cuda | cpu"),
     precision: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16"),
     compile: bool = typer.Option(False, "--compile", help="torch.compile, each phase's shape warmed first"),
@@ -103,7 +102,8 @@ def run(
     dry_run: bool = typer.Option(False, "--dry-run", help="print the per-epoch table and check shards; train nothing"),
 ) -> None:
     """Train as PHASES says; torchrun --nproc_per_node=N -m train run ... for N GPUs."""
-    from train.run import RunConfig, run as run_training
+    from train.config import RunConfig
+    from train.run import run as run_training
 
     config = RunConfig(
         phases_path=phases, data_dir=data, out_dir=out, arch=arch, device=device,
@@ -133,7 +133,7 @@ def bench(
     decode: str = typer.Option("cpu"),
 ) -> None:
     """Per phase: img/s on synthetic on-device data vs real shards, and the data-wait share."""
-    from train.synthetic import BenchConfig, bench_phases, format_bench
+    from train.bench import BenchConfig, bench_phases, format_bench
 
     rows = call(bench_phases, BenchConfig(
         phases_path=phases, data_dir=data, arch=arch, device=device, precision=precision,
@@ -156,7 +156,7 @@ def bench_loader(
     min_scale: float = typer.Option(0.08),
 ) -> None:
     """Loader throughput alone; the LAST line is machine-readable: img_per_s=<float>."""
-    from train.loader_bench import bench_loader as run_bench
+    from train.bench_loader import bench_loader as run_bench
 
     result = call(run_bench, data, crop_size, batch_size, workers, batches, decode=decode,
                   val=val, rect=rect, warmup_batches=warmup, min_scale=min_scale)
@@ -190,6 +190,9 @@ def export(
     info = call(run_export, run_dir, out, ema=ema)
     typer.echo(f"wrote {info['out']}: {info['arch']} ({info['num_classes']} classes, epoch "
                f"{info['epoch']}{', EMA' if info['ema'] else ''}) from {info['source']}")
+    if info["blurpool"]:
+        typer.echo("note: trained with BlurPool: after load_state_dict, call "
+                   "train.layers.add_blurpool(model) (no weights) to compute what the run evaluated")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,27 +1,26 @@
-"""Loaders: uint8 batches of train crops (random-resized + flip) and validation crops (center or
-rect), one rank's share under DDP.
+"""Loaders, read top-down: sampler -> plan -> batch -> DataLoader -> (prefetch to the device).
 
-Whole batches are built per worker: a torch DataLoader with `batch_size=None` iterates a
-sampler of batch *plans* (record indices + everything that decides their pixels), and each
-worker turns one plan into one batch, decoding every image straight into a preallocated uint8
-NCHW tensor (in shared memory in a worker, so the hand-over to the main process copies nothing;
-in pinned memory when built in the main process and CUDA is there; the DataLoader pins worker
-batches). No per-sample IPC, no collate.
+1. sampler (train.samplers): which records form batch b of epoch e on this rank.
+2. plan (train.samplers `TrainPlan`, `ValPlan`): a batch's indices plus everything that
+   decides its pixels (crop boxes and flips, drawn from per-sample seeds).
+3. batch (`BatchBuilder`): one worker turns one plan into one uint8 batch, decoding each JPEG
+   straight into its slot of a preallocated tensor (train.decode; train.gpu_decode for
+   decode="gpu", where workers only gather bytes), then the recipe's auto-augment per image.
+4. DataLoader (`_Core`): torch's, with `batch_size=None` over a sampler of plans and persistent
+   workers: no per-sample IPC, no collate; batches come back in shared memory (pinned by
+   the DataLoader when CUDA is there).
+5. prefetch (train.prefetch.DevicePrefetcher): the next batch's copy to the device and its
+   conversion to normalized float `x` run while the model works on the current one.
 
-What a batch holds depends only on its plan, and a plan only on (seed, epoch, rank, world_size,
-batch) and the current crop: a sample's augmentation RNG is seeded from (seed, epoch, its
-position in the epoch's permutation). So 0, 1 or 8 workers give the same bits, and
-`set_epoch(e, start_batch=k)` replays batches k.. of epoch e exactly.
-
-Phase changes: the crop travels in each plan, so `set_crop` / `set_crop_size` take effect from
-the next iteration (epoch), with the same persistent workers and open stores (FFCV's in-place
-decoder resize, without shared state to keep in sync).
+`TrainLoader` and `ValLoader` implement the contract the trainer codes against
+(train.loader_contract: `TrainBatches`, `ValBatches`); a faster loader, or a test stand-in,
+implements those and nothing else changes.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import random
+import os
 import weakref
 from pathlib import Path
 
@@ -31,52 +30,17 @@ from torch.utils.data import DataLoader, get_worker_info
 
 from formats.dataset import RecordDataset
 from formats.errors import DatasetError
-from train.augment import TrainCrop, center_crop_box, rect_crop_box, rect_target_size
-from train.decode import BatchDecodeError, decode_crop_batch_gpu, decode_crop_into
-from train.samplers import (
-    TrainBatchIndices, TrainBatchSampler, ValBatchIndices, center_val_batches, rect_val_batches, sample_seed,
-)
+from train.augment import TrainCrop
+from train.decode import decode_crop_into
+from train.gpu_decode import EncodedBatch, decode_on_device, encode_batch
+from train.loader_contract import Augment
+from train.samplers import (TrainBatchSampler, TrainPlan, ValPlan, center_val_batches,
+                            rect_val_batches, train_plans, val_plans)
 
 DECODERS = ("cpu", "gpu")
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainPlan:
-    batch: TrainBatchIndices
-    crop: TrainCrop
-    seed: int
-
-    @property
-    def out_size(self) -> tuple[int, int]:
-        return self.crop.crop_size, self.crop.crop_size
-
-    def boxes_and_flips(self, heights: np.ndarray, widths: np.ndarray):
-        boxes, flips = [], []
-        for slot, index in enumerate(self.batch.indices.tolist()):
-            position = self.batch.first_position + slot
-            rng = random.Random(sample_seed(self.seed, self.batch.epoch, position))
-            boxes.append(self.crop.box(int(heights[index]), int(widths[index]), rng))
-            flips.append(rng.random() < 0.5)
-        return boxes, flips
-
-
-@dataclasses.dataclass(frozen=True)
-class ValPlan:
-    batch: ValBatchIndices
-    out_size: tuple[int, int]
-    rect: bool
-    crop_ratio: float
-
-    def boxes_and_flips(self, heights: np.ndarray, widths: np.ndarray):
-        out_height, out_width = self.out_size
-        boxes = []
-        for index in self.batch.indices.tolist():
-            height, width = int(heights[index]), int(widths[index])
-            if self.rect:
-                boxes.append(rect_crop_box(height, width, out_height, out_width))
-            else:
-                boxes.append(center_crop_box(height, width, out_height, self.crop_ratio))
-        return boxes, [False] * len(boxes)
+# --- 3. batches -----------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
@@ -90,26 +54,12 @@ class BatchError:
         return self
 
 
-@dataclasses.dataclass
-class EncodedBatch:
-    """decode="gpu": the JPEG bytes of a batch (one uint8 tensor) and where to crop them."""
-
-    indices: np.ndarray
-    data: torch.Tensor
-    offsets: list[int]  # image i is data[offsets[i]:offsets[i + 1]]
-    sizes: list[tuple[int, int]]  # stored (height, width), checked against the decode
-    boxes: list
-    flips: list[bool]
-    out_size: tuple[int, int]
-    labels: torch.Tensor
-
-    def pin_memory(self, device=None):
-        return self
-
-
 def allocate_images(num_images: int, height: int, width: int, pin: bool) -> torch.Tensor:
-    """uint8 NCHW: in shared memory inside a DataLoader worker (as default_collate does, so
-    sending it to the main process is free), else pinned if asked."""
+    """uint8 NCHW: in shared memory inside a DataLoader worker, else pinned if asked.
+
+    Inside a worker the storage is allocated in shared memory directly, the one private torch
+    call in train/ (`_new_shared`, exactly what default_collate does): a plain tensor would be
+    copied into shared memory again when the worker sends it."""
     shape = (num_images, 3, height, width)
     if get_worker_info() is not None and num_images:
         template = torch.empty(0, dtype=torch.uint8)
@@ -134,30 +84,30 @@ def one_intra_op_thread():
 class BatchBuilder:
     """Map-style dataset keyed by plans: builder[plan] -> (images, labels) | EncodedBatch | BatchError."""
 
-    def __init__(self, records: RecordDataset, decode: str, pin: bool):
-        self.records = records
-        self.decode = decode
-        self.pin = pin
+    def __init__(self, records: RecordDataset, decode: str, pin: bool, augment: Augment | None = None):
+        self.records, self.decode, self.pin, self.augment = records, decode, pin, augment
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, plan: TrainPlan | ValPlan):
-        indices = plan.batch.indices
-        records = self.records
+        indices, records = plan.batch.indices, self.records
         boxes, flips = plan.boxes_and_flips(records.heights, records.widths)
         labels = torch.from_numpy(records.labels[indices])
+        seeds = plan.sample_seeds() if self.augment is not None else None
         try:
             if self.decode == "gpu":
-                return self._encoded(plan, boxes, flips, labels)
+                return encode_batch(records, indices, boxes, flips, plan.out_size, labels, seeds)
             images = allocate_images(len(indices), *plan.out_size, pin=self.pin)
             with one_intra_op_thread() if get_worker_info() is None else contextlib.nullcontext():
-                self._decode_into(images, indices, boxes, flips)
+                self.decode_into(images, indices, boxes, flips)
+                if seeds is not None:
+                    self.augment(images, seeds)
         except DatasetError as err:
             return BatchError(str(err))
         return images, labels
 
-    def _decode_into(self, images: torch.Tensor, indices: np.ndarray, boxes: list, flips: list) -> None:
+    def decode_into(self, images: torch.Tensor, indices: np.ndarray, boxes: list, flips: list) -> None:
         records, heights, widths = self.records, self.records.heights, self.records.widths
         for slot, index in enumerate(indices.tolist()):
             data = records.view(index)
@@ -166,15 +116,8 @@ class BatchBuilder:
             except (ValueError, OSError) as err:
                 raise records.record_error(index, f"cannot decode ({err})") from None
 
-    def _encoded(self, plan, boxes, flips, labels) -> EncodedBatch:
-        views = [self.records.view(index) for index in plan.batch.indices.tolist()]
-        # int64 explicitly: an empty (padding) val batch would otherwise give float offsets.
-        offsets = np.concatenate([[0], np.cumsum([len(view) for view in views], dtype=np.int64)]).astype(np.int64).tolist()
-        data = np.empty(offsets[-1], dtype=np.uint8)
-        for view, start, end in zip(views, offsets, offsets[1:]):
-            data[start:end] = np.frombuffer(view, dtype=np.uint8)
-        sizes = [(int(self.records.heights[i]), int(self.records.widths[i])) for i in plan.batch.indices.tolist()]
-        return EncodedBatch(plan.batch.indices, torch.from_numpy(data), offsets, sizes, boxes, flips, plan.out_size, labels)
+
+# --- 4. the DataLoader ----------------------------------------------------------------------
 
 
 class _Plans:
@@ -183,86 +126,104 @@ class _Plans:
     Holds its loader weakly: no reference cycle, so dropping a loader (a phase switching shard
     directories) stops its persistent workers at once rather than at the next garbage collection."""
 
-    def __init__(self, loader: "_Loader"):
+    def __init__(self, loader: _Core):
         self._loader = weakref.ref(loader)
 
     def __iter__(self):
-        return self._loader()._plans()
+        return self._loader().plans()
 
     def __len__(self) -> int:
         return len(self._loader())
 
 
-class _Loader:
-    """What both loaders share: the store, the DataLoader, GPU decode and error surfacing."""
+class _WorkerPids:
+    """worker_init_fn: each worker writes its pid into a shared-memory table."""
 
-    def _setup(self, dataset_dir: Path, workers: int, decode: str, device: str | None) -> None:
+    def __init__(self, num_workers: int) -> None:
+        self.pids = torch.zeros(max(num_workers, 1), dtype=torch.int64).share_memory_()
+
+    def __call__(self, worker_id: int) -> None:
+        self.pids[worker_id] = os.getpid()
+
+
+class _Core:
+    """What both loaders share: the store, the DataLoader, GPU decode and error surfacing.
+
+    Workers stop when the DataLoader and its iterator are freed (torch's iterator stops them
+    in its finalizer): `close()` ends this loader's running iterations and drops the
+    DataLoader; without cycles, dropping the loader does the same at once."""
+
+    def setup(self, dataset_dir: Path, workers: int, decode: str, device: str | None,
+              augment: Augment | None = None) -> None:
         if decode not in DECODERS:
             raise ValueError(f"decode must be one of {DECODERS}, got {decode!r}")
         if workers < 0:
             raise ValueError(f"workers must be >= 0, got {workers}")
         self.records = RecordDataset(dataset_dir)
         self.dataset_dir = self.records.dataset_dir
-        self.num_images = len(self.records)
-        self.num_classes = self.records.num_classes
-        self.decode = decode
-        self.device = None
+        self.num_images, self.num_classes = len(self.records), self.records.num_classes
+        self.decode, self.device, self.augment = decode, None, augment
         if decode == "gpu":
             self.device = torch.device(device or "cuda")
             if self.device.type == "cuda" and not torch.cuda.is_available():
                 raise RuntimeError("decode='gpu' needs CUDA (nvJPEG); use decode='cpu'")
         pin = decode == "cpu" and torch.cuda.is_available()
-        self._builder = BatchBuilder(self.records, decode, pin=pin and workers == 0)
-        self._loader = DataLoader(
-            self._builder, batch_size=None, sampler=_Plans(self), num_workers=workers,
+        builder = BatchBuilder(self.records, decode, pin=pin and workers == 0,
+                               augment=augment if decode == "cpu" else None)
+        self._pids = _WorkerPids(workers)
+        self._loader: DataLoader | None = DataLoader(
+            builder, batch_size=None, sampler=_Plans(self), num_workers=workers,
             persistent_workers=workers > 0, pin_memory=pin and workers > 0,
-        )
+            worker_init_fn=self._pids if workers > 0 else None)
+        self._iterations: weakref.WeakSet = weakref.WeakSet()
 
     def __len__(self) -> int:
         raise NotImplementedError
 
-    def _plans(self):
+    def plans(self):
         raise NotImplementedError
 
     def __iter__(self):
+        iteration = self._batches()
+        self._iterations.add(iteration)
+        return iteration
+
+    def _batches(self):
+        if self._loader is None:
+            raise RuntimeError(f"{self.dataset_dir}: the loader is closed")
         for item in self._loader:
             if isinstance(item, BatchError):
                 raise DatasetError(item.message)
             if isinstance(item, EncodedBatch):
-                item = self._decode_on_device(item)
+                item = decode_on_device(item, self.device, self.records, self.augment)
             yield item
 
-    def _decode_on_device(self, batch: EncodedBatch):
-        jpegs = [batch.data[start:end] for start, end in zip(batch.offsets, batch.offsets[1:])]
-        try:
-            images = decode_crop_batch_gpu(jpegs, batch.boxes, batch.flips, batch.out_size, self.device, batch.sizes)
-        except BatchDecodeError as err:
-            raise self.records.record_error(int(batch.indices[err.position]), err.reason) from None
-        return images, batch.labels
-
     def worker_pids(self) -> list[int]:
-        """PIDs of the live persistent workers (empty before the first iteration or with 0 workers)."""
-        iterator = getattr(self._loader, "_iterator", None)
-        return [worker.pid for worker in getattr(iterator, "_workers", [])]
+        """PIDs of the persistent workers (empty before the first iteration or with 0 workers)."""
+        return [pid for pid in self._pids.pids.tolist() if pid > 0] if self._loader is not None else []
 
     def close(self) -> None:
         """Stop the workers now rather than at garbage collection."""
-        iterator = getattr(self._loader, "_iterator", None)
-        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-            iterator._shutdown_workers()
-        self._loader._iterator = None
+        for iteration in list(self._iterations):
+            iteration.close()
+        self._loader = None
 
 
-class TrainLoader(_Loader):
-    """One rank's training batches: (images uint8 NCHW, labels int64), `len(self)` per epoch.
+# --- the two loaders ------------------------------------------------------------------------
+
+
+class TrainLoader(_Core):
+    """One rank's training batches (train.loader_contract.TrainBatches).
 
     decode="cpu": images are CPU tensors (pinned when CUDA is available). decode="gpu": images
     come back on `device` (default "cuda"), decoded by nvJPEG; workers only read bytes.
+    `augment` (train.auto_augment.AutoAugment) runs per image after the crop.
     """
 
     def __init__(self, dataset_dir: Path, batch_size: int, crop: TrainCrop, *, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, workers: int = 2, decode: str = "cpu", device: str | None = None):
-        self._setup(dataset_dir, workers, decode, device)
+                 seed: int = 0, workers: int = 2, decode: str = "cpu", device: str | None = None,
+                 augment: Augment | None = None):
+        self.setup(dataset_dir, workers, decode, device, augment)
         self.sampler = TrainBatchSampler(self.num_images, batch_size, rank=rank, world_size=world_size, seed=seed)
         self.batch_size = batch_size
         self.seed = seed
@@ -281,13 +242,12 @@ class TrainLoader(_Loader):
     def __len__(self) -> int:
         return len(self.sampler)
 
-    def _plans(self):
-        return _train_plans(self.sampler, self.crop, self.seed)
+    def plans(self):
+        return train_plans(self.sampler, self.crop, self.seed)
 
 
-class ValLoader(_Loader):
-    """One rank's validation batches; every rank gets `len(self)` batches, some maybe empty, and
-    across ranks each image comes exactly once. rect=False: resize shorter side to
+class ValLoader(_Core):
+    """One rank's validation batches (train.loader_contract.ValBatches). rect=False: resize shorter side to
     crop_size / crop_ratio, center crop. rect=True: imagenet18's aspect-ratio batches."""
 
     def __init__(self, dataset_dir: Path, batch_size: int, crop_size: int, *, rank: int = 0, world_size: int = 1,
@@ -295,7 +255,7 @@ class ValLoader(_Loader):
                  device: str | None = None):
         if not 0 < crop_ratio <= 1:
             raise ValueError(f"crop_ratio must be in (0, 1], got {crop_ratio}")
-        self._setup(dataset_dir, workers, decode, device)
+        self.setup(dataset_dir, workers, decode, device)
         self.rect, self.crop_ratio, self.batch_size = rect, crop_ratio, batch_size
         if rect:
             self.batches = rect_val_batches(self.records.aspect_ratios(), batch_size, rank=rank, world_size=world_size)
@@ -316,18 +276,5 @@ class ValLoader(_Loader):
     def __len__(self) -> int:
         return len(self.batches)
 
-    def _plans(self):
-        return _val_plans(self.batches, self.crop_size, self.rect, self.crop_ratio)
-
-
-# Plan generators are free functions of the loader's settings at the start of an iteration:
-# the DataLoader's iterator keeps one alive, and a method would keep the loader alive with it.
-def _train_plans(sampler: TrainBatchSampler, crop: TrainCrop, seed: int):
-    for batch in sampler:
-        yield TrainPlan(batch, crop, seed)
-
-
-def _val_plans(batches: list[ValBatchIndices], crop_size: int, rect: bool, crop_ratio: float):
-    for batch in batches:
-        out_size = rect_target_size(crop_size, batch.aspect_ratio) if rect else (crop_size, crop_size)
-        yield ValPlan(batch, out_size, rect, crop_ratio)
+    def plans(self):
+        return val_plans(self.batches, self.crop_size, self.rect, self.crop_ratio)

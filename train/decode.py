@@ -1,4 +1,4 @@
-"""Stored JPEG -> resized crop, written straight into a batch slot; CPU and GPU (nvJPEG).
+"""Stored JPEG -> resized crop, written straight into a batch slot, on the CPU (GPU: gpu_decode).
 
 CPU, per image (the loader's hot path, ~0.2-0.3 ms for a 128 px crop of a 160 px record):
 decode with libjpeg-turbo at the smallest power-of-two DCT scale whose decoded box still has
@@ -7,15 +7,10 @@ the crop. At full scale the box is whole pixels and torch's uint8 antialiased bi
 does the resize (measured here ~2.5x faster than Pillow's, ~= PIL's filter to +-1); at a reduced
 scale the box falls between decoded pixels, and PIL's `resize(box=...)` takes that float box
 exactly. The flip is a copy with reversed columns into the slot.
-
-GPU (`decode_crop_batch_gpu`): torchvision's batched nvJPEG decode, then per image a crop view,
-antialiased bilinear interpolate and flip on the device: for machines with few cores per GPU.
 """
 from __future__ import annotations
 
 import io
-from typing import Sequence
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -78,61 +73,3 @@ def _pil_resize_scaled(pixels: np.ndarray, box: Box, num: int, den: int, scaled_
         (out_width, out_height), Image.Resampling.BILINEAR, box=(left, top, left + box_width, top + box_height)
     )
     return torch.from_numpy(np.array(resized)).permute(2, 0, 1)
-
-
-# --------------------------------------------------------------------------- GPU (nvJPEG)
-
-
-def decode_crop_batch_gpu(
-    jpegs: Sequence[torch.Tensor],
-    boxes: Sequence[Box],
-    flips: Sequence[bool],
-    out_size: tuple[int, int],
-    device: torch.device | str,
-    sizes: Sequence[tuple[int, int]] | None = None,
-) -> torch.Tensor:
-    """uint8 NCHW batch on `device` from CPU uint8 tensors of JPEG bytes.
-
-    One batched `torchvision.io.decode_jpeg` call (nvJPEG on CUDA; also runs on CPU, which is how
-    the tests cover this path), then per image: crop view, float, antialiased bilinear resize,
-    flip, into one float batch that is rounded to uint8 once. `sizes` (stored height, width per
-    image) are checked against what was decoded. On a decode error, raises a ValueError naming
-    the batch position of the first bad image (BatchDecodeError; the caller maps it to a record).
-    """
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    out_height, out_width = out_size
-    device = torch.device(device)
-    if not jpegs:
-        return torch.empty((0, 3, out_height, out_width), dtype=torch.uint8, device=device)
-    try:
-        decoded = decode_jpeg(list(jpegs), mode=ImageReadMode.RGB, device=device)
-    except RuntimeError:
-        raise _first_bad_jpeg(jpegs) from None
-    batch = torch.empty((len(jpegs), 3, out_height, out_width), dtype=torch.float32, device=device)
-    for position, (image, (top, left, box_height, box_width), flip) in enumerate(zip(decoded, boxes, flips)):
-        if sizes is not None and tuple(image.shape[1:]) != tuple(sizes[position]):
-            raise BatchDecodeError(position, f"decoded to {tuple(image.shape[1:])}, "
-                                   f"the record table says {tuple(sizes[position])}")
-        crop = image[None, :, top : top + box_height, left : left + box_width].float()
-        resized = F.interpolate(crop, size=(out_height, out_width), mode="bilinear", antialias=True)[0]
-        batch[position] = resized.flip(-1) if flip else resized
-    return batch.round_().clamp_(0, 255).to(torch.uint8)
-
-
-class BatchDecodeError(ValueError):
-    """Image `position` of a GPU batch is bad; the loader turns it into a record-naming error."""
-
-    def __init__(self, position: int, reason: str):
-        super().__init__(f"batch position {position}: {reason}")
-        self.position, self.reason = position, reason
-
-
-def _first_bad_jpeg(jpegs: Sequence[torch.Tensor]) -> BatchDecodeError:
-    """nvJPEG says only that the batch failed: find the image by decoding each on the CPU."""
-    for position, data in enumerate(jpegs):
-        try:
-            decode_rgb(data.numpy())
-        except (ValueError, OSError) as err:
-            return BatchDecodeError(position, f"cannot decode ({err})")
-    return BatchDecodeError(0, "nvJPEG failed on the batch, though each image decodes on the CPU")

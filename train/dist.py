@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import functools
 import os
+import sys
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
@@ -118,9 +119,17 @@ def rank_zero_only(fn: Callable[..., T]) -> Callable[..., T | None]:
     return wrapper
 
 
-def all_reduce_sum(env: DistEnv, values: torch.Tensor) -> torch.Tensor:
+@rank_zero_only
+def say(text: str) -> None:
+    """One line on stderr from rank 0, above any progress bar."""
+    from tqdm import tqdm
+
+    tqdm.write(text, file=sys.stderr)
+
+
+def all_reduce_sum(env: DistEnv | None, values: torch.Tensor) -> torch.Tensor:
     """Sum a small float64/int64 tensor over ranks (in place, returned); identity on 1 rank."""
-    if env.distributed:
+    if env is not None and env.distributed:
         torch_dist.all_reduce(values, op=torch_dist.ReduceOp.SUM)
     return values
 

@@ -1,7 +1,12 @@
 """`train export RUN_DIR --out PATH`: weights that torchvision's own constructor loads as is.
 
-    model = torchvision.models.get_model(arch, num_classes=N)
+    model = torchvision.models.get_model(arch, num_classes=N)   # timm.create_model for timm/
     model.load_state_dict(torch.load(PATH))          # strict
+    train.layers.add_blurpool(model)                 # only if the recipe had "blurpool": true
+
+BlurPool and stochastic depth add no weights and no keys (train.layers), so the keys are
+torchvision's; a BlurPool model computes what the run evaluated only with the blur put back
+(`add_blurpool`, no weights to load), else it is a plain ResNet whose accuracy drops.
 
 Checkpoints already hold the plain module's state_dict, but a state_dict saved from a wrapped
 model carries prefixes: `module.` (DDP, and AveragedModel for the EMA), `_orig_mod.`
@@ -16,9 +21,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-import torchvision
 
 from train import checkpoint as ckpt
+from train.model import create_model
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 EMA_ONLY_KEYS = ("n_averaged",)  # AveragedModel's counter, not part of the model
@@ -53,15 +58,18 @@ def export(run_dir: Path, out_path: Path, *, ema: bool = False) -> dict[str, Any
     weights = plain_state_dict(state["ema"] if ema else state["model"])
     arch, num_classes = state["arch"], state["num_classes"]
     model_kwargs = dict(state.get("recipe", {}).get("model_kwargs", {}))
-    model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes,
-                                         **model_kwargs)
+    try:
+        model = create_model(arch, num_classes, model_kwargs)
+    except (ImportError, RuntimeError, ValueError, TypeError) as exc:
+        raise ExportError(f"{path}: cannot build {arch}: {exc}") from None
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as exc:
-        raise ExportError(f"{path}: weights do not load into torchvision's {arch}: "
+        raise ExportError(f"{path}: weights do not load into {arch}'s constructor: "
                           f"{str(exc).splitlines()[0]}") from None
     out_path = Path(out_path)
     ckpt.save_atomic(weights, out_path)
     return {"source": str(path), "out": str(out_path), "arch": arch,
             "num_classes": num_classes, "ema": ema, "epoch": state["epoch"],
-            "model_kwargs": model_kwargs}
+            "model_kwargs": model_kwargs,
+            "blurpool": bool(state.get("recipe", {}).get("blurpool", False))}

@@ -1,7 +1,8 @@
 """imagenet18's original phase lists (diux-dev/imagenet18), translated to our `Schedule`.
 
-Kept apart from `train.schedule` so the schedule module holds only our format; this one holds
-imagenet18's key names and the semantics read from its training code. Stdlib only, like the
+Kept apart from `train.schedule` so the schedule module holds only our format's maths; this
+one holds imagenet18's key names and the semantics read from its training code; train.phases
+tells the two formats apart. Stdlib only, like the
 schedule: no torch, no typer, nothing runs at import time.
 """
 
@@ -10,14 +11,8 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping, Sequence
 
-from train.schedule import (
-    DEFAULT_MIN_SCALE,
-    Phase,
-    Schedule,
-    ScheduleError,
-    _is_int,
-    _is_number,
-)
+from train.config import is_int, is_number
+from train.schedule import DEFAULT_MIN_SCALE, Phase, Schedule, ScheduleError
 
 IMAGENET18_KEYS = ("ep", "sz", "bs", "lr", "trndir", "valdir", "min_scale", "rect_val",
                    "keep_dl")
@@ -30,9 +25,9 @@ def _entry_error(index: int, key: str, message: str) -> ScheduleError:
 
 
 def _epoch_pair(value: Any, i: int) -> tuple[int, int | None]:
-    if _is_int(value):
+    if is_int(value):
         return value, None
-    if isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_int(x) for x in value):
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(is_int(x) for x in value):
         if value[0] >= value[1]:
             raise _entry_error(i, "ep", f"needs start < end, got {list(value)}")
         return value[0], value[1]
@@ -40,9 +35,9 @@ def _epoch_pair(value: Any, i: int) -> tuple[int, int | None]:
 
 
 def _lr_pair(value: Any, i: int) -> tuple[float, float]:
-    if _is_number(value):
+    if is_number(value):
         return float(value), float(value)
-    if isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_number(x) for x in value):
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(is_number(x) for x in value):
         return float(value[0]), float(value[1])
     raise _entry_error(i, "lr", f"must be a number or [start, end], got {value!r}")
 
@@ -58,7 +53,7 @@ def from_imagenet18(entries: Sequence[Any], *, full_prep_size: int | None = None
       0.08, `rect_val` = false): settings are not inherited from earlier data phases.
       `keep_dl: true` kept the live loader and only changed its batch size, so such a phase
       inherits the previous data phase's settings and takes its `bs`.  As a loader hint
-      `keep_dl` is ignored: `Schedule.loader_changes` derives rebuilds from what changed.
+      `keep_dl` is ignored: `train.rebuilds.loader_changes` derives rebuilds from what changed.
     - `sz` -> crop_size, validated at the same size; `trndir` '-sz/160' -> prep_size 160;
       `valdir` defaults to `trndir`.  `trndir` '' (full-size images) -> `full_prep_size`,
       by default the largest '-sz/N' in the list (the largest shards we keep); with none
@@ -77,10 +72,41 @@ def from_imagenet18(entries: Sequence[Any], *, full_prep_size: int | None = None
       phase's last step; we count from 0 (FFCV), starting exactly at `s`.  The two differ
       by one step's increment.
     """
+    data, lrs = _read_entries(entries)
+    num_epochs = _check_lr_phases(data, lrs)
+    if full_prep_size is not None and (not is_int(full_prep_size) or full_prep_size <= 0):
+        raise ScheduleError(f"full_prep_size must be a positive integer, got {full_prep_size!r}")
+    if full_prep_size is None:
+        sized = [int(m.group(1)) for _, d in data for key in ("trndir", "valdir")
+                 if (m := _SZ_DIR.fullmatch(d[key]))]
+        full_prep_size = max(sized) if sized else None
+    bounds = sorted({s for s, _ in data} | {s for s, _, _ in lrs} | {num_epochs})
+    bounds = [b for b in bounds if b <= num_epochs]
+    phases = []
+    for lo, hi in zip(bounds, bounds[1:]):
+        d = next(d for s, d in reversed(data) if s <= lo)
+        lr_phase = next(seg for seg in reversed(lrs) if seg[0] <= lo)
+        phases.append(Phase(
+            epochs=(lo, hi),
+            prep_size=_prep_size_of(d["trndir"], full_prep_size, d["index"], "trndir", d["sz"]),
+            crop_size=d["sz"], batch_size=d["bs"], lr=(_lr_of(lr_phase, lo), _lr_of(lr_phase, hi)),
+            min_scale=d["min_scale"], rect_val=d["rect_val"],
+            val_prep_size=_prep_size_of(d["valdir"], full_prep_size, d["index"], "valdir",
+                                        d["sz"]),
+            val_crop_size=d["sz"]))
+    return Schedule(tuple(phases))
+
+
+DataPhases = list[tuple[int, dict[str, Any]]]  # (start epoch, settings)
+LRPhases = list[tuple[int, int | None, tuple[float, float]]]  # (start, end or None, lr pair)
+
+
+def _read_entries(entries: Sequence[Any]) -> tuple[DataPhases, LRPhases]:
+    """Each entry checked and sorted into data phases and LR phases."""
     if not isinstance(entries, list) or not entries:
         raise ScheduleError("imagenet18 phases must be a non-empty list")
-    data: list[tuple[int, dict[str, Any]]] = []
-    lrs: list[tuple[int, int | None, tuple[float, float]]] = []
+    data: DataPhases = []
+    lrs: LRPhases = []
     for i, entry in enumerate(entries):
         if not isinstance(entry, Mapping):
             raise ScheduleError(f"imagenet18 entry {i}: must be an object")
@@ -111,6 +137,11 @@ def from_imagenet18(entries: Sequence[Any], *, full_prep_size: int | None = None
                 raise _entry_error(i, "ep", f"LR phases must start in increasing order "
                                    f"({start} after {lrs[-1][0]})")
             lrs.append((start, end, lr))
+    return data, lrs
+
+
+def _check_lr_phases(data: DataPhases, lrs: LRPhases) -> int:
+    """Both kinds start at epoch 0 and the LR phases leave no gap; returns the epoch count."""
     if not data or data[0][0] != 0:
         raise ScheduleError("imagenet18 list: no data phase ('bs') at epoch 0")
     if not lrs or lrs[0][0] != 0:
@@ -122,27 +153,7 @@ def from_imagenet18(entries: Sequence[Any], *, full_prep_size: int | None = None
         if e is not None and lrs[k + 1][0] > e and lr0 != lr1:
             raise ScheduleError(f"imagenet18 list: linear LR phase {[s, e]} ends before the "
                                 f"next LR phase starts at {lrs[k + 1][0]} (gap)")
-    if full_prep_size is not None and (not _is_int(full_prep_size) or full_prep_size <= 0):
-        raise ScheduleError(f"full_prep_size must be a positive integer, got {full_prep_size!r}")
-    if full_prep_size is None:
-        sized = [int(m.group(1)) for _, d in data for key in ("trndir", "valdir")
-                 if (m := _SZ_DIR.fullmatch(d[key]))]
-        full_prep_size = max(sized) if sized else None
-    bounds = sorted({s for s, _ in data} | {s for s, _, _ in lrs} | {num_epochs})
-    bounds = [b for b in bounds if b <= num_epochs]
-    phases = []
-    for lo, hi in zip(bounds, bounds[1:]):
-        d = next(d for s, d in reversed(data) if s <= lo)
-        lr_phase = next(seg for seg in reversed(lrs) if seg[0] <= lo)
-        phases.append(Phase(
-            epochs=(lo, hi),
-            prep_size=_prep_size_of(d["trndir"], full_prep_size, d["index"], "trndir", d["sz"]),
-            crop_size=d["sz"], batch_size=d["bs"], lr=(_lr_of(lr_phase, lo), _lr_of(lr_phase, hi)),
-            min_scale=d["min_scale"], rect_val=d["rect_val"],
-            val_prep_size=_prep_size_of(d["valdir"], full_prep_size, d["index"], "valdir",
-                                        d["sz"]),
-            val_crop_size=d["sz"]))
-    return Schedule(tuple(phases))
+    return num_epochs
 
 
 def _lr_of(lr_phase: tuple[int, int | None, tuple[float, float]], epoch: int) -> float:
@@ -155,10 +166,10 @@ def _lr_of(lr_phase: tuple[int, int | None, tuple[float, float]], epoch: int) ->
 
 def _data_settings(entry: Mapping[str, Any], i: int,
                    data: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
-    for key, check, what in (("bs", _is_int, "an integer"), ("sz", _is_int, "an integer"),
+    for key, check, what in (("bs", is_int, "an integer"), ("sz", is_int, "an integer"),
                              ("trndir", lambda v: isinstance(v, str), "a string"),
                              ("valdir", lambda v: isinstance(v, str), "a string"),
-                             ("min_scale", _is_number, "a number"),
+                             ("min_scale", is_number, "a number"),
                              ("rect_val", lambda v: isinstance(v, bool), "true or false"),
                              ("keep_dl", lambda v: isinstance(v, bool), "true or false")):
         if key in entry and not check(entry[key]):

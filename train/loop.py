@@ -1,111 +1,180 @@
-"""One training step and one evaluation pass: autocast, grad scaler, mixup/cutmix, EMA, top-k.
+"""The step loop (`train_steps`) over a small `TrainState`, and one evaluation pass.
 
-No loaders, files or schedule here: callers hand in normalized batches `x` already on the
-device and the LR of the step, which keeps these functions usable by `train run`, `train bench`
-and the tests alike.
+    state = TrainState()                       # epoch 0, step 0 (or restored from a checkpoint)
+    train_steps(trainer, state, batches, steps=len(loader), lr_at=lambda s: ..., on_sync=show)
+
+`train_steps` runs optimizer steps `state.step .. steps - 1` of `state.epoch`, each over
+`accum_steps` batches, and every `sync_every` steps (and at a checkpoint step, the last step,
+and a stop request) makes ONE host sync: an all-reduce of a small tensor (loss sum, counts,
+data-wait seconds, stop votes) that every rank makes at the same step. It folds the reduced
+values into `state.sums` and hands them to `on_sync` as a `SyncPoint`: `train run` logs,
+draws its progress bar, checks the loss and checkpoints there; the benchmarks time there.
+Between sync points nothing waits for the device. Decisions taken from a SyncPoint are taken
+from reduced values, so every rank takes them together (DDP never hangs on them).
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-from dataclasses import dataclass
-from typing import Callable, Iterable
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.model import set_lr
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
-
-class PrecisionError(ValueError):
-    pass
+from train.config import TrainError
+from train.dist import DistEnv, all_reduce_sum
+from train.metrics import now
+from train.step import Trainer, autocast, step_seed
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' -> bf16 on CUDA (no loss scaling needed), fp32 on CPU (exact, deterministic)."""
-    if precision not in PRECISIONS:
-        raise PrecisionError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    if precision == "fp16" and device.type != "cuda":
-        raise PrecisionError("fp16 needs CUDA; on CPU use fp32 or bf16")
-    return precision
+class DeviceBatches(Protocol):
+    """(x, labels) on the device, and the seconds spent blocked waiting for them so far."""
 
+    data_wait_seconds: float
 
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def make_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler | None:
-    """Dynamic loss scaling for fp16 only: imagenet18's static scale is what produced NaNs."""
-    return torch.amp.GradScaler(device.type) if precision == "fp16" else None
-
-
-def make_mix(mixup_alpha: float, cutmix_alpha: float, num_classes: int):
-    """transforms.v2 MixUp/CutMix (one of them per batch when both are on), or None."""
-    if not mixup_alpha and not cutmix_alpha:
-        return None
-    from torchvision.transforms import v2
-
-    choices = []
-    if mixup_alpha:
-        choices.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_classes))
-    if cutmix_alpha:
-        choices.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
-    return choices[0] if len(choices) == 1 else v2.RandomChoice(choices)
-
-
-def step_seed(seed: int, epoch: int, step: int, rank: int) -> int:
-    """A 63-bit seed that depends only on (seed, epoch, step, rank): resume-proof randomness."""
-    digest = hashlib.blake2b(f"{seed}/{epoch}/{step}/{rank}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
 
 
 @dataclass
-class Trainer:
-    """What a training step needs; `model` may be DDP- and/or compile-wrapped."""
+class EpochSums:
+    """Sums over the epoch so far (over ranks), kept in checkpoints so a resumed epoch reports
+    the whole of it."""
 
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    device: torch.device
-    precision: str
-    label_smoothing: float = 0.0
-    scaler: torch.amp.GradScaler | None = None
-    mix: Callable | None = None
-    ema: nn.Module | None = None  # torch.optim.swa_utils.AveragedModel of the plain module
-    ema_source: nn.Module | None = None  # the plain module the EMA follows
+    loss_sum: float = 0.0  # of each optimizer step's mean loss
+    batches: float = 0.0  # optimizer steps
+    images: float = 0.0
+    data_wait_s: float = 0.0
+    train_s: float = 0.0
 
-    def step(self, x: torch.Tensor, labels: torch.Tensor, lr: float,
-             mix_seed: int | None = None) -> torch.Tensor:
-        """One optimizer step at `lr`; returns the detached loss (no host sync)."""
-        set_lr(self.optimizer, lr)
-        targets = labels
-        if self.mix is not None:
-            # fork_rng: the draw is seeded per step and leaves the global CPU stream untouched.
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(mix_seed if mix_seed is not None else 0)
-                x, targets = self.mix(x, labels)
-        with autocast(self.device, self.precision):
-            logits = self.model(x)
-        loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            loss.backward()
-            self.optimizer.step()
-        if self.ema is not None:
-            self.ema.update_parameters(self.ema_source)
-        return loss.detach()
+
+@dataclass
+class TrainState:
+    """Where training stands: the next optimizer step is `step` of `epoch`."""
+
+    epoch: int = 0
+    step: int = 0
+    global_step: int = 0
+    sums: EpochSums = field(default_factory=EpochSums)
+    elapsed_s: float = 0.0  # training + evaluation time of earlier processes of this run
+    eval_s: float = 0.0
+
+    def next_epoch(self) -> None:
+        self.epoch, self.step, self.sums = self.epoch + 1, 0, EpochSums()
+
+
+@dataclass(frozen=True)
+class SyncPoint:
+    """One host sync: what happened since the previous one, summed over ranks."""
+
+    epoch: int
+    step: int  # optimizer steps done in the epoch
+    global_step: int
+    lr: float  # of the last step
+    loss_sum: float
+    batches: float  # optimizer steps (x ranks)
+    images: float
+    seconds: float  # wall time of this interval, on this rank
+    data_wait_s: float  # x ranks
+    world_size: int
+    stop: bool  # some rank asked to stop
+    checkpoint_due: bool
+    last: bool  # the epoch's last step
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.batches, 1)
+
+    @property
+    def img_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def data_wait(self) -> float:
+        """Share of the interval spent waiting for data, averaged over ranks."""
+        return self.data_wait_s / max(self.seconds * self.world_size, 1e-9)
+
+
+class _Interval:
+    """Loss and counts since the last sync point, accumulated on the device (no host sync)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.batches, self.images, self.started = 0, 0, now()
+
+    def sync(self, env: DistEnv | None, data_wait_s: float, stop: bool) -> list[float]:
+        """One all-reduce: [loss, batches, images, data wait, stop votes, seconds]."""
+        values = torch.stack([self.loss_sum, *(torch.tensor(v, dtype=torch.float64,
+                                                            device=self.device)
+                                               for v in (self.batches, self.images,
+                                                         data_wait_s, float(stop)))])
+        reduced = all_reduce_sum(env, values).tolist()
+        seconds = now() - self.started
+        self.reset()
+        return [*reduced, seconds]
+
+
+def train_steps(trainer: Trainer, state: TrainState, batches: DeviceBatches, *, steps: int,
+                lr_at: Callable[[int], float], on_sync: Callable[[SyncPoint], bool | None],
+                sync_every: int = 20, accum_steps: int = 1, checkpoint_every: int = 0,
+                seed: int | None = 0, env: DistEnv | None = None,
+                stop_requested: Callable[[], bool] = lambda: False) -> float:
+    """Optimizer steps `state.step .. steps - 1` of `state.epoch`; returns the last LR.
+
+    `batches` must begin at batch `state.step * accum_steps` of the epoch. `lr_at(step)` is the
+    LR of optimizer step `step`; `seed` (None: unseeded) seeds each batch's random draws with
+    `step_seed(seed, epoch, batch, rank)`. Returns early when `on_sync` returns True.
+    """
+    interval, rank = _Interval(trainer.device), env.rank if env is not None else 0
+    distributed = env is not None and env.distributed
+    wait_seen, lr, group = batches.data_wait_seconds, 0.0, []
+    for x, labels in batches:
+        group.append((x, labels))
+        if len(group) < accum_steps:
+            continue
+        step = state.step
+        lr = lr_at(step)
+        first = step * accum_steps
+        seeds = [None if seed is None else step_seed(seed, state.epoch, first + i, rank)
+                 for i in range(accum_steps)]
+        interval.loss_sum += trainer.accumulate(group, lr, seeds)
+        interval.batches += 1
+        interval.images += sum(int(batch_labels.shape[0]) for _, batch_labels in group)
+        group = []
+        state.step, state.global_step = step + 1, state.global_step + 1
+        due = bool(checkpoint_every) and state.global_step % checkpoint_every == 0 \
+            and state.step < steps
+        if (due or state.step % sync_every == 0 or state.step == steps
+                or (not distributed and stop_requested())):
+            wait = batches.data_wait_seconds
+            loss_sum, count, images, waited, votes, seconds = interval.sync(
+                env, wait - wait_seen, stop_requested())
+            wait_seen = wait
+            sync = SyncPoint(state.epoch, state.step, state.global_step, lr, loss_sum, count,
+                             images, seconds, waited, env.world_size if env else 1, votes > 0,
+                             due, state.step == steps)
+            _fold(state.sums, sync)
+            if on_sync(sync) or state.step >= steps:
+                return lr
+    raise TrainError(f"epoch {state.epoch}: the train loader stopped after "
+                     f"{state.step * accum_steps} of its {steps * accum_steps} batches")
+
+
+def _fold(sums: EpochSums, sync: SyncPoint) -> None:
+    sums.loss_sum += sync.loss_sum
+    sums.batches += sync.batches
+    sums.images += sync.images
+    sums.data_wait_s += sync.data_wait_s
+    sums.train_s += sync.seconds
+
+
+def sums_from_dict(values: dict) -> EpochSums:
+    return EpochSums(**{f.name: float(values[f.name]) for f in dataclasses.fields(EpochSums)})
 
 
 @dataclass
@@ -116,10 +185,6 @@ class EvalSums:
     correct5: float = 0.0
     count: float = 0.0
     loss_sum: float = 0.0
-
-    def as_tensor(self, device: torch.device) -> torch.Tensor:
-        return torch.tensor([self.correct1, self.correct5, self.count, self.loss_sum],
-                            dtype=torch.float64, device=device)
 
     @classmethod
     def from_tensor(cls, values: torch.Tensor) -> EvalSums:

@@ -6,13 +6,14 @@
   `train_loss`, `lr`, `img_per_s`, `data_wait`, ...); `train report` reads it.
 - event.log: imagenet18's human log (`~~epoch<TAB>hours<TAB><TAB>top1<TAB><TAB>top5` lines
   between free-text events), so its tools and habits carry over.
-- TensorBoard events under tb/, when the tensorboard package is installed.
+- TensorBoard events under tb/ (tensorboard is a dependency; `--no-tensorboard` skips them).
 
 Every writer is a no-op on ranks other than 0 (`RunLog(enabled=is_main_process())`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -21,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from train.config import TrainError
 
 METRICS_NAME = "metrics.jsonl"
 EVENT_LOG_NAME = "event.log"
@@ -38,6 +41,25 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return records
+
+
+def config_record(config: Any, loaded: Any, recipe: Any, env: Any, num_classes: int,
+                  precision: str, resumed: dict[str, Any] | None) -> dict[str, Any]:
+    """config.json: the resolved inputs (RunConfig, LoadedSchedule, Recipe) and the
+    environment (DistEnv, versions, git sha), next to the results."""
+    return {
+        "args": {k: (str(v) if isinstance(v, Path) else v)
+                 for k, v in dataclasses.asdict(config).items()},
+        "command": sys.argv, "schedule_source": str(config.phases_path),
+        "schedule_format": loaded.source_format, "note": loaded.note,
+        "schedule": loaded.schedule.to_dicts(), "recipe": recipe.to_dict(),
+        "num_classes": num_classes, "world_size": env.world_size, "backend": env.backend,
+        "device": str(env.device), "precision": precision,
+        "global_batch_sizes": [p.batch_size * p.accum_steps * env.world_size
+                               for p in loaded.schedule.phases],
+        "git_sha": git_sha(Path(__file__).resolve().parent), "environment": environment_info(),
+        "resumed_from": resumed,
+    }
 
 
 def git_sha(repo_dir: Path) -> str | None:
@@ -87,6 +109,13 @@ class RunLog:
         self._tb = None
         if not enabled:
             return
+        writer = None
+        if tensorboard:  # checked before anything is written
+            try:
+                from torch.utils.tensorboard import SummaryWriter as writer
+            except ImportError as exc:  # a dependency: its absence is a broken install
+                raise TrainError(f"TensorBoard events need the tensorboard package ({exc}); "
+                                 "pip install tensorboard, or pass --no-tensorboard") from None
         self.out_dir.mkdir(parents=True, exist_ok=True)
         metrics = self.out_dir / METRICS_NAME
         if resume_epoch is not None and metrics.exists():
@@ -96,13 +125,8 @@ class RunLog:
         event_log = self.out_dir / EVENT_LOG_NAME
         if not event_log.exists():
             event_log.write_text("~~epoch\thours\ttop1\ttop5\n\n", encoding="utf-8")
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # tensorboard not installed: the JSON and text logs suffice
-                SummaryWriter = None
-            if SummaryWriter is not None:
-                self._tb = SummaryWriter(str(self.out_dir / TENSORBOARD_DIR))
+        if writer is not None:
+            self._tb = writer(str(self.out_dir / TENSORBOARD_DIR))
 
     def write_config(self, config: dict[str, Any], *, resumed: bool) -> None:
         """config.json for a fresh run; a resume adds config.resume-<n>.json beside it."""

@@ -10,6 +10,9 @@ batches and no rank waits at the end of an epoch (DDP hangs on uneven batch coun
 place in the permutation, its `position`, is what seeds its augmentation, so what a batch holds
 depends on neither the number of loader workers nor their scheduling.
 
+Plans (`TrainPlan`, `ValPlan`): a batch's indices plus everything that decides its pixels (crop
+boxes and flips, drawn from per-sample seeds), what a loader worker turns into a batch.
+
 Validation: whole batches are dealt round-robin to ranks and every rank is padded to the same
 count with EMPTY batches, never with duplicates, so each image is counted exactly once.
 """
@@ -17,10 +20,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 
 import numpy as np
 
-from train.augment import rect_batches
+from train.augment import TrainCrop, center_crop_box, rect_batches, rect_crop_box, rect_target_size
 
 
 def epoch_permutation(num_images: int, seed: int, epoch: int) -> np.ndarray:
@@ -129,3 +133,64 @@ def rect_val_batches(aspect_ratios, batch_size: int, *, rank: int = 0, world_siz
         ValBatchIndices(np.asarray(batch[0], dtype=np.int64), batch[1]) if batch is not None else ValBatchIndices(empty, 1.0)
         for batch in deal_batches(batches, rank, world_size)
     ]
+
+
+# --- plans: a batch's indices and how to crop them ------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainPlan:
+    batch: TrainBatchIndices
+    crop: TrainCrop
+    seed: int
+
+    @property
+    def out_size(self) -> tuple[int, int]:
+        return self.crop.crop_size, self.crop.crop_size
+
+    def sample_seeds(self) -> list[int]:
+        first, epoch = self.batch.first_position, self.batch.epoch
+        return [sample_seed(self.seed, epoch, first + slot) for slot in range(len(self.batch.indices))]
+
+    def boxes_and_flips(self, heights: np.ndarray, widths: np.ndarray):
+        boxes, flips = [], []
+        for index, seed in zip(self.batch.indices.tolist(), self.sample_seeds()):
+            rng = random.Random(seed)
+            boxes.append(self.crop.box(int(heights[index]), int(widths[index]), rng))
+            flips.append(rng.random() < 0.5)
+        return boxes, flips
+
+
+@dataclasses.dataclass(frozen=True)
+class ValPlan:
+    batch: ValBatchIndices
+    out_size: tuple[int, int]
+    rect: bool
+    crop_ratio: float
+
+    def sample_seeds(self) -> None:
+        return None  # validation is not augmented
+
+    def boxes_and_flips(self, heights: np.ndarray, widths: np.ndarray):
+        out_height, out_width = self.out_size
+        boxes = []
+        for index in self.batch.indices.tolist():
+            height, width = int(heights[index]), int(widths[index])
+            if self.rect:
+                boxes.append(rect_crop_box(height, width, out_height, out_width))
+            else:
+                boxes.append(center_crop_box(height, width, out_height, self.crop_ratio))
+        return boxes, [False] * len(boxes)
+
+
+# Plan generators are free functions of the loader's settings at the start of an iteration:
+# the DataLoader's iterator keeps one alive, and a method would keep the loader alive with it.
+def train_plans(sampler: TrainBatchSampler, crop: TrainCrop, seed: int):
+    for batch in sampler:
+        yield TrainPlan(batch, crop, seed)
+
+
+def val_plans(batches: list[ValBatchIndices], crop_size: int, rect: bool, crop_ratio: float):
+    for batch in batches:
+        out_size = rect_target_size(crop_size, batch.aspect_ratio) if rect else (crop_size, crop_size)
+        yield ValPlan(batch, out_size, rect, crop_ratio)

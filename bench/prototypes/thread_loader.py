@@ -24,7 +24,7 @@ from formats.dataset import RecordDataset
 from prototypes.batch_ring import BatchRing
 from prototypes.crop_decode import CropDecoder, keep_freed_memory
 from train.augment import TrainCrop
-from train.data import TrainPlan
+from train.samplers import TrainPlan
 from train.samplers import TrainBatchSampler
 
 LAYOUTS = ("nchw-view", "nhwc", "nchw")

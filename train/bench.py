@@ -2,12 +2,16 @@
 here) against end-to-end img/s on real shards, and the share of time spent waiting for data.
 
 If real img/s is well below synthetic and data-wait is high, the run is data-bound: more
-workers, GPU decode, or smaller shards help; a faster GPU will not (see `verdict`). Warm-up steps (cudnn
-autotuning, torch.compile, loader start-up) are excluded from every timing.
+workers, GPU decode, or smaller shards help; a faster GPU will not (see `verdict`). Both are
+timed through `train run`'s own step loop (`train.loop.train_steps`), between two of its sync
+points (`on_sync`), so warm-up steps (cudnn autotuning, torch.compile, loader start-up) are
+excluded and the GPU is drained at both ends of the window. Public API of train/ only.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +21,10 @@ import torch
 
 from train.augment import TrainCrop
 from train.dist import resolve_device
-from train.loop import Trainer, make_scaler, resolve_precision
+from train.loop import DeviceBatches, SyncPoint, TrainState, train_steps
 from train.model import build_model, build_optimizer
 from train.schedule import Phase
+from train.step import Trainer, make_scaler, resolve_precision
 
 DATA_BOUND_WAIT = 0.10  # >= 10% of step time blocked on the loader: data-bound
 SLOWDOWN_RATIO = 0.9  # real below 90% of synthetic without the wait: loading steals compute
@@ -78,30 +83,49 @@ class BenchConfig:
     num_classes: int | None = None  # None: from the shards, else 1000
 
 
-def _timed_steps(trainer: Trainer, batches, warmup: int, device: torch.device) -> dict:
-    """img/s and data-wait share over the batches after the first `warmup`."""
-    images = 0
-    start = wait_start = None
-    for index, (x, labels) in enumerate(batches):
-        if index == warmup:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start, wait_start = time.perf_counter(), getattr(batches, "data_wait_seconds", 0.0)
-        trainer.step(x, labels, lr=0.01)
-        if start is not None:
-            images += labels.shape[0]
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+class EndlessEpochs:
+    """A train loader's epochs back to back, through one device prefetcher."""
+
+    def __init__(self, loader, batches: DeviceBatches) -> None:
+        if len(loader) == 0:
+            raise ValueError("the loader has no batches (batch_size > images?)")
+        self.loader, self.batches = loader, batches
+
+    @property
+    def data_wait_seconds(self) -> float:
+        return self.batches.data_wait_seconds
+
+    def __iter__(self):
+        for epoch in itertools.count():
+            self.loader.set_epoch(epoch)
+            yield from self.batches
+
+
+def timed_steps(trainer: Trainer, batches: DeviceBatches, warmup: int, steps: int) -> dict:
+    """img/s and data-wait share of `steps` steps after `warmup` untimed ones, timed between
+    train_steps' sync points (one every gcd(warmup, steps) steps)."""
+    marks: list[tuple[float, SyncPoint]] = []
+
+    def mark(sync: SyncPoint) -> None:
+        marks.append((time.perf_counter(), sync))
+
+    train_steps(trainer, TrainState(), batches, steps=warmup + steps, lr_at=lambda step: 0.01,
+                on_sync=mark, sync_every=math.gcd(warmup, steps) or steps, seed=None)
+    start = next(t for t, sync in marks if sync.step == warmup) if warmup else None
     if start is None:
-        raise ValueError(f"need more than {warmup} batches to time")
-    seconds = time.perf_counter() - start
-    wait = getattr(batches, "data_wait_seconds", 0.0) - wait_start
-    return {"img_per_s": images / seconds, "data_wait": wait / seconds, "seconds": seconds}
+        raise ValueError("need at least one warm-up step to time after")
+    timed = [sync for _, sync in marks if sync.step > warmup]
+    seconds = marks[-1][0] - start
+    wait = sum(sync.data_wait_s for sync in timed)
+    return {"img_per_s": sum(sync.images for sync in timed) / seconds,
+            "data_wait": wait / seconds, "seconds": seconds}
 
 
 def bench_phases(config: BenchConfig, data: Any = None) -> list[dict[str, Any]]:
     """One row per distinct (train shards, crop, batch) of the schedule; see module doc."""
-    from train.run import RunConfig, ShardData, check_shards, load_inputs
+    from train.config import RunConfig
+    from train.run import load_inputs
+    from train.shards import ShardData, check_shards
 
     loaded, recipe = load_inputs(RunConfig(config.phases_path, arch=config.arch))
     device = resolve_device(config.device)
@@ -112,12 +136,14 @@ def bench_phases(config: BenchConfig, data: Any = None) -> list[dict[str, Any]]:
                                          if data is not None else 1000)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    seen: dict[tuple, Phase] = {}
-    for phase in loaded.schedule.phases:
-        seen.setdefault((phase.train_dir_name, phase.crop_size, phase.batch_size,
-                         phase.min_scale), phase)
+    seen: dict[tuple, tuple[Phase, int]] = {}
+    for epoch in range(loaded.schedule.num_epochs):  # every crop of a ramp too
+        phase = loaded.schedule.phase_at(epoch)
+        crop_size = phase.crop_size_at(epoch)
+        seen.setdefault((phase.train_dir_name, crop_size, phase.batch_size, phase.min_scale),
+                        (phase, crop_size))
     rows = []
-    for phase in seen.values():
+    for phase, crop_size in seen.values():
         torch.manual_seed(0)
         module = build_model(recipe, num_classes).to(
             device, memory_format=torch.channels_last if config.channels_last
@@ -126,45 +152,29 @@ def bench_phases(config: BenchConfig, data: Any = None) -> list[dict[str, Any]]:
         trainer = Trainer(model, build_optimizer(module, recipe, device), device, precision,
                           recipe.label_smoothing, make_scaler(device, precision))
         total = config.warmup_steps + config.steps
-        synthetic = _timed_steps(trainer, SyntheticBatches(
-            phase.batch_size, phase.crop_size, num_classes, total, device,
-            config.channels_last), config.warmup_steps, device)
+        synthetic = timed_steps(trainer, SyntheticBatches(
+            phase.batch_size, crop_size, num_classes, total, device, config.channels_last),
+            config.warmup_steps, config.steps)
         row = {"phase_epochs": list(phase.epochs), "train_dir": phase.train_dir_name,
-               "crop_size": phase.crop_size, "batch_size": phase.batch_size,
+               "crop_size": crop_size, "batch_size": phase.batch_size,
                "synthetic_img_per_s": synthetic["img_per_s"], "real_img_per_s": None,
                "data_wait": None, "verdict": "synthetic only"}
         if data is not None:
             loader = data.train_loader(
-                phase.train_dir_name, phase.batch_size, TrainCrop(phase.crop_size,
-                                                                  phase.min_scale),
+                phase.train_dir_name, phase.batch_size, TrainCrop(crop_size, phase.min_scale),
                 rank=0, world_size=1, seed=0, workers=config.workers, decode=config.decode,
-                device=str(device) if config.decode == "gpu" else None)
-            loader.set_epoch(0)
-            batches = _Limited(data.prefetcher(loader, device, config.channels_last), total)
-            real = _timed_steps(trainer, batches, config.warmup_steps, device)
-            getattr(loader, "close", lambda: None)()
+                device=str(device) if config.decode == "gpu" else None, augment=None)
+            try:
+                batches = EndlessEpochs(loader, data.prefetcher(loader, device,
+                                                                config.channels_last))
+                real = timed_steps(trainer, batches, config.warmup_steps, config.steps)
+            finally:
+                loader.close()
             row.update(real_img_per_s=real["img_per_s"], data_wait=real["data_wait"],
                        verdict=verdict(synthetic["img_per_s"], real["img_per_s"],
                                        real["data_wait"]))
         rows.append(row)
     return rows
-
-
-class _Limited:
-    """The first `limit` batches of an iterable, passing its data_wait_seconds through."""
-
-    def __init__(self, batches, limit: int) -> None:
-        self.batches, self.limit = batches, limit
-
-    @property
-    def data_wait_seconds(self) -> float:
-        return getattr(self.batches, "data_wait_seconds", 0.0)
-
-    def __iter__(self):
-        for index, batch in enumerate(self.batches):
-            if index >= self.limit:
-                return
-            yield batch
 
 
 def format_bench(rows: list[dict[str, Any]]) -> str:

@@ -1,0 +1,164 @@
+"""Where a run's batches come from: the `DataSource` seam, its shard-directory implementation,
+the start-up checks of the shard directories, and the live loaders of a run.
+
+- `DataSource`: shard directory name (train-160, val-320) -> loaders, and loader -> device
+  batches. `ShardData` reads prep's shards with train.data; tests pass a stand-in.
+- `check_shards`: every directory the schedule reads exists, is complete and has the same
+  classes, checked before any process group or GPU work (the home of start-up data checks).
+- `LiveLoaders`: the train and val loaders of the current epoch, built, rebuilt or adjusted in
+  place exactly as `train.rebuilds.loader_changes` says (the rule the dry-run prints).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from train.augment import TrainCrop
+from train.config import RunConfig, TrainError
+from train.loader_contract import Augment, TrainBatches, ValBatches
+from train.dist import DistEnv
+from train.loop import DeviceBatches
+from train.rebuilds import loader_changes, loader_settings
+from train.schedule import Schedule
+
+
+class DataSource(Protocol):
+    """Loaders by shard directory name, and the step that puts their batches on the device."""
+
+    def classes(self, dir_name: str) -> list[str]: ...
+
+    def train_loader(self, dir_name: str, batch_size: int, crop: TrainCrop, *, rank: int,
+                     world_size: int, seed: int, workers: int, decode: str,
+                     device: str | None, augment: Augment | None) -> TrainBatches: ...
+
+    def val_loader(self, dir_name: str, batch_size: int, crop_size: int, *, rank: int,
+                   world_size: int, workers: int, rect: bool, decode: str,
+                   device: str | None) -> ValBatches: ...
+
+    def prefetcher(self, loader: TrainBatches | ValBatches, device: torch.device,
+                   channels_last: bool) -> DeviceBatches: ...
+
+
+class ShardData:
+    """Shard directories under `data_dir`, read by train.data and moved by train.prefetch."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = Path(data_dir)
+
+    def classes(self, dir_name: str) -> list[str]:
+        from formats.manifest import read_manifest
+
+        return list(read_manifest(self.data_dir / dir_name).classes)
+
+    def train_loader(self, dir_name, batch_size, crop, *, rank, world_size, seed, workers,
+                     decode, device, augment):
+        from train.data import TrainLoader
+
+        return TrainLoader(self.data_dir / dir_name, batch_size, crop, rank=rank,
+                           world_size=world_size, seed=seed, workers=workers, decode=decode,
+                           device=device, augment=augment)
+
+    def val_loader(self, dir_name, batch_size, crop_size, *, rank, world_size, workers, rect,
+                   decode, device):
+        from train.data import ValLoader
+
+        return ValLoader(self.data_dir / dir_name, batch_size, crop_size, rank=rank,
+                         world_size=world_size, workers=workers, rect=rect, decode=decode,
+                         device=device)
+
+    def prefetcher(self, loader, device, channels_last):
+        from train.prefetch import DevicePrefetcher
+
+        return DevicePrefetcher(loader, device, channels_last=channels_last)
+
+
+def check_shards(schedule: Schedule, data: DataSource) -> list[str]:
+    """Every shard directory the schedule reads exists, is complete, and has the same classes.
+
+    Returns the class list. Runs before anything is started so a missing `val-320/` fails in
+    a second with the phase that needs it, not after hours of training.
+    """
+    from formats.errors import DatasetError
+
+    classes: list[str] | None = None
+    first_dir = ""
+    seen: set[str] = set()
+    for index, phase in enumerate(schedule.phases):
+        for split, dir_name, prep_size in (("train", phase.train_dir_name, phase.prep_size),
+                                           ("val", phase.val_dir_name, phase.val_prep_size)):
+            if dir_name in seen:
+                continue
+            seen.add(dir_name)
+            try:
+                found = data.classes(dir_name)
+            except (DatasetError, OSError, ValueError) as exc:
+                raise TrainError(f"phase {index} needs {split} shards {dir_name}/ "
+                                 f"(prep_size {prep_size}): {exc}") from None
+            if classes is None:
+                classes, first_dir = found, dir_name
+            elif found != classes:
+                raise TrainError(f"{dir_name}/ has {len(found)} classes that differ from "
+                                 f"{first_dir}/'s {len(classes)}; build both from one source")
+    assert classes is not None
+    return classes
+
+
+class LiveLoaders:
+    """The loaders of the current epoch; `for_epoch` applies that epoch's LoaderChanges."""
+
+    def __init__(self, data: DataSource, env: DistEnv, config: RunConfig, schedule: Schedule,
+                 augment: Augment | None = None) -> None:
+        self.data, self.env, self.config, self.schedule = data, env, config, schedule
+        self.augment = augment
+        self.train: TrainBatches | None = None
+        self.val: ValBatches | None = None
+
+    def for_epoch(self, epoch: int) -> tuple[TrainBatches, list[str]]:
+        """The train loader for `epoch`, and imagenet18-style event lines for what changed.
+
+        The first call in a process builds both loaders (fresh), as after a resume."""
+        changes = loader_changes(self.schedule, epoch, fresh=self.train is None)
+        settings = loader_settings(self.schedule, epoch)
+        env, cfg = self.env, self.config
+        device = str(env.device) if cfg.decode == "gpu" else None
+        crop = TrainCrop(settings.crop_size, settings.min_scale)
+        events = []
+        if changes.rebuild_train:
+            self._close_train()
+            self.train = self.data.train_loader(
+                settings.train_dir_name, settings.batch_size, crop, rank=env.rank,
+                world_size=env.world_size, seed=cfg.seed, workers=cfg.workers,
+                decode=cfg.decode, device=device, augment=self.augment)
+            events.append(f"Dataset changed.\nImage size: {settings.crop_size}\nBatch size: "
+                          f"{settings.batch_size}\nTrain Directory: {settings.train_dir_name}"
+                          f"\nValidation Directory: {settings.val_dir_name}")
+        elif {"crop_size", "min_scale"} & set(changes.in_place):
+            self.train.set_crop(crop)
+            events.append(f"Crop changed: {settings.crop_size} px, min_scale "
+                          f"{settings.min_scale}")
+        if changes.rebuild_val:
+            self._close_val()
+            self.val = self.data.val_loader(
+                settings.val_dir_name, settings.batch_size, settings.val_crop_size,
+                rank=env.rank, world_size=env.world_size, workers=cfg.workers,
+                rect=settings.rect_val, decode=cfg.decode, device=device)
+        elif "val_crop_size" in changes.in_place:
+            self.val.set_crop_size(settings.val_crop_size)
+        return self.train, events
+
+    def _close_train(self) -> None:
+        if self.train is not None:
+            self.train.close()
+            self.train = None
+
+    def _close_val(self) -> None:
+        if self.val is not None:
+            self.val.close()
+            self.val = None
+
+    def close(self) -> None:
+        self._close_train()
+        self._close_val()
