@@ -17,6 +17,7 @@ from formats.manifest import read_manifest
 from formats.msgpack_store import DEFAULT_SHARD_BYTES, MsgpackWriter
 from prep.build import BuildConfig, build
 from prep.cli import app
+from prep.lock import LockedError, lock_path, locked
 from prep.merge import merge
 from prep.partial import BuildError
 from prep.parts import PartSpec, byte_range, part_source
@@ -203,6 +204,48 @@ def test_merge_refuses_other_versions_and_bad_ranges(two_parts, tmp_path, change
     assert result.exit_code == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_merge_refuses_parts_of_an_older_format_version(two_parts, tmp_path):
+    """Version 1 wrote names.txt raw: its lines cannot go into a dataset whose manifest says 2."""
+    root = two_parts["root"]
+    old = [_tampered(root / "a" / f"train-48.part-{i}-of-2", tmp_path / f"v1-{i}", lambda m: m.update(format_version=1))
+           for i in range(2)]
+    result = CliRunner().invoke(app, ["merge", *map(str, old), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "format_version 1, this prep writes 2: rebuild the parts" in lines[0], result.stderr
+
+
+def test_merge_takes_the_outputs_lock_and_a_part_its_own(src, tmp_path):
+    build_parts(src, tmp_path / "parts", "lmdb", 2, prep_sizes=(48,))
+    parts = sorted((tmp_path / "parts").glob("train-48.part-*"))
+    out = tmp_path / "merged"
+    out.mkdir()
+    with locked([(lock_path(out, "train-48"), "train-48")]):  # a build (or merge) writing train-48
+        with pytest.raises(LockedError, match=f"PID {os.getpid()}"):
+            merge(parts, out, quiet=True)
+        assert not (out / "train-48").exists()
+    assert merge(parts, out, quiet=True).manifest.count == 36
+    # the ranks of one build write to one --out: each part locks only itself
+    (tmp_path / "again").mkdir()
+    with locked([(lock_path(tmp_path / "again", "train-48"), "train-48")]):
+        build(config(src, tmp_path / "again", "lmdb", PartSpec(0, 2), prep_sizes=(48,)))
+        with locked([(lock_path(tmp_path / "again", "train-48.part-1-of-2"), "part 1")]):
+            with pytest.raises(LockedError):
+                build(config(src, tmp_path / "again", "lmdb", PartSpec(1, 2), prep_sizes=(48,)))
+
+
+def test_parts_do_not_warn_of_the_classes_other_parts_hold(src, tmp_path):
+    """A part holds some classes only; whether a class is empty is for the merged dataset to say."""
+    args = ["build-lmdb", "--src", str(src), "--out", str(tmp_path), "--size", "48", "--workers", "0", "-q"]
+    for index in range(2):
+        result = CliRunner().invoke(app, [*args, "--num-parts", "2", "--part-index", str(index)])
+        assert result.exit_code == 0 and "warning" not in result.stderr, result.stderr
+    result = CliRunner().invoke(app, ["merge", *map(str, sorted(tmp_path.glob("train-48.part-*"))),
+                                      "--out", str(tmp_path)])
+    assert result.exit_code == 0 and "warning" not in result.stderr, result.stderr
+    assert read_manifest(tmp_path / "train-48").counts_per_class == [9, 9, 9, 9]
 
 
 @pytest.mark.parametrize("args, message", [
