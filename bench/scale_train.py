@@ -53,10 +53,14 @@ def _dry_run_seconds(data_dir: Path, work_dir: Path) -> dict:
     phases = work_dir / "phases-160.json"
     phases.write_text(json.dumps(DRY_RUN_PHASES))
     timings = {}
-    for name, args in (("python_and_imports_s", ["--help"]),
-                       ("dry_run_s", ["run", "--phases", str(phases), "--data", str(data_dir), "--dry-run"])):
+    # what any `train run` pays before reading its data: python, typer, then train.run's imports
+    # (torch and torchvision among them)
+    for name, args in (("python_and_imports_s", ["-m", "train.cli", "--help"]),
+                       ("train_run_imports_s", ["-c", "import train.run"]),
+                       ("dry_run_s", ["-m", "train.cli", "run", "--phases", str(phases), "--data", str(data_dir),
+                                      "--dry-run"])):
         started = time.perf_counter()
-        result = subprocess.run([sys.executable, "-m", "train.cli", *args], cwd=REPO, capture_output=True, text=True)
+        result = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True)
         timings[name] = time.perf_counter() - started
         if result.returncode:
             raise SystemExit(f"train {' '.join(args)} failed:\n{result.stderr[-2000:]}")
