@@ -39,6 +39,10 @@ import gpu_inputs  # noqa: E402  (bench/gpu_inputs.py)
 PREP_SIZES = (160, 320)
 FULL = {"arch": "resnet50", "crops": (128, 224), "batch_sizes": (256, 192), "images": 2000,
         "classes": 20, "val_per_class": 25, "workers": None, "budget_seconds": 540.0}
+# step 3's rows (name, extra `train run` flags, epochs) and step 4's flags
+RUN_ROWS = (("run-decode-cpu", ("--decode", "cpu"), 2), ("run-decode-gpu", ("--decode", "gpu"), 2),
+            ("run-fp16", ("--precision", "fp16"), 2), ("run-compile", ("--compile",), 1))
+RESUME_FLAGS = ("--deterministic", "--checkpoint-every-steps", "3", "--seed", "1")
 TINY = {"arch": "resnet18", "crops": (32, 48), "batch_sizes": (8, 8), "images": 64,
         "classes": 4, "val_per_class": 4, "workers": 1, "budget_seconds": 600.0}
 
@@ -182,15 +186,13 @@ def epochs_summary(run_dir: Path) -> str:
 
 
 def train_runs(args: argparse.Namespace, steps: Steps, shards: Path) -> None:
-    rows = [("run-decode-cpu", ["--decode", "cpu"], 2), ("run-decode-gpu", ["--decode", "gpu"], 2),
-            ("run-fp16", ["--precision", "fp16"], 2), ("run-compile", ["--compile"], 1)]
-    for name, extra, epochs in rows:
+    for name, extra, epochs in RUN_ROWS:
         if args.tiny and name != "run-decode-cpu":
             steps.add(name, "skip", 0, "no CUDA (CPU rehearsal)")
             continue
         run_dir = args.out / "runs" / name
         started = time.monotonic()
-        command = train_command(args, write_phases(args.out, args, epochs), shards, run_dir, extra)
+        command = train_command(args, write_phases(args.out, args, epochs), shards, run_dir, list(extra))
         code, output = steps.run(name, command, limit=240 if name == "run-compile" else 150)
         status = "ok" if code == 0 else ("TIMEOUT" if code == 124 else "FAIL")
         detail = epochs_summary(run_dir) if code == 0 else last_line(output)
@@ -200,7 +202,7 @@ def train_runs(args: argparse.Namespace, steps: Steps, shards: Path) -> None:
 def resume_check(args: argparse.Namespace, steps: Steps, shards: Path) -> None:
     """Deterministic kernels both times; kill -9 once a mid-epoch checkpoint exists, resume."""
     phases = write_phases(args.out, args, 2)
-    extra = ["--deterministic", "--checkpoint-every-steps", "3", "--seed", "1"]
+    extra = list(RESUME_FLAGS)
     reference, killed = args.out / "runs" / "resume-reference", args.out / "runs" / "resume-killed"
     started = time.monotonic()
     code, output = steps.run("resume-reference", train_command(args, phases, shards, reference, extra), 150)
