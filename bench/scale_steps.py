@@ -78,7 +78,9 @@ def throughput_profile(samples: list[dict], total: int) -> dict:
     if len(points) < 2 or total <= 0:
         return {}
     first = points[0]
-    last = next(p for p in points if p["probe"] >= points[-1]["probe"])
+    # the first sample at the most members: a probe may fall back at the end (the parts of a
+    # build are removed one by one once merged), so the last sample is not always the most
+    last = next(p for p in points if p["probe"] >= max(q["probe"] for q in points))
     if last["probe"] - first["probe"] < 10 or last["t"] <= first["t"]:
         return {}  # too short a build (tiny mode) to see its rate change
     span = [p for p in points if p["t"] <= last["t"]]

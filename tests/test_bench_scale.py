@@ -75,3 +75,15 @@ def test_projection_takes_the_slower_of_spread_work_and_the_main_process():
     sz160 = next(line for line in lines if line.strip().startswith("sz/160 "))
     expected = report.project_seconds(report.REAL_TRAIN, 1.0, 0.05) / 60  # the median rate, 1,000 img/s
     assert f"train {expected:5.1f} min" in sz160 and "bound by the cores" in sz160
+
+
+def test_throughput_profile_spans_up_to_the_most_members_seen():
+    """The 2-rank build's probe falls back while the merged parts are removed one by one: the
+    profile still spans every member, in ten equal tenths."""
+    steps = importlib.import_module("scale_steps")
+    samples = [{"t": float(t), "probe": 100 * t, "main_cpu_s": 0.0, "main_sys_s": 0.0, "tree_cpu_s": t / 10,
+                "main_rss_mib": 1.0, "available_mib": 1.0} for t in range(11)]
+    samples += [{**samples[-1], "t": 11.0, "probe": 600}, {**samples[-1], "t": 12.0, "probe": None}]
+    profile = steps.throughput_profile(samples, 1000)
+    assert profile["img_per_s_by_tenth"] == pytest.approx([100.0] * 10)
+    assert profile["streaming_s"] == 10.0 and profile["after_last_member_s"] == 2.0
