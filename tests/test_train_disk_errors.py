@@ -1,0 +1,117 @@
+"""Failures mid-run are one line and leave the run resumable: a full disk at a checkpoint or a
+metrics write (the last good checkpoint kept), a read-only --out, and a corrupt JPEG reaching
+train's decoder (naming dataset, record and source member), from loader workers too."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import train.checkpoint as ckpt
+from formats.dataset import RecordDataset
+from tests.loader_shards import corrupt_record
+from train.cli import app
+from train.metrics import RunLog
+
+PHASES = [{"epochs": [0, 2], "prep_size": 160, "crop_size": 32, "batch_size": 4,
+           "lr": [0.05, 0.0]}]  # conftest's shards: 18 train images, 4 steps an epoch
+
+
+def train_args(tmp_path: Path, data: Path, *extra: str) -> list[str]:
+    phases = tmp_path / "phases.json"
+    phases.write_text(json.dumps({"recipe": {"arch": "resnet18"}, "phases": PHASES}))
+    return ["run", "--phases", str(phases), "--data", str(data), "--out", str(tmp_path / "run"),
+            "--workers", "0", "--no-progress", "--no-tensorboard", "--threads", "1", *extra]
+
+
+def one_error_line(result) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 1, result.stderr
+    errors = [line for line in lines if line.startswith("train: ")]
+    assert len(errors) == 1 and errors[0] == lines[-1], result.stderr
+    assert not any(line.startswith(("Traceback", "│", "╭")) for line in lines), result.stderr
+    return errors[0]
+
+
+def test_full_disk_at_a_checkpoint_keeps_the_last_good_one(built_shards, tmp_path: Path,
+                                                           monkeypatch) -> None:
+    real_save, saves = ckpt.save_atomic, []
+
+    def disk_fills_up(state, path):
+        saves.append(state["global_step"])
+        if len(saves) == 3:  # this write gets the kernel's real ENOSPC (/dev/full)
+            path.with_name(path.name + ".tmp").symlink_to("/dev/full")
+        return real_save(state, path)
+
+    monkeypatch.setattr(ckpt, "save_atomic", disk_fills_up)
+    result = CliRunner().invoke(app, train_args(tmp_path, built_shards / "lmdb",
+                                                "--checkpoint-every-steps", "1"))
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    assert one_error_line(result) == (
+        f"train: error: cannot save a checkpoint in {last.parent} (No space left on device); "
+        f"the last good checkpoint is {last}")
+    assert torch.load(last, weights_only=True)["global_step"] == saves[1]
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.pt"]  # no temp file left
+    monkeypatch.setattr(ckpt, "save_atomic", real_save)  # space again: the run resumes
+    resumed = CliRunner().invoke(app, train_args(tmp_path, built_shards / "lmdb",
+                                                 "--resume", "auto"))
+    assert resumed.exit_code == 0, resumed.stderr
+    assert (last.parent / "final.pt").exists()
+
+
+def test_full_disk_at_a_metrics_write_is_one_line(built_shards, tmp_path: Path,
+                                                  monkeypatch) -> None:
+    real_epoch = RunLog.epoch
+
+    def disk_full_epoch(self, record):
+        if self.enabled and not (self.out_dir / "metrics.jsonl").exists():
+            (self.out_dir / "metrics.jsonl").symlink_to("/dev/full")
+        return real_epoch(self, record)
+
+    monkeypatch.setattr(RunLog, "epoch", disk_full_epoch)
+    line = one_error_line(CliRunner().invoke(app, train_args(tmp_path, built_shards / "lmdb")))
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    assert line == (f"train: error: cannot write {metrics} (No space left on device); no "
+                    "checkpoint was written yet")
+
+
+def test_read_only_out_is_one_line(built_shards, tmp_path: Path, monkeypatch) -> None:
+    """As root the suite cannot make a read-only mount: the OS's answer is simulated."""
+    out = tmp_path / "run"
+    out.mkdir()
+    real_open = os.open
+
+    def read_only_open(path, flags, *args, **kwargs):
+        if str(path).startswith(str(out)) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only_open)
+    line = one_error_line(CliRunner().invoke(app, train_args(tmp_path, built_shards / "lmdb")))
+    assert line == (f"train: error: {out}: cannot write the run directory (Read-only file "
+                    f"system: {out / '.lock'})")
+
+
+@pytest.mark.parametrize(("store", "split", "workers"), [
+    ("lmdb", "train", "0"), ("msgpack", "train", "2"), ("lmdb", "val", "2")])
+def test_corrupt_jpeg_in_the_shards_is_one_line_naming_the_record(
+        built_shards, tmp_path: Path, store: str, split: str, workers: str) -> None:
+    data = tmp_path / "shards"
+    for name in ("train-160", "val-160"):
+        shutil.copytree(built_shards / store / name, data / name)
+    dataset = RecordDataset(data / f"{split}-160")
+    index = 3
+    corrupt_record(dataset.dataset_dir, bytes(dataset.view(index)))  # its header zeroed
+    name = dataset.name(index)
+    dataset.close()
+    result = CliRunner().invoke(app, [*train_args(tmp_path, data), "--workers", workers])
+    line = one_error_line(result)
+    assert line.startswith(f"train: error: {data / f'{split}-160'}: record {index} ({name}): "
+                           "cannot decode ("), line
