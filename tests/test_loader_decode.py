@@ -11,6 +11,7 @@ from PIL import Image
 
 import train.decode as decode
 import train.gpu_decode as gpu_decode
+from formats import jpeg
 from formats.dataset import RecordDataset
 from train.augment import TrainCrop, center_crop_box
 from tests.loader_shards import dataset_dir
@@ -49,7 +50,7 @@ def test_crops_match_pil(records):
             difference = (ours - reference).abs()
             if decode.decode_scale(box, crop_size, crop_size) == (1, 1):
                 assert difference.max() <= 2 and difference.float().mean() < 0.3, (index, box, crop_size)
-            else:  # same place: closer to the reference than the box moved by 2 px
+            else:  # same place: closer to the reference than the box moved by 2 px (libturbojpeg only)
                 num_scaled += 1
                 assert difference.float().mean() < 8, (index, box, crop_size)  # textured samples
                 top, left, box_height, box_width = box
@@ -57,7 +58,7 @@ def test_crops_match_pil(records):
                 if moved != box:
                     moved_reference = pil_reference(records.view(index), moved, crop_size, crop_size).int()
                     assert difference.float().mean() < (ours - moved_reference).abs().float().mean()
-    assert num_scaled > 0
+    assert num_scaled > 0 or jpeg.turbo() is None  # without it (SHARDTRAIN_NO_TURBOJPEG=1) PIL decodes in full
 
 
 def test_flip_mirrors_exactly(records):
@@ -65,6 +66,7 @@ def test_flip_mirrors_exactly(records):
     assert torch.equal(decoded(records, 0, box, 64, 80, flip=True), decoded(records, 0, box, 64, 80).flip(-1))
 
 
+@pytest.mark.skipif(jpeg.turbo() is None, reason="DCT-scaled decodes need libturbojpeg")
 def test_large_box_decodes_at_reduced_dct_scale(records, monkeypatch):
     scales = []
     real = decode.decode_rgb
