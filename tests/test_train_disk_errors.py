@@ -10,12 +10,15 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
 
 import train.checkpoint as ckpt
+from formats import jpeg
 from formats.dataset import RecordDataset
+from formats.record import RECORDS_FILE, checksum
 from tests.loader_shards import corrupt_record
 from train.cli import app
 from train.metrics import RunLog
@@ -115,3 +118,39 @@ def test_corrupt_jpeg_in_the_shards_is_one_line_naming_the_record(
     line = one_error_line(result)
     assert line.startswith(f"train: error: {data / f'{split}-160'}: record {index} ({name}): "
                            "cannot decode ("), line
+
+
+def cut_in_place(dataset_dir: Path, index: int, value: bytes) -> None:
+    """End record `index`'s entropy data halfway with an EOI marker, same length, its crc32
+    updated: a JPEG cut short that a build before the shared decoder's fix stored (it decoded,
+    grey below the cut), which the stored table calls intact."""
+    damaged = value[: len(value) // 2] + b"\xff\xd9" + value[len(value) // 2 + 2 :]
+    for path in sorted(dataset_dir.glob("*.mdb")) + sorted(dataset_dir.glob("shard-*.msgpack")):
+        raw = path.read_bytes()
+        if (start := raw.find(value)) >= 0:
+            path.write_bytes(raw[:start] + damaged + raw[start + len(value) :])
+            break
+    else:
+        raise AssertionError("record bytes not found in the store files")
+    records = np.load(dataset_dir / RECORDS_FILE)
+    records["crc32"][index] = checksum(damaged)
+    np.save(dataset_dir / RECORDS_FILE, records)
+
+
+@pytest.mark.skipif(jpeg.turbo() is None, reason="PIL does not surface libjpeg's warnings")
+@pytest.mark.parametrize(("store", "workers"), [("lmdb", "0"), ("msgpack", "2")])
+def test_stored_jpeg_cut_short_is_one_line_not_grey_training(built_shards, tmp_path: Path,
+                                                             store: str, workers: str) -> None:
+    data = tmp_path / "shards"
+    for name in ("train-160", "val-160"):
+        shutil.copytree(built_shards / store / name, data / name)
+    dataset = RecordDataset(data / "train-160")
+    index = 5
+    value, name = bytes(dataset.view(index)), dataset.name(index)
+    dataset.close()
+    cut_in_place(data / "train-160", index, value)
+    result = CliRunner().invoke(app, [*train_args(tmp_path, data), "--workers", workers])
+    line = one_error_line(result)
+    assert line.startswith(f"train: error: {data / 'train-160'}: record {index} ({name}): "
+                           "cannot decode (corrupt or truncated JPEG data (libjpeg: "), line
+    assert "crc32 differs" not in line  # the stored bytes are as prep wrote them
