@@ -53,6 +53,18 @@ def test_out_of_range_options_are_one_line(tmp_path: Path, option, expected) -> 
     assert expected in line
 
 
+@pytest.mark.parametrize(("option", "expected"), [
+    (["--steps", "0"], "--steps must be >= 1"), (["--warmup", "-1"], "--warmup >= 0, got 30 and -1"),
+    (["--workers", "-3"], "--workers must be >= 0"), (["--precision", "fp8"], "--precision must be"),
+])
+def test_bench_options_out_of_range_are_one_line(tmp_path: Path, option, expected) -> None:
+    result = CliRunner().invoke(app, ["bench", "--phases", str(write_phases(tmp_path)),
+                                      "--device", "cpu", *option])
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("train: error: ") and expected in lines[0], lines[0]
+
+
 def test_workers_and_threads_are_capped_with_a_warning() -> None:
     config = RunConfig(Path("p.json"), workers=1000, threads=3)
     capped, warnings = cap_workers(config, num_cpus=2)
