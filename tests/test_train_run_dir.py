@@ -287,3 +287,32 @@ def test_damaged_checkpoint_fields_are_one_line(stopped_run: Path, tmp_path: Pat
     torch.save({**saved, "rng": {"torch": 3, "python": [1]}}, last)
     with pytest.raises(TrainError, match=r"last.pt: damaged RNG or epoch-sum state"):
         run(config(tmp_path, resume="auto"), StandInData())
+
+
+class RunsCode:
+    """Unpickling this would run a command (what weights_only=True exists to refuse)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoint_that_is_not_plain_data_is_one_line_without_bad_advice(tmp_path: Path) -> None:
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    last.parent.mkdir(parents=True)
+    marker = tmp_path / "ran"
+    for content, reason in ((RunsCode(marker), "unsupported GLOBAL posix.system"),
+                            (None, "Unsupported operand")):
+        if content is None:
+            last.write_bytes(b"not a checkpoint\n")
+        else:
+            torch.save({"model": content}, last)
+        with pytest.raises(CheckpointError) as raised:
+            run(config(tmp_path, resume="auto"), StandInData())
+        message = str(raised.value)
+        assert message.startswith(f"{last}: not a checkpoint of tensors and plain data, not "
+                                  "loaded (") and reason in message, message
+        assert "weights_only" not in message and "\n" not in message  # torch's advice: not ours
+    assert not marker.exists()

@@ -54,8 +54,10 @@ def test_out_of_range_options_are_one_line(tmp_path: Path, option, expected) -> 
 
 
 @pytest.mark.parametrize(("option", "expected"), [
-    (["--steps", "0"], "--steps must be >= 1"), (["--warmup", "-1"], "--warmup >= 0, got 30 and -1"),
-    (["--workers", "-3"], "--workers must be >= 0"), (["--precision", "fp8"], "--precision must be"),
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--warmup", "-1"], "--warmup >= 0, got 30 and -1"),
+    (["--workers", "-3"], "--workers must be >= 0"),
+    (["--precision", "fp8"], "--precision must be"),
 ])
 def test_bench_options_out_of_range_are_one_line(tmp_path: Path, option, expected) -> None:
     result = CliRunner().invoke(app, ["bench", "--phases", str(write_phases(tmp_path)),

@@ -20,6 +20,7 @@ anything is restored: the home of every "can this run resume that one" rule.
 from __future__ import annotations
 
 import dataclasses
+import pickle
 import random
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,9 @@ def load(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: no such checkpoint")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # torch's text advises weights_only=False: not here
+        raise CheckpointError(f"{path}: not a checkpoint of tensors and plain data, not loaded "
+                              f"({_unpickler_reason(exc)})") from None
     except Exception as exc:  # torch raises several types for truncated or foreign files
         raise CheckpointError(f"{path}: unreadable checkpoint ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
@@ -79,6 +83,14 @@ def load(path: Path) -> dict[str, Any]:
         what = f"missing {', '.join(missing)}" if missing else "fields of the wrong type"
         raise CheckpointError(f"{path}: a damaged shardtrain checkpoint ({what})")
     return state
+
+
+def _unpickler_reason(exc: pickle.UnpicklingError) -> str:
+    """The line of torch's weights-only refusal that says what it met ("Unsupported operand
+    103", "Trying to load unsupported GLOBAL posix.system ...")."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    detail = [line for line in lines[1:] if not line.startswith(("Please file", "Check the"))]
+    return (detail[0] if detail else lines[0] if lines else "UnpicklingError")[:200]
 
 
 def resume_path(out_dir: Path, resume: str | None, overwrite: bool = False) -> Path | None:
