@@ -4,9 +4,7 @@ train's decoder (naming dataset, record and source member), from loader workers 
 
 from __future__ import annotations
 
-import errno
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -85,18 +83,10 @@ def test_full_disk_at_a_metrics_write_is_one_line(built_shards, tmp_path: Path,
                     "checkpoint was written yet")
 
 
-def test_read_only_out_is_one_line(built_shards, tmp_path: Path, monkeypatch) -> None:
-    """As root the suite cannot make a read-only mount: the OS's answer is simulated."""
+def test_read_only_out_is_one_line(built_shards, tmp_path: Path, read_only_dir) -> None:
     out = tmp_path / "run"
     out.mkdir()
-    real_open = os.open
-
-    def read_only_open(path, flags, *args, **kwargs):
-        if str(path).startswith(str(out)) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
-            raise OSError(errno.EROFS, "Read-only file system", str(path))
-        return real_open(path, flags, *args, **kwargs)
-
-    monkeypatch.setattr(os, "open", read_only_open)
+    read_only_dir(out)
     line = one_error_line(CliRunner().invoke(app, train_args(tmp_path, built_shards / "lmdb")))
     assert line == (f"train: error: {out}: cannot write the run directory (Read-only file "
                     f"system: {out / '.lock'})")

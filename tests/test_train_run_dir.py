@@ -15,7 +15,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from tests.train_standin import StandInData
+from tests.train_standin import StandInData, quick_config
 from train.checkpoint import CheckpointError, changes_since, resume_path
 from train.cli import app
 from train.config import RunConfig, TrainError
@@ -36,10 +36,8 @@ def write_phases(path: Path, recipe=RECIPE, phases=PHASES) -> Path:
 
 
 def config(tmp_path: Path, **overrides) -> RunConfig:
-    values = dict(phases_path=write_phases(tmp_path / "phases.json"), out_dir=tmp_path / "run",
-                  device="cpu", progress=False, tensorboard=False, log_every=2, threads=1)
-    values.update(overrides)
-    return RunConfig(**values)
+    return quick_config(**{"phases_path": write_phases(tmp_path / "phases.json"),
+                           "out_dir": tmp_path / "run", **overrides})
 
 
 @pytest.fixture(scope="module")

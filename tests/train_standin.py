@@ -182,6 +182,15 @@ class StandInData:
         return StandInPrefetcher(loader, device, channels_last)
 
 
+def quick_config(**fields):
+    """A RunConfig for in-process runs on the stand-in: CPU, one thread, no progress bar or
+    TensorBoard, unless `fields` (RunConfig's, phases_path among them) say otherwise."""
+    from train.config import RunConfig
+
+    return RunConfig(**{"device": "cpu", "progress": False, "tensorboard": False,
+                        "log_every": 2, "threads": 1, **fields})
+
+
 def main(argv: list[str] | None = None) -> None:
     from train.config import RunConfig
     from train.run import run
