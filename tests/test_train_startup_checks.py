@@ -178,6 +178,16 @@ def test_recipe_models_that_would_fail_later_are_refused(tmp_path: Path, recipe,
     assert str(tmp_path / "phases.json") in line and expected in line
 
 
+@pytest.mark.parametrize(("recipe", "expected"), [
+    ({"nesterov": True, "momentum": 0}, "recipe key 'nesterov': needs a momentum above 0"),
+    ({"targets": {"top1": 750}}, "recipe key 'targets': must be an object of percentages"),
+])
+def test_recipe_values_that_would_fail_later_are_refused(tmp_path: Path, recipe,
+                                                         expected) -> None:
+    phases = write_phases(tmp_path, recipe={"arch": "resnet18", **recipe})
+    assert expected in error_line("--phases", phases, "--dry-run")
+
+
 def test_phases_that_are_not_json_or_of_wrong_types_are_one_line(tmp_path: Path) -> None:
     path = tmp_path / "bad.json"
     for text, expected in (('{"recipe": ', "invalid JSON"),

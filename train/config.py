@@ -192,6 +192,8 @@ class Recipe:
             value = getattr(self, key)
             if not finite(value) or not 0 <= value < upper:
                 fail(key, f"must be a number in [0, {upper:g})")
+        if self.nesterov and self.momentum == 0:  # torch.optim.SGD refuses it, much later
+            fail("nesterov", "needs a momentum above 0 (momentum is 0)")
         if self.auto_augment is not None and self.auto_augment not in AUTO_AUGMENT_POLICIES:
             fail("auto_augment", f"must be one of {', '.join(AUTO_AUGMENT_POLICIES)} or null")
         if self.drop_path and not self.is_timm and not is_torchvision_resnet(self.arch):
@@ -199,8 +201,9 @@ class Recipe:
         if not isinstance(self.model_kwargs, Mapping):
             fail("model_kwargs", "must be an object")
         if not isinstance(self.targets, Mapping) or not all(
-                k in ("top1", "top5") and finite(v) for k, v in self.targets.items()):
-            fail("targets", 'must be an object like {"top1": 75.9, "top5": 93.0}')
+                k in ("top1", "top5") and finite(v) and 0 < v <= 100
+                for k, v in self.targets.items()):
+            fail("targets", 'must be an object of percentages like {"top1": 75.9, "top5": 93.0}')
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
