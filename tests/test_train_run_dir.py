@@ -21,7 +21,7 @@ from train.cli import app
 from train.config import RunConfig, TrainError
 from train.metrics import read_metrics
 from train.run import run
-from train.run_dir import LOCK_NAME, clear_outputs, run_outputs
+from train.run_dir import LOCK_NAME, acquire, clear_outputs, release, run_outputs
 
 REPO = Path(__file__).resolve().parents[1]
 STANDIN = REPO / "tests" / "train_standin.py"
@@ -82,6 +82,27 @@ def test_a_second_run_on_a_locked_out_refuses_naming_the_holder(tmp_path: Path) 
         os.close(fd)
     run(config(tmp_path), StandInData())  # released: runs
     assert [r["epoch"] for r in read_metrics(out)] == [0, 1]
+
+
+def test_forked_workers_do_not_keep_the_lock(tmp_path: Path) -> None:
+    """A loader worker forked while the lock is held closes its copy, so the lock dies with
+    the run's process, not with the last of its workers."""
+    out = tmp_path / "run"
+    fd = acquire(out)
+    try:
+        child = os.fork()
+        if child == 0:  # the worker: exit 0 only if it holds no descriptor of the lock
+            try:
+                os.fstat(fd)
+                os._exit(1)
+            except OSError:
+                os._exit(0)
+        assert os.waitpid(child, 0)[1] == 0
+    finally:
+        release(fd)
+    probe = os.open(out / LOCK_NAME, os.O_RDWR)
+    fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released: free again
+    os.close(probe)
 
 
 @pytest.mark.slow

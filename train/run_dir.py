@@ -3,7 +3,8 @@
 - `hold_run_dir`: an exclusive flock on `<out>/.lock`, held for the whole run by rank 0 and
   released by the kernel however the process ends (even `kill -9`), so a second `train run`
   with the same `--out` refuses at once, naming the holder's PID, instead of interleaving its
-  epochs and checkpoints with the first's. Every rank learns rank 0's outcome from one
+  epochs and checkpoints with the first's. Forked children (loader workers) close their copy
+  at once, so a dead run's lock is not kept alive by workers still winding down. Every rank learns rank 0's outcome from one
   broadcast, so under torchrun all ranks fail together rather than waiting in a collective.
 - `run_outputs` / `clear_outputs`: the files a run writes (what `--overwrite` removes; nothing
   else in the directory is touched). train.checkpoint.resume_path decides from them whether a
@@ -24,6 +25,8 @@ from train.config import TrainError
 from train.dist import DistEnv, rank_zero_agreed
 
 LOCK_NAME = ".lock"
+_held_fds: set[int] = set()  # this process's run-dir locks, closed in forked children
+_fork_hook: list[bool] = []  # registered once, on the first lock (nothing at import time)
 # What `train run` (and `train report`'s default plot) write into a run directory.
 OUTPUT_FILES = ("config.json", "metrics.jsonl", "event.log", "curves.png")
 OUTPUT_DIRS = ("checkpoints", "tb")
@@ -70,9 +73,11 @@ def acquire(out_dir: Path) -> int:
                          f"({exc.strerror or exc}: {exc.filename or lock})") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _held_fds.add(fd)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     except OSError as exc:
+        _held_fds.discard(fd)
         held = exc.errno in (errno.EAGAIN, errno.EACCES)
         text = os.pread(fd, 32, 0).decode("ascii", "replace").strip() if held else ""
         os.close(fd)
@@ -83,7 +88,23 @@ def acquire(out_dir: Path) -> int:
         raise TrainError(f"{out_dir} is in use by {holder}, a train run writing there (lock "
                          f"{lock}); wait for it to finish or stop it, or choose another "
                          "--out") from None
+    if not _fork_hook:
+        os.register_at_fork(after_in_child=close_inherited_locks)
+        _fork_hook.append(True)
     return fd
+
+
+def release(fd: int) -> None:
+    _held_fds.discard(fd)
+    os.close(fd)
+
+
+def close_inherited_locks() -> None:
+    """In a forked child: drop the parent's lock descriptors (the lock stays the parent's)."""
+    for fd in list(_held_fds):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _held_fds.clear()
 
 
 @contextlib.contextmanager
@@ -94,4 +115,4 @@ def hold_run_dir(out_dir: Path, env: DistEnv) -> Iterator[None]:
         yield
     finally:
         if fd is not None:
-            os.close(fd)
+            release(fd)
