@@ -17,7 +17,7 @@ FORMAT ?= lmdb
 DEMO ?= demo
 
 GPUS ?= 8
-.PHONY: setup demo test test-quick bench bench-peers shards shards-160 shards-320 verify info clean-demo \
+.PHONY: setup demo test test-quick bench bench-peers bench-scale shards shards-160 shards-320 verify info clean-demo \
 	train-imagenet18 train-rn50 train-rn18 bench-train
 
 setup: $(STAMP)
@@ -55,6 +55,13 @@ $(BENCH_STAMP): $(STAMP)
 bench: $(BENCH_STAMP)
 	$(BIN)/python bench/prep.py
 	$(BIN)/python bench/loader.py
+
+# Full-size rehearsal: ImageNet's exact counts and layout from small real-photo crops (~10 GB of
+# archives, ~6 GB of shards at a time; an hour on 2 cores). SCALE=0.01 for a quick look.
+SCALE_DATA ?= bench/.cache/scale
+SCALE ?= 1
+bench-scale: $(BENCH_STAMP)
+	$(BIN)/python bench/scale.py --data $(SCALE_DATA) --scale $(SCALE) all
 
 # FFCV and DALI's CPU pipeline in their own venv (bench/.peers-venv), against ours and the issue-10
 # threaded prototype in interleaved rounds (bench/loader.py then shows them as rows (7) too).

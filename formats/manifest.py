@@ -28,6 +28,7 @@ from formats.record import (
 from formats.names import parse_names
 
 STORES = ("lmdb", "msgpack")
+OPTIONAL_FIELDS = {"conversions"}  # may be missing from a manifest: written before they existed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +46,9 @@ class Manifest:
     source: dict[str, Any]  # identity of what was read (layout, paths, sizes)
     build: dict[str, Any]  # tool version, codecs, decode plan: what made these bytes
     files: dict[str, dict[str, Any]]  # name -> {"bytes", "sha256"} of every other file
+    # {"name", "conversion"} per source member that had to be converted to become an RGB JPEG
+    # (CMYK, grayscale, palette, alpha, PNG...); absent from manifests written before it existed.
+    conversions: list[dict[str, str]] = dataclasses.field(default_factory=list)
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
 
@@ -89,7 +93,7 @@ def read_manifest(dataset_dir: Path) -> Manifest:
             "rebuild the shards or upgrade shardtrain"
         )
     names = {f.name for f in dataclasses.fields(Manifest)}
-    unknown, missing = set(raw) - names, names - set(raw)
+    unknown, missing = set(raw) - names, names - set(raw) - OPTIONAL_FIELDS
     if unknown or missing:
         raise DatasetError(f"{path}: bad fields (unknown {sorted(unknown)}, missing {sorted(missing)})")
     manifest = Manifest(**raw)

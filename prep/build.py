@@ -23,9 +23,10 @@ from formats.manifest import Manifest, read_manifest
 from formats.names import escape_name, names_line
 from formats.msgpack_store import DEFAULT_SHARD_BYTES
 from formats.layout import split_dir_name
-from formats.record import FORMAT_VERSION, RECORD_STRUCT, checksum
+from formats.record import FORMAT_VERSION, RECORD_STRUCT
 from prep.lock import lock_path, locked
 from prep.partial import BuildError, PartialOutput, Progress
+from prep.parts import PartSpec, part_dir_name, part_source
 from prep.resize import RejectedImage, describe_error, prepare_image
 from prep.sources import Source, open_source
 from prep.workers import process_pool
@@ -77,6 +78,8 @@ class BuildConfig:
     # transaction holds its dirty pages in memory until commit, so this also bounds memory.
     commit_every: int = 1000
     quiet: bool = False
+    reencode: bool = False  # re-encode even JPEGs already at size (default: store them as they are)
+    part: PartSpec | None = None  # build only this part of the source (prep merge joins them)
 
 
 @dataclasses.dataclass
@@ -88,26 +91,32 @@ class BuildSummary:
     seconds: float
     workers: int
     codecs: dict
+    dataset_dirs: dict[int, Path] = dataclasses.field(default_factory=dict)  # prep_size -> where it is
 
     @property
     def images_per_second(self) -> float:
         return (self.consumed - self.resumed_from) / max(self.seconds, 1e-9)
 
 
-_open_files: dict[str, int] = {}  # per worker process: archive path -> descriptor, opened once
+# Per worker process: the file read last and its descriptor. An archive stays open for all of
+# its members; a folder source moves to a new file every image, and keeping each one open would
+# exhaust the process's descriptors (ulimit -n, often 1024) part-way through the build.
+_open_file: list = [None, -1]
 
 
 def _read_span(path: str, offset: int, nbytes: int) -> bytes:
-    fd = _open_files.get(path)
-    if fd is None:
-        fd = _open_files[path] = os.open(path, os.O_RDONLY)
-    data = os.pread(fd, nbytes, offset)
+    if _open_file[0] != path:
+        if _open_file[1] >= 0:
+            os.close(_open_file[1])
+            _open_file[:] = [None, -1]  # closed, even if the next open fails
+        _open_file[:] = [path, os.open(path, os.O_RDONLY)]
+    data = os.pread(_open_file[1], nbytes, offset)
     if len(data) != nbytes:
         raise OSError(f"short read ({len(data)} of {nbytes} bytes; did the source change?)")
     return data
 
 
-def _prepare_chunk(spans: list, prep_sizes: tuple, quality: int, upscale: bool) -> list:
+def _prepare_chunk(spans: list, prep_sizes: tuple, quality: int, upscale: bool, reencode: bool) -> list:
     """Worker side: read each image's bytes where the source says they are, and transform them.
 
     Reading here rather than in the main process keeps image bytes out of inter-process pipes
@@ -120,7 +129,7 @@ def _prepare_chunk(spans: list, prep_sizes: tuple, quality: int, upscale: bool) 
             results.append(f"unreadable: {err.strerror or err}")
             continue
         try:
-            results.append(prepare_image(data, prep_sizes, quality, upscale))
+            results.append(prepare_image(data, prep_sizes, quality, upscale, reencode))
         except RejectedImage as rejected:
             results.append(rejected.reason)
         except Exception as err:  # whatever one member does, it is that member's reject
@@ -144,31 +153,55 @@ class _InlinePool:
         pass
 
 
-def _fingerprint(config: BuildConfig, source: Source, prep_sizes: tuple[int, ...]) -> dict:
-    return {
+def _fingerprint(config: BuildConfig, source: Source, prep_sizes: tuple[int, ...], part_info: dict | None) -> dict:
+    fingerprint = {
         "format_version": FORMAT_VERSION, "store": config.store, "split": config.split,
         "prep_sizes": list(prep_sizes), "quality": config.quality, "upscale": config.upscale,
         "shard_bytes": config.shard_bytes if config.store == "msgpack" else None,
         "source": source.identity,
     }
+    if config.reencode:  # only when set: unfinished builds from before the flag still resume
+        fingerprint["reencode"] = True
+    if part_info is not None:
+        fingerprint["part"] = part_info
+    return fingerprint
 
 
-def _manifest_fields(config: BuildConfig, source: Source, prep_sizes: tuple[int, ...]) -> dict:
+def _manifest_fields(config: BuildConfig, source: Source, prep_sizes: tuple[int, ...], part_info: dict | None,
+                     progress: Progress) -> dict:
+    build_info = {
+        "tool_version": TOOL_VERSION, "codecs": jpeg.codec_report(),
+        "built_with_sizes": list(prep_sizes),
+        "decode": f"DCT-scaled (power of two) to cover {max(prep_sizes)} px, then bilinear resize",
+        # False: baseline RGB JPEGs already at their stored size are kept byte for byte.
+        "reencode_all": config.reencode,
+    }
+    if part_info is not None:
+        build_info["part"] = {**part_info, "num_members": progress.consumed}
     return {
         "split": config.split, "quality": config.quality, "upscale": config.upscale,
         "classes": source.classes, "class_names": source.class_names, "source": source.identity,
-        "build": {
-            "tool_version": TOOL_VERSION, "codecs": jpeg.codec_report(),
-            "built_with_sizes": list(prep_sizes),
-            "decode": f"DCT-scaled (power of two) to cover {max(prep_sizes)} px, then bilinear resize",
-        },
+        "build": build_info,
     }
+
+
+def _output_fields(fields: dict, progress: Progress, position: int) -> dict:
+    """One output's manifest fields: the shared ones plus its count of records stored as is."""
+    return {**fields, "build": {**fields["build"], "num_stored_as_is": progress.stored_as_is[position]}}
+
+
+def dataset_dir_of(config: BuildConfig, prep_size: int) -> Path:
+    """Where the build puts the dataset of one prep_size (a part's own directory for a part)."""
+    name = split_dir_name(config.split, prep_size) if config.part is None else \
+        part_dir_name(config.split, prep_size, config.part)
+    return config.out_dir / name
 
 
 def _outputs_to_build(config: BuildConfig) -> tuple[list[PartialOutput], list[int]]:
     todo, skipped = [], []
     for prep_size in dict.fromkeys(config.prep_sizes):
-        output = PartialOutput(config.out_dir, config.split, prep_size, config.store, config.shard_bytes)
+        output = PartialOutput(config.out_dir, config.split, prep_size, config.store, config.shard_bytes,
+                               dataset_dir_of(config, prep_size).name)
         if not config.overwrite and (output.final_dir / "manifest.json").is_file():
             skipped.append(prep_size)
         elif not config.overwrite and output.complete_if_finalized():
@@ -182,8 +215,8 @@ def build(config: BuildConfig) -> BuildSummary:
     _check_config(config)
     source = open_source(config.src_dir, config.split, config.val_labels)
     config.out_dir.mkdir(parents=True, exist_ok=True)
-    names = [split_dir_name(config.split, size) for size in dict.fromkeys(config.prep_sizes)]
-    with locked([(lock_path(config.out_dir, name), str(config.out_dir / name)) for name in names]):
+    dataset_dirs = [dataset_dir_of(config, size) for size in dict.fromkeys(config.prep_sizes)]  # a part locks its own
+    with locked([(lock_path(config.out_dir, d.name), str(d)) for d in dataset_dirs]):
         return _build_locked(config, source)
 
 
@@ -192,15 +225,21 @@ def _build_locked(config: BuildConfig, source: Source) -> BuildSummary:
     outputs, skipped = _outputs_to_build(config)
     started = time.perf_counter()
     if not outputs:
-        return BuildSummary({s: read_manifest(config.out_dir / split_dir_name(config.split, s)) for s in skipped},
-                            skipped, 0, 0, 0.0, config.workers, jpeg.codec_report())
+        return BuildSummary({s: read_manifest(dataset_dir_of(config, s)) for s in skipped},
+                            skipped, 0, 0, 0.0, config.workers, jpeg.codec_report(),
+                            {s: dataset_dir_of(config, s) for s in skipped})
+    part_info = None
+    if config.part is not None:
+        source, part_info = part_source(source, config.part, config.shard_bytes if config.store == "msgpack" else None)
     prep_sizes = tuple(o.prep_size for o in outputs)
-    fingerprint = _fingerprint(config, source, prep_sizes)
+    fingerprint = _fingerprint(config, source, prep_sizes, part_info)
     saved = [o.saved_progress(fingerprint, config.overwrite) for o in outputs]
     # Outputs commit one after another, so a kill can leave them at different points: all
     # resume from the one furthest behind (records and rejects are the same for every size);
     # if any output has nothing saved, all start over.
     progress = min(saved, key=lambda p: p.consumed) if all(saved) else Progress(fingerprint)
+    if not progress.stored_as_is:
+        progress.stored_as_is = [0] * len(outputs)
     resumed_from = progress.consumed
 
     pool = _start_pool(config.workers)
@@ -209,8 +248,9 @@ def _build_locked(config: BuildConfig, source: Source) -> BuildSummary:
             output.open(progress)
         if not progress.finished:
             _run(config, source, outputs, progress, pool, prep_sizes)
-        fields = _manifest_fields(config, source, prep_sizes)
-        manifests = {o.prep_size: o.finalize(progress, fields) for o in outputs}
+        fields = _manifest_fields(config, source, prep_sizes, part_info, progress)
+        manifests = {o.prep_size: o.finalize(progress, _output_fields(fields, progress, i))
+                     for i, o in enumerate(outputs)}
     except concurrent.futures.process.BrokenProcessPool:
         raise BuildError(f"a worker process died (out of memory? killed?); the unfinished build in "
                          f"{config.out_dir} is kept: rerun the same command to resume") from None
@@ -223,9 +263,10 @@ def _build_locked(config: BuildConfig, source: Source) -> BuildSummary:
         for output in outputs:
             output.close()
     for size in skipped:
-        manifests[size] = read_manifest(config.out_dir / split_dir_name(config.split, size))
+        manifests[size] = read_manifest(dataset_dir_of(config, size))
     return BuildSummary(manifests, skipped, resumed_from, progress.consumed,
-                        time.perf_counter() - started, config.workers, jpeg.codec_report())
+                        time.perf_counter() - started, config.workers, jpeg.codec_report(),
+                        {s: dataset_dir_of(config, s) for s in manifests})
 
 
 def _check_config(config: BuildConfig) -> None:
@@ -240,7 +281,9 @@ def _check_config(config: BuildConfig) -> None:
         raise BuildError(f"--workers {config.workers}: must be >= 0 (0 transforms in the main process)")
     if config.commit_every < 1:
         raise BuildError(f"--commit-every {config.commit_every}: must be >= 1")
-    if config.store == "msgpack" and config.shard_bytes < 1 << 20:
+    # the CLI's --shard-mb is whole MiB (>= 1); the library takes any positive size (tests cut
+    # shards of a few records to put shard boundaries inside tiny builds)
+    if config.store == "msgpack" and config.shard_bytes < 1:
         raise BuildError(f"--shard-mb {config.shard_bytes / (1 << 20):g}: must be >= 1")
 
 
@@ -273,10 +316,13 @@ def _run(config: BuildConfig, source: Source, outputs: list[PartialOutput], prog
                 if config.strict:
                     raise BuildError(f"--strict: {escape_name(name)}: {result}")
             else:
+                if result.conversion is not None:
+                    progress.conversions.append({"name": name, "conversion": result.conversion})
                 name_line = names_line(name)
-                for output, image in zip(outputs, result.outputs):
+                for position, (output, image) in enumerate(zip(outputs, result.outputs)):
+                    progress.stored_as_is[position] += image.stored_as_is
                     row = RECORD_STRUCT.pack(label, image.height, image.width, result.orig_height,
-                                             result.orig_width, checksum(image.jpeg))
+                                             result.orig_width, image.crc32)
                     output.append(progress.num_records, label, image.jpeg, row, name_line)
                 progress.num_records += 1
                 progress.names_bytes += len(name_line)
@@ -304,15 +350,15 @@ def _run(config: BuildConfig, source: Source, outputs: list[PartialOutput], prog
                 spans.append((member.path, member.offset, member.nbytes))
             chunk.append((member.name, member.label, member.nbytes, skip_reason))
             if len(chunk) == CHUNK_IMAGES:
-                pending.append((chunk, pool.submit(_prepare_chunk, spans, prep_sizes, config.quality, config.upscale)))
+                pending.append((chunk, pool.submit(_prepare_chunk, spans, prep_sizes, config.quality, config.upscale, config.reencode)))
                 chunk, spans = [], []
                 while len(pending) >= max_in_flight:
                     handle(*pending.popleft())
         if chunk:
-            pending.append((chunk, pool.submit(_prepare_chunk, spans, prep_sizes, config.quality, config.upscale)))
+            pending.append((chunk, pool.submit(_prepare_chunk, spans, prep_sizes, config.quality, config.upscale, config.reencode)))
         while pending:
             handle(*pending.popleft())
-        if progress.num_records == 0:
+        if progress.num_records == 0 and config.part is None:  # a part may hold only rejects
             raise BuildError(f"{config.src_dir}: no {config.split} images could be read "
                              f"({len(progress.rejects)} rejected)")
         progress.finished = True

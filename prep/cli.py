@@ -25,6 +25,9 @@ OVERWRITE = typer.Option(False, "--overwrite", help="Rebuild even if the dataset
 VAL_LABELS = typer.Option(None, "--val-labels", help="Validation labels: LOC_val_solution.csv or `filename label` lines (default: the devkit in --src).")
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar (for logs).")
 COMMIT_EVERY = typer.Option(1000, "--commit-every", help="Records between durable commits: a kill loses at most this much work; also bounds memory.")
+REENCODE = typer.Option(False, "--reencode", help="Re-encode every image (default: a baseline RGB JPEG already at its stored size is kept byte for byte).")
+NUM_PARTS = typer.Option(None, "--num-parts", help="Split the source into this many contiguous parts and build one (--part-index); join them with `prep merge`. Under torchrun: WORLD_SIZE.")
+PART_INDEX = typer.Option(None, "--part-index", help="Which part to build, 0-based (e.g. $SLURM_ARRAY_TASK_ID). Under torchrun: RANK.")
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -75,19 +78,36 @@ def _workers(requested: Optional[int]) -> int:
 
 def _build(store: str, src: Path, out: Path, split: str, sizes: List[int], quality: int,
            workers: Optional[int], upscale: bool, strict: bool, overwrite: bool,
-           val_labels: Optional[Path], quiet: bool, commit_every: int, shard_mb: int = 256) -> None:
-    from prep.build import BuildConfig, build
-    from prep.report import build_warnings, format_build_summary
+           val_labels: Optional[Path], quiet: bool, commit_every: int, reencode: bool,
+           num_parts: Optional[int], part_index: Optional[int], shard_mb: int = 256) -> None:
+    from prep.build import BuildConfig
+    from prep.launch import default_build_workers, run_build
+    from prep.parts import PartSpec
+    from prep.report import build_warnings, format_build_summary, format_merge_summary, manifest_warnings
 
-    config = BuildConfig(
-        src_dir=src, out_dir=out, split=split, prep_sizes=tuple(sizes), store=store,
-        quality=quality, upscale=upscale, workers=_workers(workers),
-        strict=strict, overwrite=overwrite, val_labels=val_labels, shard_bytes=shard_mb << 20, quiet=quiet,
-        commit_every=commit_every,
-    )
-    summary = _run(lambda: build(config))
-    typer.echo(format_build_summary(summary, out, split))
-    for warning in build_warnings(summary):
+    if (num_parts is None) != (part_index is None):
+        _fail("--num-parts and --part-index go together (or neither, under torchrun)")
+    num_workers = default_build_workers() if workers is None else _workers(workers)
+
+    def launch():
+        config = BuildConfig(
+            src_dir=src, out_dir=out, split=split, prep_sizes=tuple(sizes), store=store,
+            quality=quality, upscale=upscale, workers=num_workers,
+            strict=strict, overwrite=overwrite, val_labels=val_labels, shard_bytes=shard_mb << 20, quiet=quiet,
+            commit_every=commit_every, reencode=reencode,
+            part=None if num_parts is None else PartSpec(part_index, num_parts),
+        )
+        return run_build(config)
+
+    result = _run(launch)
+    prefix = "" if result.rank is None else f"[rank {result.rank}] "
+    typer.echo("\n".join(prefix + line for line in format_build_summary(result.build, out, split).splitlines()))
+    # a part holds some classes only: whether a class is empty is the whole dataset's to say
+    warnings = build_warnings(result.build) if num_parts is None and result.rank is None else []
+    for merged in result.merges:
+        typer.echo(format_merge_summary(merged))
+        warnings += manifest_warnings(merged.manifest)
+    for warning in warnings:
         typer.echo(f"prep: warning: {warning}", err=True)
 
 
@@ -95,19 +115,38 @@ def _build(store: str, src: Path, out: Path, split: str, sizes: List[int], quali
 def build_lmdb(src: Path = SRC, out: Path = OUT, split: str = SPLIT, size: List[int] = SIZES,
                quality: int = QUALITY, workers: Optional[int] = WORKERS, upscale: bool = UPSCALE,
                strict: bool = STRICT, overwrite: bool = OVERWRITE, val_labels: Optional[Path] = VAL_LABELS,
-               quiet: bool = QUIET, commit_every: int = COMMIT_EVERY) -> None:
+               quiet: bool = QUIET, commit_every: int = COMMIT_EVERY, reencode: bool = REENCODE,
+               num_parts: Optional[int] = NUM_PARTS, part_index: Optional[int] = PART_INDEX) -> None:
     """Build <out>/<split>-<size>/ as one LMDB environment per size."""
-    _build("lmdb", src, out, split, size, quality, workers, upscale, strict, overwrite, val_labels, quiet, commit_every)
+    _build("lmdb", src, out, split, size, quality, workers, upscale, strict, overwrite, val_labels, quiet,
+           commit_every, reencode, num_parts, part_index)
 
 
 @app.command("build-msgpack")
 def build_msgpack(src: Path = SRC, out: Path = OUT, split: str = SPLIT, size: List[int] = SIZES,
                   quality: int = QUALITY, workers: Optional[int] = WORKERS, upscale: bool = UPSCALE,
                   strict: bool = STRICT, overwrite: bool = OVERWRITE, val_labels: Optional[Path] = VAL_LABELS,
-                  quiet: bool = QUIET, commit_every: int = COMMIT_EVERY,
+                  quiet: bool = QUIET, commit_every: int = COMMIT_EVERY, reencode: bool = REENCODE,
+                  num_parts: Optional[int] = NUM_PARTS, part_index: Optional[int] = PART_INDEX,
                   shard_mb: int = typer.Option(256, "--shard-mb", help="Roll to a new shard file past this size.")) -> None:
     """Build <out>/<split>-<size>/ as msgpack shard files plus an offsets index."""
-    _build("msgpack", src, out, split, size, quality, workers, upscale, strict, overwrite, val_labels, quiet, commit_every, shard_mb)
+    _build("msgpack", src, out, split, size, quality, workers, upscale, strict, overwrite, val_labels, quiet,
+           commit_every, reencode, num_parts, part_index, shard_mb)
+
+
+@app.command()
+def merge(part_dirs: List[Path] = typer.Argument(..., help="Every part directory of one build, e.g. shards/train-160.part-*-of-8."),
+          out: Path = typer.Option(..., "--out", help="Output directory; the dataset goes to <out>/<split>-<size>/."),
+          overwrite: bool = OVERWRITE, quiet: bool = QUIET) -> None:
+    """Join the parts of a --num-parts build into the dataset one machine would have built."""
+    from prep.merge import merge as run_merge
+    from prep.report import format_merge_summary, manifest_warnings
+
+    summary = _run(lambda: run_merge(part_dirs, out, overwrite=overwrite, quiet=quiet))
+    typer.echo(format_merge_summary(summary))
+    for warning in manifest_warnings(summary.manifest):
+        typer.echo(f"prep: warning: {warning}", err=True)
+    typer.echo(f"the {summary.num_parts} part directories are no longer needed (rm -r them)")
 
 
 @app.command()

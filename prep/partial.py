@@ -1,8 +1,10 @@
 """One output of a build while it is unfinished: `<out>/.<split>-<prep_size>.partial/`.
 
 Durability protocol (what makes kill -9 safe): records go to the store and to the append-only
-`records.partial` / `names.partial` files; `commit` syncs those first and only then atomically
-replaces `progress.json`. On reopen everything is rolled back to what progress.json says, so a
+`records.partial` / `names.partial` files, rejects and conversions to the append-only JSON-lines
+`rejects.partial` / `conversions.partial` (rewriting them whole into progress.json at every
+commit would cost time quadratic in their number); `commit` syncs those first and only then
+atomically replaces `progress.json`. On reopen everything is rolled back to what progress.json says, so a
 store that got ahead of its progress is cut back, and the build resumes from exactly that
 member. `finalize` writes the record table, the names, the store's last files and the manifest
 (last), then renames the directory into place: a directory without a manifest is never a
@@ -29,6 +31,8 @@ from formats.record import MANIFEST_FILE, NAMES_FILE, RECORD_DTYPE, RECORDS_FILE
 PROGRESS_FILE = "progress.json"
 RECORDS_PARTIAL = "records.partial"
 NAMES_PARTIAL = "names.partial"
+# Progress lists kept out of progress.json: list name -> its JSON-lines file.
+LIST_FILES = {"rejects": "rejects.partial", "conversions": "conversions.partial"}
 
 
 class BuildError(Exception):
@@ -41,8 +45,31 @@ class Progress:
     consumed: int = 0  # source members handled (records + rejects)
     num_records: int = 0
     names_bytes: int = 0
-    rejects: list = dataclasses.field(default_factory=list)
+    rejects: list = dataclasses.field(default_factory=list)  # {"name", "reason"}
+    conversions: list = dataclasses.field(default_factory=list)  # {"name", "conversion"}
+    # Per output, in fingerprint["prep_sizes"] order: records that are the source's own bytes.
+    stored_as_is: list = dataclasses.field(default_factory=list)
     finished: bool = False  # every member consumed and committed
+
+    def saved_fields(self) -> dict:
+        """What progress.json holds: everything but the lists, which live in LIST_FILES (and
+        are not even copied: dataclasses.asdict would deep-copy them at every commit)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in LIST_FILES}
+
+
+def _json_line(entry: dict) -> bytes:
+    return (json.dumps(entry, sort_keys=True, ensure_ascii=True) + "\n").encode("ascii")
+
+
+def _read_json_lines(path: Path, count: int) -> list:
+    """The first `count` entries of a JSON-lines file (a kill may have left more after them)."""
+    if count == 0:
+        return []
+    with open(path, "rb") as handle:
+        entries = [json.loads(line) for _, line in zip(range(count), handle)]
+    if len(entries) != count:
+        raise BuildError(f"{path}: holds {len(entries)} entries, progress says {count}")
+    return entries
 
 
 def _open_truncated(path: Path, length: int):
@@ -56,14 +83,18 @@ def _open_truncated(path: Path, length: int):
 
 
 class PartialOutput:
-    def __init__(self, out_dir: Path, split: str, prep_size: int, store: str, shard_bytes: int):
+    def __init__(self, out_dir: Path, split: str, prep_size: int, store: str, shard_bytes: int,
+                 dir_name: str | None = None):
         self.prep_size = prep_size
         self.store = store
         self.shard_bytes = shard_bytes
-        self.final_dir = out_dir / split_dir_name(split, prep_size)
-        self.partial_dir = out_dir / f".{split_dir_name(split, prep_size)}.partial"
+        dir_name = dir_name or split_dir_name(split, prep_size)  # a part has its own name
+        self.final_dir = out_dir / dir_name
+        self.partial_dir = out_dir / f".{dir_name}.partial"
         self.writer = None
         self._records_file = self._names_file = None
+        self._list_files: dict = {}
+        self._lists_written: dict = {}
 
     def saved_progress(self, fingerprint: dict, overwrite: bool) -> Progress | None:
         """What an earlier, interrupted build of the same settings left, or None."""
@@ -74,8 +105,12 @@ class PartialOutput:
         if not progress_path.exists():
             return None
         try:
-            progress = Progress(**json.loads(progress_path.read_text(encoding="utf-8")))
-        except (ValueError, TypeError) as err:  # written atomically: only tampering gets here
+            saved = json.loads(progress_path.read_text(encoding="utf-8"))
+            for name, file_name in LIST_FILES.items():
+                if name not in saved:  # older progress files held the lists themselves
+                    saved[name] = _read_json_lines(self.partial_dir / file_name, saved.pop(f"num_{name}", 0))
+            progress = Progress(**saved)
+        except (ValueError, TypeError, AttributeError) as err:  # written atomically: only tampering gets here
             raise BuildError(f"{progress_path}: unreadable ({type(err).__name__}: {err}); pass "
                              "--overwrite to start the build over") from None
         if progress.fingerprint != fingerprint:
@@ -98,6 +133,9 @@ class PartialOutput:
         self._names_file = _open_truncated(self.partial_dir / NAMES_PARTIAL, progress.names_bytes)
         if progress.num_records:
             self._check_kept(progress)
+        for name, file_name in LIST_FILES.items():  # rewritten whole once: they are short
+            self._list_files[name] = open(self.partial_dir / file_name, "wb")
+            self._lists_written[name] = 0
         self.commit(progress)
 
     def _check_kept(self, progress: Progress) -> None:
@@ -121,10 +159,15 @@ class PartialOutput:
 
     def commit(self, progress: Progress) -> None:
         self.writer.commit()
-        for handle in (self._records_file, self._names_file):
+        saved = progress.saved_fields()
+        for name, handle in self._list_files.items():
+            entries = getattr(progress, name)
+            handle.write(b"".join(map(_json_line, entries[self._lists_written[name]:])))
+            self._lists_written[name] = saved[f"num_{name}"] = len(entries)
+        for handle in (self._records_file, self._names_file, *self._list_files.values()):
             handle.flush()
             os.fsync(handle.fileno())
-        text = json.dumps(dataclasses.asdict(progress), sort_keys=True)
+        text = json.dumps(saved, sort_keys=True)
         write_atomic(self.partial_dir / PROGRESS_FILE, lambda f: f.write(text.encode("utf-8")))
 
     def finalize(self, progress: Progress, manifest_fields: dict) -> Manifest:
@@ -146,7 +189,7 @@ class PartialOutput:
         manifest = Manifest(
             store=self.store, prep_size=self.prep_size, count=progress.num_records,
             counts_per_class=np.bincount(records["label"], minlength=len(manifest_fields["classes"])).tolist(),
-            rejects=progress.rejects, files=files, **manifest_fields,
+            rejects=progress.rejects, conversions=progress.conversions, files=files, **manifest_fields,
         )
         write_manifest(self.partial_dir, manifest)
         self.close()
@@ -175,7 +218,7 @@ class PartialOutput:
         shutil.rmtree(old, ignore_errors=True)
 
     def close(self) -> None:
-        for handle in (self._records_file, self._names_file):
+        for handle in (self._records_file, self._names_file, *self._list_files.values()):
             if handle is not None and not handle.closed:
                 handle.close()
         if self.writer is not None:

@@ -10,6 +10,9 @@ from formats.names import escape_name
 from formats.layout import split_dir_name
 
 
+MAX_LISTED = 20
+
+
 def _mib(num_bytes: int) -> str:
     return f"{num_bytes / (1 << 20):,.1f} MiB"
 
@@ -28,6 +31,7 @@ def dataset_info(dataset_dir: Path) -> dict:
         "path": str(Path(dataset_dir)), "store": manifest.store, "split": manifest.split,
         "prep_size": manifest.prep_size, "count": manifest.count, "num_classes": manifest.num_classes,
         "quality": manifest.quality, "upscale": manifest.upscale, "rejects": manifest.rejects,
+        "conversions": manifest.conversions, "num_stored_as_is": manifest.build.get("num_stored_as_is", 0),
         "bytes": sum(_file_bytes(dataset_dir, name) for name in manifest.files), "store_bytes": store_bytes,
         "mean_record_bytes": store_bytes / max(manifest.count, 1),
         "median_height": int(np.median(records["height"])) if manifest.count else 0,
@@ -47,44 +51,71 @@ def format_info(info: dict) -> str:
         f"  size      {_mib(info['bytes'])}, {info['mean_record_bytes'] / 1024:.1f} KiB per record, JPEG q{info['quality']}",
         f"  images    median {info['median_height']}x{info['median_width']}, {info['num_small_originals']} small originals kept as they are",
         f"  source    {info['source_layout']}; codecs {info['build'].get('codecs')}",
+        f"  as is     {info['num_stored_as_is']:,} records are the source's own JPEG bytes (already at size)",
         f"  rejected  {len(info['rejects'])}",
     ]
-    lines += [f"    {escape_name(r['name'])}: {r['reason']}" for r in info["rejects"][:20]]
-    if len(info["rejects"]) > 20:
-        lines.append(f"    ... and {len(info['rejects']) - 20} more (prep info --json lists all)")
+    lines += _listed(info["rejects"], "  rejected", "reason")
+    lines.append(f"  converted {len(info['conversions'])}")
+    lines += _listed(info["conversions"], "  converted", "conversion")
     return "\n".join(lines)
+
+
+def _listed(entries: list[dict], what: str, key: str) -> list[str]:
+    """The first entries of a manifest list (rejects, conversions), then how many more."""
+    lines = [f"  {what} {escape_name(entry['name'])}: {entry[key]}" for entry in entries[:MAX_LISTED]]
+    if len(entries) > MAX_LISTED:
+        lines.append(f"  ... and {len(entries) - MAX_LISTED} more {what.strip()} (see prep info --json)")
+    return lines
+
+
+def _dataset_line(dataset_dir: Path, state: str, manifest) -> str:
+    size = sum(_file_bytes(dataset_dir, name) for name in manifest.files)
+    stored_as_is = manifest.build.get("num_stored_as_is", 0)
+    return (f"{dataset_dir}: {state}: {manifest.count:,} records, {manifest.num_classes} classes, "
+            f"{_mib(size)}, {len(manifest.rejects)} rejected, {len(manifest.conversions)} converted, "
+            f"{stored_as_is:,} stored as they were (already at size)")
 
 
 def format_build_summary(summary, out_dir: Path, split: str) -> str:
     lines = []
     for prep_size, manifest in sorted(summary.manifests.items()):
         state = "exists, not rebuilt (use --overwrite)" if prep_size in summary.skipped else "built"
-        size = sum(_file_bytes(out_dir / split_dir_name(split, prep_size), name) for name in manifest.files)
-        lines.append(f"{out_dir / split_dir_name(split, prep_size)}: {state}: {manifest.count:,} records, "
-                     f"{manifest.num_classes} classes, {_mib(size)}, {len(manifest.rejects)} rejected")
+        dataset_dir = summary.dataset_dirs.get(prep_size, out_dir / split_dir_name(split, prep_size))
+        lines.append(_dataset_line(dataset_dir, state, manifest))
     if summary.consumed:
         done = summary.consumed - summary.resumed_from
         resumed = f" (resumed after {summary.resumed_from:,} done earlier)" if summary.resumed_from else ""
         lines.append(f"{done:,} images in {summary.seconds:.2f} s = {summary.images_per_second:,.0f} img/s "
                      f"with {summary.workers} workers{resumed}; codecs: {summary.codecs['pil']}, {summary.codecs['turbojpeg']}")
-    rejects = next(iter(summary.manifests.values())).rejects if summary.manifests else []
-    for reject in rejects[:20]:
-        lines.append(f"  rejected {escape_name(reject['name'])}: {reject['reason']}")
-    if len(rejects) > 20:
-        lines.append(f"  ... and {len(rejects) - 20} more (see prep info --json)")
+    if summary.manifests:  # the same members are rejected and converted for every size
+        manifest = next(iter(summary.manifests.values()))
+        lines += _listed(manifest.rejects, "rejected", "reason") + _listed(manifest.conversions, "converted", "conversion")
     return "\n".join(lines)
 
 
 def build_warnings(summary) -> list[str]:
     """What the user should know about a build that succeeded (the CLI prints these on stderr)."""
     first = next(iter(summary.manifests.values()), None)
-    if first is None:
-        return []
-    empty = [wnid for wnid, count in zip(first.classes, first.counts_per_class) if count == 0]
+    return [] if first is None else manifest_warnings(first)
+
+
+def manifest_warnings(manifest) -> list[str]:
+    """What the user should know about a finished dataset (a build's or a merge's)."""
+    empty = [wnid for wnid, count in zip(manifest.classes, manifest.counts_per_class) if count == 0]
     if not empty:
         return []
-    return [f"{len(empty)} of {first.num_classes} classes have no records: {', '.join(empty[:5])}"
+    return [f"{len(empty)} of {manifest.num_classes} classes have no records: {', '.join(empty[:5])}"
             f"{', ...' if len(empty) > 5 else ''} (an empty class tar or folder, or every image in it rejected)"]
+
+
+def format_merge_summary(summary) -> str:
+    manifest = summary.manifest
+    resumed = f" (resumed after {summary.resumed_from:,} records merged earlier)" if summary.resumed_from else ""
+    return "\n".join([
+        _dataset_line(summary.dataset_dir, f"merged from {summary.num_parts} parts in {summary.seconds:.2f} s{resumed}",
+                      manifest),
+        *_listed(manifest.rejects, "rejected", "reason"), *_listed(manifest.conversions, "converted", "conversion"),
+    ])
 
 
 def format_verify_report(report) -> str:

@@ -54,22 +54,24 @@ _worker_state: dict = {}
 
 
 def _init_worker(dataset_dir: Path, manifest: Manifest, distrust: bool = False) -> None:
-    """Once per worker process: the table and names (1.28M of them for ImageNet train) are
-    loaded here rather than pickled into every task."""
+    """Once per worker process: the table is loaded here rather than pickled into every task.
+    The names only serve fault messages: loaded at a worker's first fault, not up front (1.28M
+    Python strings for ImageNet train, ~110 MB in every worker)."""
     _worker_state.update(dataset_dir=dataset_dir, manifest=manifest, distrust=distrust,
-                         records=load_records(dataset_dir, manifest),
-                         names=load_names(dataset_dir, manifest))
+                         records=load_records(dataset_dir, manifest), names=None)
 
 
 def _check_range(start: int, stop: int) -> tuple[int, list[str]]:
     dataset_dir, manifest = _worker_state["dataset_dir"], _worker_state["manifest"]
-    records, names = _worker_state["records"], _worker_state["names"]
+    records = _worker_state["records"]
     reader = open_reader(dataset_dir, manifest)
     tj = jpeg.turbo()
     faults = []
 
     def fault(index: int, problem: str) -> None:
-        faults.append(f"record {index} ({escape_name(names[index])}): {problem}")
+        if _worker_state["names"] is None:
+            _worker_state["names"] = load_names(dataset_dir, manifest)
+        faults.append(f"record {index} ({escape_name(_worker_state['names'][index])}): {problem}")
 
     for index in range(start, stop):
         row = records[index]
@@ -203,7 +205,7 @@ def verify(dataset_dir: Path, workers: int, src_dir: Path | None = None,
     faults = _check_files(dataset_dir, manifest)
     try:
         records = load_records(dataset_dir, manifest)
-        names = load_names(dataset_dir, manifest)
+        load_names(dataset_dir, manifest)  # checked now; kept only for --source, after the workers
     except DatasetError as err:
         return VerifyReport(dataset_dir, manifest, faults + [str(err)], 0, time.perf_counter() - started)
     faults += _check_table(manifest, records)
@@ -229,5 +231,5 @@ def verify(dataset_dir: Path, workers: int, src_dir: Path | None = None,
             bar.update(count)
     bar.close()
     if src_dir is not None:
-        faults += check_source(manifest, names, src_dir, val_labels)
+        faults += check_source(manifest, load_names(dataset_dir, manifest), src_dir, val_labels)
     return VerifyReport(dataset_dir, manifest, faults, checked, time.perf_counter() - started)

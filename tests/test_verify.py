@@ -106,3 +106,21 @@ def test_cli_exit_codes(sample_src, built_shards, copy_of):
     _flip_inside_record(dataset, 2)
     broken = runner.invoke(app, ["verify", str(dataset), "-q", "--workers", "1"])
     assert broken.exit_code == 1 and "2 FAULTS" in broken.stdout and "shard-00000.msgpack: digest" in broken.stdout and "record 2 (" in broken.stdout
+
+
+def test_verify_workers_load_the_names_only_for_a_fault(copy_of, monkeypatch):
+    """Each worker held all names (1.28M strings, ~110 MB, for ImageNet train) only to name
+    faults: a clean range never loads them; a fault still names its record."""
+    import prep.verify as verify_module
+
+    dataset = copy_of("msgpack")
+    manifest = read_manifest(dataset)
+    loads = []
+    real_load_names = verify_module.load_names
+    monkeypatch.setattr(verify_module, "load_names", lambda d, m: loads.append(d) or real_load_names(d, m))
+    verify_module._init_worker(dataset, manifest)  # a worker's life, in this process
+    assert verify_module._check_range(0, manifest.count) == (manifest.count, []) and loads == []
+    _flip_inside_record(dataset, 5)
+    count, faults = verify_module._check_range(0, manifest.count)
+    name = real_load_names(dataset, manifest)[5]
+    assert len(loads) == 1 and faults[0].startswith(f"record 5 ({name}): checksum mismatch"), faults

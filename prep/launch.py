@@ -1,0 +1,121 @@
+"""What `prep build-*` runs: one build, one part of one, or, under torchrun, a part per rank and
+the merge on rank 0.
+
+- Plain: `build(config)`; with `--num-parts N --part-index I` (a Slurm array task, say) the
+  build makes part I only, and `prep merge` joins the parts once all are done.
+- torchrun (WORLD_SIZE > 1 and RANK set): rank r builds part r of WORLD_SIZE, all ranks meet at
+  a gloo barrier, and rank 0 merges each size into `<out>/<split>-<size>/` and removes the
+  parts. torch.distributed is the engine our users already run for training, so prep needs no
+  other; torch is imported only here and only then. Every rank needs the same --src and an
+  --out on storage they all share (rank 0 reads every part).
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import shutil
+
+from prep.build import BuildConfig, BuildSummary, build, dataset_dir_of, default_workers
+from prep.merge import MergeSummary, merge
+from prep.partial import BuildError
+from prep.parts import PartSpec
+
+# A rank that finished its part waits here for the slowest one; parts of real ImageNet take
+# hours, and a rank that fails makes torchrun stop the others, so a long wait is safe.
+BARRIER_TIMEOUT = datetime.timedelta(hours=72)
+
+
+@dataclasses.dataclass(frozen=True)
+class TorchrunEnv:
+    rank: int
+    world_size: int
+    local_world_size: int
+
+
+@dataclasses.dataclass
+class LaunchResult:
+    build: BuildSummary
+    merges: list[MergeSummary]  # rank 0 under torchrun: one per size; else empty
+    rank: int | None  # None outside torchrun
+
+
+def _env_int(environ, name: str) -> int | None:
+    value = environ.get(name)
+    if value in (None, ""):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise BuildError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def torchrun_env(environ=os.environ) -> TorchrunEnv | None:
+    """Where this process sits when torchrun (or a launcher like it) started it with several
+    ranks; None for a plain run or a world of one."""
+    world_size, rank = _env_int(environ, "WORLD_SIZE"), _env_int(environ, "RANK")
+    if world_size is None or rank is None or world_size == 1:
+        return None
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise BuildError(f"RANK={rank} WORLD_SIZE={world_size}: need 0 <= RANK < WORLD_SIZE")
+    return TorchrunEnv(rank, world_size, _env_int(environ, "LOCAL_WORLD_SIZE") or 1)
+
+
+def default_build_workers(environ=os.environ) -> int:
+    """All cores, shared among the ranks torchrun started on this machine."""
+    env = torchrun_env(environ)
+    return max(1, default_workers() // (env.local_world_size if env else 1))
+
+
+def _torch_distributed():
+    try:
+        import torch.distributed as torch_dist
+    except ImportError:
+        raise BuildError("running under torchrun (WORLD_SIZE > 1) needs torch for the barrier before the "
+                         "merge: install torch, or build with --num-parts/--part-index and run `prep merge`") from None
+    return torch_dist
+
+
+def run_build(config: BuildConfig, environ=os.environ) -> LaunchResult:
+    env = torchrun_env(environ)
+    if env is None:
+        return LaunchResult(build(config), [], None)
+    part = PartSpec(env.rank, env.world_size)
+    if config.part is not None and config.part != part:
+        raise BuildError(f"--part-index {config.part.index} --num-parts {config.part.num_parts} contradicts "
+                         f"torchrun's RANK={env.rank} WORLD_SIZE={env.world_size}; give neither under torchrun")
+    single = dataclasses.replace(config, part=None)
+    # As a single build does: sizes already complete are skipped, the others built in one pass.
+    todo = [s for s in dict.fromkeys(config.prep_sizes)
+            if config.overwrite or not (dataset_dir_of(single, s) / "manifest.json").is_file()]
+    if not todo:
+        return LaunchResult(build(single), [], env.rank)  # merged earlier: nothing to build or merge
+    config = dataclasses.replace(config, prep_sizes=tuple(todo))
+    torch_dist = _torch_distributed()
+    try:
+        torch_dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
+    except (ValueError, RuntimeError) as err:  # e.g. WORLD_SIZE exported outside torchrun
+        raise BuildError(f"WORLD_SIZE={env.world_size} RANK={env.rank}, but joining the ranks failed "
+                         f"({str(err).splitlines()[0]}); start with torchrun, or unset them for a plain build") from None
+    try:
+        summary = build(dataclasses.replace(config, part=part, quiet=config.quiet or env.rank != 0))
+        try:
+            torch_dist.barrier()  # every part is finished and on the shared --out
+        except RuntimeError as err:
+            raise BuildError(f"rank {env.rank}: another rank failed before the merge ({str(err).splitlines()[0]}); "
+                             "rerun the same command: finished parts are kept") from None
+        merges = _merge_parts(config, part) if env.rank == 0 else []
+    finally:
+        torch_dist.destroy_process_group()
+    return LaunchResult(summary, merges, env.rank)
+
+
+def _merge_parts(config: BuildConfig, part: PartSpec) -> list[MergeSummary]:
+    sizes = list(dict.fromkeys(config.prep_sizes))
+    part_dirs = {s: [dataset_dir_of(dataclasses.replace(config, part=PartSpec(i, part.num_parts)), s)
+                     for i in range(part.num_parts)] for s in sizes}
+    merges = [merge(part_dirs[s], config.out_dir, overwrite=config.overwrite, quiet=config.quiet) for s in sizes]
+    for dirs in part_dirs.values():  # the parts were this command's intermediate output
+        for part_dir in dirs:
+            shutil.rmtree(part_dir)
+    return merges
