@@ -82,7 +82,7 @@ def run(
     channels_last: bool = typer.Option(True, "--channels-last/--no-channels-last"),
     seed: int = typer.Option(0, help="same seed, same data order and init (bit-exact on CPU)"),
     resume: Optional[str] = typer.Option(None, help="'auto' (continue OUT's run if any) or a checkpoint"),
-    workers: int = typer.Option(4, help="loader worker processes per GPU"),
+    workers: int = typer.Option(4, help="loader workers per GPU: decode threads in the training process (worker processes with auto_augment or without the native decoder)"),
     decode: str = typer.Option("cpu", help="JPEG decode: cpu | gpu"),
     eval_every: int = typer.Option(1, help="evaluate every N epochs (the last always)"),
     checkpoint_every_steps: int = typer.Option(0, help="also checkpoint every N steps (0: epochs only)"),
