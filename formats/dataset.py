@@ -20,8 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from formats.errors import DatasetError
+from formats.lmdb_store import check_data_file
 from formats.manifest import Manifest, load_names, load_records, read_manifest
 from formats.msgpack_store import shard_file_name
+from formats.names import escape_name
 from formats.record import checksum
 from formats.store import open_reader
 
@@ -76,7 +78,7 @@ class RecordDataset:
     def record_error(self, index: int, reason: str) -> DatasetError:
         """One error that names the dataset dir, the record index and its source name."""
         try:
-            name = self.name(index)
+            name = escape_name(self.name(index))
         except (DatasetError, IndexError):
             name = "name unknown"
         reason = reason.replace(f"{self.dataset_dir}: ", "")  # the prefix below says it once
@@ -91,8 +93,7 @@ class RecordDataset:
         """Cheap checks of what a reader would otherwise find only in a worker, mid-epoch:
         the store's files exist, and msgpack shards hold every byte the index points at."""
         if self.manifest.store == "lmdb":
-            if not (self.dataset_dir / "data.mdb").is_file():
-                raise DatasetError(f"{self.dataset_dir}: no data.mdb (LMDB store missing)")
+            check_data_file(self.dataset_dir)  # a truncated data.mdb: this error, not a SIGBUS later
             return
         for shard, needed in self._reader.shard_sizes().items():
             path = self.dataset_dir / shard_file_name(shard)

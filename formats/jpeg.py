@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import io
+import os
 import warnings
 
 import numpy as np
@@ -26,8 +27,22 @@ POW2_SCALES = ((1, 8), (1, 4), (1, 2), (1, 1))
 
 # TurboJPEG colourspace codes (tjCS): CMYK and YCCK cannot be decoded to RGB by tjDecompress.
 TJCS_CMYK, TJCS_YCCK = 3, 4
-TJPF_RGB = 0
+TJPF_RGB, TJPF_CMYK = 0, 11
 TJSAMP_420 = 2
+
+# Set (to anything but "" or "0") to run as if libturbojpeg were missing: the PIL fallback paths
+# are then what runs, in this process and in the processes it starts (how the suite tests them).
+HIDE_TURBOJPEG_ENV = "SHARDTRAIN_NO_TURBOJPEG"
+
+# Checked against every source image's header before it is decoded. No camera makes more than
+# ~100 Mpx; a larger header is a decompression bomb or a lie (memory and time grow with it).
+MAX_IMAGE_PIXELS = 1 << 27
+# Pixels a header may claim per byte of file. Huffman-coded JPEG data needs at least one bit per
+# 8x8 block and component (<= 512 px per byte); PNG's deflate stops near 1032:1 (1-bit images:
+# ~8,000 px per byte). Far above any real image, far below a 2 KB file claiming 40000x40000.
+MAX_PIXELS_PER_BYTE = {"jpeg": 4096}
+MAX_PIXELS_PER_BYTE_OTHER = 1 << 14
+MAX_JPEG_SIDE = 65500  # libjpeg's limit on either side of an image it encodes
 
 _MAGIC = (
     (b"\xff\xd8\xff", "jpeg"),
@@ -51,9 +66,15 @@ def sniff(data: bytes | memoryview) -> str | None:
     return None
 
 
+def turbo_hidden() -> bool:
+    return os.environ.get(HIDE_TURBOJPEG_ENV, "") not in ("", "0")
+
+
 @functools.lru_cache(maxsize=1)
 def turbo():
-    """The process's TurboJPEG handle, or None when libturbojpeg is not installed."""
+    """The process's TurboJPEG handle, or None when libturbojpeg is not installed (or hidden)."""
+    if turbo_hidden():
+        return None
     try:
         from turbojpeg import TurboJPEG
 
@@ -76,21 +97,31 @@ def smallest_covering_scale(height: int, width: int, min_short_side: int) -> tup
     return (1, 1)
 
 
-# libjpeg reports these only as warnings (padding missing rows with grey, or returning an empty
-# image); they mean lost data. Others, like "extraneous bytes before marker", which some real
-# ImageNet files raise, leave the image whole and are accepted.
-_FATAL_WARNINGS = ("Premature end", "contains no image", "missing SOS")
+def implausible_size(kind: str, height: int, width: int, nbytes: int) -> str | None:
+    """Why a header's claimed size cannot be a real image of `nbytes`, or None if it can."""
+    pixels = height * width
+    if pixels > MAX_IMAGE_PIXELS:
+        return f"header claims {width}x{height} px, over the {MAX_IMAGE_PIXELS:,} px budget"
+    limit = MAX_PIXELS_PER_BYTE.get(kind, MAX_PIXELS_PER_BYTE_OTHER)
+    if pixels > limit * max(nbytes, 1):
+        return (f"header claims {width}x{height} px in a {nbytes:,}-byte file: not a real image "
+                f"(> {limit:,} px per byte)")
+    return None
 
 
-def decode_turbo(data, scale: tuple[int, int] = (1, 1)) -> np.ndarray:
-    """RGB uint8 HWC; raises ValueError for truncated data and OSError for corrupt data."""
+def decode_turbo(data, scale: tuple[int, int] = (1, 1), pixel_format: int = TJPF_RGB) -> np.ndarray:
+    """uint8 HWC (RGB by default); raises ValueError for corrupt data, OSError for undecodable.
+
+    libjpeg reports lost data only as a warning and goes on (a JPEG cut short but ending in its
+    EOI marker decodes to grey below the cut; a flipped byte desyncs the rest), and TurboJPEG
+    keeps only the first warning of a decode. So any warning rejects the image: its pixels are
+    not what was encoded, or a later, hidden warning may say so."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        pixels = turbo().decode(data, pixel_format=TJPF_RGB, scaling_factor=scale)
+        pixels = turbo().decode(data, pixel_format=pixel_format, scaling_factor=scale)
     for warning in caught:
-        message = str(warning.message)
-        if any(fatal in message for fatal in _FATAL_WARNINGS):
-            raise ValueError(f"truncated or empty JPEG data ({message})")
+        if issubclass(warning.category, UserWarning):
+            raise ValueError(f"corrupt or truncated JPEG data (libjpeg: {str(warning.message).strip()})")
     if pixels.size == 0:
         raise ValueError("JPEG decoded to an empty image")
     return pixels
@@ -131,5 +162,7 @@ def codec_report() -> dict[str, str]:
         turbo_version = "not installed"
     return {
         "pil": pil_variant(),
-        "turbojpeg": f"PyTurboJPEG {turbo_version}" + ("" if turbo() else " (libturbojpeg missing: PIL fallback)"),
+        "turbojpeg": f"PyTurboJPEG {turbo_version}" + (
+            "" if turbo() else f" (hidden by {HIDE_TURBOJPEG_ENV}: PIL fallback)" if turbo_hidden()
+            else " (libturbojpeg missing: PIL fallback)"),
     }

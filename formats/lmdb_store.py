@@ -11,18 +11,52 @@ from __future__ import annotations
 
 import hashlib
 import os
+import struct
 import threading
 from pathlib import Path
 
 import lmdb
 
 from formats.errors import DatasetError
-from formats.record import encode_key
+from formats.record import checksum, encode_key
 
 DATA_FILE = "data.mdb"
 LOCK_FILE = "lock.mdb"
 # Address space only: LMDB files grow as pages are written, not to map_size.
 WRITER_MAP_BYTES = 1 << 40
+
+# LMDB's two meta pages (64-bit layout): a 16-byte page header, then magic and version; the
+# page size sits in the free DB's md_pad, then the last page number and the txn id.
+_META_MAGIC = 0xBEEFC0DE
+_META_HEAD = struct.Struct("=16xII16xI92xQQ")  # magic, version, psize, last_pgno, txnid
+
+
+def check_data_file(dataset_dir: Path) -> None:
+    """Refuse a data.mdb shorter than its own newest meta page says it is, before anything maps
+    it: touching a mapped page past the end of the file is a SIGBUS, not an error. (The
+    manifest cannot hold data.mdb's size: it depends on commit timing, and a resumed build must
+    write the same manifest bytes as an uninterrupted one.)"""
+    path = Path(dataset_dir) / DATA_FILE
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            first = f.read(_META_HEAD.size)
+            psize = _META_HEAD.unpack(first)[2] if len(first) == _META_HEAD.size else 0
+            f.seek(psize)
+            second = f.read(_META_HEAD.size) if psize else b""
+    except FileNotFoundError:
+        raise DatasetError(f"{dataset_dir}: no {DATA_FILE} (LMDB store missing)") from None
+    except OSError as err:
+        raise DatasetError(f"{path}: unreadable ({err.strerror or err})") from None
+    metas = [_META_HEAD.unpack(raw) for raw in (first, second) if len(raw) == _META_HEAD.size]
+    metas = [meta for meta in metas if meta[0] == _META_MAGIC and meta[2] == psize]
+    if len(metas) != 2 or not psize or psize & (psize - 1):
+        raise DatasetError(f"{path}: {size:,} bytes, not an LMDB data file (damaged or truncated)")
+    last_pgno = max(metas, key=lambda meta: meta[4])[3]
+    needed = (last_pgno + 1) * psize
+    if size < needed:
+        raise DatasetError(f"{path}: {size:,} bytes, but its LMDB pages need {needed:,}: the file "
+                           "is truncated (rebuild the dataset, or restore data.mdb)")
 
 
 class LmdbWriter:
@@ -35,6 +69,11 @@ class LmdbWriter:
 
     def __init__(self, dataset_dir: Path, keep_records: int = 0):
         self.dataset_dir = Path(dataset_dir)
+        if (self.dataset_dir / DATA_FILE).exists():  # resuming: LMDB would map a damaged file as it is
+            try:
+                check_data_file(self.dataset_dir)
+            except DatasetError as err:
+                raise DatasetError(f"{err}; pass --overwrite to start the build over") from None
         self._env = lmdb.open(
             str(self.dataset_dir), map_size=WRITER_MAP_BYTES, subdir=True,
             readahead=False, meminit=False, max_dbs=0,
@@ -42,12 +81,26 @@ class LmdbWriter:
         self._txn: lmdb.Transaction | None = None
         if self.count() < keep_records:
             raise DatasetError(
-                f"{self.dataset_dir}: store holds {self.count()} records, progress says {keep_records}"
+                f"{self.dataset_dir}: store holds {self.count()} records, progress says {keep_records}: "
+                "the unfinished build is damaged; pass --overwrite to start it over"
             )
         self._truncate(keep_records)
 
     def count(self) -> int:
         return self._env.stat()["entries"]
+
+    def first_mismatch(self, checksums, labels) -> int | None:
+        """The first kept record whose key or bytes disagree with the record table (a resumed
+        build checks what an earlier run left before trusting it), or None."""
+        index = 0
+        with self._env.begin(buffers=True) as txn:
+            for key, value in txn.cursor():
+                if index == len(checksums):
+                    break
+                if bytes(key) != encode_key(index) or checksum(value) != int(checksums[index]):
+                    return index
+                index += 1
+        return None if index == len(checksums) else index
 
     def append(self, index: int, label: int, jpeg: bytes) -> None:
         if self._txn is None:
@@ -110,6 +163,7 @@ def _shared_env(dataset_dir: Path) -> lmdb.Environment:
             return env
         if env is not None:
             env.close()
+        check_data_file(dataset_dir)
         try:
             env = lmdb.open(str(dataset_dir), readonly=True, lock=False, subdir=True,
                             readahead=False, meminit=False, max_readers=4096)

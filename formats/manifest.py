@@ -21,9 +21,11 @@ from formats.record import (
     FORMAT_VERSION,
     MANIFEST_FILE,
     NAMES_FILE,
+    READABLE_FORMAT_VERSIONS,
     RECORD_DTYPE,
     RECORDS_FILE,
 )
+from formats.names import parse_names
 
 STORES = ("lmdb", "msgpack")
 
@@ -80,9 +82,10 @@ def read_manifest(dataset_dir: Path) -> Manifest:
     if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
         raise DatasetError(f"{path}: not a {FORMAT_NAME} manifest")
     version = raw.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_FORMAT_VERSIONS:
+        known = ", ".join(map(str, READABLE_FORMAT_VERSIONS))
         raise DatasetError(
-            f"{path}: format_version {version!r}, this reader knows {FORMAT_VERSION}; "
+            f"{path}: format_version {version!r}, this reader knows {known}; "
             "rebuild the shards or upgrade shardtrain"
         )
     names = {f.name for f in dataclasses.fields(Manifest)}
@@ -114,7 +117,7 @@ def load_names(dataset_dir: Path, manifest: Manifest) -> list[str]:
     """Source member names (e.g. n01440764_10026.JPEG), for error messages and lookups."""
     path = Path(dataset_dir) / NAMES_FILE
     try:
-        names = path.read_text(encoding="utf-8").split("\n")[:-1]
+        names = parse_names(path.read_bytes(), manifest.format_version)
     except (OSError, UnicodeDecodeError) as err:
         raise DatasetError(f"{path}: unreadable names ({err})") from None
     if len(names) != manifest.count:

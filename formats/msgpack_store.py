@@ -20,6 +20,7 @@ import numpy as np
 from formats.errors import DatasetError
 from formats.files import write_atomic
 from formats.manifest import file_digest
+from formats.record import checksum
 
 INDEX_FILE = "index.npy"
 INDEX_PARTIAL_FILE = "index.partial"  # raw rows appended during a build; index.npy at the end
@@ -65,7 +66,8 @@ class MsgpackWriter:
         rows = self._saved_rows()
         if len(rows) < keep_records:
             raise DatasetError(
-                f"{self.dataset_dir}: store holds {len(rows)} records, progress says {keep_records}"
+                f"{self.dataset_dir}: store holds {len(rows)} records, progress says {keep_records}: "
+                "the unfinished build is damaged; pass --overwrite to start it over"
             )
         shard, position = 0, 0
         if keep_records:
@@ -83,6 +85,33 @@ class MsgpackWriter:
 
     def count(self) -> int:
         return self._num_records
+
+    def first_mismatch(self, checksums, labels) -> int | None:
+        """The first kept record that does not start where the one before it ends, or whose
+        stored index, label or bytes disagree with the record table (a resumed build checks
+        what an earlier run left before trusting it), or None."""
+        rows = self._saved_rows()[: len(checksums)].tolist()
+        if len(rows) < len(checksums):
+            return len(rows)
+        shard, end, mapped = 0, 0, None
+        try:
+            for index, (row_shard, offset, record_length, jpeg_length) in enumerate(rows):
+                rolled = index > 0 and (row_shard, offset) == (shard + 1, 0)
+                if ((row_shard, offset) != (shard, end) and not rolled) or jpeg_length > record_length:
+                    return index
+                if mapped is None or rolled:
+                    if mapped is not None:
+                        mapped.close()
+                    mapped = _map_file(self.dataset_dir / shard_file_name(row_shard))
+                record = mapped[offset: offset + record_length]
+                if (len(record) != record_length or _record_head(record) != (index, int(labels[index]))
+                        or checksum(record[record_length - jpeg_length:]) != int(checksums[index])):
+                    return index
+                shard, end = row_shard, offset + record_length
+        finally:
+            if mapped is not None:
+                mapped.close()
+        return None
 
     def append(self, index: int, label: int, jpeg: bytes) -> None:
         if index != self._num_records:
@@ -214,6 +243,30 @@ class MsgpackReader:
             except BufferError:  # a caller still holds a view; the map dies with the process
                 pass
         self._maps = {}
+
+
+def _map_file(path: Path) -> mmap.mmap | bytes:
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return _EmptyMap()
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+class _EmptyMap(bytes):
+    def close(self) -> None:
+        pass
+
+
+def _record_head(record) -> tuple | None:
+    """(index, label) from the start of a packed `[index, label, jpeg]`, or None."""
+    unpacker = msgpack.Unpacker(raw=False)
+    unpacker.feed(record[:32])
+    try:
+        if unpacker.read_array_header() != 3:
+            return None
+        return unpacker.unpack(), unpacker.unpack()
+    except (ValueError, msgpack.UnpackException, msgpack.OutOfData):
+        return None
 
 
 def iter_shard(path: Path) -> Iterator[tuple[int, int, bytes]]:

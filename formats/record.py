@@ -14,7 +14,9 @@ import numpy as np
 
 FORMAT_NAME = "shardtrain"
 # Bump when the layout or meaning of any file changes; readers refuse versions they don't know.
-FORMAT_VERSION = 1
+# 2: names.txt escapes what a line cannot hold (formats/names.py); 1 wrote names raw.
+FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
 
 MANIFEST_FILE = "manifest.json"
 RECORDS_FILE = "records.npy"

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import concurrent.futures.process
 import dataclasses
-import multiprocessing
 import os
 import time
 from pathlib import Path
@@ -20,12 +20,15 @@ from tqdm import tqdm
 
 from formats import jpeg
 from formats.manifest import Manifest, read_manifest
+from formats.names import escape_name, names_line
 from formats.msgpack_store import DEFAULT_SHARD_BYTES
 from formats.layout import split_dir_name
 from formats.record import FORMAT_VERSION, RECORD_STRUCT, checksum
+from prep.lock import lock_path, locked
 from prep.partial import BuildError, PartialOutput, Progress
-from prep.resize import RejectedImage, prepare_image
-from prep.sources import NO_LABEL, Source, open_source
+from prep.resize import RejectedImage, describe_error, prepare_image
+from prep.sources import Source, open_source
+from prep.workers import process_pool
 
 TOOL_VERSION = "0.1.0"
 CHUNK_IMAGES = 16  # per task: amortises IPC without making the ordered pipeline lumpy
@@ -33,8 +36,27 @@ CHUNKS_IN_FLIGHT_PER_WORKER = 4
 COMMIT_SECONDS = 15.0
 
 
+# More processes than this per core only add memory (each holds its codecs and buffers).
+MAX_WORKERS_PER_CORE = 4
+MAX_PREP_SIZE = jpeg.MAX_JPEG_SIDE
+
+
 def default_workers() -> int:
     return len(os.sched_getaffinity(0))
+
+
+def resolve_workers(requested: int | None) -> tuple[int, str | None]:
+    """(workers to start, a warning or None) for a --workers value (None: one per core)."""
+    cores = default_workers()
+    if requested is None:
+        return cores, None
+    if requested < 0:
+        raise BuildError(f"--workers {requested}: must be >= 0 (0 transforms in the main process)")
+    cap = MAX_WORKERS_PER_CORE * cores
+    if requested > cap:
+        return cap, (f"--workers {requested} is more than {MAX_WORKERS_PER_CORE} per core "
+                     f"({cores} cores here): starting {cap}")
+    return requested, None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,11 +115,16 @@ def _prepare_chunk(spans: list, prep_sizes: tuple, quality: int, upscale: bool) 
     results = []
     for path, offset, nbytes in spans:
         try:
-            results.append(prepare_image(_read_span(path, offset, nbytes), prep_sizes, quality, upscale))
-        except RejectedImage as rejected:
-            results.append(rejected.reason)
+            data = _read_span(path, offset, nbytes)
         except OSError as err:
             results.append(f"unreadable: {err.strerror or err}")
+            continue
+        try:
+            results.append(prepare_image(data, prep_sizes, quality, upscale))
+        except RejectedImage as rejected:
+            results.append(rejected.reason)
+        except Exception as err:  # whatever one member does, it is that member's reject
+            results.append(f"cannot prepare: {describe_error(err)}")
     return results
 
 
@@ -152,14 +179,16 @@ def _outputs_to_build(config: BuildConfig) -> tuple[list[PartialOutput], list[in
 
 
 def build(config: BuildConfig) -> BuildSummary:
-    if config.store not in ("lmdb", "msgpack"):
-        raise BuildError(f"unknown store {config.store!r}")
-    if not config.prep_sizes or min(config.prep_sizes) < 8:
-        raise BuildError("--size must be given, each >= 8 px")
-    if not 1 <= config.quality <= 100:
-        raise BuildError(f"--quality {config.quality}: must be 1..100")
+    _check_config(config)
     source = open_source(config.src_dir, config.split, config.val_labels)
     config.out_dir.mkdir(parents=True, exist_ok=True)
+    names = [split_dir_name(config.split, size) for size in dict.fromkeys(config.prep_sizes)]
+    with locked([(lock_path(config.out_dir, name), str(config.out_dir / name)) for name in names]):
+        return _build_locked(config, source)
+
+
+def _build_locked(config: BuildConfig, source: Source) -> BuildSummary:
+    """The build proper, with every output locked against other builds."""
     outputs, skipped = _outputs_to_build(config)
     started = time.perf_counter()
     if not outputs:
@@ -182,6 +211,9 @@ def build(config: BuildConfig) -> BuildSummary:
             _run(config, source, outputs, progress, pool, prep_sizes)
         fields = _manifest_fields(config, source, prep_sizes)
         manifests = {o.prep_size: o.finalize(progress, fields) for o in outputs}
+    except concurrent.futures.process.BrokenProcessPool:
+        raise BuildError(f"a worker process died (out of memory? killed?); the unfinished build in "
+                         f"{config.out_dir} is kept: rerun the same command to resume") from None
     except (OSError, lmdb.Error) as err:  # a full disk, a vanished or unreadable file, ...
         where = f"{err.filename}: {err.strerror}" if isinstance(err, OSError) and err.filename else str(err)
         raise BuildError(f"{where}; the unfinished build in {config.out_dir} is kept: fix the cause "
@@ -196,10 +228,26 @@ def build(config: BuildConfig) -> BuildSummary:
                         time.perf_counter() - started, config.workers, jpeg.codec_report())
 
 
+def _check_config(config: BuildConfig) -> None:
+    """Every setting in range, or one line saying which is not (before anything is touched)."""
+    if config.store not in ("lmdb", "msgpack"):
+        raise BuildError(f"unknown store {config.store!r}")
+    if not config.prep_sizes or not all(8 <= size <= MAX_PREP_SIZE for size in config.prep_sizes):
+        raise BuildError(f"--size must be given, each 8..{MAX_PREP_SIZE} px (got {list(config.prep_sizes)})")
+    if not 1 <= config.quality <= 100:
+        raise BuildError(f"--quality {config.quality}: must be 1..100")
+    if config.workers < 0:
+        raise BuildError(f"--workers {config.workers}: must be >= 0 (0 transforms in the main process)")
+    if config.commit_every < 1:
+        raise BuildError(f"--commit-every {config.commit_every}: must be >= 1")
+    if config.store == "msgpack" and config.shard_bytes < 1 << 20:
+        raise BuildError(f"--shard-mb {config.shard_bytes / (1 << 20):g}: must be >= 1")
+
+
 def _start_pool(workers: int):
     if workers <= 0:
         return _InlinePool()
-    pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+    pool = process_pool(workers)
     # Spawn (and warm) every worker now, before any store is opened in this process.
     for future in [pool.submit(_warm_worker) for _ in range(workers)]:
         future.result()
@@ -218,14 +266,14 @@ def _run(config: BuildConfig, source: Source, outputs: list[PartialOutput], prog
 
     def handle(members: list, future) -> None:
         results = iter(future.result())
-        for name, label, nbytes, sent in members:
-            result = next(results) if sent else "no label for this image in the validation labels"
+        for name, label, nbytes, skip_reason in members:
+            result = skip_reason or next(results)
             if isinstance(result, str):
                 progress.rejects.append({"name": name, "reason": result})
                 if config.strict:
-                    raise BuildError(f"--strict: {name}: {result}")
+                    raise BuildError(f"--strict: {escape_name(name)}: {result}")
             else:
-                name_line = (name.replace("\n", "?") + "\n").encode("utf-8", "surrogateescape")
+                name_line = names_line(name)
                 for output, image in zip(outputs, result.outputs):
                     row = RECORD_STRUCT.pack(label, image.height, image.width, result.orig_height,
                                              result.orig_width, checksum(image.jpeg))
@@ -251,10 +299,10 @@ def _run(config: BuildConfig, source: Source, outputs: list[PartialOutput], prog
             if position < progress.consumed:  # done by an earlier run: headers only, no data read
                 bar.update(member.nbytes)
                 continue
-            sent = member.label != NO_LABEL
-            if sent:
+            skip_reason = member.skip_reason
+            if not skip_reason:
                 spans.append((member.path, member.offset, member.nbytes))
-            chunk.append((member.name, member.label, member.nbytes, sent))
+            chunk.append((member.name, member.label, member.nbytes, skip_reason))
             if len(chunk) == CHUNK_IMAGES:
                 pending.append((chunk, pool.submit(_prepare_chunk, spans, prep_sizes, config.quality, config.upscale)))
                 chunk, spans = [], []

@@ -3,6 +3,7 @@ function per command; errors become one line on stderr and a non-zero exit."""
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -31,36 +32,63 @@ def _fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
-def _run(fn):
-    """Library errors -> one stderr line. Anything else is a bug and keeps its traceback."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the main thread is, so cleanup runs exactly as for Ctrl-C."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def _run(fn, resumable: bool = True):
+    """Library errors -> one stderr line. Anything else is a bug and keeps its traceback.
+    SIGTERM is handled like SIGINT (exit 143 instead of 130)."""
     from formats.errors import DatasetError
     from prep.labels import SourceError
     from prep.partial import BuildError
 
+    hint = "; rerun the same command to resume" if resumable else ""
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return fn()
     except (BuildError, SourceError, DatasetError) as err:
         _fail(str(err))
     except OSError as err:
         _fail(f"{err.filename or ''}: {err.strerror or err}".lstrip(": "))
+    except Terminated:
+        _fail(f"terminated (SIGTERM){hint}", 128 + signal.SIGTERM)
     except KeyboardInterrupt:
-        _fail("interrupted; rerun the same command to resume", 130)
+        _fail(f"interrupted{hint}", 128 + signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _workers(requested: Optional[int]) -> int:
+    """--workers checked and capped (with a warning on stderr), before anything starts."""
+    from prep.build import resolve_workers
+
+    workers, warning = _run(lambda: resolve_workers(requested), resumable=False)
+    if warning:
+        typer.echo(f"prep: warning: {warning}", err=True)
+    return workers
 
 
 def _build(store: str, src: Path, out: Path, split: str, sizes: List[int], quality: int,
            workers: Optional[int], upscale: bool, strict: bool, overwrite: bool,
            val_labels: Optional[Path], quiet: bool, commit_every: int, shard_mb: int = 256) -> None:
-    from prep.build import BuildConfig, build, default_workers
-    from prep.report import format_build_summary
+    from prep.build import BuildConfig, build
+    from prep.report import build_warnings, format_build_summary
 
     config = BuildConfig(
         src_dir=src, out_dir=out, split=split, prep_sizes=tuple(sizes), store=store,
-        quality=quality, upscale=upscale, workers=default_workers() if workers is None else workers,
+        quality=quality, upscale=upscale, workers=_workers(workers),
         strict=strict, overwrite=overwrite, val_labels=val_labels, shard_bytes=shard_mb << 20, quiet=quiet,
         commit_every=commit_every,
     )
     summary = _run(lambda: build(config))
     typer.echo(format_build_summary(summary, out, split))
+    for warning in build_warnings(summary):
+        typer.echo(f"prep: warning: {warning}", err=True)
 
 
 @app.command("build-lmdb")
@@ -87,12 +115,11 @@ def verify(dataset_dir: Path = typer.Argument(..., help="A dataset directory, e.
            source: Optional[Path] = typer.Option(None, "--source", help="Also check counts against the raw source directory."),
            val_labels: Optional[Path] = VAL_LABELS, workers: Optional[int] = WORKERS, quiet: bool = QUIET) -> None:
     """Re-read everything and compare with the manifest; exit 1 on any fault."""
-    from prep.build import default_workers
     from prep.report import format_verify_report
     from prep.verify import verify as run_verify
 
-    report = _run(lambda: run_verify(dataset_dir, default_workers() if workers is None else workers,
-                                     source, val_labels, quiet))
+    num_workers = _workers(workers)
+    report = _run(lambda: run_verify(dataset_dir, num_workers, source, val_labels, quiet), resumable=False)
     typer.echo(format_verify_report(report))
     if not report.ok:
         raise typer.Exit(1)
@@ -104,7 +131,7 @@ def info(dataset_dir: Path = typer.Argument(..., help="A dataset directory, e.g.
     """Print a dataset's summary from its manifest."""
     from prep.report import dataset_info, format_info
 
-    summary = _run(lambda: dataset_info(dataset_dir))
+    summary = _run(lambda: dataset_info(dataset_dir), resumable=False)
     typer.echo(json.dumps(summary, sort_keys=True) if as_json else format_info(summary))
 
 
@@ -118,7 +145,7 @@ def sample(out: Path = typer.Option(..., "--out", help="Directory for the three 
     from prep.sample import write_sample
 
     result = _run(lambda: write_sample(out, num_classes=num_classes, train_per_class=train_per_class,
-                                       val_per_class=val_per_class, seed=seed))
+                                       val_per_class=val_per_class, seed=seed), resumable=False)
     typer.echo(f"wrote {result.train_tar_path}, {result.val_tar_path}, {result.devkit_path} "
                f"({result.num_classes} classes, {result.train_per_class} train + {result.val_per_class} val images each)")
 

@@ -42,12 +42,12 @@ class Devkit:
 
         try:
             synsets = scipy.io.loadmat(io.BytesIO(meta_mat), squeeze_me=True)["synsets"]
-        except (ValueError, KeyError, TypeError) as err:
-            raise SourceError(f"devkit meta.mat is unreadable ({err})") from None
-        leaves = [s for s in synsets if int(s["num_children"]) == 0]
-        self.wnid_by_id = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in leaves}
-        self.names = {str(s["WNID"]): str(s["words"]) for s in leaves}
-        self.val_ids = [int(line) for line in ground_truth.decode().split()]
+            leaves = [s for s in synsets if int(s["num_children"]) == 0]
+            self.wnid_by_id = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in leaves}
+            self.names = {str(s["WNID"]): str(s["words"]) for s in leaves}
+        except Exception as err:  # scipy and numpy raise many kinds on a damaged .mat
+            raise SourceError(f"devkit {META_MAT} is unreadable ({type(err).__name__}: {err})") from None
+        self.val_ids = parse_ground_truth(ground_truth)
 
     @classmethod
     def find(cls, src_dir: Path) -> "Devkit | None":
@@ -76,17 +76,57 @@ class Devkit:
             raise SourceError(f"devkit ground truth names unknown ILSVRC2012_ID {err}") from None
 
 
+def _text(data: bytes, what: str) -> str:
+    """UTF-8 text with an optional byte-order mark (as Windows tools write it)."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise SourceError(f"{what}: not UTF-8 text ({err})") from None
+
+
+def parse_ground_truth(data: bytes) -> list[int]:
+    """The devkit's validation ground truth: line i holds the ILSVRC2012_ID of val image i.
+    A blank or non-integer line would shift every later label, so it is refused, not skipped."""
+    lines = _text(data, VAL_GROUND_TRUTH).splitlines()  # CRLF too
+    while lines and not lines[-1].strip():
+        lines.pop()
+    ids = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            ids.append(int(line.strip()))
+        except ValueError:
+            raise SourceError(f"devkit {VAL_GROUND_TRUTH}:{number}: expected an ILSVRC2012_ID, "
+                              f"got {line.strip()[:40]!r}") from None
+    return ids
+
+
+def _read_kaggle_csv(path: Path, text: str) -> dict[str, str]:
+    rows = csv.reader(io.StringIO(text))
+    next(rows)
+    labels = {}
+    for row in rows:
+        if not row or not "".join(row).strip():
+            continue
+        prediction = row[1].split() if len(row) >= 2 else []
+        if not prediction:
+            raise SourceError(f"{path}:{rows.line_num}: no prediction for {row[0].strip()!r} "
+                              "(expected `ImageId,wnid x y x y ...`)")
+        labels[image_key(row[0].strip())] = prediction[0]
+    return labels
+
+
 def read_label_file(path: Path, classes: list[str]) -> dict[str, str]:
     """Image key -> wnid from Kaggle's LOC_val_solution.csv or a plain `filename label` file,
     where label is a wnid or a 0-based index in sorted-wnid order."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise SourceError(f"{path}: cannot read labels ({err})") from None
+        text = _text(path.read_bytes(), str(path))
+    except OSError as err:
+        raise SourceError(f"{path}: cannot read labels ({err.strerror or err})") from None
     if text.startswith("ImageId,PredictionString"):
-        rows = csv.reader(io.StringIO(text))
-        next(rows)
-        return {image_key(row[0]): row[1].split()[0] for row in rows if len(row) >= 2 and row[1]}
+        try:
+            return _read_kaggle_csv(path, text)
+        except csv.Error as err:
+            raise SourceError(f"{path}: not a readable CSV ({err})") from None
     labels = {}
     for number, line in enumerate(text.splitlines(), start=1):
         fields = line.split()
@@ -106,7 +146,11 @@ def read_label_file(path: Path, classes: list[str]) -> dict[str, str]:
 def read_synset_mapping(path: Path) -> dict[str, str]:
     """Kaggle's `LOC_synset_mapping.txt`: `n01440764 tench, Tinca tinca` per line."""
     names = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
+    try:
+        text = _text(path.read_bytes(), str(path))
+    except OSError as err:
+        raise SourceError(f"{path}: cannot read ({err.strerror or err})") from None
+    for line in text.splitlines():
         wnid, _, words = line.partition(" ")
         if re.fullmatch(r"n\d{8}", wnid):
             names[wnid] = words.strip()

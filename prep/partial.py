@@ -49,7 +49,8 @@ def _open_truncated(path: Path, length: int):
     """Append handle on `path`, cut back to `length` bytes first."""
     handle = open(path, "ab")
     if handle.tell() < length:
-        raise BuildError(f"{path}: holds {handle.tell()} bytes, progress says {length}")
+        raise BuildError(f"{path}: holds {handle.tell()} bytes, progress says {length}: the unfinished "
+                         "build is damaged; pass --overwrite to start it over")
     handle.truncate(length)
     return handle
 
@@ -72,7 +73,11 @@ class PartialOutput:
             shutil.rmtree(self.partial_dir, ignore_errors=True)  # nothing resumable in it
         if not progress_path.exists():
             return None
-        progress = Progress(**json.loads(progress_path.read_text(encoding="utf-8")))
+        try:
+            progress = Progress(**json.loads(progress_path.read_text(encoding="utf-8")))
+        except (ValueError, TypeError) as err:  # written atomically: only tampering gets here
+            raise BuildError(f"{progress_path}: unreadable ({type(err).__name__}: {err}); pass "
+                             "--overwrite to start the build over") from None
         if progress.fingerprint != fingerprint:
             raise BuildError(
                 f"{self.partial_dir}: an unfinished build with other settings or another source; "
@@ -91,7 +96,22 @@ class PartialOutput:
         self._records_file = _open_truncated(self.partial_dir / RECORDS_PARTIAL,
                                              progress.num_records * RECORD_DTYPE.itemsize)
         self._names_file = _open_truncated(self.partial_dir / NAMES_PARTIAL, progress.names_bytes)
+        if progress.num_records:
+            self._check_kept(progress)
         self.commit(progress)
+
+    def _check_kept(self, progress: Progress) -> None:
+        """Trust nothing an earlier run left (two builds once wrote one output at the same time):
+        every kept record must be in place, with the bytes and label its table row says."""
+        rows = np.fromfile(self.partial_dir / RECORDS_PARTIAL, RECORD_DTYPE, count=progress.num_records)
+        with open(self.partial_dir / NAMES_PARTIAL, "rb") as names:
+            num_names = names.read(progress.names_bytes).count(b"\n")
+        bad = self.writer.first_mismatch(rows["crc32"], rows["label"])
+        if bad is not None or num_names != progress.num_records:
+            what = f"record {bad} disagrees with its table row" if bad is not None else \
+                f"{num_names} names for {progress.num_records} records"
+            raise BuildError(f"{self.partial_dir}: the unfinished build is damaged ({what}); "
+                             "pass --overwrite to start it over")
 
     def append(self, index: int, label: int, jpeg: bytes, row: bytes, name_line: bytes) -> None:
         """`row`: one RECORD_DTYPE row, packed with formats.record.RECORD_STRUCT."""

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from formats.manifest import load_records, read_manifest
+from formats.names import escape_name
 from formats.layout import split_dir_name
 
 
@@ -48,7 +49,7 @@ def format_info(info: dict) -> str:
         f"  source    {info['source_layout']}; codecs {info['build'].get('codecs')}",
         f"  rejected  {len(info['rejects'])}",
     ]
-    lines += [f"    {r['name']}: {r['reason']}" for r in info["rejects"][:20]]
+    lines += [f"    {escape_name(r['name'])}: {r['reason']}" for r in info["rejects"][:20]]
     if len(info["rejects"]) > 20:
         lines.append(f"    ... and {len(info['rejects']) - 20} more (prep info --json lists all)")
     return "\n".join(lines)
@@ -68,10 +69,22 @@ def format_build_summary(summary, out_dir: Path, split: str) -> str:
                      f"with {summary.workers} workers{resumed}; codecs: {summary.codecs['pil']}, {summary.codecs['turbojpeg']}")
     rejects = next(iter(summary.manifests.values())).rejects if summary.manifests else []
     for reject in rejects[:20]:
-        lines.append(f"  rejected {reject['name']}: {reject['reason']}")
+        lines.append(f"  rejected {escape_name(reject['name'])}: {reject['reason']}")
     if len(rejects) > 20:
         lines.append(f"  ... and {len(rejects) - 20} more (see prep info --json)")
     return "\n".join(lines)
+
+
+def build_warnings(summary) -> list[str]:
+    """What the user should know about a build that succeeded (the CLI prints these on stderr)."""
+    first = next(iter(summary.manifests.values()), None)
+    if first is None:
+        return []
+    empty = [wnid for wnid, count in zip(first.classes, first.counts_per_class) if count == 0]
+    if not empty:
+        return []
+    return [f"{len(empty)} of {first.num_classes} classes have no records: {', '.join(empty[:5])}"
+            f"{', ...' if len(empty) > 5 else ''} (an empty class tar or folder, or every image in it rejected)"]
 
 
 def format_verify_report(report) -> str:

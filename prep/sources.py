@@ -13,7 +13,8 @@ import os
 from pathlib import Path
 from typing import Callable, Iterator
 
-from prep.tar_scan import TarFormatError, scan_tar
+from prep.folder_scan import FolderEntry, class_folders, walk_class_folders, walk_images
+from prep.tar_scan import TarFormatError, scan_members
 from prep.labels import (
     KAGGLE_SYNSET_MAPPING,
     KAGGLE_VAL_SOLUTION,
@@ -42,9 +43,17 @@ class SourceMember:
     path: str
     offset: int
     nbytes: int
+    reject: str = ""  # why the source already knows this member cannot be an image, if it does
 
     def read(self) -> bytes:
         return read_span(self.path, self.offset, self.nbytes)
+
+    @property
+    def skip_reason(self) -> str:
+        """Why this member is listed as a reject without being read ("" for a candidate image)."""
+        if self.reject:
+            return self.reject
+        return "no label for this image in the validation labels" if self.label == NO_LABEL else ""
 
 
 def read_span(path: str, offset: int, nbytes: int) -> bytes:
@@ -66,11 +75,14 @@ class Source:
     members: Callable[[], Iterator[SourceMember]]
 
 
-def _tar_files(fd: int, name: str, start: int = 0, end: int | None = None) -> Iterator[tuple[str, int, int]]:
-    """(member name, data offset, size) of regular files, in archive order."""
+SPARSE_REJECT = "sparse file in the archive (stored with its holes cut out): not supported"
+
+
+def _tar_files(fd: int, name: str, start: int = 0, end: int | None = None) -> Iterator[tuple[str, int, int, str]]:
+    """(member name, data offset, size, reject reason or "") of regular files, in archive order."""
     try:
-        for member_name, offset, size in scan_tar(fd, start, end):
-            yield Path(member_name).name, offset, size
+        for member in scan_members(fd, start, end):
+            yield Path(member.name).name, member.offset, member.size, SPARSE_REJECT if member.sparse else ""
     except TarFormatError as err:
         if start == 0 and "at byte 0" in str(err):
             raise SourceError(f"{name}: not a readable tar archive ({err})") from None
@@ -85,7 +97,7 @@ def _file_identity(path: Path) -> dict:
 def _list_class_tars(archive: Path) -> list[tuple[str, int, int]]:
     """(name, offset, size) of the per-class tars, sorted by name (= by wnid)."""
     with open(archive, "rb") as f:
-        class_tars = [m for m in _tar_files(f.fileno(), str(archive)) if m[0].endswith(".tar")]
+        class_tars = [m[:3] for m in _tar_files(f.fileno(), str(archive)) if m[0].endswith(".tar") and not m[3]]
     if not class_tars:
         raise SourceError(f"{archive}: no per-class tars inside; is this ImageNet's train tar?")
     return sorted(class_tars)
@@ -100,8 +112,8 @@ def _train_tar_source(archive: Path, names: dict[str, str]) -> Source:
             for class_name, class_offset, class_size in class_tars:
                 label = labels[Path(class_name).stem]
                 inner = _tar_files(f.fileno(), f"{archive.name}:{class_name}", class_offset, class_offset + class_size)
-                for name, offset, size in inner:
-                    yield SourceMember(name, label, str(archive), offset, size)
+                for name, offset, size, reject in inner:
+                    yield SourceMember(name, label, str(archive), offset, size, reject)
 
     return Source("train", "train-tar", sorted(labels), [names.get(w, "") for w in sorted(labels)],
                   {"layout": "train-tar", "archive": _file_identity(archive)},
@@ -114,34 +126,31 @@ def _val_tar_source(archive: Path, wnid_by_key: dict[str, str], classes: list[st
 
     def members() -> Iterator[SourceMember]:
         with open(archive, "rb") as f:
-            for name, offset, size in _tar_files(f.fileno(), str(archive)):
+            for name, offset, size, reject in _tar_files(f.fileno(), str(archive)):
                 label = labels.get(wnid_by_key.get(image_key(name), ""), NO_LABEL)
-                yield SourceMember(name, label, str(archive), offset, size)
+                yield SourceMember(name, label, str(archive), offset, size, reject)
 
     return Source("val", "val-tar", sorted(labels), [names.get(w, "") for w in sorted(labels)],
                   {"layout": "val-tar", "archive": _file_identity(archive), "labels": labels_identity},
                   archive.stat().st_size, members)
 
 
-def _scan_files(directory: Path) -> list[os.DirEntry]:
-    return sorted((e for e in os.scandir(directory) if e.is_file() and not e.name.startswith(".")),
-                  key=lambda e: e.name)
-
-
 def _folder_source(split: str, root: Path, class_dirs: list[str], known_classes: list[str],
-                   names: dict[str, str]) -> Source:
+                   names: dict[str, str], strays: list[FolderEntry]) -> Source:
     classes = known_classes or class_dirs
     labels = class_index(classes)
     unknown = sorted(set(class_dirs) - set(labels))
     if unknown:
         raise SourceError(f"{root}: class folders {unknown[:3]} are not among the {len(labels)} known classes")
-    files = [(labels[c], entry) for c in sorted(class_dirs) for entry in _scan_files(root / c)]
+    walked = walk_class_folders(root, sorted(class_dirs))
+    files = [(labels[c], entry) for c in sorted(class_dirs) for entry in walked[c]]
+    files += [(NO_LABEL, entry) for entry in strays]
 
     def members() -> Iterator[SourceMember]:
         for label, entry in files:
-            yield SourceMember(entry.name, label, entry.path, 0, entry.stat().st_size)
+            yield SourceMember(entry.name, label, entry.path, 0, entry.nbytes, entry.reject)
 
-    total = sum(entry.stat().st_size for _, entry in files)
+    total = sum(entry.nbytes for _, entry in files)
     return Source(split, "folders", sorted(labels), [names.get(w, "") for w in sorted(labels)],
                   {"layout": "folders", "path": str(root.resolve()), "num_files": len(files), "bytes": total},
                   total, members)
@@ -150,14 +159,14 @@ def _folder_source(split: str, root: Path, class_dirs: list[str], known_classes:
 def _flat_folder_source(root: Path, wnid_by_key: dict[str, str], classes: list[str],
                         names: dict[str, str], labels_identity: dict) -> Source:
     labels = class_index(classes)
-    files = _scan_files(root)
+    files = walk_images(root)
 
     def members() -> Iterator[SourceMember]:
         for entry in files:
             label = labels.get(wnid_by_key.get(image_key(entry.name), ""), NO_LABEL)
-            yield SourceMember(entry.name, label, entry.path, 0, entry.stat().st_size)
+            yield SourceMember(entry.name, label, entry.path, 0, entry.nbytes, entry.reject)
 
-    total = sum(entry.stat().st_size for entry in files)
+    total = sum(entry.nbytes for entry in files)
     return Source("val", "flat-folder", sorted(labels), [names.get(w, "") for w in sorted(labels)],
                   {"layout": "flat-folder", "path": str(root.resolve()), "num_files": len(files),
                    "bytes": total, "labels": labels_identity},
@@ -172,7 +181,7 @@ def _split_dir(src_dir: Path, split: str) -> Path | None:
 
 
 def _subdirs(directory: Path) -> list[str]:
-    return sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+    return class_folders(directory)[0]
 
 
 def _train_classes(src_dir: Path) -> list[str]:
@@ -216,14 +225,16 @@ def open_source(src_dir: Path, split: str, val_labels: Path | None = None) -> So
     if split == "train":
         if archive.is_file():
             return _train_tar_source(archive, names)
-        if split_dir and _subdirs(split_dir):
-            return _folder_source("train", split_dir, _subdirs(split_dir), [], names)
+        class_dirs, strays = class_folders(split_dir) if split_dir else ([], [])
+        if class_dirs:
+            return _folder_source("train", split_dir, class_dirs, [], names, strays)
         raise SourceError(f"{src_dir}: no ImageNet train data: expected {TRAIN_ARCHIVE} or train/<class>/*")
     # Val classes: the devkit's, else train's, so that label i means the same class in both.
     classes = sorted(devkit.wnid_by_id.values()) if devkit else _train_classes(src_dir)
     if split_dir and _subdirs(split_dir):
-        return _folder_source("val", split_dir, _subdirs(split_dir), classes, names)
-    if not archive.is_file() and not (split_dir and _scan_files(split_dir)):
+        class_dirs, strays = class_folders(split_dir)
+        return _folder_source("val", split_dir, class_dirs, classes, names, strays)
+    if not archive.is_file() and not (split_dir and any(not e.reject for e in walk_images(split_dir))):
         raise SourceError(f"{src_dir}: no ImageNet val data: expected {VAL_ARCHIVE} or val/")
     wnid_by_key, labels_identity = _val_labels(src_dir, val_labels, devkit, classes)
     classes = classes or sorted(set(wnid_by_key.values()))

@@ -9,10 +9,9 @@ msgpack the stored index and label.
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import dataclasses
-import multiprocessing
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,12 +21,15 @@ from formats import jpeg
 from formats.errors import DatasetError
 from formats.manifest import Manifest, file_digest, load_names, load_records, read_manifest
 from formats.lmdb_store import content_digest
+from formats.names import escape_name
 from formats.msgpack_store import MsgpackReader, shard_file_name
 from formats.record import checksum
 from formats.store import open_reader
 from prep.resize import decode_rgb, target_dims
+from prep.workers import process_pool
 
 MAX_FAULTS_SHOWN = 20
+FULL_SIZE = 1 << 30  # as decode_rgb's min_short_side: no DCT scale covers it, so none is used
 RANGES_PER_WORKER = 8
 
 
@@ -51,10 +53,10 @@ class VerifyReport:
 _worker_state: dict = {}
 
 
-def _init_worker(dataset_dir: Path, manifest: Manifest) -> None:
+def _init_worker(dataset_dir: Path, manifest: Manifest, distrust: bool = False) -> None:
     """Once per worker process: the table and names (1.28M of them for ImageNet train) are
     loaded here rather than pickled into every task."""
-    _worker_state.update(dataset_dir=dataset_dir, manifest=manifest,
+    _worker_state.update(dataset_dir=dataset_dir, manifest=manifest, distrust=distrust,
                          records=load_records(dataset_dir, manifest),
                          names=load_names(dataset_dir, manifest))
 
@@ -67,7 +69,7 @@ def _check_range(start: int, stop: int) -> tuple[int, list[str]]:
     faults = []
 
     def fault(index: int, problem: str) -> None:
-        faults.append(f"record {index} ({names[index]}): {problem}")
+        faults.append(f"record {index} ({escape_name(names[index])}): {problem}")
 
     for index in range(start, stop):
         row = records[index]
@@ -86,9 +88,7 @@ def _check_range(start: int, stop: int) -> tuple[int, list[str]]:
             fault(index, "checksum mismatch (corrupt bytes)")
             continue
         try:
-            pixels = jpeg.decode_turbo(data) if tj is not None and jpeg.sniff(data) == "jpeg" else None
-            if pixels is None:  # no libturbojpeg: PIL
-                pixels = decode_rgb(data, 1)[0]
+            pixels = _decode_stored(data, tj, row, _worker_state["distrust"])
         except Exception as err:  # any decoder failure is this record's fault, not ours
             fault(index, f"does not decode ({err})")
             continue
@@ -104,6 +104,21 @@ def _check_range(start: int, stop: int) -> tuple[int, list[str]]:
             fault(index, f"label {int(row['label'])} outside [0, {manifest.num_classes})")
     reader.close()
     return stop - start, faults
+
+
+def _decode_stored(data, tj, row, distrust: bool) -> np.ndarray:
+    """A stored record at full size (any libjpeg warning is an error). When some file already
+    failed its digest, the header's size is compared with the table first: a tampered record
+    must not make this allocate whatever its header claims."""
+    if tj is None or jpeg.sniff(data) != "jpeg":  # no libturbojpeg: PIL, at full size too
+        return decode_rgb(data, FULL_SIZE)[0]
+    if distrust:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a bad header raises right after warning
+            width, height = tj.decode_header(data)[:2]
+        if (height, width) != (int(row["height"]), int(row["width"])):
+            raise ValueError(f"its header says {height}x{width}")
+    return jpeg.decode_turbo(data)
 
 
 def _short(digest: dict) -> str:
@@ -205,10 +220,7 @@ def verify(dataset_dir: Path, workers: int, src_dir: Path | None = None,
     ranges = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
     bar = tqdm(total=manifest.count, unit="img", desc=f"verify {dataset_dir.name}", disable=quiet,
                dynamic_ncols=True)
-    with concurrent.futures.ProcessPoolExecutor(
-        max(1, workers), mp_context=multiprocessing.get_context("fork"),
-        initializer=_init_worker, initargs=(dataset_dir, manifest),
-    ) as pool:
+    with process_pool(max(1, workers), _init_worker, (dataset_dir, manifest, bool(faults))) as pool:
         futures = [pool.submit(_check_range, a, b) for a, b in ranges]
         for future in futures:  # in order, so faults come out sorted by record
             count, range_faults = future.result()

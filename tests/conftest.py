@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import io
+import json
+import subprocess
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +45,19 @@ def write_train_tar(path: Path, classes: dict[str, list[tuple[str, bytes]]]) -> 
                     add_member(inner, name, data)
             add_member(outer, f"{wnid}.tar", inner_bytes.getvalue())
     return path
+
+
+def wait_for_progress(partial: Path, process: subprocess.Popen, at_least: int) -> None:
+    """Wait until the build in `process` has committed `at_least` records to `partial`."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if json.loads((partial / "progress.json").read_text())["num_records"] >= at_least:
+                return
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.005)
+    raise AssertionError(f"build finished or stalled before {at_least} records were committed")
 
 
 @pytest.fixture(scope="session")

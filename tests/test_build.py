@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,7 @@ from prep.partial import BuildError
 from prep.resize import prepare_image
 from prep.sample import write_sample
 from prep.sources import open_source
-from tests.conftest import jpeg_bytes, write_train_tar
+from tests.conftest import jpeg_bytes, wait_for_progress, write_train_tar
 
 PREP = [sys.executable, "-m", "prep.cli"]
 
@@ -128,18 +127,6 @@ def test_unfinished_build_with_other_settings_is_refused(sample_src, tmp_path):
         read_manifest(partial)
 
 
-def _wait_for_progress(partial: Path, process: subprocess.Popen, at_least: int) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if json.loads((partial / "progress.json").read_text())["num_records"] >= at_least:
-                return
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.005)
-    raise AssertionError(f"build finished or stalled before {at_least} records were committed")
-
-
 @pytest.mark.parametrize("store", ["lmdb", "msgpack"])
 def test_kill_9_and_resume_gives_identical_output(tmp_path, store):
     src = tmp_path / "src"
@@ -151,7 +138,7 @@ def test_kill_9_and_resume_gives_identical_output(tmp_path, store):
     for at_least in (8, 60):  # kill twice, at different points
         process = subprocess.Popen(command + ["--out", str(killed)], start_new_session=True,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_for_progress(killed / ".train-160.partial", process, at_least)
+        wait_for_progress(killed / ".train-160.partial", process, at_least)
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
         assert not (killed / "train-160").exists()  # partial output is never a dataset
@@ -204,7 +191,7 @@ def test_ctrl_c_is_one_line_and_resumable(tmp_path):
                       "--workers", "2", "--commit-every", "4", "-q"]
     process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
-    _wait_for_progress(tmp_path / "out" / ".train-160.partial", process, 8)
+    wait_for_progress(tmp_path / "out" / ".train-160.partial", process, 8)
     os.killpg(process.pid, signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130

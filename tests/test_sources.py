@@ -80,7 +80,8 @@ def test_class_folders_for_both_splits(tmp_path):
     (tmp_path / "train" / "n01000000" / ".hidden").write_bytes(b"x")
     train, val = open_source(tmp_path, "train"), open_source(tmp_path, "val")
     assert train.layout == val.layout == "folders" and train.classes == val.classes == ["n01000000", "n02000000"]
-    assert members(train)[:3] == [(f"n01000000_{i}.JPEG", 0) for i in range(3)]
+    assert members(train)[:4] == [(".hidden", 0)] + [(f"n01000000_{i}.JPEG", 0) for i in range(3)]
+    assert [m.skip_reason for m in train.members()][:2] == ["hidden file or folder: skipped", ""]
     assert len(members(val)) == 4 and members(val)[-1] == ("n02000000_1.JPEG", 1)
 
 
