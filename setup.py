@@ -8,4 +8,5 @@ one runs).
 from setuptools import Extension, setup
 
 setup(ext_modules=[Extension("train.decode_native", ["train/decode_native.c"], libraries=["jpeg"],
+                             depends=["train/decode_resample.h"],
                              extra_compile_args=["-O3"], optional=True)])

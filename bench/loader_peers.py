@@ -102,12 +102,15 @@ def run_group(group: str, args, python) -> dict:
                 this[name] = {str(n): running[name].window(batches=n, warmup=servers.WARMUP_BATCHES)
                               | {"workers": args.workers} for n in args.windows}
             for name, kind in zip(FLOORS, decode_floor.KINDS):
+                if kind not in decode_floor.kinds_available():
+                    continue
                 floor = decode_floor.time_floor(jobs, args.floor_images, kind)
                 this[name] = {str(n): floor for n in args.windows}
             rounds.append(this)
             print(f"  round {number + 1}: " + ", ".join(
                 f"{name} {per_core(this[name][str(args.windows[-1])]) * args.workers:.0f}" for name in order)
-                + ", " + ", ".join(f"{name} {per_core(this[name][str(args.windows[0])]):.0f}" for name in FLOORS)
+                + ", " + ", ".join(f"{name} {per_core(this[name][str(args.windows[0])]):.0f}" for name in FLOORS
+                                   if name in this)
                 + " img/s", flush=True)
     finally:
         for server in running.values():
@@ -124,7 +127,7 @@ def spread(values: list[float]) -> tuple[float, float, float]:
 
 def report(group: str, result: dict, args) -> list[dict]:
     rounds, rows = result["rounds"], []
-    names = [name for name in rounds[0] if name not in FLOORS] + list(FLOORS)
+    names = [name for name in rounds[0] if name not in FLOORS] + [name for name in FLOORS if name in rounds[0]]
     print(f"\n{group} ({len(rounds)} rounds; median (min-max); floor DCT scales {result['floor_scales']})")
     print(f"  {'loader':<18} {'window':>6} {'img/s':>18} {'per core':>7} {'img/CPU-s':>9} {'RSS MiB':>8}")
     for name in names:

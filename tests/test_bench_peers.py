@@ -30,6 +30,10 @@ needs_native = pytest.mark.skipif(native_module() is None, reason="train.decode_
 @needs_native
 @pytest.mark.parametrize("kind", decode_floor.KINDS)
 def test_decode_floor_decodes_every_record_at_the_loaders_scale(built_shards, kind):
+    if kind not in decode_floor.kinds_available():
+        with pytest.raises(ValueError, match="kind must be one of"):
+            decode_floor.time_floor(decode_floor.floor_jobs(dataset_dir(built_shards), 32), 1, kind)
+        return
     jobs = decode_floor.floor_jobs(dataset_dir(built_shards), 32)
     assert sum(decode_floor.scale_shares(jobs).values()) == pytest.approx(1.0)
     assert "1/1" in decode_floor.scale_shares(jobs) and len(decode_floor.scale_shares(jobs)) > 1
