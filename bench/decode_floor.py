@@ -10,11 +10,14 @@ reused, rows into a reused buffer; the loader's own decode step):
                  outside it);
   "pyturbojpeg": PyTurboJPEG 1.8.3's decode as formats.jpeg calls it (a handle per call, a new
                  array per image): the full decode with Python's overhead around it.
+Each one thread by default; `threads=N` times N threads at once (the loader's concurrency: on
+a machine whose cores share caches or a physical core, N threads get less per core than one).
 """
 from __future__ import annotations
 
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -51,24 +54,39 @@ def kinds_available() -> tuple[str, ...]:
     return tuple(kind for kind in KINDS if kind != "pyturbojpeg" or jpeg.turbo() is not None)
 
 
-def time_floor(jobs: FloorJobs, num_images: int, kind: str = "full") -> dict:
-    """Decode `num_images` (whole passes over jobs, at least one) and time it."""
-    if kind not in kinds_available():
-        raise ValueError(f"kind must be one of {kinds_available()} here, got {kind!r}")
+def _decode_passes(jobs: FloorJobs, part: slice, passes: int, kind: str) -> None:
+    records, scales = jobs.records[part], jobs.scales[part]
     turbo = jpeg.turbo()
-    passes = max(1, -(-num_images // len(jobs)))
-    started, cpu_started = time.perf_counter(), time.process_time()
     for _ in range(passes):
         if kind == "pyturbojpeg":
-            for data, scale in zip(jobs.records, jobs.scales):
+            for data, scale in zip(records, scales):
                 turbo.decode(data, pixel_format=jpeg.TJPF_RGB, scaling_factor=scale)
-        else:
-            failure = decode_only(jobs.records, jobs.heights, jobs.widths, jobs.boxes, jobs.crop_size,
-                                  jobs.crop_size, region=kind == "region")
-            if failure is not None:
-                raise RuntimeError(f"record {failure[0]}: {failure[1]}")
+            continue
+        failure = decode_only(records, jobs.heights[part], jobs.widths[part], jobs.boxes[part], jobs.crop_size,
+                              jobs.crop_size, region=kind == "region")
+        if failure is not None:
+            raise RuntimeError(f"record {failure[0]}: {failure[1]}")
+
+
+def time_floor(jobs: FloorJobs, num_images: int, kind: str = "full", threads: int = 1) -> dict:
+    """Decode `num_images` (whole passes over jobs, at least one) and time it. `threads` > 1:
+    that many threads at once, each over its share of the records (the decode releases the
+    GIL), so that per core = img/s / threads is the floor at the loader's own concurrency."""
+    if kind not in kinds_available():
+        raise ValueError(f"kind must be one of {kinds_available()} here, got {kind!r}")
+    if not 1 <= threads <= len(jobs):
+        raise ValueError(f"threads must be in 1..{len(jobs)}, got {threads}")
+    passes = max(1, -(-num_images // len(jobs)))
+    parts = [slice(len(jobs) * i // threads, len(jobs) * (i + 1) // threads) for i in range(threads)]
+    started, cpu_started = time.perf_counter(), time.process_time()
+    if threads == 1:
+        _decode_passes(jobs, parts[0], passes, kind)
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            for done in [pool.submit(_decode_passes, jobs, part, passes, kind) for part in parts]:
+                done.result()
     wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
-    return {"images": passes * len(jobs), "seconds": wall, "cpu_seconds": cpu, "batches": 0, "workers": 1}
+    return {"images": passes * len(jobs), "seconds": wall, "cpu_seconds": cpu, "batches": 0, "workers": threads}
 
 
 def floor_jobs(dataset_dir: Path, crop_size: int) -> FloorJobs:

@@ -8,8 +8,10 @@ bench/loader.py: RandomResizedCrop + flip, uint8 batches, the same workers/threa
             pure-Python fallback decoder, worker processes), ffcv (its default output: NCHW
             view of NHWC memory), ffcv-contiguous (ToTorchImage(channels_last=False)), dali
             (CPU pipeline, device_id=None, NHWC)
-  floors:   decode-only, one thread (bench/decode_floor.py): "floor" = the whole image at the
-            loader's DCT scale, "floor-region" = only the crop's region, as the loader decodes
+  floors:   decode-only (bench/decode_floor.py), one thread: "floor" = the whole image at the
+            loader's DCT scale, "floor-region" = only the crop's region, as the loader decodes,
+            "floor-pyturbojpeg" = PyTurboJPEG's full decode; "floor-threads" = "floor" in as
+            many threads as the loaders' workers (per core: img/s / threads)
 
     python bench/loader_peers.py [--rounds 3] [--windows 40,200] [--groups train128,train224]
 
@@ -43,12 +45,16 @@ RATIOS = [  # (label, numerator, denominator, target)
     ("ours vs FFCV contiguous", "ours", "ffcv-contiguous", ">= 1.8"),
     ("ours per core vs decode floor", "ours", "floor", ">= 0.75"),
     ("ours per core vs region floor", "ours", "floor-region", ""),
+    ("ours per core vs floor, same threads", "ours", "floor-threads", ""),
     ("ours vs ours-processes", "ours", "ours-processes", ""),
     ("ours vs ours-python", "ours", "ours-python", ""),
     ("ours vs DALI", "ours", "dali", ""),
     ("ours-processes vs FFCV default", "ours-processes", "ffcv", ""),
 ]
-FLOORS = ("floor", "floor-region", "floor-pyturbojpeg")  # names in a round: decode_floor's kinds
+# (name in a round, decode_floor kind, threads: 0 = as many as the loaders' workers)
+FLOOR_RUNS = (("floor", "full", 1), ("floor-region", "region", 1), ("floor-pyturbojpeg", "pyturbojpeg", 1),
+              ("floor-threads", "full", 0))
+FLOORS = tuple(name for name, _, _ in FLOOR_RUNS)
 
 
 def per_core(result: dict) -> float:
@@ -101,10 +107,10 @@ def run_group(group: str, args, python) -> dict:
             for name in order:
                 this[name] = {str(n): running[name].window(batches=n, warmup=servers.WARMUP_BATCHES)
                               | {"workers": args.workers} for n in args.windows}
-            for name, kind in zip(FLOORS, decode_floor.KINDS):
+            for name, kind, threads in FLOOR_RUNS:
                 if kind not in decode_floor.kinds_available():
                     continue
-                floor = decode_floor.time_floor(jobs, args.floor_images, kind)
+                floor = decode_floor.time_floor(jobs, args.floor_images, kind, threads or args.workers)
                 this[name] = {str(n): floor for n in args.windows}
             rounds.append(this)
             print(f"  round {number + 1}: " + ", ".join(

@@ -37,8 +37,9 @@ def test_decode_floor_decodes_every_record_at_the_loaders_scale(built_shards, ki
     jobs = decode_floor.floor_jobs(dataset_dir(built_shards), 32)
     assert sum(decode_floor.scale_shares(jobs).values()) == pytest.approx(1.0)
     assert "1/1" in decode_floor.scale_shares(jobs) and len(decode_floor.scale_shares(jobs)) > 1
-    result = decode_floor.time_floor(jobs, 2 * len(jobs), kind)
-    assert result["images"] == 2 * len(jobs) and result["seconds"] > 0
+    for threads in (1, 2):
+        result = decode_floor.time_floor(jobs, 2 * len(jobs), kind, threads)
+        assert result["images"] == 2 * len(jobs) and result["seconds"] > 0 and result["workers"] == threads
 
 
 @needs_native
