@@ -180,8 +180,10 @@ def test_rect_val_batches_share_a_shape_from_their_mean_ratio(built_shards):
     assert all(min(images.shape[2:]) == 32 for images, _ in batches_of(loader))
 
 
-def test_empty_val_batches_have_zero_images(built_shards):
-    loader = ValLoader(dataset_dir(built_shards, split="val"), 12, 32, rank=1, world_size=2, workers=0)
+@pytest.mark.parametrize("executor,workers", RUNS)
+def test_empty_val_batches_have_zero_images(built_shards, executor, workers):
+    loader = ValLoader(dataset_dir(built_shards, split="val"), 12, 32, rank=1, world_size=2, workers=workers,
+                       executor=executor)
     (images, labels), = batches_of(loader)
     assert images.shape == (0, 3, 32, 32) and labels.shape == (0,) and loader.num_images_on_rank == 0
 
