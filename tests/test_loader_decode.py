@@ -279,3 +279,24 @@ def test_gpu_path_names_the_bad_image(records):
         gpu_decode.decode_crop_batch_gpu(jpegs, [(0, 0, 40, 40)] * 3, [False] * 3, (32, 32), "cpu")
     assert raised.value.position == 1
     assert gpu_decode.decode_crop_batch_gpu([], [], [], (32, 48), "cpu").shape == (0, 3, 32, 48)
+
+
+def test_grayscale_decodes_to_rgb_and_cmyk_is_refused(backend):
+    """A grayscale JPEG gives three equal channels; a CMYK one (prep converts those) is an
+    error for that image, never garbage pixels (PIL, without libturbojpeg, converts it)."""
+    import io
+
+    gray = (np.random.RandomState(0).rand(60, 80) * 255).astype(np.uint8)
+    encoded = io.BytesIO()
+    Image.fromarray(gray, "L").save(encoded, "JPEG", quality=90)
+    cmyk = io.BytesIO()
+    Image.fromarray(np.full((60, 80, 4), 40, np.uint8), "CMYK").save(cmyk, "JPEG")
+    out = np.zeros((2, 32, 32, 3), np.uint8)
+    sizes, boxes = np.array([60, 60]), np.array([[5, 5, 50, 60]] * 2)
+    failure = decode.decode_crops_into(out, [encoded.getvalue(), cmyk.getvalue()], sizes, np.array([80, 80]), boxes,
+                                       np.array([True, False]))
+    if backend == "python" and jpeg.turbo() is None:
+        assert failure is None and np.abs(out[1].astype(int) - out[1, 0, 0]).max() <= 2  # a flat colour
+    else:
+        assert failure is not None and failure[0] == 1
+    assert (out[0, ..., 0] == out[0, ..., 2]).all() and out[0].std() > 10
