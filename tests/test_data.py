@@ -19,6 +19,23 @@ from tests.loader_shards import STORES, corrupt_record, damaged_copy, dataset_di
 RUNS = [("threads", 0), ("threads", 1), ("threads", 3), ("processes", 0), ("processes", 2)]
 
 
+def process_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def stopped_within(pids, seconds: float) -> bool:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while any(process_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not any(process_alive(pid) for pid in pids)
+
+
 def batches_of(loader):
     return [(images.clone(), labels.clone()) for images, labels in loader]
 
@@ -222,7 +239,15 @@ def test_corrupt_record_raises_one_error_naming_it(built_shards, tmp_path, store
     assert "Traceback" not in message and "\n" not in message
     if executor == "threads" or workers == 0:  # in order; worker processes may fail first
         assert len(delivered) == bad_batch
-    loader.close()
+    pids = loader.worker_pids()
+    import gc
+
+    gc.disable()  # `raised` keeps the failed iteration's frame: close() must not need the collector
+    try:
+        loader.close()
+        assert stopped_within(pids, 10), pids
+    finally:
+        gc.enable()
 
 
 @pytest.mark.parametrize("executor,workers", [("threads", 2), ("processes", 1)])
@@ -281,13 +306,7 @@ def test_dropping_a_loader_stops_its_worker_processes_at_once(built_shards):
 
     import time
 
-    def alive(pid):
-        try:
-            with open(f"/proc/{pid}/stat") as stat:
-                return stat.read().split()[2] != "Z"
-        except FileNotFoundError:
-            return False
-
+    alive = process_alive
     gc.disable()
     try:
         loader = TrainLoader(dataset_dir(built_shards), 2, TrainCrop(32), workers=2, executor="processes")

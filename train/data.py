@@ -147,12 +147,17 @@ class _Core:
         if self._loader is None and self._threads is None:
             raise RuntimeError(f"{self.dataset_dir}: the loader is closed")
         items = self._threads.batches(self.plans()) if self._threads is not None else iter(self._loader)
-        for item in items:
-            if isinstance(item, BatchError):
-                raise DatasetError(item.message)
-            if isinstance(item, EncodedBatch):
-                item = decode_on_device(item, self.device, self.records, self.augment)
-            yield item
+        try:
+            for item in items:
+                if isinstance(item, BatchError):
+                    raise DatasetError(item.message)
+                if isinstance(item, EncodedBatch):
+                    item = decode_on_device(item, self.device, self.records, self.augment)
+                yield item
+        finally:
+            # A caller that keeps the error's traceback keeps this frame: it must not keep the
+            # DataLoader's iterator (and so its worker processes) alive past close().
+            del items
 
     def worker_pids(self) -> list[int]:
         """PIDs of the persistent worker processes (none for threads, before the first
