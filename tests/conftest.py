@@ -1,8 +1,10 @@
 """Shared fixtures: tiny ImageNet-format archives and shards, generated per test session."""
 from __future__ import annotations
 
+import errno
 import io
 import json
+import os
 import subprocess
 import tarfile
 import time
@@ -77,6 +79,25 @@ def built_shards(sample_src, tmp_path_factory) -> Path:
         for split in ("train", "val"):
             build(BuildConfig(src, out / store, split, (160,), store, workers=0, quiet=True))
     return out
+
+
+@pytest.fixture
+def read_only_dir(monkeypatch):
+    """`read_only_dir(path)`: every open for writing under `path` fails as on a read-only
+    mount (the suite runs as root, which no permission bit stops)."""
+
+    def make_read_only(path: Path) -> Path:
+        real_open = os.open
+
+        def read_only_open(name, flags, *args, **kwargs):
+            if str(name).startswith(str(path)) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+                raise OSError(errno.EROFS, "Read-only file system", str(name))
+            return real_open(name, flags, *args, **kwargs)
+
+        monkeypatch.setattr(os, "open", read_only_open)
+        return path
+
+    return make_read_only
 
 
 @pytest.fixture(autouse=True)

@@ -3,7 +3,6 @@ before anything starts; absurd --workers is capped with a warning."""
 from __future__ import annotations
 
 import errno
-import os
 
 import pytest
 from typer.testing import CliRunner
@@ -56,19 +55,11 @@ def test_absurd_workers_are_capped_with_a_warning(sample_src, tmp_path):
     assert f"with {cap} workers" in result.stdout
 
 
-def test_read_only_out_is_one_line(sample_src, tmp_path, monkeypatch):
-    """As root the suite cannot make a real read-only mount: the OS's answer is simulated."""
+def test_read_only_out_is_one_line(sample_src, tmp_path, read_only_dir):
     src, _ = sample_src
     out = tmp_path / "ro"
     out.mkdir()
-    real_open = os.open
-
-    def read_only_open(path, flags, *args, **kwargs):
-        if str(path).startswith(str(out)) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
-            raise OSError(errno.EROFS, "Read-only file system", str(path))
-        return real_open(path, flags, *args, **kwargs)
-
-    monkeypatch.setattr(os, "open", read_only_open)
+    read_only_dir(out)
     line = _one_error_line(_cli(["build-lmdb", "--src", str(src), "--out", str(out), "--size", "64",
                                  "--split", "val", "--workers", "0", "-q"]))
     assert "Read-only file system" in line and str(out) in line

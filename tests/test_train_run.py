@@ -9,7 +9,7 @@ import pytest
 import torch
 import torchvision
 
-from tests.train_standin import StandInData
+from tests.train_standin import StandInData, quick_config
 from train.checkpoint import CheckpointError
 from train.export import export, plain_state_dict
 from train.metrics import read_metrics
@@ -31,10 +31,8 @@ def write_phases(path: Path, phases=PHASES, recipe=RECIPE) -> Path:
 
 
 def config(tmp_path: Path, **overrides) -> RunConfig:
-    values = dict(phases_path=write_phases(tmp_path / "phases.json"), out_dir=tmp_path / "run",
-                  device="cpu", progress=False, tensorboard=False, log_every=2, threads=1)
-    values.update(overrides)
-    return RunConfig(**values)
+    return quick_config(**{"phases_path": write_phases(tmp_path / "phases.json"),
+                           "out_dir": tmp_path / "run", **overrides})
 
 
 @pytest.fixture(scope="module")

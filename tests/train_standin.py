@@ -30,6 +30,7 @@ if str(REPO) not in sys.path:
 
 from formats.errors import DatasetError  # noqa: E402
 from train.augment import TrainCrop  # noqa: E402
+from train.shard_checks import ShardInfo  # noqa: E402
 
 NUM_CLASSES = 3
 STORED_SIZE = 40  # side of the stored images; crops are resized from them
@@ -157,10 +158,12 @@ class StandInData:
         self.delay = delay
         self.calls: list[tuple] = []  # every loader call, in order
 
-    def classes(self, dir_name: str) -> list[str]:
+    def describe(self, dir_name: str) -> ShardInfo:
         if dir_name not in self.dir_names:
             raise DatasetError(f"{dir_name}: no such dataset directory")
-        return [f"n{i:08d}" for i in range(NUM_CLASSES)]
+        split, prep_size = dir_name.split("-")
+        return ShardInfo([f"n{i:08d}" for i in range(NUM_CLASSES)], split, int(prep_size),
+                         len((self.train if split == "train" else self.val)[0]))
 
     def train_loader(self, dir_name, batch_size, crop, *, rank, world_size, seed, workers,
                      decode, device, augment=None):
@@ -177,6 +180,15 @@ class StandInData:
 
     def prefetcher(self, loader, device, channels_last):
         return StandInPrefetcher(loader, device, channels_last)
+
+
+def quick_config(**fields):
+    """A RunConfig for in-process runs on the stand-in: CPU, one thread, no progress bar or
+    TensorBoard, unless `fields` (RunConfig's, phases_path among them) say otherwise."""
+    from train.config import RunConfig
+
+    return RunConfig(**{"device": "cpu", "progress": False, "tensorboard": False,
+                        "log_every": 2, "threads": 1, **fields})
 
 
 def main(argv: list[str] | None = None) -> None:

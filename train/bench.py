@@ -121,13 +121,24 @@ def timed_steps(trainer: Trainer, batches: DeviceBatches, warmup: int, steps: in
             "data_wait": wait / seconds, "seconds": seconds}
 
 
+def checked_run_config(config: BenchConfig):
+    """The RunConfig whose checks (train.config.check_config) cover the options `train bench`
+    shares with `train run`; its own two are checked here."""
+    from train.config import RunConfig, TrainError
+
+    if config.steps < 1 or config.warmup_steps < 0:
+        raise TrainError(f"--steps must be >= 1 and --warmup >= 0, got {config.steps} and "
+                         f"{config.warmup_steps}")
+    return RunConfig(config.phases_path, arch=config.arch, device=config.device,
+                     precision=config.precision, workers=config.workers, decode=config.decode)
+
+
 def bench_phases(config: BenchConfig, data: Any = None) -> list[dict[str, Any]]:
     """One row per distinct (train shards, crop, batch) of the schedule; see module doc."""
-    from train.config import RunConfig
     from train.run import load_inputs
     from train.shards import ShardData, check_shards
 
-    loaded, recipe = load_inputs(RunConfig(config.phases_path, arch=config.arch))
+    loaded, recipe = load_inputs(checked_run_config(config))
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
     if data is None and config.data_dir is not None:

@@ -53,6 +53,8 @@ class RunConfig:
     channels_last: bool = True
     seed: int = 0
     resume: str | None = None  # None | "auto" | checkpoint path or run directory
+    overwrite: bool = False  # clear the run directory's outputs and start fresh
+    allow_changed: bool = False  # resume although the recipe/seed/precision/schedule changed
     workers: int = 4
     decode: str = "cpu"  # cpu | gpu (nvJPEG, train.gpu_decode)
     eval_every: int = 1  # epochs; the last epoch is always evaluated
@@ -77,19 +79,51 @@ class RunConfig:
         return self.out_dir if self.out_dir is not None else Path("runs") / self.phases_path.stem
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+MAX_SEED = 2**32 - 1  # train.samplers keeps 32 bits of the seed: larger ones would repeat others
+WORKERS_PER_CORE = 4  # --workers / --threads beyond this many per core only thrash (capped)
+
+
 def check_config(config: RunConfig) -> None:
     """The plain-value arguments, checked before anything is loaded or started."""
     for name, low in (("workers", 0), ("eval_every", 1), ("checkpoint_every_steps", 0),
-                      ("log_every", 1)):
+                      ("log_every", 1), ("seed", 0)):
         if getattr(config, name) < low:
             raise TrainError(f"--{name.replace('_', '-')} must be >= {low}, got "
                              f"{getattr(config, name)}")
-    if config.decode not in ("cpu", "gpu"):
-        raise TrainError(f"--decode must be cpu or gpu, got {config.decode!r}")
-    if config.device not in ("auto", "cuda", "cpu"):
-        raise TrainError(f"--device must be auto, cuda or cpu, got {config.device!r}")
-    if config.threads is not None and config.threads < 1:
-        raise TrainError(f"--threads must be >= 1, got {config.threads}")
+    if config.seed > MAX_SEED:
+        raise TrainError(f"--seed must be <= {MAX_SEED} (32 bits), got {config.seed}")
+    for name in ("threads", "full_prep_size"):
+        value = getattr(config, name)
+        if value is not None and value < 1:
+            raise TrainError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    for name, allowed in (("decode", ("cpu", "gpu")), ("device", ("auto", "cuda", "cpu")),
+                          ("precision", PRECISIONS)):
+        if getattr(config, name) not in allowed:
+            raise TrainError(f"--{name} must be {', '.join(allowed[:-1])} or {allowed[-1]}, "
+                             f"got {getattr(config, name)!r}")
+    for metric, percent in config.targets:
+        if not (math.isfinite(percent) and 0 < percent <= 100):
+            raise TrainError(f"--target {metric}={percent:g}: must be a percentage in (0, 100]")
+    if config.overwrite and config.resume == "auto":
+        raise TrainError("--overwrite and --resume auto contradict each other: --overwrite "
+                         "clears the run that --resume auto would continue; pass one")
+
+
+def cap_workers(config: RunConfig, num_cpus: int,
+                procs_per_node: int = 1) -> tuple[RunConfig, list[str]]:
+    """--workers and --threads capped at WORKERS_PER_CORE per core (shared by this node's
+    processes), with one warning each: 1,000 loader workers would only exhaust memory."""
+    cap = max(1, WORKERS_PER_CORE * num_cpus // max(procs_per_node, 1))
+    changes, warnings = {}, []
+    for name in ("workers", "threads"):
+        value = getattr(config, name)
+        if value is not None and value > cap:
+            changes[name] = cap
+            warnings.append(f"train: warning: --{name} {value} is more than {WORKERS_PER_CORE} "
+                            f"per core ({num_cpus} cores, {procs_per_node} process(es) per "
+                            f"node): using {cap}")
+    return dataclasses.replace(config, **changes), warnings
 
 
 @dataclass(frozen=True)
@@ -158,6 +192,8 @@ class Recipe:
             value = getattr(self, key)
             if not finite(value) or not 0 <= value < upper:
                 fail(key, f"must be a number in [0, {upper:g})")
+        if self.nesterov and self.momentum == 0:  # torch.optim.SGD refuses it, much later
+            fail("nesterov", "needs a momentum above 0 (momentum is 0)")
         if self.auto_augment is not None and self.auto_augment not in AUTO_AUGMENT_POLICIES:
             fail("auto_augment", f"must be one of {', '.join(AUTO_AUGMENT_POLICIES)} or null")
         if self.drop_path and not self.is_timm and not is_torchvision_resnet(self.arch):
@@ -165,8 +201,9 @@ class Recipe:
         if not isinstance(self.model_kwargs, Mapping):
             fail("model_kwargs", "must be an object")
         if not isinstance(self.targets, Mapping) or not all(
-                k in ("top1", "top5") and finite(v) for k, v in self.targets.items()):
-            fail("targets", 'must be an object like {"top1": 75.9, "top5": 93.0}')
+                k in ("top1", "top5") and finite(v) and 0 < v <= 100
+                for k, v in self.targets.items()):
+            fail("targets", 'must be an object of percentages like {"top1": 75.9, "top5": 93.0}')
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

@@ -22,6 +22,8 @@ from typing import Callable, TypeVar
 import torch
 import torch.distributed as torch_dist
 
+from train.config import TrainError
+
 T = TypeVar("T")
 
 
@@ -56,6 +58,16 @@ def _env_int(name: str, default: int) -> int:
         return int(value)
     except ValueError:
         raise DistError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def launch_world_size() -> int:
+    """WORLD_SIZE as the launcher set it (1 without one): known before any process group."""
+    return max(_env_int("WORLD_SIZE", 1), 1)
+
+
+def processes_per_node() -> int:
+    """How many ranks share this machine's cores (torchrun's LOCAL_WORLD_SIZE; 1 without)."""
+    return max(_env_int("LOCAL_WORLD_SIZE", 1), 1)
 
 
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
@@ -125,6 +137,25 @@ def say(text: str) -> None:
     from tqdm import tqdm
 
     tqdm.write(text, file=sys.stderr)
+
+
+def rank_zero_agreed(env: DistEnv, effect: Callable[[], T]) -> T | None:
+    """`effect()` on rank 0 alone; a TrainError it raises is raised on every rank, with the
+    same line, so no rank waits in a later collective for a rank 0 that has failed. One
+    broadcast (also the point where every rank waits for rank 0's effect to be done)."""
+    result, message = None, None
+    if env.is_main:
+        try:
+            result = effect()
+        except TrainError as exc:
+            message = str(exc)
+    if env.distributed:
+        box = [message]
+        torch_dist.broadcast_object_list(box, src=0)
+        message = box[0]
+    if message is not None:
+        raise TrainError(message)
+    return result
 
 
 def all_reduce_sum(env: DistEnv | None, values: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,13 +18,14 @@ from torch import nn
 
 from train import checkpoint as ckpt
 from train.config import Interrupted, Recipe, RunConfig, TrainError
-from train.dist import (DistEnv, all_reduce_max, all_reduce_sum, barrier, broadcast_buffers,
-                        is_main_process, say)
+from train.dist import (DistEnv, all_reduce_max, all_reduce_sum, broadcast_buffers,
+                        is_main_process, rank_zero_agreed, say)
 from train.loop import EvalSums, SyncPoint, TrainState, evaluate, train_steps
 from train.metrics import RunLog, config_record, now, read_metrics
 from train.model import build_model, build_optimizer, model_notes
 from train.phases import LoadedSchedule
 from train.rebuilds import loader_settings
+from train.run_dir import clear_outputs
 from train.report import format_targets, time_to_targets
 from train.shards import DataSource, LiveLoaders
 from train.signals import StopFlag
@@ -98,23 +100,25 @@ class Training:
 
     def __init__(self, config: RunConfig, loaded: LoadedSchedule, recipe: Recipe,
                  data: DataSource, env: DistEnv, num_classes: int, stop: StopFlag) -> None:
+        """Call with the run directory locked (train.run_dir.hold_run_dir): this decides
+        between a fresh start (old outputs cleared), a resume and a refusal."""
         self.config, self.recipe, self.env, self.stop, self.data = config, recipe, env, stop, data
         self.schedule, self.out_dir = loaded.schedule, config.run_dir
         self.precision = resolve_precision(config.precision, env.device)
         configure_torch(config, env.device)
-        resume_from = ckpt.resume_path(self.out_dir, config.resume)
+        resume_from = ckpt.resume_path(self.out_dir, config.resume, config.overwrite)
+        if config.overwrite or resume_from is None:  # nothing there that resume_path keeps
+            cleared = rank_zero_agreed(env, lambda: clear_outputs(self.out_dir))
+            if cleared:
+                say(f"{self.out_dir}: removed the old run's {', '.join(cleared)} "
+                    f"({'--overwrite' if config.overwrite else 'nothing trained to resume'})")
         self.trainer = build_trainer(config, recipe, env, num_classes, self.precision)
         self.identity = {"arch": recipe.arch, "num_classes": num_classes,
                          "recipe": recipe.to_dict(), "schedule": self.schedule.to_dicts(),
                          "seed": config.seed, "world_size": env.world_size,
-                         "precision": self.precision}
-        self.state, resumed = TrainState(), None
-        if resume_from is not None:
-            saved = ckpt.load(resume_from)
-            ckpt.check_resume(saved, resume_from, self.identity, config.phases_path)
-            ckpt.restore(saved, self.state, self.trainer)
-            resumed = {"path": str(resume_from), "epoch": self.state.epoch,
-                       "step": self.state.step}
+                         "precision": self.precision, "sync_bn": config.sync_bn}
+        self.state = TrainState()
+        resumed = self.resume(resume_from) if resume_from is not None else None
         check_ranks_agree(env, resumed is not None, self.state)
         augment = None
         if recipe.auto_augment:
@@ -122,13 +126,9 @@ class Training:
 
             augment = AutoAugment(recipe.auto_augment)
         self.loaders = LiveLoaders(data, env, config, self.schedule, augment)
-        self.log = RunLog(self.out_dir, enabled=is_main_process(), tensorboard=config.tensorboard,
-                          resume_epoch=self.state.epoch if resumed else None)
-        self.log.write_config(config_record(config, loaded, recipe, env, num_classes,
-                                            self.precision, resumed), resumed=bool(resumed))
-        if resumed:
-            self.log.event(f"Resumed from {resume_from} at epoch {self.state.epoch} step "
-                           f"{self.state.step}")
+        record = config_record(config, loaded, recipe, env, num_classes, self.precision, resumed)
+        self.log = rank_zero_agreed(env, lambda: self.open_log(record, resumed)) or \
+            RunLog(self.out_dir, enabled=False)
         tuned = recipe.tuned_num_gpus
         if tuned is not None and tuned != env.world_size:
             say(f"note: this schedule's LRs were tuned for {tuned} GPU(s); this run has "
@@ -136,28 +136,66 @@ class Training:
                 "tuned one at the same LR (batch_size is per GPU)")
         self.clock: float | None = None  # when this process started timing
 
+    def resume(self, path: Path) -> dict[str, Any]:
+        """Load, check (train.checkpoint.check_resume) and restore `path`; what config.json
+        records about it."""
+        saved = ckpt.load(path)
+        changes = ckpt.check_resume(saved, path, self.identity, self.config.allow_changed)
+        try:
+            ckpt.restore(saved, self.state, self.trainer)
+        except TrainError as exc:
+            raise TrainError(f"{path}: {exc}") from None
+        return {"path": str(path), "epoch": self.state.epoch, "step": self.state.step,
+                "allowed_changes": changes}
+
+    def open_log(self, record: dict[str, Any], resumed: dict[str, Any] | None) -> RunLog:
+        """Rank 0's run outputs: config.json (or config.resume-<n>.json), event.log, tb/."""
+        log = RunLog(self.out_dir, enabled=True, tensorboard=self.config.tensorboard,
+                     resume_epoch=self.state.epoch if resumed else None)
+        log.write_config(record, resumed=bool(resumed))
+        if resumed:
+            log.event(f"Resumed from {resumed['path']} at epoch {self.state.epoch} step "
+                      f"{self.state.step}")
+            if resumed["allowed_changes"]:
+                log.event(f"--allow-changed: {'; '.join(resumed['allowed_changes'])}")
+        return log
+
     def elapsed_now(self) -> float:
         """Seconds of training and evaluation so far, over all processes of this run."""
         return self.state.elapsed_s + (now() - self.clock if self.clock is not None else 0.0)
 
-    def save(self, *, final: bool = False) -> None:
-        """All ranks call this (same point); rank 0 writes, then everyone waits for it.
+    def save(self, *, final: bool = False, record: dict[str, Any] | None = None) -> None:
+        """All ranks call this (same point); rank 0 writes `record` (an epoch's metrics) and
+        the checkpoint, then everyone learns how that went (train.dist.rank_zero_agreed).
 
         Refuses weights that are no longer finite: a step can turn them to inf/NaN from a
         finite loss (checked only before the step), and saving them would overwrite the last
         good checkpoint. DDP keeps parameters identical on every rank, so every rank reaches
-        the same decision without a collective; one host sync per save."""
+        the same decision without a collective; one host sync per save. A write that fails
+        (a full disk, a read-only --out) stops every rank with one line, the last good
+        checkpoint kept (train.checkpoint.save_atomic replaces it only when complete)."""
         parameters = [p.detach() for p in self.trainer.module.parameters()]
         if not bool(torch.stack([torch.isfinite(p).all() for p in parameters]).all()):
             raise TrainError(f"weights are no longer finite at epoch {self.state.epoch} step "
                              f"{self.state.step}; stopping without saving: {self.kept()}")
-        if is_main_process():
+        rank_zero_agreed(self.env, lambda: self.write_outputs(final, record))
+
+    def write_outputs(self, final: bool, record: dict[str, Any] | None) -> None:
+        directory = ckpt.checkpoint_dir(self.out_dir)
+        try:
+            if record is not None:
+                self.log.epoch(record)
             saved = ckpt.capture(self.state, self.trainer, self.identity, self.elapsed_now())
-            directory = ckpt.checkpoint_dir(self.out_dir)
             ckpt.save_atomic(saved, directory / ckpt.LAST_NAME)
             if final:
                 ckpt.save_atomic(saved, directory / ckpt.FINAL_NAME)
-        barrier(self.env)
+        except TrainError as exc:  # the metrics line (train.metrics says which file)
+            raise TrainError(f"{exc}; {self.kept()}") from None
+        except (OSError, RuntimeError) as exc:  # torch's zip writer wraps some OSErrors
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else \
+                " ".join(str(exc).split())[:200]
+            raise TrainError(f"cannot save a checkpoint in {directory} ({reason}); "
+                             f"{self.kept()}") from None
 
     def kept(self) -> str:
         last = ckpt.checkpoint_dir(self.out_dir) / ckpt.LAST_NAME
@@ -178,9 +216,8 @@ class Training:
         try:
             while state.epoch < schedule.num_epochs:
                 records.append(self.train_epoch())
-                self.log.epoch(records[-1])
                 state.next_epoch()
-                self.save(final=state.epoch == schedule.num_epochs)
+                self.save(final=state.epoch == schedule.num_epochs, record=records[-1])
                 flag = torch.tensor([float(self.stop.requested)], device=self.env.device)
                 if state.epoch < schedule.num_epochs and all_reduce_max(self.env, flag).item():
                     raise Interrupted(f"stopped after epoch {state.epoch - 1}; checkpoint "

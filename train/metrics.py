@@ -13,6 +13,7 @@ Every writer is a no-op on ranks other than 0 (`RunLog(enabled=is_main_process()
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -21,8 +22,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+from formats.files import write_atomic
 from train.config import TrainError
 
 METRICS_NAME = "metrics.jsonl"
@@ -99,8 +101,28 @@ def environment_info() -> dict[str, Any]:
     return info
 
 
+def tensorboard_writer() -> type:
+    """torch's SummaryWriter, or one line saying how to get it (train.run asks first)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:  # a dependency: its absence is a broken install
+        raise TrainError(f"TensorBoard events need the tensorboard package ({exc}); "
+                         "pip install tensorboard, or pass --no-tensorboard") from None
+    return SummaryWriter
+
+
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """A failed write (a full disk, a read-only --out) is one line naming the file."""
+    try:
+        yield
+    except OSError as exc:
+        raise TrainError(f"cannot write {path} ({exc.strerror or exc})") from None
+
+
 class RunLog:
-    """Append-only run outputs; `enabled=False` (ranks > 0) turns every method into a no-op."""
+    """Append-only run outputs; `enabled=False` (ranks > 0) turns every method into a no-op.
+    Every failed write raises TrainError (`writing`)."""
 
     def __init__(self, out_dir: Path, *, enabled: bool, tensorboard: bool = True,
                  resume_epoch: int | None = None) -> None:
@@ -109,46 +131,66 @@ class RunLog:
         self._tb = None
         if not enabled:
             return
-        writer = None
-        if tensorboard:  # checked before anything is written
-            try:
-                from torch.utils.tensorboard import SummaryWriter as writer
-            except ImportError as exc:  # a dependency: its absence is a broken install
-                raise TrainError(f"TensorBoard events need the tensorboard package ({exc}); "
-                                 "pip install tensorboard, or pass --no-tensorboard") from None
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        writer = tensorboard_writer() if tensorboard else None  # before anything is written
+        with writing(self.out_dir):
+            self.out_dir.mkdir(parents=True, exist_ok=True)
         metrics = self.out_dir / METRICS_NAME
         if resume_epoch is not None and metrics.exists():
             # Epochs at or after the resume point are trained again: drop their old records.
             kept = [r for r in read_metrics(self.out_dir) if r.get("epoch", 0) < resume_epoch]
-            _write_lines(metrics, [json.dumps(r) for r in kept])
+            with writing(metrics):
+                _write_lines(metrics, [json.dumps(r) for r in kept])
         event_log = self.out_dir / EVENT_LOG_NAME
         if not event_log.exists():
-            event_log.write_text("~~epoch\thours\ttop1\ttop5\n\n", encoding="utf-8")
+            with writing(event_log):
+                event_log.write_text("~~epoch\thours\ttop1\ttop5\n\n", encoding="utf-8")
         if writer is not None:
-            self._tb = writer(str(self.out_dir / TENSORBOARD_DIR))
+            with writing(self.out_dir / TENSORBOARD_DIR):
+                self._tb = writer(str(self.out_dir / TENSORBOARD_DIR))
 
     def write_config(self, config: dict[str, Any], *, resumed: bool) -> None:
-        """config.json for a fresh run; a resume adds config.resume-<n>.json beside it."""
+        """config.json for a fresh run; a resume adds config.resume-<n>.json beside it, and a
+        resume that --allow-changed let through is also listed in config.json's
+        "changed_on_resume", so the original record says the run did not stay as it began."""
         if not self.enabled:
             return
         path = self.out_dir / CONFIG_NAME
-        if resumed and path.exists():
+        original = path if resumed and path.exists() else None
+        if original is not None:
             n = 1
             while (path := self.out_dir / f"config.resume-{n}.json").exists():
                 n += 1
-        path.write_text(json.dumps(config, indent=1, default=str) + "\n", encoding="utf-8")
+        with writing(path):
+            path.write_text(json.dumps(config, indent=1, default=str) + "\n", encoding="utf-8")
+        changes = (config.get("resumed_from") or {}).get("allowed_changes")
+        if original is not None and changes:
+            self._note_changes(original, {**{k: config["resumed_from"][k] for k in
+                                             ("epoch", "step")}, "changes": changes,
+                                          "config": path.name})
+
+    def _note_changes(self, path: Path, entry: dict[str, Any]) -> None:
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            record = {}
+        if not isinstance(record, dict):
+            record = {}
+        record.setdefault("changed_on_resume", []).append(entry)
+        with writing(path):
+            _write_lines(path, [json.dumps(record, indent=1, default=str)])
 
     def event(self, text: str) -> None:
         """A free-text line (or lines) in event.log, as imagenet18 logged dataset/LR changes."""
         if self.enabled:
-            with open(self.out_dir / EVENT_LOG_NAME, "a", encoding="utf-8") as f:
+            path = self.out_dir / EVENT_LOG_NAME
+            with writing(path), open(path, "a", encoding="utf-8") as f:
                 f.write(text.rstrip("\n") + "\n")
 
     def epoch(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.out_dir / METRICS_NAME, "a", encoding="utf-8") as f:
+        path = self.out_dir / METRICS_NAME
+        with writing(path), open(path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
@@ -175,9 +217,8 @@ class RunLog:
 
 
 def _write_lines(path: Path, lines: list[str]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    os.replace(tmp, path)
+    text = "".join(line + "\n" for line in lines)
+    write_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def now() -> float:

@@ -9,13 +9,14 @@ torch.compile, channels_last) is train.run's, which keeps the plain module besid
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Mapping
 
 import torch
 import torchvision
 from torch import nn
 
-from train.config import TIMM_PREFIX, Recipe
+from train.config import TIMM_PREFIX, Recipe, RecipeError
 from train.layers import LAST_BN, add_blurpool, add_drop_path, count_blurpool, zero_init_last_bn
 
 
@@ -43,6 +44,49 @@ def build_model(recipe: Recipe, num_classes: int) -> nn.Module:
     if recipe.blurpool:
         add_blurpool(model)
     return model
+
+
+def check_model(recipe: Recipe, num_classes: int, train_crops: list[int],
+                val_crops: list[int]) -> None:
+    """Build the recipe's model and run it at each crop size it will see, on the meta device
+    (shapes only: no memory, no arithmetic), so a bad `model_kwargs` or a crop the arch cannot
+    take fails now, in one line, not after the data and process group are up. RecipeError on
+    failure; an arch that cannot be built or run on meta is built on the CPU instead / not run.
+    """
+    try:
+        with warnings.catch_warnings():  # the real build, later, says them once
+            warnings.simplefilter("ignore")
+            try:
+                with torch.device("meta"):
+                    model = build_model(recipe, num_classes)
+            except NotImplementedError:  # meta cannot run every init (regnet reads a tensor)
+                build_model(recipe, num_classes)
+                return
+    except Exception as exc:  # a constructor says TypeError, ValueError, AssertionError, ...
+        raise RecipeError(f"recipe: cannot build {recipe.arch} with model_kwargs "
+                          f"{dict(recipe.model_kwargs)} ({_one_line(exc)})") from None
+    for training, crops in ((True, sorted(set(train_crops))), (False, sorted(set(val_crops)))):
+        model.train(training)
+        for crop_size in {crops[0], crops[-1]} if crops else ():
+            try:
+                logits = model(torch.empty(2, 3, crop_size, crop_size, device="meta"))
+            except NotImplementedError:  # an op without a meta kernel: cannot tell here
+                return
+            except Exception as exc:
+                raise RecipeError(f"recipe: {recipe.arch} cannot take {crop_size} px crops "
+                                  f"({_one_line(exc)})") from None
+            if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (2, num_classes):
+                kind = type(logits).__name__ if not isinstance(logits, torch.Tensor) else \
+                    f"shape {tuple(logits.shape)}"
+                raise RecipeError(f"recipe: {recipe.arch} returns {kind} in "
+                                  f"{'training' if training else 'eval'} mode, not "
+                                  f"(batch, {num_classes}) logits (an auxiliary head? see "
+                                  "its model_kwargs)")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
 
 
 def model_notes(recipe: Recipe, model: nn.Module) -> list[str]:

@@ -1,9 +1,10 @@
 """`train run`: one training run from a phases file, start to finish or to a clean stop.
 
 Orchestration only, in this order: check the arguments, schedule, recipe (train.config,
-train.phases) and shards (train.shards), all before any process group or GPU work, so a bad
-input costs one line and no time; `--dry-run` prints the table (train.dry_run) and stops; join
-torchrun's process group (train.dist); then train.epochs builds the model and its trainer
+train.phases), shards (train.shards) and the model the recipe builds at each crop (on the meta
+device, train.model), all before any process group or GPU work, so a bad input costs one line
+and no time; `--dry-run` prints the table (train.dry_run) and stops; join torchrun's process
+group (train.dist) and lock the run directory (train.run_dir); then train.epochs builds the model and its trainer
 (train.model, train.step), resumes (train.checkpoint) and runs the epochs: the epoch's loaders
 (train.shards.LiveLoaders), its steps (train.loop.train_steps), evaluation, metrics
 (train.metrics) and a checkpoint.
@@ -14,16 +15,22 @@ tiny in-memory batches.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
-from train.config import Recipe, RecipeError, RunConfig, TrainError, check_config
-from train.dist import init_distributed, shutdown
+from train.config import (Recipe, RecipeError, RunConfig, TrainError, cap_workers,
+                          check_config)
+from train.dist import init_distributed, launch_world_size, processes_per_node, say, shutdown
 from train.dry_run import dry_run_text
+from train.metrics import tensorboard_writer
 from train.phases import LoadedSchedule, load_schedule
 from train.report import DEFAULT_TARGETS
+from train.run_dir import hold_run_dir
 from train.schedule import ScheduleError
 from train.shards import DataSource, ShardData, check_shards
 from train.signals import StopFlag
+
+IMAGENET_CLASSES = 1000  # the model a dry run without --data checks
 
 
 def load_inputs(config: RunConfig) -> tuple[LoadedSchedule, Recipe]:
@@ -47,24 +54,53 @@ def targets_of(config: RunConfig, recipe: Recipe) -> dict[str, float]:
     return targets
 
 
+def check_recipe_model(config: RunConfig, loaded: LoadedSchedule, recipe: Recipe,
+                       num_classes: int) -> None:
+    """The recipe's model builds and takes every crop size of the schedule (train.model)."""
+    from train.model import check_model
+
+    phases = loaded.schedule.phases  # a ramp's crops lie between its first and last
+    train_crops = [p.crop_size_at(e) for p in phases for e in (p.epochs[0], p.epochs[1] - 1)]
+    try:
+        check_model(recipe, num_classes, train_crops, [p.val_crop_size for p in phases])
+    except RecipeError as exc:
+        raise TrainError(f"{config.phases_path}: {exc}") from None
+
+
 def run(config: RunConfig, data: DataSource | None = None) -> dict[str, Any]:
     """Train as the config says; returns the final metrics record (rank 0; {} elsewhere)."""
     loaded, recipe = load_inputs(config)
+    config, warnings = cap_workers(config, available_cpus(), processes_per_node())
+    for warning in warnings:
+        say(warning)
     if data is None and config.data_dir is not None:
         data = ShardData(config.data_dir)
+    world_size = launch_world_size()
     if config.dry_run:
-        classes = check_shards(loaded.schedule, data) if data is not None else None
+        classes = check_shards(loaded.schedule, data, world_size) if data is not None else None
+        check_recipe_model(config, loaded, recipe, len(classes) if classes else IMAGENET_CLASSES)
         print(dry_run_text(config, loaded, recipe, classes))
         return {}
     if data is None:
         raise TrainError("--data is required (the directory holding train-<N>/ and val-<N>/)")
-    classes = check_shards(loaded.schedule, data)
+    classes = check_shards(loaded.schedule, data, world_size)
+    check_recipe_model(config, loaded, recipe, len(classes))
+    if config.tensorboard:
+        tensorboard_writer()
     from train.epochs import Training  # torch-heavy: imported after the cheap checks
 
     env = init_distributed(config.device)
     try:
-        with StopFlag() as stop:
+        with StopFlag() as stop, hold_run_dir(config.run_dir, env):
             training = Training(config, loaded, recipe, data, env, len(classes), stop)
             return training.train(targets_of(config, recipe))
     finally:
         shutdown(env)
+
+
+def available_cpus() -> int:
+    """Cores this process may run on (its affinity mask: a container's or taskset's share)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1

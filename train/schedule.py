@@ -38,6 +38,7 @@ from train.config import is_int, is_number
 DEFAULT_MIN_SCALE = 0.08
 DEFAULT_CROP_MULTIPLE = 32
 LR_SHAPES = ("linear", "cosine", "constant", "step")
+MAX_EPOCHS = 100_000  # far above any recipe; a typo beyond it would hang the dry run's table
 
 
 class ScheduleError(ValueError):
@@ -225,6 +226,8 @@ def check_phase(p: Phase, i: int) -> None:
         raise phase_error(i, "epochs", f"must be [start, end] integers, got {ep!r}")
     if ep[0] < 0 or ep[0] >= ep[1]:
         raise phase_error(i, "epochs", f"needs 0 <= start < end (half-open), got {list(ep)}")
+    if ep[1] > MAX_EPOCHS:
+        raise phase_error(i, "epochs", f"at most {MAX_EPOCHS:,} epochs, got {list(ep)}")
     _check_positive_ints(p, i, ("prep_size", "batch_size", "accum_steps"))
     _check_crops(p, i)  # before val_crop_size, which defaults to the crop
     _check_positive_ints(p, i, ("val_prep_size", "val_crop_size"))

@@ -3,8 +3,9 @@ the start-up checks of the shard directories, and the live loaders of a run.
 
 - `DataSource`: shard directory name (train-160, val-320) -> loaders, and loader -> device
   batches. `ShardData` reads prep's shards with train.data; tests pass a stand-in.
-- `check_shards`: every directory the schedule reads exists, is complete and has the same
-  classes, checked before any process group or GPU work (the home of start-up data checks).
+- `check_shards`: every directory the schedule reads exists, is complete, is what its name
+  says and has the same classes, checked before any process group or GPU work (the home of
+  start-up data checks; the checks themselves are train.shard_checks').
 - `LiveLoaders`: the train and val loaders of the current epoch, built, rebuilt or adjusted in
   place exactly as `train.rebuilds.loader_changes` says (the rule the dry-run prints).
 """
@@ -23,12 +24,14 @@ from train.dist import DistEnv
 from train.loop import DeviceBatches
 from train.rebuilds import loader_changes, loader_settings
 from train.schedule import Schedule
+from train.shard_checks import (ShardInfo, check_data_dir, check_global_batches,
+                                check_shard_info, read_shard_info)
 
 
 class DataSource(Protocol):
     """Loaders by shard directory name, and the step that puts their batches on the device."""
 
-    def classes(self, dir_name: str) -> list[str]: ...
+    def describe(self, dir_name: str) -> ShardInfo: ...
 
     def train_loader(self, dir_name: str, batch_size: int, crop: TrainCrop, *, rank: int,
                      world_size: int, seed: int, workers: int, decode: str,
@@ -46,12 +49,11 @@ class ShardData:
     """Shard directories under `data_dir`, read by train.data and moved by train.prefetch."""
 
     def __init__(self, data_dir: Path) -> None:
+        check_data_dir(data_dir)
         self.data_dir = Path(data_dir)
 
-    def classes(self, dir_name: str) -> list[str]:
-        from formats.manifest import read_manifest
-
-        return list(read_manifest(self.data_dir / dir_name).classes)
+    def describe(self, dir_name: str) -> ShardInfo:
+        return read_shard_info(self.data_dir / dir_name)
 
     def train_loader(self, dir_name, batch_size, crop, *, rank, world_size, seed, workers,
                      decode, device, augment):
@@ -75,8 +77,10 @@ class ShardData:
         return DevicePrefetcher(loader, device, channels_last=channels_last)
 
 
-def check_shards(schedule: Schedule, data: DataSource) -> list[str]:
-    """Every shard directory the schedule reads exists, is complete, and has the same classes.
+def check_shards(schedule: Schedule, data: DataSource, world_size: int = 1) -> list[str]:
+    """Every shard directory the schedule reads exists, is complete, holds the split and
+    prep_size its name says, labels inside its classes, the same classes as the others, and
+    enough images for each phase's global batch (train.shard_checks).
 
     Returns the class list. Runs before anything is started so a missing `val-320/` fails in
     a second with the phase that needs it, not after hours of training.
@@ -85,6 +89,7 @@ def check_shards(schedule: Schedule, data: DataSource) -> list[str]:
 
     classes: list[str] | None = None
     first_dir = ""
+    num_train_images: dict[str, int] = {}
     seen: set[str] = set()
     for index, phase in enumerate(schedule.phases):
         for split, dir_name, prep_size in (("train", phase.train_dir_name, phase.prep_size),
@@ -93,15 +98,20 @@ def check_shards(schedule: Schedule, data: DataSource) -> list[str]:
                 continue
             seen.add(dir_name)
             try:
-                found = data.classes(dir_name)
+                info = data.describe(dir_name)
             except (DatasetError, OSError, ValueError) as exc:
                 raise TrainError(f"phase {index} needs {split} shards {dir_name}/ "
                                  f"(prep_size {prep_size}): {exc}") from None
+            check_shard_info(info, dir_name, split, prep_size)
+            if split == "train":
+                num_train_images[dir_name] = info.num_images
             if classes is None:
-                classes, first_dir = found, dir_name
-            elif found != classes:
-                raise TrainError(f"{dir_name}/ has {len(found)} classes that differ from "
-                                 f"{first_dir}/'s {len(classes)}; build both from one source")
+                classes, first_dir = info.classes, dir_name
+            elif info.classes != classes:
+                raise TrainError(f"{dir_name}/ has {len(info.classes)} classes that differ "
+                                 f"from {first_dir}/'s {len(classes)}; build both from one "
+                                 "source")
+    check_global_batches(schedule, num_train_images, world_size)
     assert classes is not None
     return classes
 
