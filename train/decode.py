@@ -61,7 +61,10 @@ def decode_crops_into(out: np.ndarray, views: list, heights: np.ndarray, widths:
     if module is not None:
         params = np.empty((len(views), module.NUM_PARAMS), dtype=np.int64)
         params[:, 0], params[:, 1], params[:, 2:6], params[:, 6] = heights, widths, boxes, flips
-        return module.decode_crops(out, out.shape[1], out.shape[2], views, params)
+        failure = module.decode_crops(out, out.shape[1], out.shape[2], views, params)
+        if failure is not None and not failure[1].startswith(("decoded size", "crop box")):
+            failure = failure[0], f"corrupt or truncated JPEG data (libjpeg: {failure[1]})"  # as formats.jpeg
+        return failure
     for position, data in enumerate(views):
         try:
             decode_crop_into(out[position], data, int(heights[position]), int(widths[position]),
