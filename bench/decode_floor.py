@@ -1,67 +1,101 @@
 """The decode-only floor of a training crop: libjpeg-turbo decoding every stored record at the DCT
 scale our loader picks for that crop (train.augment.dct_scale_for_box of a RandomResizedCrop box
-drawn as the loader draws it), nothing else: no crop, resize, flip or copy, one thread.
+drawn as the loader draws it), nothing else: no resize, flip or copy, one thread.
 
-Two bindings: "ctypes" (bench/prototypes/tjdecode.py: one handle, header once, into a reused
-buffer: libjpeg-turbo's own cost) and "pyturbojpeg" (PyTurboJPEG 1.8.3's decode as
-formats.jpeg calls it: a handle created per call and a new array per image).
+Three kinds (train.decode.decode_only for the first two: libjpeg's own API in C, one decoder
+reused, rows into a reused buffer; the loader's own decode step):
+  "full":        the whole image at that DCT scale (the issue's floor definition);
+  "region":      only the crop's rows and columns, as the loader decodes them (so the loader
+                 can beat the "full" floor: it skips the rows below the box and the columns
+                 outside it);
+  "pyturbojpeg": PyTurboJPEG 1.8.3's decode as formats.jpeg calls it (a handle per call, a new
+                 array per image): the full decode with Python's overhead around it.
+Each one thread by default; `threads=N` times N threads at once (the loader's concurrency: on
+a machine whose cores share caches or a physical core, N threads get less per core than one).
 """
 from __future__ import annotations
 
-import random
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from formats import jpeg
-from prototypes import tjdecode
-from train.augment import TrainCrop, dct_scale_for_box, scaled_image_size
+from train.augment import CROP_DRAWS, TrainCrop, dct_scale_for_box
+from train.decode import decode_only
+from train.samplers import sample_uniforms
+
+KINDS = ("full", "region", "pyturbojpeg")
 
 
-def decode_jobs(records: list[bytes], heights, widths, crop_size: int, seed: int = 0) -> list[tuple]:
-    """(data, scaled_height, scaled_width, scale) per record, for one random box each."""
-    crop, rng, jobs = TrainCrop(crop_size), random.Random(seed), []
-    for data, height, width in zip(records, heights, widths):
-        box = crop.box(int(height), int(width), rng)
-        scale = dct_scale_for_box(box[2], box[3], crop_size, crop_size)
-        jobs.append((data, *scaled_image_size(int(height), int(width), *scale), scale))
-    return jobs
+class FloorJobs:
+    """Every record of a store with one random crop box each, as the loader would draw it."""
+
+    def __init__(self, records: list[bytes], heights, widths, crop_size: int, seed: int = 0):
+        self.records, self.crop_size = records, crop_size
+        self.heights, self.widths = np.asarray(heights, np.int64), np.asarray(widths, np.int64)
+        uniforms = sample_uniforms(seed, 0, 0, len(records), CROP_DRAWS)
+        self.boxes = TrainCrop(crop_size).boxes(self.heights, self.widths, uniforms)
+        self.scales = [dct_scale_for_box(int(b[2]), int(b[3]), crop_size, crop_size) for b in self.boxes]
+
+    def __len__(self) -> int:
+        return len(self.records)
 
 
-def scale_shares(jobs: list[tuple]) -> dict[str, float]:
-    counts = Counter(f"{num}/{den}" for *_, (num, den) in jobs)
+def scale_shares(jobs: FloorJobs) -> dict[str, float]:
+    counts = Counter(f"{num}/{den}" for num, den in jobs.scales)
     return {scale: count / len(jobs) for scale, count in sorted(counts.items())}
 
 
-def time_floor(jobs: list[tuple], num_images: int, binding: str = "ctypes") -> dict:
-    """Decode `num_images` (whole passes over jobs, at least one) and time it."""
-    buffer = np.empty(max(h * w for _, h, w, _ in jobs) * 3, dtype=np.uint8)
-    out_address = buffer.ctypes.data
-    decompressor = tjdecode.for_thread()
+def kinds_available() -> tuple[str, ...]:
+    """KINDS this process can time: "pyturbojpeg" needs libturbojpeg."""
+    return tuple(kind for kind in KINDS if kind != "pyturbojpeg" or jpeg.turbo() is not None)
+
+
+def _decode_passes(jobs: FloorJobs, part: slice, passes: int, kind: str) -> None:
+    records, scales = jobs.records[part], jobs.scales[part]
     turbo = jpeg.turbo()
-    addresses = [tjdecode.address_of(data) for data, *_ in jobs]
-    passes = max(1, -(-num_images // len(jobs)))
-    started, cpu_started = time.perf_counter(), time.process_time()
     for _ in range(passes):
-        if binding == "ctypes":
-            for (address, size), (_, height, width, _) in zip(addresses, jobs):
-                decompressor.decode_into(address, size, out_address, width, width * 3, height)
-        else:
-            for data, _, _, scale in jobs:
+        if kind == "pyturbojpeg":
+            for data, scale in zip(records, scales):
                 turbo.decode(data, pixel_format=jpeg.TJPF_RGB, scaling_factor=scale)
+            continue
+        failure = decode_only(records, jobs.heights[part], jobs.widths[part], jobs.boxes[part], jobs.crop_size,
+                              jobs.crop_size, region=kind == "region")
+        if failure is not None:
+            raise RuntimeError(f"record {failure[0]}: {failure[1]}")
+
+
+def time_floor(jobs: FloorJobs, num_images: int, kind: str = "full", threads: int = 1) -> dict:
+    """Decode `num_images` (whole passes over jobs, at least one) and time it. `threads` > 1:
+    that many threads at once, each over its share of the records (the decode releases the
+    GIL), so that per core = img/s / threads is the floor at the loader's own concurrency."""
+    if kind not in kinds_available():
+        raise ValueError(f"kind must be one of {kinds_available()} here, got {kind!r}")
+    if not 1 <= threads <= len(jobs):
+        raise ValueError(f"threads must be in 1..{len(jobs)}, got {threads}")
+    passes = max(1, -(-num_images // len(jobs)))
+    parts = [slice(len(jobs) * i // threads, len(jobs) * (i + 1) // threads) for i in range(threads)]
+    started, cpu_started = time.perf_counter(), time.process_time()
+    if threads == 1:
+        _decode_passes(jobs, parts[0], passes, kind)
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            for done in [pool.submit(_decode_passes, jobs, part, passes, kind) for part in parts]:
+                done.result()
     wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
-    return {"images": passes * len(jobs), "seconds": wall, "cpu_seconds": cpu, "batches": 0, "workers": 1}
+    return {"images": passes * len(jobs), "seconds": wall, "cpu_seconds": cpu, "batches": 0, "workers": threads}
 
 
-def floor_jobs(dataset_dir: Path, crop_size: int) -> list[tuple]:
+def floor_jobs(dataset_dir: Path, crop_size: int) -> FloorJobs:
     from formats.dataset import RecordDataset
     from formats.lmdb_store import release_env
 
     records = RecordDataset(dataset_dir)
     datas = [bytes(records.view(index)) for index in range(len(records))]
-    jobs = decode_jobs(datas, records.heights, records.widths, crop_size)
+    jobs = FloorJobs(datas, records.heights, records.widths, crop_size)
     records.close()
     release_env(dataset_dir)  # a process forked later must not inherit an open LMDB environment
     return jobs

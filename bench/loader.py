@@ -110,8 +110,9 @@ def measure(loader, args, crop_size: int | None) -> dict:
                         (expected and tuple(images.shape) != expected) or len(labels) != len(images):
                     raise SystemExit(f"unexpected batch {tuple(images.shape)} {images.dtype}, wanted {expected}")
         worker_pids = pids()
-        if len(worker_pids) != args.workers:
-            raise SystemExit(f"found {len(worker_pids)} worker processes, expected {args.workers}")
+        expected_pids = 0 if getattr(loader, "executor", None) == "threads" else args.workers  # threads: this process
+        if len(worker_pids) != expected_pids:
+            raise SystemExit(f"found {len(worker_pids)} worker processes, expected {expected_pids}")
         processes = [psutil.Process(pid) for pid in worker_pids] + [psutil.Process()]
         windows = []
         for _ in range(args.repeats):

@@ -3,10 +3,15 @@ bench/loader.py: RandomResizedCrop + flip, uint8 batches, the same workers/threa
 
   train128: 128 px crops of train-160 (our shard; FFCV's .beton and DALI's files of its records)
   train224: 224 px crops of train-320
-  loaders:  ours (TrainLoader, worker processes), proto (bench/prototypes/thread_loader.py,
-            threads, PIL resize), proto-torch (the same, torch resize), ffcv (its default output:
-            NCHW view of NHWC memory), ffcv-contiguous (ToTorchImage(channels_last=False)),
-            dali (CPU pipeline, device_id=None, NHWC); floor: decode-only, one thread
+  loaders:  ours (TrainLoader as it runs by default: worker threads, native decoder),
+            ours-processes (the native decoder in worker processes), ours-python (the
+            pure-Python fallback decoder, worker processes), ffcv (its default output: NCHW
+            view of NHWC memory), ffcv-contiguous (ToTorchImage(channels_last=False)), dali
+            (CPU pipeline, device_id=None, NHWC)
+  floors:   decode-only (bench/decode_floor.py), one thread: "floor" = the whole image at the
+            loader's DCT scale, "floor-region" = only the crop's region, as the loader decodes,
+            "floor-pyturbojpeg" = PyTurboJPEG's full decode; "floor-threads" = "floor" in as
+            many threads as the loaders' workers (per core: img/s / threads)
 
     python bench/loader_peers.py [--rounds 3] [--windows 40,200] [--groups train128,train224]
 
@@ -34,20 +39,22 @@ import peer_servers as servers  # noqa: E402
 from train.bench_loader import machine_description  # noqa: E402
 
 GROUPS = {"train128": (160, 128), "train224": (320, 224)}  # group: (prep_size, crop_size)
-DEFAULT_LOADERS = ("ours", "proto", "proto-fastdct", "ffcv", "ffcv-contiguous", "dali")
+DEFAULT_LOADERS = ("ours", "ours-processes", "ffcv", "ffcv-contiguous")
 RATIOS = [  # (label, numerator, denominator, target)
-    ("proto vs FFCV default", "proto", "ffcv", ">= 1.3"),
-    ("proto vs FFCV contiguous", "proto", "ffcv-contiguous", ">= 1.8"),
-    ("proto per core vs decode floor", "proto", "floor", ">= 0.75"),
-    ("proto-fastdct vs FFCV default", "proto-fastdct", "ffcv", ">= 1.3"),
-    ("proto-fastdct vs FFCV contiguous", "proto-fastdct", "ffcv-contiguous", ">= 1.8"),
-    ("proto-fastdct per core vs floor", "proto-fastdct", "floor", ">= 0.75"),
-    ("ours vs FFCV default", "ours", "ffcv", ""),
-    ("ours vs FFCV contiguous", "ours", "ffcv-contiguous", ""),
-    ("ours per core vs decode floor", "ours", "floor", ""),
-    ("proto vs ours", "proto", "ours", ""),
-    ("proto vs DALI", "proto", "dali", ""),
+    ("ours vs FFCV default", "ours", "ffcv", ">= 1.3"),
+    ("ours vs FFCV contiguous", "ours", "ffcv-contiguous", ">= 1.8"),
+    ("ours per core vs decode floor", "ours", "floor", ">= 0.75"),
+    ("ours per core vs region floor", "ours", "floor-region", ""),
+    ("ours per core vs floor, same threads", "ours", "floor-threads", ""),
+    ("ours vs ours-processes", "ours", "ours-processes", ""),
+    ("ours vs ours-python", "ours", "ours-python", ""),
+    ("ours vs DALI", "ours", "dali", ""),
+    ("ours-processes vs FFCV default", "ours-processes", "ffcv", ""),
 ]
+# (name in a round, decode_floor kind, threads: 0 = as many as the loaders' workers)
+FLOOR_RUNS = (("floor", "full", 1), ("floor-region", "region", 1), ("floor-pyturbojpeg", "pyturbojpeg", 1),
+              ("floor-threads", "full", 0))
+FLOORS = tuple(name for name, _, _ in FLOOR_RUNS)
 
 
 def per_core(result: dict) -> float:
@@ -100,14 +107,17 @@ def run_group(group: str, args, python) -> dict:
             for name in order:
                 this[name] = {str(n): running[name].window(batches=n, warmup=servers.WARMUP_BATCHES)
                               | {"workers": args.workers} for n in args.windows}
-            floor = decode_floor.time_floor(jobs, args.floor_images)
-            this["floor"] = {str(n): floor for n in args.windows}
-            this["floor-pyturbojpeg"] = {str(n): decode_floor.time_floor(jobs, args.floor_images, "pyturbojpeg")
-                                         for n in args.windows[:1]}
+            for name, kind, threads in FLOOR_RUNS:
+                if kind not in decode_floor.kinds_available():
+                    continue
+                floor = decode_floor.time_floor(jobs, args.floor_images, kind, threads or args.workers)
+                this[name] = {str(n): floor for n in args.windows}
             rounds.append(this)
             print(f"  round {number + 1}: " + ", ".join(
                 f"{name} {per_core(this[name][str(args.windows[-1])]) * args.workers:.0f}" for name in order)
-                + f", floor {per_core(floor):.0f} img/s", flush=True)
+                + ", " + ", ".join(f"{name} {per_core(this[name][str(args.windows[0])]):.0f}" for name in FLOORS
+                                   if name in this)
+                + " img/s", flush=True)
     finally:
         for server in running.values():
             if not isinstance(server, str):
@@ -123,7 +133,7 @@ def spread(values: list[float]) -> tuple[float, float, float]:
 
 def report(group: str, result: dict, args) -> list[dict]:
     rounds, rows = result["rounds"], []
-    names = [name for name in rounds[0] if name != "floor-pyturbojpeg"] + ["floor-pyturbojpeg"]
+    names = [name for name in rounds[0] if name not in FLOORS] + [name for name in FLOORS if name in rounds[0]]
     print(f"\n{group} ({len(rounds)} rounds; median (min-max); floor DCT scales {result['floor_scales']})")
     print(f"  {'loader':<18} {'window':>6} {'img/s':>18} {'per core':>7} {'img/CPU-s':>9} {'RSS MiB':>8}")
     for name in names:

@@ -1,16 +1,17 @@
 """Loaders in their own processes, timed on command (bench/window_server.py's protocol): the
-peers (FFCV, DALI) under the peer venv's python, ours and the prototype under this one; plus the
+peers (FFCV, DALI) under the peer venv's python, ours (bench/peer_servers.py serve) under this one; plus the
 peers' inputs, made once from our shards and cached beside them.
 
-    python bench/peer_servers.py serve {ours,proto,proto-torch} --data DIR --crop-size 128 ...
+    python bench/peer_servers.py serve {ours,ours-processes,ours-python} --data DIR --crop-size 128 ...
 
-is how the driver starts ours and the prototype (public API only).
+is how the driver starts ours (public API only).
 """
 from __future__ import annotations
 
 import argparse
 import itertools
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -21,7 +22,7 @@ REPO = HERE.parent
 DEFAULT_PEERS_VENV = HERE / ".peers-venv"
 WARMUP_BATCHES = 8  # untimed before every window: flushes what a loader prefetched while idle
 PEER_LOADERS = ("ffcv", "ffcv-contiguous", "dali")
-OUR_LOADERS = ("ours", "proto", "proto-torch", "proto-fastdct")
+OUR_LOADERS = ("ours", "ours-processes", "ours-python")
 
 
 def peers_python(path: Path | None) -> tuple[Path | None, str]:
@@ -160,26 +161,26 @@ def peer_baselines(args, shards_dir: Path, cache: Path) -> list[tuple]:
     return rows
 
 
-# --------------------------------------------------------------------------- ours and the prototype
+# --------------------------------------------------------------------------- ours
 
 
-def _ours_batches(args):
+OUR_VARIANTS = {  # loader name: (TrainLoader's executor, pure-Python decode)
+    "ours": ("threads", False),  # the default: worker threads around the native decoder
+    "ours-processes": ("processes", False),  # the same decoder in worker processes
+    "ours-python": ("processes", True),  # no native extension: the pure-Python fallback
+}
+
+
+def _ours_batches(args, executor: str):
     """Our TrainLoader through its public API, epoch after epoch as a training loop runs it."""
     from train.augment import TrainCrop
     from train.data import TrainLoader
 
-    loader = TrainLoader(args.data, args.batch_size, TrainCrop(args.crop_size), workers=args.workers)
+    loader = TrainLoader(args.data, args.batch_size, TrainCrop(args.crop_size), workers=args.workers,
+                         executor=executor)
     for epoch in itertools.count():
         loader.set_epoch(epoch)
         yield from loader
-
-
-def _proto_batches(args, resize: str, flags: int):
-    from prototypes.thread_loader import ThreadLoader
-    from train.augment import TrainCrop
-
-    yield from ThreadLoader(args.data, args.batch_size, TrainCrop(args.crop_size), workers=args.workers, resize=resize,
-                            flags=flags)
 
 
 def main(argv=None) -> int:
@@ -194,16 +195,13 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)
-    if args.loader == "ours":
-        facts = {"library": "shardtrain TrainLoader", "processes": args.workers}
-        return window_server.serve(lambda: _ours_batches(args), facts, WARMUP_BATCHES)
-    from prototypes import tjdecode
+    from train.decode import PYTHON_DECODE_ENV, backend
 
-    resize = "torch" if args.loader == "proto-torch" else "pil"
-    # FFCV's decode flag (TJFLAG_FASTDCT), plus nearest chroma upsampling: faster, a little less exact
-    flags = tjdecode.TJFLAG_FASTDCT | tjdecode.TJFLAG_FASTUPSAMPLE if args.loader == "proto-fastdct" else 0
-    facts = {"library": f"prototypes.thread_loader ({resize} resize, decode flags {flags})", "threads": args.workers}
-    return window_server.serve(lambda: _proto_batches(args, resize, flags), facts, WARMUP_BATCHES)
+    executor, python_decode = OUR_VARIANTS[args.loader]
+    if python_decode:
+        os.environ[PYTHON_DECODE_ENV] = "1"  # read at the first decode, not at import
+    facts = {"library": "shardtrain TrainLoader", executor: args.workers, "decode": backend()}
+    return window_server.serve(lambda: _ours_batches(args, executor), facts, WARMUP_BATCHES)
 
 
 if __name__ == "__main__":

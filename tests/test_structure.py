@@ -14,8 +14,8 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("formats", "prep", "train")
 # Leading-underscore names of other libraries that our code may touch, with the reason.
 ALLOWED_PRIVATE = {
-    ("train/data.py", "_typed_storage"): "shared-memory batch, as torch's default_collate",
-    ("train/data.py", "_new_shared"): "shared-memory batch, as torch's default_collate",
+    ("train/batches.py", "_typed_storage"): "shared-memory batch, as torch's default_collate",
+    ("train/batches.py", "_new_shared"): "shared-memory batch, as torch's default_collate",
     ("prep/workers.py", "_exit"): "os._exit: an orphaned worker dies at once, without the parent's atexit/pool cleanup",
 }
 
@@ -146,7 +146,7 @@ def test_private_uses_are_found() -> None:
     source = ("import x\nx._hidden()\nself._mine()\nsuper()._base().__len__()\n"
               "from train.loop import _Interval\nfrom torch import _C\n")
     assert sorted(private_uses(source)) == [(2, "_hidden"), (5, "_Interval")]
-    data = private_uses((REPO / "train" / "data.py").read_text())
+    data = private_uses((REPO / "train" / "batches.py").read_text())
     assert {name for _, name in data} == {"_typed_storage", "_new_shared"}  # the allowed ones
 
 

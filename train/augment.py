@@ -6,9 +6,9 @@ resizes it to the network input after, which lets libjpeg-turbo decode only the 
 and, where the box is much larger than the output, decode at a reduced DCT scale
 (:func:`dct_scale_for_box` / :func:`scale_box`).
 
-Pure functions: no torch, no I/O, no global random state; randomness only through an explicitly
-passed :class:`random.Random` (the loader seeds one per sample from (seed, epoch, position), so
-batches do not depend on how many workers made them).
+Pure functions: no torch, no I/O, no global random state; randomness only through explicitly
+passed uniform draws (train.samplers draws them per sample from (seed, epoch, position), so
+batches do not depend on how many workers made them) or a :class:`random.Random`.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import math
 import random
 from dataclasses import dataclass
 from fractions import Fraction
+
+import numpy as np
 
 from formats.jpeg import POW2_SCALES, scaled_dim
 
@@ -38,6 +40,59 @@ def _check_image(height: int, width: int) -> None:
 # --------------------------------------------------------------------------- random resized crop
 
 
+# Uniform draws one random-resized crop consumes: 10 attempts x (area fraction, log aspect ratio),
+# then the box's top and left.
+CROP_ATTEMPTS = 10
+CROP_DRAWS = 2 * CROP_ATTEMPTS + 2
+
+
+def random_resized_crop_boxes(
+    heights,
+    widths,
+    uniforms: np.ndarray,
+    min_scale: float = 0.08,
+    max_scale: float = 1.0,
+    ratio: tuple[float, float] = DEFAULT_RATIO,
+) -> np.ndarray:
+    """torchvision's ``RandomResizedCrop.get_params`` for many images at once: (N, 4) int64 boxes.
+
+    ``uniforms`` (N, CROP_DRAWS) in [0, 1) are each image's random draws, so an image's box
+    depends on its own draws and size only (not on the batch it is computed in). Ten attempts:
+    area fraction uniform in [min_scale, max_scale], aspect ratio (w/h) log-uniform in
+    ``ratio``, sides rounded half-to-even like torchvision's ``int(round(...))``, the first that
+    fits wins; position uniform over every placement that fits. If none fits, the central crop
+    of the whole image clamped to the ratio range. Same distribution as torchvision, not the
+    same stream. Vectorised: the loader draws a batch's boxes in one call.
+    """
+    heights = np.asarray(heights, dtype=np.int64).reshape(-1)
+    widths = np.asarray(widths, dtype=np.int64).reshape(-1)
+    uniforms = np.asarray(uniforms, dtype=np.float64)
+    if len(heights) and (heights.min() < 1 or widths.min() < 1):
+        raise ValueError("images must be non-empty")
+    if not 0 < min_scale <= max_scale:
+        raise ValueError(f"need 0 < min_scale <= max_scale, got {min_scale}, {max_scale}")
+    if not 0 < ratio[0] <= ratio[1]:
+        raise ValueError(f"need 0 < ratio[0] <= ratio[1], got {ratio}")
+    if uniforms.shape != (len(heights), CROP_DRAWS):
+        raise ValueError(f"need uniforms of shape ({len(heights)}, {CROP_DRAWS}), got {uniforms.shape}")
+    area = (heights * widths).astype(np.float64)[:, None]
+    target_area = area * (min_scale + (max_scale - min_scale) * uniforms[:, 0 : 2 * CROP_ATTEMPTS : 2])
+    log_min, log_max = math.log(ratio[0]), math.log(ratio[1])
+    aspect_ratio = np.exp(log_min + (log_max - log_min) * uniforms[:, 1 : 2 * CROP_ATTEMPTS : 2])
+    crop_widths = np.rint(np.sqrt(target_area * aspect_ratio)).astype(np.int64)
+    crop_heights = np.rint(np.sqrt(target_area / aspect_ratio)).astype(np.int64)
+    fits = (crop_widths > 0) & (crop_widths <= widths[:, None]) & (crop_heights > 0) & (crop_heights <= heights[:, None])
+    rows, attempt = np.arange(len(heights)), fits.argmax(axis=1)
+    box_heights, box_widths = crop_heights[rows, attempt], crop_widths[rows, attempt]
+    # randint(0, n) inclusive at both ends, from one draw: floor(u * (n + 1)) <= n for u < 1
+    tops = np.floor(uniforms[:, -2] * (heights - box_heights + 1)).astype(np.int64)
+    lefts = np.floor(uniforms[:, -1] * (widths - box_widths + 1)).astype(np.int64)
+    boxes = np.stack([tops, lefts, box_heights, box_widths], axis=1)
+    for row in np.flatnonzero(~fits.any(axis=1)).tolist():
+        boxes[row] = fallback_crop_box(int(heights[row]), int(widths[row]), ratio)
+    return boxes
+
+
 def random_resized_crop_box(
     height: int,
     width: int,
@@ -46,31 +101,11 @@ def random_resized_crop_box(
     max_scale: float = 1.0,
     ratio: tuple[float, float] = DEFAULT_RATIO,
 ) -> Box:
-    """torchvision's ``RandomResizedCrop.get_params`` drawing from ``rng`` instead of torch's RNG.
-
-    Ten attempts: area fraction uniform in [min_scale, max_scale], aspect ratio (w/h) log-uniform
-    in ``ratio``, sides rounded half-to-even like torchvision's ``int(round(...))``, position
-    uniform over every placement that fits. If none fits, the central crop of the whole image
-    clamped to the ratio range. Same distribution as torchvision, not the same stream.
-    """
+    """One image's :func:`random_resized_crop_boxes`, its CROP_DRAWS uniforms drawn from ``rng``."""
     _check_image(height, width)
-    if not 0 < min_scale <= max_scale:
-        raise ValueError(f"need 0 < min_scale <= max_scale, got {min_scale}, {max_scale}")
-    min_ratio, max_ratio = ratio
-    if not 0 < min_ratio <= max_ratio:
-        raise ValueError(f"need 0 < ratio[0] <= ratio[1], got {ratio}")
-    area = height * width
-    log_min_ratio, log_max_ratio = math.log(min_ratio), math.log(max_ratio)
-    for _ in range(10):
-        target_area = area * rng.uniform(min_scale, max_scale)
-        aspect_ratio = math.exp(rng.uniform(log_min_ratio, log_max_ratio))
-        crop_width = int(round(math.sqrt(target_area * aspect_ratio)))
-        crop_height = int(round(math.sqrt(target_area / aspect_ratio)))
-        if 0 < crop_width <= width and 0 < crop_height <= height:
-            top = rng.randint(0, height - crop_height)  # randint is inclusive at both ends
-            left = rng.randint(0, width - crop_width)
-            return top, left, crop_height, crop_width
-    return fallback_crop_box(height, width, ratio)
+    uniforms = np.array([[rng.random() for _ in range(CROP_DRAWS)]])
+    box = random_resized_crop_boxes([height], [width], uniforms, min_scale, max_scale, ratio)[0]
+    return tuple(int(value) for value in box)
 
 
 def fallback_crop_box(height: int, width: int, ratio: tuple[float, float] = DEFAULT_RATIO) -> Box:
@@ -110,6 +145,10 @@ class TrainCrop:
 
     def box(self, height: int, width: int, rng: random.Random) -> Box:
         return random_resized_crop_box(height, width, rng, self.min_scale, self.max_scale, self.ratio)
+
+    def boxes(self, heights, widths, uniforms: np.ndarray) -> np.ndarray:
+        """(N, 4) boxes from each image's CROP_DRAWS uniforms (:func:`random_resized_crop_boxes`)."""
+        return random_resized_crop_boxes(heights, widths, uniforms, self.min_scale, self.max_scale, self.ratio)
 
 
 # --------------------------------------------------------------------------- resize + center crop

@@ -84,7 +84,7 @@ def run(
     resume: Optional[str] = typer.Option(None, help="'auto' (continue OUT's run if any) or a checkpoint"),
     overwrite: bool = typer.Option(False, "--overwrite", help="clear OUT's old run outputs and start fresh"),
     allow_changed: bool = typer.Option(False, "--allow-changed", help="resume although recipe, schedule, seed or precision changed (recorded in config.json)"),
-    workers: int = typer.Option(4, help="loader workers per GPU (capped at 4 per core, with a warning)"),
+    workers: int = typer.Option(4, help="loader workers per GPU: decode threads in the training process (worker processes with auto_augment or without the native decoder); capped at 4 per core, with a warning"),
     decode: str = typer.Option("cpu", help="JPEG decode: cpu | gpu"),
     eval_every: int = typer.Option(1, help="evaluate every N epochs (the last always)"),
     checkpoint_every_steps: int = typer.Option(0, help="also checkpoint every N steps (0: epochs only)"),

@@ -24,8 +24,10 @@ class TrainBatches(Protocol):
     - `iter(loader)` yields `(images, labels)`: images uint8 of shape (N, 3, H, W) with
       N = batch_size and H = W = the crop's side, in either memory format (NCHW or
       channels_last strides); labels int64 (N,). On the CPU (pinned when CUDA is there), or
-      on the device for decode="gpu". Every batch is a fresh tensor today; a loader that
-      reuses buffers must not overwrite one before its (non_blocking) device copy is done.
+      on the device for decode="gpu". A loader may reuse batch buffers (train.data's
+      threads do, train.batch_ring): a batch stays intact at least until the one after next
+      is asked for, until device work queued on the current stream by then (a non_blocking
+      copy) is done, and for as long as the caller holds any view of it.
     - `len(loader)` batches per epoch, equal on every rank.
     - `set_epoch(e, start_batch=k)`: the next iteration yields batches k..len-1 of epoch e;
       what batch b holds depends only on (seed, e, rank, world_size, b) and the crop, so any

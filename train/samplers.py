@@ -11,7 +11,8 @@ place in the permutation, its `position`, is what seeds its augmentation, so wha
 depends on neither the number of loader workers nor their scheduling.
 
 Plans (`TrainPlan`, `ValPlan`): a batch's indices plus everything that decides its pixels (crop
-boxes and flips, drawn from per-sample seeds), what a loader worker turns into a batch.
+boxes and flips, drawn from each sample's counter-based uniforms), what a loader worker turns
+into a batch.
 
 Validation: whole batches are dealt round-robin to ranks and every rank is padded to the same
 count with EMPTY batches, never with duplicates, so each image is counted exactly once.
@@ -20,17 +21,54 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import random
 
 import numpy as np
 
-from train.augment import TrainCrop, center_crop_box, rect_batches, rect_crop_box, rect_target_size
+from train.augment import (CROP_DRAWS, TrainCrop, center_crop_box, rect_batches, rect_crop_box,
+                           rect_target_size)
 
 
 def epoch_permutation(num_images: int, seed: int, epoch: int) -> np.ndarray:
     """The epoch's order of record indices; identical in every process for (seed, epoch)."""
     generator = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch])))
     return generator.permutation(num_images).astype(np.int64)
+
+
+_GOLDEN = 0x9E3779B97F4A7C15  # 2**64 / golden ratio: SplitMix64's increment
+_MASK64 = (1 << 64) - 1
+_DRAWS_PER_SAMPLE = 64  # room in each sample's counter range
+
+
+def _mix64(x):
+    """SplitMix64's finalizer, on Python ints (masked) or uint64 arrays (wrapping)."""
+    if isinstance(x, int):
+        x ^= x >> 30
+        x = (x * 0xBF58476D1CE4E5B9) & _MASK64
+        x ^= x >> 27
+        x = (x * 0x94D049BB133111EB) & _MASK64
+        return x ^ (x >> 31)
+    x = x ^ (x >> np.uint64(30))
+    x = x * np.uint64(0xBF58476D1CE4E5B9)
+    x = x ^ (x >> np.uint64(27))
+    x = x * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def sample_uniforms(seed: int, epoch: int, first_position: int, num_samples: int, num_draws: int) -> np.ndarray:
+    """(num_samples, num_draws) float64 in [0, 1): the draws of the samples at permutation positions
+    first_position, first_position + 1, ... of epoch `epoch`.
+
+    Counter-based (SplitMix64 of a (seed, epoch) key plus (position, draw)): a sample's draws
+    depend on (seed, epoch, position) only, so any split of an epoch into batches, ranks or
+    workers draws the same numbers, and a batch's are computed in a few vectorised numpy ops
+    (a Python RNG seeded per sample cost ~20 us per image, under the GIL)."""
+    if not 0 <= num_draws <= _DRAWS_PER_SAMPLE:
+        raise ValueError(f"num_draws must be in [0, {_DRAWS_PER_SAMPLE}], got {num_draws}")
+    key = _mix64(((seed & 0xFFFFFFFF) << 32) | (epoch & 0xFFFFFFFF))
+    positions = np.arange(first_position, first_position + num_samples, dtype=np.uint64)
+    counters = positions[:, None] * np.uint64(_DRAWS_PER_SAMPLE) + np.arange(num_draws, dtype=np.uint64)
+    bits = _mix64(counters * np.uint64(_GOLDEN) + np.uint64(key))
+    return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
 def sample_seed(seed: int, epoch: int, position: int) -> int:
@@ -152,13 +190,12 @@ class TrainPlan:
         first, epoch = self.batch.first_position, self.batch.epoch
         return [sample_seed(self.seed, epoch, first + slot) for slot in range(len(self.batch.indices))]
 
-    def boxes_and_flips(self, heights: np.ndarray, widths: np.ndarray):
-        boxes, flips = [], []
-        for index, seed in zip(self.batch.indices.tolist(), self.sample_seeds()):
-            rng = random.Random(seed)
-            boxes.append(self.crop.box(int(heights[index]), int(widths[index]), rng))
-            flips.append(rng.random() < 0.5)
-        return boxes, flips
+    def boxes_and_flips(self, heights: np.ndarray, widths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(N, 4) int64 crop boxes and (N,) bool flips, each sample's from its own draws."""
+        indices, batch = self.batch.indices, self.batch
+        uniforms = sample_uniforms(self.seed, batch.epoch, batch.first_position, len(indices), CROP_DRAWS + 1)
+        boxes = self.crop.boxes(heights[indices], widths[indices], uniforms[:, :CROP_DRAWS])
+        return boxes, uniforms[:, CROP_DRAWS] < 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,16 +208,16 @@ class ValPlan:
     def sample_seeds(self) -> None:
         return None  # validation is not augmented
 
-    def boxes_and_flips(self, heights: np.ndarray, widths: np.ndarray):
+    def boxes_and_flips(self, heights: np.ndarray, widths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         out_height, out_width = self.out_size
-        boxes = []
-        for index in self.batch.indices.tolist():
+        boxes = np.zeros((len(self.batch.indices), 4), dtype=np.int64)
+        for slot, index in enumerate(self.batch.indices.tolist()):
             height, width = int(heights[index]), int(widths[index])
             if self.rect:
-                boxes.append(rect_crop_box(height, width, out_height, out_width))
+                boxes[slot] = rect_crop_box(height, width, out_height, out_width)
             else:
-                boxes.append(center_crop_box(height, width, out_height, self.crop_ratio))
-        return boxes, [False] * len(boxes)
+                boxes[slot] = center_crop_box(height, width, out_height, self.crop_ratio)
+        return boxes, np.zeros(len(boxes), dtype=bool)
 
 
 # Plan generators are free functions of the loader's settings at the start of an iteration:
