@@ -122,3 +122,24 @@ def test_train_library_imports_neither_typer_nor_prep() -> None:
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_bench_loader_bad_arguments_are_one_line(built_shards: Path) -> None:
+    data = built_shards / "lmdb" / "train-160"
+    base = ["bench-loader", "--data", data, "--crop-size", "32", "--batch-size", "4", "--batches", "1",
+            "--warmup", "0", "--workers", "0"]
+    for extra, expected in ((["--workers", "-1"], "workers must be >= 0"),
+                            (["--crop-size", "0"], "crop_size must be >= 1"),
+                            (["--min-scale", "0"], "min_scale"), (["--min-scale", "2"], "min_scale"),
+                            (["--batch-size", "0"], "batch_size must be >= 1"),
+                            (["--batches", "0"], "--batches >= 1"), (["--warmup", "-1"], "--warmup >= 0"),
+                            (["--decode", "xyz"], "decode must be one of")):
+        assert expected in error_line(invoke(*base, *extra)), extra
+
+
+def test_bench_loader_caps_workers_with_a_warning(built_shards: Path) -> None:
+    result = invoke("bench-loader", "--data", built_shards / "lmdb" / "train-160", "--crop-size", "32",
+                    "--batch-size", "4", "--batches", "1", "--warmup", "0", "--workers", "1000")
+    assert result.exit_code == 0, result.stderr
+    assert "--workers 1000 is more than 4 per core" in result.stderr
+    assert result.stdout.strip().splitlines()[-1].startswith("img_per_s=")

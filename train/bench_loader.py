@@ -18,7 +18,9 @@ import torch
 
 from formats import jpeg
 from train.augment import TrainCrop
+from train.config import WORKERS_PER_CORE, TrainError
 from train.data import TrainLoader, ValLoader
+from train.dist import say
 
 TRACE_POINTS = 8  # memory samples across the timed batches
 
@@ -55,6 +57,15 @@ def machine_description() -> str:
             f"{codecs['pil']}; {codecs['turbojpeg']}")
 
 
+def capped_workers(workers: int) -> int:
+    """At most WORKERS_PER_CORE per usable core, with one warning (as `train run` caps them)."""
+    cap = WORKERS_PER_CORE * (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                              else os.cpu_count() or 1)
+    if workers > cap:
+        say(f"train: warning: --workers {workers} is more than {WORKERS_PER_CORE} per core: using {cap}")
+    return min(workers, cap)
+
+
 def _batches_forever(loader):
     epoch = 0
     while True:
@@ -68,10 +79,18 @@ def bench_loader(data_dir: Path, crop_size: int, batch_size: int, workers: int, 
                  decode: str = "cpu", val: bool = False, rect: bool = False, warmup_batches: int = 5,
                  min_scale: float = 0.08) -> dict:
     """img/s of `num_batches` batches after `warmup_batches`, worker memory at start and end."""
-    if val:
-        loader = ValLoader(data_dir, batch_size, crop_size, workers=workers, rect=rect, decode=decode)
-    else:
-        loader = TrainLoader(data_dir, batch_size, TrainCrop(crop_size, min_scale), workers=workers, decode=decode)
+    if num_batches < 1 or warmup_batches < 0:
+        raise TrainError(f"bench-loader: need --batches >= 1 and --warmup >= 0, got {num_batches} "
+                         f"and {warmup_batches}")
+    workers = capped_workers(workers)
+    try:
+        if val:
+            loader = ValLoader(data_dir, batch_size, crop_size, workers=workers, rect=rect, decode=decode)
+        else:
+            loader = TrainLoader(data_dir, batch_size, TrainCrop(crop_size, min_scale), workers=workers,
+                                 decode=decode)
+    except ValueError as exc:  # the loaders' argument checks: one line at the CLI, as train run's
+        raise TrainError(f"bench-loader: {exc}") from None
     try:
         batches = _batches_forever(loader)
         for _ in range(warmup_batches):
