@@ -88,26 +88,42 @@ def run_build(config: BuildConfig, environ=os.environ) -> LaunchResult:
     # As a single build does: sizes already complete are skipped, the others built in one pass.
     todo = [s for s in dict.fromkeys(config.prep_sizes)
             if config.overwrite or not (dataset_dir_of(single, s) / "manifest.json").is_file()]
-    if not todo:
-        return LaunchResult(build(single), [], env.rank)  # merged earlier: nothing to build or merge
+    torch_dist = _join_ranks(env)
+    if not todo:  # merged earlier: nothing to build or merge, only the summary to report
+        try:  # in turn: each report holds the dataset's lock a moment, and two at once would collide
+            for turn in range(env.world_size):
+                if turn == env.rank:
+                    summary = build(single)
+                _barrier(torch_dist, env)
+        finally:
+            torch_dist.destroy_process_group()
+        return LaunchResult(summary, [], env.rank)
     config = dataclasses.replace(config, prep_sizes=tuple(todo))
+    try:
+        summary = build(dataclasses.replace(config, part=part, quiet=config.quiet or env.rank != 0))
+        _barrier(torch_dist, env)  # every part is finished and on the shared --out
+        merges = _merge_parts(config, part) if env.rank == 0 else []
+    finally:
+        torch_dist.destroy_process_group()
+    return LaunchResult(summary, merges, env.rank)
+
+
+def _join_ranks(env: TorchrunEnv):
     torch_dist = _torch_distributed()
     try:
         torch_dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
     except (ValueError, RuntimeError) as err:  # e.g. WORLD_SIZE exported outside torchrun
         raise BuildError(f"WORLD_SIZE={env.world_size} RANK={env.rank}, but joining the ranks failed "
                          f"({str(err).splitlines()[0]}); start with torchrun, or unset them for a plain build") from None
+    return torch_dist
+
+
+def _barrier(torch_dist, env: TorchrunEnv) -> None:
     try:
-        summary = build(dataclasses.replace(config, part=part, quiet=config.quiet or env.rank != 0))
-        try:
-            torch_dist.barrier()  # every part is finished and on the shared --out
-        except RuntimeError as err:
-            raise BuildError(f"rank {env.rank}: another rank failed before the merge ({str(err).splitlines()[0]}); "
-                             "rerun the same command: finished parts are kept") from None
-        merges = _merge_parts(config, part) if env.rank == 0 else []
-    finally:
-        torch_dist.destroy_process_group()
-    return LaunchResult(summary, merges, env.rank)
+        torch_dist.barrier()
+    except RuntimeError as err:
+        raise BuildError(f"rank {env.rank}: another rank failed before the merge ({str(err).splitlines()[0]}); "
+                         "rerun the same command: finished parts are kept") from None
 
 
 def _merge_parts(config: BuildConfig, part: PartSpec) -> list[MergeSummary]:
