@@ -18,7 +18,7 @@ import torch
 
 from formats import jpeg
 from train.augment import TrainCrop
-from train.config import WORKERS_PER_CORE, TrainError
+from train.config import WORKERS_PER_CORE, TrainError, available_cpus, worker_cap
 from train.data import TrainLoader, ValLoader
 from train.dist import say
 
@@ -51,16 +51,15 @@ def machine_description() -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    usable = available_cpus()
     codecs = jpeg.codec_report()
     return (f"{cpu}, {usable} usable cores, load {os.getloadavg()[0]:.1f}; torch {torch.__version__}; "
             f"{codecs['pil']}; {codecs['turbojpeg']}")
 
 
 def capped_workers(workers: int) -> int:
-    """At most WORKERS_PER_CORE per usable core, with one warning (as `train run` caps them)."""
-    cap = WORKERS_PER_CORE * (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                              else os.cpu_count() or 1)
+    """At most worker_cap() workers, with one warning (as `train run` caps them)."""
+    cap = worker_cap(available_cpus())
     if workers > cap:
         say(f"train: warning: --workers {workers} is more than {WORKERS_PER_CORE} per core: using {cap}")
     return min(workers, cap)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -110,11 +111,24 @@ def check_config(config: RunConfig) -> None:
                          "clears the run that --resume auto would continue; pass one")
 
 
+def available_cpus() -> int:
+    """Cores this process may run on (its affinity mask: a container's or taskset's share)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def worker_cap(num_cpus: int, procs_per_node: int = 1) -> int:
+    """WORKERS_PER_CORE per core, shared by this node's processes: 1,000 loader workers would
+    only exhaust memory."""
+    return max(1, WORKERS_PER_CORE * num_cpus // max(procs_per_node, 1))
+
+
 def cap_workers(config: RunConfig, num_cpus: int,
                 procs_per_node: int = 1) -> tuple[RunConfig, list[str]]:
-    """--workers and --threads capped at WORKERS_PER_CORE per core (shared by this node's
-    processes), with one warning each: 1,000 loader workers would only exhaust memory."""
-    cap = max(1, WORKERS_PER_CORE * num_cpus // max(procs_per_node, 1))
+    """--workers and --threads capped at worker_cap(), with one warning each."""
+    cap = worker_cap(num_cpus, procs_per_node)
     changes, warnings = {}, []
     for name in ("workers", "threads"):
         value = getattr(config, name)

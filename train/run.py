@@ -15,11 +15,10 @@ tiny in-memory batches.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
-from train.config import (Recipe, RecipeError, RunConfig, TrainError, cap_workers,
-                          check_config)
+from train.config import (Recipe, RecipeError, RunConfig, TrainError, available_cpus,
+                          cap_workers, check_config)
 from train.dist import init_distributed, launch_world_size, processes_per_node, say, shutdown
 from train.dry_run import dry_run_text
 from train.metrics import tensorboard_writer
@@ -96,11 +95,3 @@ def run(config: RunConfig, data: DataSource | None = None) -> dict[str, Any]:
             return training.train(targets_of(config, recipe))
     finally:
         shutdown(env)
-
-
-def available_cpus() -> int:
-    """Cores this process may run on (its affinity mask: a container's or taskset's share)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
