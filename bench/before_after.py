@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from proctree import children_cpu_seconds  # noqa: E402  (bench/proctree.py)
 from train.bench_loader import machine_description  # noqa: E402
 
 
@@ -54,13 +54,12 @@ def bench_loader(tree: Path, args) -> float:
 def bench_prep(tree: Path, args) -> float:
     """img/s of `prep build-lmdb --size 160 --workers 1` from the tool's own seconds; also keeps
     the CPU seconds per image of its whole process tree in args.prep_cpu[tree]."""
-    children_cpu = lambda: sum(resource.getrusage(resource.RUSAGE_CHILDREN)[:2])  # noqa: E731
-    started = children_cpu()
+    started = children_cpu_seconds()
     out = run(tree, ["build-lmdb", "--src", str(args.prep_src), "--out", str(args.scratch / tree.name),
                      "--split", "train", "--size", "160", "--workers", "1", "--overwrite", "-q"], tool="prep.cli")
     images, seconds = re.search(r"([\d,]+) images in ([\d.]+) s", out).groups()
     images = int(images.replace(",", ""))
-    args.prep_cpu.setdefault(str(tree), []).append((children_cpu() - started) / images * 1e3)
+    args.prep_cpu.setdefault(str(tree), []).append((children_cpu_seconds() - started) / images * 1e3)
     return images / float(seconds)
 
 

@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -32,7 +31,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import fixture  # noqa: E402  (bench/fixture.py, a script module)
-from proctree import TreeSampler  # noqa: E402
+from proctree import TreeSampler, children_cpu_seconds  # noqa: E402
 from formats.jpeg import codec_report  # noqa: E402
 from prep.resize import prepare_image  # noqa: E402
 
@@ -84,16 +83,11 @@ def codec_floor(datas: list[bytes], prep_sizes: tuple[int, ...]) -> tuple[float,
     return time.perf_counter() - started, time.process_time() - cpu_started
 
 
-def _children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
 def run_tool(args: list[str]) -> tuple[float, float, float, str]:
     """(seconds the tool reports for its work, CPU seconds of its whole process tree, peak tree
     RSS in MiB, stdout). The CPU time comes from the kernel's accounting of waited-for children
     (prep waits for its workers), so other load on the machine barely moves it."""
-    cpu_before = _children_cpu()
+    cpu_before = children_cpu_seconds()
     process = subprocess.Popen([sys.executable, "-m", "prep.cli", *args], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, cwd=HERE.parent)
     sampler = TreeSampler(process.pid)
@@ -102,7 +96,7 @@ def run_tool(args: list[str]) -> tuple[float, float, float, str]:
     if process.returncode:
         raise SystemExit(f"prep {' '.join(args)} failed:\n{stderr}")
     match = re.search(r"in ([\d.]+) s", stdout)
-    return float(match.group(1)), _children_cpu() - cpu_before, peak, stdout
+    return float(match.group(1)), children_cpu_seconds() - cpu_before, peak, stdout
 
 
 def steady_rates(rates: dict[str, float], count: int, small_count: int) -> dict[str, float]:

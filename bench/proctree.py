@@ -2,6 +2,7 @@
 memory it holds, files it has open, its main process's CPU time, sampled from a thread."""
 from __future__ import annotations
 
+import resource
 import threading
 import time
 from pathlib import Path
@@ -18,6 +19,13 @@ def anon_rss_kib(pid: int) -> int:
         if line.startswith("RssAnon:"):
             return int(line.split()[1])
     return 0
+
+
+def children_cpu_seconds() -> float:
+    """User + system CPU seconds of every waited-for child so far (a command's whole tree, since
+    prep waits for its workers): the kernel's accounting, which other load barely moves."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def machine_cpu_seconds() -> dict:
