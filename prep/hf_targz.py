@@ -9,9 +9,9 @@ prep.imagenet_classes; a wnid outside the 1000 is a listed reject.
 gzip cannot be seeked, so the main process decompresses each archive once, front to back
 (gzip.GzipFile: CRC and length checked at every member's end), and walks it with tarfile's
 stream mode; each member's bytes are read once and shipped to a worker. Memory: one member.
-Progress and parts count compressed bytes: a member's share is how far the compressed file
-was read when its data had been (deterministic for one Python version: all ranks of a build
-run the same). A part still decompresses its archive from the start up to its range.
+Progress and parts count compressed bytes: a member's share is how much further the compressed
+file was read by the end of its data (deterministic for one Python version: all ranks of a
+build run the same). A part still decompresses its archive from the start up to its range.
 """
 from __future__ import annotations
 
@@ -53,6 +53,7 @@ def wnid_label(name: str, labels: dict[str, int]) -> tuple[int, str]:
 
 def _archive_members(archive: Path, labels: dict[str, int]) -> Iterator[SourceMember]:
     done = 0
+    last_byte = archive.stat().st_size - 1
     with open(archive, "rb") as raw:
         consumed = 0  # compressed bytes already attributed to earlier members
         try:
@@ -68,7 +69,10 @@ def _archive_members(archive: Path, labels: dict[str, int]) -> Iterator[SourceMe
                         data = tar.extractfile(info).read()
                         if len(data) != info.size:
                             raise EOFError(f"member {info.name!r} ends early")
-                    share, consumed = raw.tell() - consumed, raw.tell()
+                    # kept inside the archive's byte range, so a part covering its last byte
+                    # gets the members read along with the end of the file
+                    position = min(raw.tell(), last_byte)
+                    share, consumed = position - consumed, position
                     done += 1
                     yield SourceMember(info.name, label, str(archive), info.offset_data, share, reject, data)
         except _STREAM_ERRORS as err:
