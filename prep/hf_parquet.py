@@ -108,7 +108,9 @@ def _member(file: Path, row: int, name: str | None, data: bytes | None, label, s
         reject = "duplicate name: an image of that name came earlier in its row group"
     elif label is None or not isinstance(label, int):
         reject = f"no integer label (got {label!r})"
-    elif label != NO_LABEL:
+    elif label == NO_LABEL:
+        reject = "label -1: unlabelled (as in the test split)"
+    else:
         reject = label_reject(label)
     if not reject and with_bytes and not data:
         reject = "no image bytes in this row"
