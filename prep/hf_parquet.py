@@ -26,6 +26,10 @@ from prep.source_member import NO_LABEL, Source, SourceMember, file_identity
 EXTRA_HINT = "reading Hugging Face parquet needs pyarrow: pip install 'shardtrain[hf]'"
 BATCH_ROWS = 64  # rows decoded from a row group at a time: bounds memory whatever its size
 MAX_IMAGE_BYTES = 256 << 20  # no real photo is near this; a larger cell is damage
+# Row groups up to this are read whole (HF's writers make ~100-row or ~100 MB ones); larger
+# ones page by page, so memory stays bounded whatever a user's writer chose.
+MAX_WHOLE_ROW_GROUP_BYTES = 256 << 20
+STREAM_BUFFER_BYTES = 1 << 20
 
 
 def _pyarrow():
@@ -43,11 +47,14 @@ def _errors() -> tuple:
     return (pyarrow.ArrowException, OSError, ValueError, EOFError, MemoryError)
 
 
-def _open(path: Path):
+def _open(path: Path, streamed: bool = False):
+    """Unstreamed, pyarrow reads a row group's column chunk whole (its size is the footer's,
+    checked against the file) and checks each page header against it; streamed, it reads page
+    by page but allocates whatever a page header claims (a damaged one: gigabytes), so only row
+    groups too large to hold are streamed."""
     pq = _pyarrow()
     try:
-        # pre_buffer off: pages are read as rows are asked for, not the whole column chunk
-        return pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
+        return pq.ParquetFile(path, pre_buffer=False, buffer_size=STREAM_BUFFER_BYTES if streamed else 0)
     except _errors() as err:
         raise SourceError(f"{path}: not a readable parquet file ({_one_line(err)})") from None
 
@@ -84,9 +91,9 @@ def _row_group_bytes(metadata, index: int) -> int:
     return sum(group.column(c).total_compressed_size for c in range(group.num_columns))
 
 
-def _rows(path: Path, group: int, with_bytes: bool) -> Iterator[tuple[str | None, bytes | None, int | None]]:
+def _rows(path: Path, group: int, nbytes: int, with_bytes: bool) -> Iterator[tuple[str | None, bytes | None, int | None]]:
     """(path, bytes, label) of each row of one row group; a damaged one is one SourceError."""
-    parquet = _open(path)
+    parquet = _open(path, streamed=nbytes > MAX_WHOLE_ROW_GROUP_BYTES)
     columns = ["image", "label"] if with_bytes else ["image.path", "label"]
     try:
         for batch in parquet.iter_batches(batch_size=BATCH_ROWS, row_groups=[group], columns=columns):
@@ -124,7 +131,7 @@ def _member(file: Path, row: int, name: str | None, data: bytes | None, label, s
 def _group_members(file: Path, group: int, first_row: int, num_rows: int, nbytes: int, seen: set,
                    with_bytes: bool = True) -> Iterator[SourceMember]:
     row = first_row
-    for count, (name, data, label) in enumerate(_rows(file, group, with_bytes)):
+    for count, (name, data, label) in enumerate(_rows(file, group, nbytes, with_bytes)):
         if count >= num_rows:
             raise SourceError(f"{file}: row group {group} holds more rows than its metadata says ({num_rows})")
         share = nbytes * (count + 1) // num_rows - nbytes * count // num_rows
@@ -134,21 +141,32 @@ def _group_members(file: Path, group: int, first_row: int, num_rows: int, nbytes
         raise SourceError(f"{file}: row group {group} is truncated ({row - first_row} of {num_rows} rows)")
 
 
+def _file_groups(file: Path) -> tuple[list[str], list[tuple]]:
+    """(label names, (file, index, first row, rows, stored bytes) per row group) from the footer."""
+    parquet = _open(file)
+    try:
+        _check_columns(file, parquet)
+        names, metadata, row, groups = _label_names(file, parquet), parquet.metadata, 0, []
+        for index in range(metadata.num_row_groups):
+            num_rows, nbytes = metadata.row_group(index).num_rows, _row_group_bytes(metadata, index)
+            if nbytes > file.stat().st_size or num_rows < 0:
+                raise SourceError(f"{file}: row group {index} claims {nbytes:,} bytes and {num_rows} rows "
+                                  f"in a file of {file.stat().st_size:,}: damaged")
+            groups.append((file, index, row, num_rows, nbytes))
+            row += num_rows
+        return names, groups
+    except _errors() as err:
+        raise SourceError(f"{file}: unreadable parquet metadata ({_one_line(err)})") from None
+    finally:
+        parquet.close()
+
+
 def parquet_source(split: str, files: list[Path]) -> Source:
     """The split from its parquet files (in name order = the hub's order)."""
     groups, identity_files, names = [], [], []
     for file in files:
-        parquet = _open(file)
-        try:
-            _check_columns(file, parquet)
-            names = names or _label_names(file, parquet)
-            metadata, row = parquet.metadata, 0
-            for index in range(metadata.num_row_groups):
-                num_rows = metadata.row_group(index).num_rows
-                groups.append((file, index, row, num_rows, _row_group_bytes(metadata, index)))
-                row += num_rows
-        finally:
-            parquet.close()
+        file_names, file_groups = _file_groups(file)
+        names, groups = names or file_names, groups + file_groups
         identity_files.append({"name": file.name, **file_identity(file)})
 
     def segments(with_bytes: bool = True) -> list:
