@@ -24,7 +24,7 @@ from prep.labels import SourceError
 from prep.source_member import NO_LABEL, Source, SourceMember, file_identity
 
 EXTRA_HINT = "reading Hugging Face parquet needs pyarrow: pip install 'shardtrain[hf]'"
-BATCH_ROWS = 64  # rows decoded from a row group at a time: bounds memory whatever its size
+BATCH_ROWS = 16  # rows converted from a row group at a time
 MAX_IMAGE_BYTES = 256 << 20  # no real photo is near this; a larger cell is damage
 # Row groups up to this are read whole (HF's writers make ~100-row or ~100 MB ones); larger
 # ones page by page, so memory stays bounded whatever a user's writer chose.
@@ -99,8 +99,10 @@ def _rows(path: Path, group: int, nbytes: int, with_bytes: bool) -> Iterator[tup
         for batch in parquet.iter_batches(batch_size=BATCH_ROWS, row_groups=[group], columns=columns):
             image = batch.column(0)
             paths = image.field("path").to_pylist() if image.type.get_field_index("path") >= 0 else [None] * len(batch)
-            images = image.field("bytes").to_pylist() if with_bytes else [None] * len(batch)
-            yield from zip(paths, images, batch.column(1).to_pylist())
+            images = image.field("bytes") if with_bytes else None
+            for row, (name, label) in enumerate(zip(paths, batch.column(1).to_pylist())):
+                # one Python copy of the image at a time, made as the build asks for it
+                yield name, images[row].as_py() if with_bytes else None, label
     except _errors() as err:
         raise SourceError(f"{path}: row group {group} is damaged ({_one_line(err)})") from None
     finally:

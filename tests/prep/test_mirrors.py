@@ -9,6 +9,7 @@ parquet revision keeps that ClassLabel), timm/imagenet-1k-wds's card (`imagenet1
 .tar`, `.jpg`/`.cls`/`.json` per sample, converted from TFDS imagenet2012)."""
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -27,7 +28,7 @@ from prep.verify import verify
 from tests.prep import layouts
 
 WRITERS = {
-    "hf-parquet": layouts.write_hf_parquet,
+    "hf-parquet": functools.partial(layouts.write_hf_parquet, row_group_rows=3),
     "hf-targz": layouts.write_hf_targz,
     "wds-imagenet1k": layouts.write_timm_wds,
 }
@@ -38,7 +39,7 @@ def sources(tmp_path_factory):
     """layout -> src dir, all holding the same 12 images of classes 0, 7 and 999."""
     root = tmp_path_factory.mktemp("mirrors")
     items = layouts.images()
-    layouts.write_official(root / "train-tar", items)
+    layouts.write_official_train(root / "train-tar", items)
     for layout, write in WRITERS.items():
         write(root / layout, items)
     return root
