@@ -1,7 +1,7 @@
 """Time-bounded fuzzing of the mirror readers: mutated tar.gz streams, parquet files and
 WebDataset shards go through the source readers; every case ends in members (each an image to
 try or a listed reject) or one SourceError, within its time limit (tests.fuzz: a hang is a
-failure, and the failing seed is named). `python -m tests.prep.test_fuzz_mirrors 60` hunts longer."""
+failure, and the failing seed is named). `python -m tests.prep.test_fuzz_mirrors 60` (or tests.fuzz) hunts longer."""
 from __future__ import annotations
 
 import functools
@@ -92,8 +92,10 @@ def test_fuzz_webdataset_reader(tmp_path):
     assert fuzz("wds", BUDGET_S, tmp_path) > 20
 
 
-if __name__ == "__main__":  # hunt for longer: python -m tests.prep.test_fuzz_mirrors 60
-    seconds = float(sys.argv[1]) if len(sys.argv) > 1 else 30.0
+def fuzz_all(seconds: float) -> dict[str, int]:
     with tempfile.TemporaryDirectory() as tmp:
-        for kind in ("targz", "parquet", "wds"):
-            print(kind, fuzz(kind, seconds / 3, Path(tmp)), "cases")
+        return {kind: fuzz(kind, seconds / 3, Path(tmp)) for kind in ("targz", "parquet", "wds")}
+
+
+if __name__ == "__main__":  # hunt for longer: python -m tests.prep.test_fuzz_mirrors 60
+    print(fuzz_all(float(sys.argv[1]) if len(sys.argv) > 1 else 30.0), "cases")
