@@ -15,6 +15,7 @@ build run the same). A part still decompresses its archive from the start up to 
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import re
 import tarfile
@@ -24,7 +25,7 @@ from typing import Iterator
 
 from prep.imagenet_classes import imagenet_wnids
 from prep.labels import SourceError, class_index
-from prep.source_member import NO_LABEL, Source, SourceMember, file_identity
+from prep.source_member import NO_LABEL, Source, SourceMember, files_source
 
 MAX_IMAGE_BYTES = 256 << 20  # no real photo is near this: a larger member is refused unread
 _STREAM_ERRORS = (OSError, EOFError, zlib.error, tarfile.TarError)
@@ -83,16 +84,5 @@ def _archive_members(archive: Path, labels: dict[str, int]) -> Iterator[SourceMe
 
 def targz_source(split: str, archives: list[Path]) -> Source:
     labels = class_index(imagenet_wnids())
-    sizes = [archive.stat().st_size for archive in archives]
-
-    def segments() -> list:
-        return [(size, (lambda a=archive: _archive_members(a, labels))) for archive, size in zip(archives, sizes)]
-
-    def members() -> Iterator[SourceMember]:
-        for archive in archives:
-            yield from _archive_members(archive, labels)
-
-    wnids = imagenet_wnids()
-    return Source(split, "hf-targz", wnids, [""] * len(wnids),
-                  {"layout": "hf-targz", "files": [{"name": a.name, **file_identity(a)} for a in archives]},
-                  sum(sizes), members, segments)
+    return files_source(split, "hf-targz", imagenet_wnids(), [""] * len(labels), archives,
+                        functools.partial(_archive_members, labels=labels))

@@ -4,6 +4,7 @@ official-layout readers (prep.sources) and the mirror readers (prep.mirrors)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from pathlib import Path
 from typing import Callable, Iterator
@@ -69,3 +70,21 @@ class Source:
 def file_identity(path: Path) -> dict:
     stat = path.stat()
     return {"path": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def files_source(split: str, layout: str, classes: list[str], class_names: list[str], files: list[Path],
+                 members_of: Callable[[Path], Iterator[SourceMember]]) -> Source:
+    """A source read file after file (archives, shards): each file is one segment of its size,
+    so a part skips the files before its range unread."""
+    sizes = [file.stat().st_size for file in files]
+
+    def segments() -> list:
+        return [(size, functools.partial(members_of, file)) for file, size in zip(files, sizes)]
+
+    def members() -> Iterator[SourceMember]:
+        for _, segment in segments():
+            yield from segment()
+
+    return Source(split, layout, classes, class_names,
+                  {"layout": layout, "files": [{"name": file.name, **file_identity(file)} for file in files]},
+                  sum(sizes), members, segments)

@@ -5,16 +5,15 @@ data; each member is described by where its bytes lie (file, offset, size), and 
 needs them reads them: the build's workers, in parallel. A resumed build skips what it already
 wrote at the cost of header reads, and memory stays bounded whatever the archive's size. Order is fixed: class tars and class
 folders in sorted-wnid order, members within a class tar in archive order, files sorted by name.
+Mirrors of ImageNet (Hugging Face parquet and tar.gz, WebDataset shards) are prep.mirrors'.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
-import os
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
-from prep.source_member import NO_LABEL, Source, SourceMember, file_identity, read_span  # noqa: F401 (re-exported)
+from prep.source_member import NO_LABEL, Source, SourceMember, file_identity
 from prep.mirrors import open_mirror
 from prep.folder_scan import FolderEntry, class_folders, walk_class_folders, walk_images
 from prep.tar_scan import TarFormatError, scan_members

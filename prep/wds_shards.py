@@ -17,6 +17,7 @@ image, two images, no or non-integer .cls, a key seen before in the shard).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Iterator
 
 from prep.imagenet_classes import imagenet_wnids, label_reject
 from prep.labels import SourceError
-from prep.source_member import NO_LABEL, Source, SourceMember, file_identity
+from prep.source_member import NO_LABEL, Source, SourceMember, files_source
 from prep.tar_scan import TarFormatError, scan_members
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -143,18 +144,8 @@ def _key_class(key: str) -> str:
 
 
 def _source(split: str, layout: str, shards: list[Path], classes: list[str], label_of) -> Source:
-    sizes = [shard.stat().st_size for shard in shards]
-
-    def segments() -> list:
-        return [(size, (lambda s=shard: _shard_members(s, label_of))) for shard, size in zip(shards, sizes)]
-
-    def members() -> Iterator[SourceMember]:
-        for shard in shards:
-            yield from _shard_members(shard, label_of)
-
-    return Source(split, layout, classes, [""] * len(classes),
-                  {"layout": layout, "files": [{"name": s.name, **file_identity(s)} for s in shards]},
-                  sum(sizes), members, segments)
+    return files_source(split, layout, classes, [""] * len(classes), shards,
+                        functools.partial(_shard_members, label_of=label_of))
 
 
 def timm_source(split: str, shards: list[Path]) -> Source:
