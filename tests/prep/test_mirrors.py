@@ -153,3 +153,24 @@ def test_parquet_without_pyarrow_is_one_line_naming_the_extra(sources, tmp_path,
     assert result.output.strip().splitlines() == ["prep: error: reading Hugging Face parquet needs pyarrow: "
                                                   "pip install 'shardtrain[hf]'"]
     assert not list(tmp_path.iterdir())
+
+
+def test_validation_files_are_the_val_split(tmp_path):
+    """HF and timm call it `validation`; prep's --split val finds those files, not train's."""
+    items = layouts.images()
+    layouts.write_hf_parquet(tmp_path / "hf", items[:3], split="val", num_files=1)
+    layouts.write_hf_parquet(tmp_path / "hf", items[3:], split="train", num_files=1)
+    source = open_source(tmp_path / "hf", "val")
+    assert source.layout == "hf-parquet" and [m.label for m in source.members()] == [0, 0, 0]
+    layouts.wds_tar(tmp_path / "wds" / "imagenet1k-validation-00.tar", [[("v.jpg", items[-1][2]), ("v.cls", b"999")]])
+    layouts.wds_tar(tmp_path / "wds" / "imagenet1k-train-0000.tar", [[("t.jpg", items[0][2]), ("t.cls", b"0")]])
+    assert [(m.name, m.label) for m in open_source(tmp_path / "wds", "val").members()] == [("v.jpg", 999)]
+
+
+def test_hf_cache_with_several_snapshots_and_no_ref_is_one_line(sources, tmp_path):
+    for revision in ("rev1", "rev2"):
+        (tmp_path / "datasets--ILSVRC--imagenet-1k" / "snapshots" / revision / "data").mkdir(parents=True)
+    result = CliRunner().invoke(app, ["build-lmdb", "--src", str(tmp_path / "datasets--ILSVRC--imagenet-1k"),
+                                      "--out", str(tmp_path / "out"), "--size", "32"])
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
+    assert "2 snapshots and no refs/main" in result.output
