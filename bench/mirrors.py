@@ -12,7 +12,8 @@ far less than the wall-clock rate. Peak RSS: `prep
 build-lmdb` as a subprocess, its whole process tree's anonymous RSS sampled every 20 ms
 (bench/proctree.py), on --rss-images and a tenth of them, parquet and official tar.
 Images: photo-sized (~500x375) JPEGs of smooth gradients plus sensor-like noise, a few hundred
-distinct ones repeated under distinct names (the repeat does not matter to the readers).
+distinct ones repeated under distinct names (the repeat does not matter to the readers), or with
+--photos DIR, bench/fixture.py's real photos (ImageNet's size statistics) for the throughput runs.
 """
 from __future__ import annotations
 
@@ -61,6 +62,18 @@ def items(num_images: int, distinct: list[bytes]) -> list[tuple[str, str, bytes]
     per_class = -(-num_images // len(wnids))
     return [(wnid, f"{wnid}_{i}", distinct[(c * per_class + i) % len(distinct)])
             for c, wnid in enumerate(wnids) for i in range(per_class)][:num_images]
+
+
+def photo_items(fixture_dir: Path, num_images: int) -> list[tuple[str, str, bytes]]:
+    """bench/fixture.py's real-photo fixture (built once, then reused), its 10 classes given
+    real wnids spread over the 1000, in official order."""
+    import fixture
+
+    fixture.build_fixture(fixture_dir, num_images, 10, 0, quiet=True)
+    wnids = imagenet_wnids()[::100]
+    class_dirs = sorted((fixture_dir / "folders" / "train").iterdir())
+    return [(wnid, f"{wnid}_{path.stem.rpartition('_')[2]}", path.read_bytes())
+            for wnid, class_dir in zip(wnids, class_dirs) for path in sorted(class_dir.iterdir())]
 
 
 def write_layouts(root: Path, data: list) -> dict[str, Path]:
@@ -127,15 +140,20 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--rss-images", type=int, default=20000, help="0: no memory runs")
     parser.add_argument("--json-out", type=Path)
+    parser.add_argument("--photos", type=Path, help="fixture dir: real photos (bench/fixture.py) for the throughput "
+                                                     "runs instead of synthetic images")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     distinct = [photo_like(i, rng) for i in range(DISTINCT)]
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine_before": machine(),
-              "args": vars(args) | {"json_out": str(args.json_out)}, "prep_size": PREP_SIZE,
+              "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "prep_size": PREP_SIZE,
               "mean_image_kib": round(sum(map(len, distinct)) / len(distinct) / 1024, 1)}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        dirs = write_layouts(root / "src", items(args.num_images, distinct))
+        data = photo_items(args.photos, args.num_images) if args.photos else items(args.num_images, distinct)
+        result["images"] = {"photos": str(args.photos) if args.photos else None,
+                            "mean_kib": round(sum(len(d) for _, _, d in data) / len(data) / 1024, 1)}
+        dirs = write_layouts(root / "src", data)
         print(f"throughput: {args.num_images} images, {args.workers} workers, {args.rounds} interleaved rounds")
         result["throughput"] = throughput(dirs, args.rounds, args.workers, root / "out")
         subprocess.run(["rm", "-rf", str(root / "src")], check=True)
