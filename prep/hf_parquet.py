@@ -6,8 +6,9 @@ script's IMAGENET2012_CLASSES, which is in sorted-wnid order (prep.imagenet_clas
 are our class indices as they are; a file whose `huggingface` schema metadata lists another
 number of label names is refused. Read with pyarrow (the `shardtrain[hf]` extra): it is
 parquet's reference reader, and only what pyarrow does well is used: row group by row group,
-`image` and `label` columns only, a few rows at a time (memory is one small batch, whatever
-the file). Image bytes travel to the workers in the member (`SourceMember.data`).
+`image` and `label` columns only, turned into Python bytes a row at a time (memory: one row
+group's column chunk, whatever the file). Image bytes travel to the workers in the member
+(`SourceMember.data`); letting each worker read its rows' row groups cost more (BENCHMARKS.md).
 
 Parts and progress count the stored bytes of each row group (parquet metadata, no data read),
 shared evenly among its rows, so every rank cuts the same parts without reading a row.
