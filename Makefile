@@ -50,7 +50,7 @@ demo: $(STAMP)
 # Bench extras (webdataset, scikit-image for the real-photo fixture); setup re-checks that
 # pillow-simd is still the active PIL afterwards, since scikit-image pulls Pillow back in.
 $(BENCH_STAMP): $(STAMP)
-	@bash scripts/setup.sh "$(PYTHON)" "$(VENV)" "$(TORCH_PAIR)" "$(PILLOW_SIMD)" "test,bench"
+	@bash scripts/setup.sh "$(PYTHON)" "$(VENV)" "$(TORCH_PAIR)" "$(PILLOW_SIMD)" "test,hf,bench"
 	@touch $@
 
 bench: $(BENCH_STAMP)

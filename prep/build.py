@@ -92,6 +92,7 @@ class BuildSummary:
     workers: int
     codecs: dict
     dataset_dirs: dict[int, Path] = dataclasses.field(default_factory=dict)  # prep_size -> where it is
+    source_layout: str = ""  # which layout --src was recognised as (train-tar, hf-parquet, wds, ...)
 
     @property
     def images_per_second(self) -> float:
@@ -117,14 +118,15 @@ def _read_span(path: str, offset: int, nbytes: int) -> bytes:
 
 
 def _prepare_chunk(spans: list, prep_sizes: tuple, quality: int, upscale: bool, reencode: bool) -> list:
-    """Worker side: read each image's bytes where the source says they are, and transform them.
+    """Worker side: read each image's bytes where the source says they are (or take them as
+    sent, from a streamed source), and transform them.
 
     Reading here rather than in the main process keeps image bytes out of inter-process pipes
     and leaves the main process little to do but write, so throughput scales with workers."""
     results = []
-    for path, offset, nbytes in spans:
-        try:
-            data = _read_span(path, offset, nbytes)
+    for span in spans:
+        try:  # a span, or the bytes themselves (a streamed source: gzip, parquet)
+            data = span if isinstance(span, bytes) else _read_span(*span)
         except OSError as err:
             results.append(f"unreadable: {err.strerror or err}")
             continue
@@ -227,7 +229,7 @@ def _build_locked(config: BuildConfig, source: Source) -> BuildSummary:
     if not outputs:
         return BuildSummary({s: read_manifest(dataset_dir_of(config, s)) for s in skipped},
                             skipped, 0, 0, 0.0, config.workers, jpeg.codec_report(),
-                            {s: dataset_dir_of(config, s) for s in skipped})
+                            {s: dataset_dir_of(config, s) for s in skipped}, source.layout)
     part_info = None
     if config.part is not None:
         source, part_info = part_source(source, config.part, config.shard_bytes if config.store == "msgpack" else None)
@@ -266,7 +268,7 @@ def _build_locked(config: BuildConfig, source: Source) -> BuildSummary:
         manifests[size] = read_manifest(dataset_dir_of(config, size))
     return BuildSummary(manifests, skipped, resumed_from, progress.consumed,
                         time.perf_counter() - started, config.workers, jpeg.codec_report(),
-                        {s: dataset_dir_of(config, s) for s in manifests})
+                        {s: dataset_dir_of(config, s) for s in manifests}, source.layout)
 
 
 def _check_config(config: BuildConfig) -> None:
@@ -347,7 +349,7 @@ def _run(config: BuildConfig, source: Source, outputs: list[PartialOutput], prog
                 continue
             skip_reason = member.skip_reason
             if not skip_reason:
-                spans.append((member.path, member.offset, member.nbytes))
+                spans.append(member.data if member.data is not None else (member.path, member.offset, member.nbytes))
             chunk.append((member.name, member.label, member.nbytes, skip_reason))
             if len(chunk) == CHUNK_IMAGES:
                 pending.append((chunk, pool.submit(_prepare_chunk, spans, prep_sizes, config.quality, config.upscale, config.reencode)))

@@ -13,7 +13,7 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Raw ImageNet archives or class folders -> resolution-specific LMDB/msgpack shards.")
 
-SRC = typer.Option(..., "--src", help="Directory with ILSVRC2012_img_{train,val}.tar (+ devkit), or train/ and val/ class folders.")
+SRC = typer.Option(..., "--src", help="Directory with ILSVRC2012_img_{train,val}.tar (+ devkit), train/ and val/ class folders, Hugging Face imagenet-1k (parquet or tar.gz; also its cache dir), or WebDataset shards.")
 OUT = typer.Option(..., "--out", help="Output directory; each dataset goes to <out>/<split>-<size>/.")
 SPLIT = typer.Option("train", "--split", help="train or val.")
 SIZES = typer.Option(..., "--size", help="Shorter side in px of stored images (prep_size); repeat for several sizes, one decode each.")

@@ -82,6 +82,8 @@ def format_build_summary(summary, out_dir: Path, split: str) -> str:
         state = "exists, not rebuilt (use --overwrite)" if prep_size in summary.skipped else "built"
         dataset_dir = summary.dataset_dirs.get(prep_size, out_dir / split_dir_name(split, prep_size))
         lines.append(_dataset_line(dataset_dir, state, manifest))
+    if summary.source_layout:
+        lines.append(f"source: {summary.source_layout} layout")
     if summary.consumed:
         done = summary.consumed - summary.resumed_from
         resumed = f" (resumed after {summary.resumed_from:,} done earlier)" if summary.resumed_from else ""

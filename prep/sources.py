@@ -5,15 +5,16 @@ data; each member is described by where its bytes lie (file, offset, size), and 
 needs them reads them: the build's workers, in parallel. A resumed build skips what it already
 wrote at the cost of header reads, and memory stays bounded whatever the archive's size. Order is fixed: class tars and class
 folders in sorted-wnid order, members within a class tar in archive order, files sorted by name.
+Mirrors of ImageNet (Hugging Face parquet and tar.gz, WebDataset shards) are prep.mirrors'.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
-import os
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
+from prep.source_member import NO_LABEL, Source, SourceMember, file_identity
+from prep.mirrors import open_mirror
 from prep.folder_scan import FolderEntry, class_folders, walk_class_folders, walk_images
 from prep.tar_scan import TarFormatError, scan_members
 from prep.labels import (
@@ -30,54 +31,6 @@ from prep.labels import (
 TRAIN_ARCHIVE = "ILSVRC2012_img_train.tar"
 VAL_ARCHIVE = "ILSVRC2012_img_val.tar"
 KAGGLE_DATA_DIR = Path("ILSVRC/Data/CLS-LOC")
-NO_LABEL = -1
-
-
-@dataclasses.dataclass(frozen=True)
-class SourceMember:
-    """One image of the source. Its bytes are `nbytes` at `offset` in the plain file `path` (an
-    archive or the image file itself), so a worker process can read them without the main
-    process ever touching image data."""
-
-    name: str  # file name inside its archive or folder, e.g. n01440764_10026.JPEG
-    label: int  # sorted-wnid class index, or NO_LABEL when the source has none for it
-    path: str
-    offset: int
-    nbytes: int
-    reject: str = ""  # why the source already knows this member cannot be an image, if it does
-
-    def read(self) -> bytes:
-        return read_span(self.path, self.offset, self.nbytes)
-
-    @property
-    def skip_reason(self) -> str:
-        """Why this member is listed as a reject without being read ("" for a candidate image)."""
-        if self.reject:
-            return self.reject
-        return "no label for this image in the validation labels" if self.label == NO_LABEL else ""
-
-
-def read_span(path: str, offset: int, nbytes: int) -> bytes:
-    with open(path, "rb") as f:
-        data = os.pread(f.fileno(), nbytes, offset)
-    if len(data) != nbytes:
-        raise OSError(f"{path}: short read at {offset} ({len(data)} of {nbytes} bytes; file changed?)")
-    return data
-
-
-@dataclasses.dataclass(frozen=True)
-class Source:
-    split: str
-    layout: str  # train-tar, val-tar, folders, flat-folder
-    classes: list[str]  # wnids (or folder names) in label order
-    class_names: list[str]
-    identity: dict  # what was read: a resumed build refuses to continue on a changed source
-    total_bytes: int  # for the progress bar's ETA
-    members: Callable[[], Iterator[SourceMember]]
-    # The members again, as consecutive (bytes, members) spans in the same order, whose bytes
-    # are known without reading a member header (the train tar's class tars), so one part of a
-    # build can skip whole spans; None: one span of total_bytes (prep.parts).
-    segments: Callable[[], list[tuple[int, Callable[[], Iterator[SourceMember]]]]] | None = None
 
 
 SPARSE_REJECT = "sparse file in the archive (stored with its holes cut out): not supported"
@@ -93,11 +46,6 @@ def _tar_files(fd: int, name: str, start: int = 0, end: int | None = None) -> It
         if start == 0 and "at byte 0" in str(err):
             raise SourceError(f"{name}: not a readable tar archive ({err})") from None
         raise SourceError(f"{name}: archive is damaged ({err})") from None
-
-
-def _file_identity(path: Path) -> dict:
-    stat = path.stat()
-    return {"path": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
 def _list_class_tars(archive: Path) -> list[tuple[str, int, int]]:
@@ -128,7 +76,7 @@ def _train_tar_source(archive: Path, names: dict[str, str]) -> Source:
             yield from segment()
 
     return Source("train", "train-tar", sorted(labels), [names.get(w, "") for w in sorted(labels)],
-                  {"layout": "train-tar", "archive": _file_identity(archive)},
+                  {"layout": "train-tar", "archive": file_identity(archive)},
                   archive.stat().st_size, members, segments)
 
 
@@ -143,7 +91,7 @@ def _val_tar_source(archive: Path, wnid_by_key: dict[str, str], classes: list[st
                 yield SourceMember(name, label, str(archive), offset, size, reject)
 
     return Source("val", "val-tar", sorted(labels), [names.get(w, "") for w in sorted(labels)],
-                  {"layout": "val-tar", "archive": _file_identity(archive), "labels": labels_identity},
+                  {"layout": "val-tar", "archive": file_identity(archive), "labels": labels_identity},
                   archive.stat().st_size, members)
 
 
@@ -207,12 +155,12 @@ def _train_classes(src_dir: Path) -> list[str]:
 def _val_labels(src_dir: Path, val_labels: Path | None, devkit: Devkit | None,
                 classes: list[str]) -> tuple[dict[str, str], dict]:
     if val_labels is not None:
-        return read_label_file(val_labels, classes), _file_identity(val_labels)
+        return read_label_file(val_labels, classes), file_identity(val_labels)
     if devkit is not None:
         return devkit.val_wnids(), {"devkit": True}
     kaggle = src_dir / KAGGLE_VAL_SOLUTION
     if kaggle.is_file():
-        return read_label_file(kaggle, classes), _file_identity(kaggle)
+        return read_label_file(kaggle, classes), file_identity(kaggle)
     raise SourceError(
         f"{src_dir}: no validation labels: put ILSVRC2012_devkit_t12.tar.gz (or Kaggle's "
         f"{KAGGLE_VAL_SOLUTION}) in it, or pass --val-labels FILE"
@@ -220,20 +168,25 @@ def _val_labels(src_dir: Path, val_labels: Path | None, devkit: Devkit | None,
 
 
 def open_source(src_dir: Path, split: str, val_labels: Path | None = None) -> Source:
-    """Find ImageNet's `split` in src_dir: the ILSVRC2012 tars (+ devkit for val), or class
-    folders `<split>/<class>/*` (also Kaggle's ILSVRC/Data/CLS-LOC/<split>), or for val a flat
-    folder with labels from the devkit, Kaggle's CSV or --val-labels."""
+    """Find ImageNet's `split` in src_dir: a mirror's files (Hugging Face parquet or tar.gz, also
+    as an HF cache snapshot; WebDataset shards: prep.mirrors), the ILSVRC2012 tars (+ devkit for
+    val), or class folders `<split>/<class>/*` (also Kaggle's ILSVRC/Data/CLS-LOC/<split>), or
+    for val a flat folder with labels from the devkit, Kaggle's CSV or --val-labels."""
     src_dir = Path(src_dir)
     if not src_dir.is_dir():
         raise SourceError(f"{src_dir}: no such directory")
     if split not in ("train", "val"):
         raise SourceError(f"unknown split {split!r}: use train or val")
+    archive = src_dir / (TRAIN_ARCHIVE if split == "train" else VAL_ARCHIVE)
+    split_dir = _split_dir(src_dir, split)
+    if not archive.is_file() and split_dir is None:  # the official layouts come first
+        mirror = open_mirror(src_dir, split)
+        if mirror is not None:
+            return mirror
     devkit = Devkit.find(src_dir)
     names = dict(devkit.names) if devkit else {}
     if (src_dir / KAGGLE_SYNSET_MAPPING).is_file():
         names.update(read_synset_mapping(src_dir / KAGGLE_SYNSET_MAPPING))
-    archive = src_dir / (TRAIN_ARCHIVE if split == "train" else VAL_ARCHIVE)
-    split_dir = _split_dir(src_dir, split)
     if split == "train":
         if archive.is_file():
             return _train_tar_source(archive, names)

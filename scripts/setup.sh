@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Create the project venv and install everything: a matched torch/torchvision pair, the project
-# (editable, with test extras), the system libturbojpeg, and pillow-simd in place of Pillow.
+# (editable, with test and hf extras), the system libturbojpeg, and pillow-simd in place of Pillow.
 # Usage: scripts/setup.sh PYTHON VENV TORCH_PAIR PILLOW_SIMD [EXTRAS]
 set -euo pipefail
-python=$1 venv=$2 torch_pair=$3 pillow_simd=$4 extras=${5:-test}
+python=$1 venv=$2 torch_pair=$3 pillow_simd=$4 extras=${5:-test,hf}
 say() { echo "setup: $*"; }
 
 if ! ldconfig -p 2>/dev/null | grep -q libturbojpeg.so.0; then

@@ -91,3 +91,6 @@ if __name__ == "__main__":  # hunt for longer: python -m tests.fuzz 120
     seconds = float(sys.argv[1]) if len(sys.argv) > 1 else 60.0
     print("images:", test_fuzz.fuzz_images(seconds / 2), "cases")
     print("tars:", test_fuzz.fuzz_tars(seconds / 2), "cases")
+    from tests.prep.test_fuzz_mirrors import fuzz_all  # the mirror readers: tar.gz, parquet, WebDataset
+
+    print("mirrors:", fuzz_all(seconds / 2), "cases")
