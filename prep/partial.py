@@ -230,7 +230,10 @@ class PartialOutput:
     def close(self) -> None:
         for handle in (self._records_file, self._names_file, *self._list_files.values()):
             if handle is not None and not handle.closed:
-                handle.close()
+                try:
+                    handle.close()
+                except OSError:  # unsynced bytes a full disk refused: progress never counted them,
+                    pass  # and closing after a failure must not hide the failure
         if self.writer is not None:
             try:
                 self.writer.close()
