@@ -44,6 +44,12 @@ def test_layout_ends_at_eoi():
     assert parse_layout(data).end == len(data)
     assert parse_layout(data + zip_archive()).end == len(data)
     assert parse_layout(data[:-2]) is None and parse_layout(b"not a jpeg") is None
+    # fill bytes before EOI, a restart marker and a stuffed 0xFF00 inside the scan: not its end
+    sos = data.index(b"\xff\xda")
+    scan_start = sos + 2 + int.from_bytes(data[sos + 2:sos + 4], "big")
+    odd = data[:scan_start + 5] + b"\xff\xd3\xff\x00" + data[scan_start + 5:-2] + b"\xff\xff\xff\xd9"
+    layout = parse_layout(odd)
+    assert layout.end == len(odd) and layout.segments[-1][2] == len(odd) - 2
 
 
 def test_a_polyglot_loses_its_archive_and_is_listed():
