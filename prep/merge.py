@@ -5,9 +5,10 @@ quality, store and tool/codec versions, and together exactly the source's member
 no overlap); and each against its own manifest, as `prep verify` checks a dataset short of
 decoding (every file's digest, the record table, the names, the store's structure), so a part
 damaged in copy or by a crashed node is refused, not laundered into a new manifest that vouches
-for it. Each record's crc32 is checked again as it is copied (the part may change after its
-check), and the result gets the same whole-file check before it is moved into place, so a
-damaged merge never replaces anything. Records are then streamed in part order into a new store with global indices,
+for it. The record table so checked is the one copied, each record's crc32 is checked again as
+it is copied (the part may change after its check), and the result gets the same whole-file
+check before it is moved into place, so a damaged merge never replaces anything. Records are
+streamed in part order into a new store with global indices,
 through the same crash-safe partial-output protocol as a build (so a killed merge resumes), and
 the record table, names, rejects and conversions are concatenated. The result equals a single
 build of the same source and settings: the same records, keys, order, records.npy, names.txt
@@ -25,6 +26,7 @@ import time
 from pathlib import Path
 
 import lmdb
+import numpy as np
 from tqdm import tqdm
 
 from formats.manifest import Manifest, load_records, read_manifest
@@ -48,6 +50,7 @@ class Part:
     dataset_dir: Path
     manifest: Manifest
     info: dict  # the manifest's build.part: index, num_parts, first_member, num_members, ...
+    records: np.ndarray | None = None  # its record table, once check_parts has checked it
 
 
 @dataclasses.dataclass
@@ -126,23 +129,26 @@ def _in_member_order(parts: list[Part]) -> list[Part]:
     return parts
 
 
-def _part_faults(part: Part) -> list[str]:
+def _part_check(part: Part) -> tuple[list[str], np.ndarray | None]:
     try:
-        return check_whole_files(part.dataset_dir, part.manifest)[0]
+        return check_whole_files(part.dataset_dir, part.manifest)
     except DatasetError as err:
-        return [str(err)]
+        return [str(err)], None
 
 
-def check_parts(parts: list[Part]) -> None:
+def check_parts(parts: list[Part]) -> list[Part]:
     """Each part against its own manifest (digests hash in threads: hashlib releases the GIL),
-    or BuildError naming the first damaged part and its first fault."""
+    with its checked record table; or BuildError naming the first damaged part and its fault."""
+    checked = []
     with concurrent.futures.ThreadPoolExecutor(min(len(parts), os.cpu_count() or 1)) as pool:
-        for part, faults in zip(parts, pool.map(_part_faults, parts)):
+        for part, (faults, records) in zip(parts, pool.map(_part_check, parts)):
             if faults:
                 more = f" (and {len(faults) - 1} more)" if len(faults) > 1 else ""
                 raise BuildError(f"{part.dataset_dir}: damaged part, nothing merged: {faults[0]}{more}; "
                                  f"rebuild it (--part-index {part.info['index']} --num-parts "
                                  f"{part.info['num_parts']}), `prep verify` lists every fault")
+            checked.append(dataclasses.replace(part, records=records))
+    return checked
 
 
 def _check_result(dataset_dir: Path, manifest: Manifest) -> None:
@@ -169,8 +175,7 @@ def merge(part_dirs: list[Path], out_dir: Path, overwrite: bool = False, quiet: 
     """Join `part_dirs` (all parts of one build) into `<out_dir>/<split>-<prep_size>/`; the
     output is locked against builds and other merges of it, as a build's is."""
     started = time.perf_counter()
-    parts = load_parts(part_dirs)
-    check_parts(parts)
+    parts = check_parts(load_parts(part_dirs))
     first = parts[0].manifest
     output = PartialOutput(Path(out_dir), first.split, first.prep_size, first.store,
                            parts[0].info.get("shard_bytes") or DEFAULT_SHARD_BYTES)
@@ -229,7 +234,7 @@ def _copy_part(part: Part, offset: int, output: PartialOutput, progress: Progres
     """Append the part's records from where an earlier merge stopped, as global index offset + i."""
     count = part.manifest.count
     first = min(max(progress.num_records - offset, 0), count)  # done by an earlier, interrupted merge
-    records = load_records(part.dataset_dir, part.manifest)
+    records = part.records if part.records is not None else load_records(part.dataset_dir, part.manifest)
     labels, crcs = records["label"].tolist(), records["crc32"].tolist()
     rows, row_size = records.tobytes(), RECORD_DTYPE.itemsize
     reader = open_reader(part.dataset_dir, part.manifest)

@@ -115,9 +115,10 @@ def test_bytes_changed_after_the_check_are_not_copied(parts, tmp_path, monkeypat
 
     original = merge_module.check_parts
 
-    def check_then_damage(checked):
-        original(checked)
+    def check_then_damage(unchecked):
+        checked = original(unchecked)
         flip_record_byte(parts[1])
+        return checked
 
     monkeypatch.setattr(merge_module, "check_parts", check_then_damage)
     with pytest.raises(BuildError, match=r"part-1-of-2: record 1 changed while merging"):
