@@ -164,3 +164,41 @@ def test_torchrun_ranks_exit_when_the_agent_dies_before_they_join_and_the_part_r
     again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout + again.stderr
     assert sorted(p.name for p in (tmp_path / "ddp").iterdir() if not p.name.startswith(".")) == ["train-48"]
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_exit_when_the_agent_dies_mid_build_and_at_the_barrier(tmp_path):
+    """Part 1 is built beforehand, so rank 1 waits in gloo's barrier (where no Python signal
+    handler runs) while rank 0 builds part 0; the agent is killed then: both exit in seconds."""
+    src = tmp_path / "src"
+    write_sample(src, num_classes=4, train_per_class=250, val_per_class=1, seed=3)
+    out = tmp_path / "ddp"
+    common = ["--src", str(src), "--out", str(out), "--size", "64", "--workers", "0", "-q", "--commit-every", "10"]
+    subprocess.run([sys.executable, "-m", "prep.cli", "build-msgpack", *common, "--num-parts", "2", "--part-index", "1"],
+                   cwd=REPO, check=True, capture_output=True, timeout=300)
+    agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              "-m", "prep.cli", "build-msgpack", *common], cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    progress = out / ".train-64.part-0-of-2.partial" / "progress.json"
+    ranks: list[int] = []
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not (progress.is_file() and '"num_records": 0' not in progress.read_text()):
+            ranks = children(agent.pid) or ranks
+            time.sleep(0.05)
+        assert len(ranks) == 2 and progress.is_file(), "rank 0 never got to building its part"
+        agent.kill()
+        started = time.monotonic()
+        assert wait_gone(ranks, 20) == [], "ranks outlived their agent"
+        took = time.monotonic() - started
+        _, stderr = agent.communicate(timeout=10)
+        lines = [line for line in stderr.splitlines() if line.startswith("prep: error:")]
+        assert sorted(line.split(":")[2].strip() for line in lines) == ["rank 0", "rank 1"], stderr
+        assert all("torchrun's agent) is gone" in line for line in lines) and "Traceback" not in stderr
+        assert took < 10, took  # poll 0.5 s, then rank 1's 5 s grace in the barrier
+    finally:
+        for pid in ranks:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert (out / "train-64.part-1-of-2" / "manifest.json").is_file()  # the finished part is kept
+    assert progress.is_file()  # and rank 0's resumes from its last commit
