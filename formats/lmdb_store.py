@@ -9,6 +9,7 @@ of the reader, which is safe since nothing writes a finished dataset).
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import struct
@@ -29,6 +30,30 @@ WRITER_MAP_BYTES = 1 << 40
 # page size sits in the free DB's md_pad, then the last page number and the txn id.
 _META_MAGIC = 0xBEEFC0DE
 _META_HEAD = struct.Struct("=16xII16xI92xQQ")  # magic, version, psize, last_pgno, txnid
+
+
+# LMDB reports a write cut short by a full disk as EIO ("mdb_txn_commit: Input/output error",
+# its own "short write, filesystem full?" case). With less than this free it is that, and is
+# said so; one commit writes at most a few MiB at a time.
+FULL_DISK_BYTES = 16 << 20
+
+
+def _free_bytes(directory: Path) -> int | None:
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return None
+    return (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize  # root may use the reserve
+
+
+def _write_error(dataset_dir: Path, err: lmdb.Error) -> Exception:
+    """A failed LMDB write as the error it is: OSError(ENOSPC) naming data.mdb when the disk is
+    full (what every other prep write says then), else LMDB's own."""
+    text = str(err)
+    if "No space left" in text or ("Input/output error" in text and
+                                   (_free_bytes(dataset_dir) or 0) < FULL_DISK_BYTES):
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(Path(dataset_dir) / DATA_FILE))
+    return err
 
 
 def check_data_file(dataset_dir: Path) -> None:
@@ -105,14 +130,21 @@ class LmdbWriter:
     def append(self, index: int, label: int, jpeg: bytes) -> None:
         if self._txn is None:
             self._txn = self._env.begin(write=True)
-        if not self._txn.put(encode_key(index), jpeg, append=True, overwrite=False):
+        try:  # a big transaction spills pages to disk here
+            stored = self._txn.put(encode_key(index), jpeg, append=True, overwrite=False)
+        except lmdb.Error as err:
+            raise _write_error(self.dataset_dir, err) from None
+        if not stored:
             raise DatasetError(f"{self.dataset_dir}: record {index} written twice")
 
     def commit(self) -> None:
-        if self._txn is not None:
-            self._txn.commit()
-            self._txn = None
-        self._env.sync(True)
+        try:
+            if self._txn is not None:
+                txn, self._txn = self._txn, None
+                txn.commit()
+            self._env.sync(True)
+        except lmdb.Error as err:
+            raise _write_error(self.dataset_dir, err) from None
 
     def _truncate(self, num_records: int) -> None:
         with self._env.begin(write=True) as txn:

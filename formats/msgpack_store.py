@@ -8,6 +8,7 @@ msgpack parsing and no copy on the hot path.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from pathlib import Path
@@ -117,23 +118,36 @@ class MsgpackWriter:
         if index != self._num_records:
             raise DatasetError(f"{self.dataset_dir}: record {index} out of order")
         record = pack_record(index, label, jpeg)
-        if self._position and self._position + len(record) > self.shard_bytes:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            self._shard, self._position = self._shard + 1, 0
-            self._file = open(self.dataset_dir / shard_file_name(self._shard), "ab")
-        self._file.write(record)
+        with self._naming_errors():
+            if self._position and self._position + len(record) > self.shard_bytes:
+                self._file.flush()
+                os.fsync(self._file.fileno())
+                self._file.close()
+                self._shard, self._position = self._shard + 1, 0
+                self._file = open(self.dataset_dir / shard_file_name(self._shard), "ab")
+            self._file.write(record)
         self._pending_rows.append((self._shard, self._position, len(record), len(jpeg)))
         self._position += len(record)
         self._num_records += 1
 
+    @contextlib.contextmanager
+    def _naming_errors(self, path: Path | None = None):
+        """A failed write (a full disk) names its file, as every other prep error does."""
+        try:
+            yield
+        except OSError as err:
+            if err.filename is not None:
+                raise
+            path = path or self.dataset_dir / shard_file_name(self._shard)
+            raise OSError(err.errno, err.strerror, str(path)) from None
+
     def commit(self) -> None:
         """Shard bytes are synced before the index rows that point at them."""
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        with self._naming_errors():
+            self._file.flush()
+            os.fsync(self._file.fileno())
         if self._pending_rows:
-            with open(self._index_path, "ab") as f:
+            with self._naming_errors(self._index_path), open(self._index_path, "ab") as f:
                 f.write(np.array(self._pending_rows, INDEX_DTYPE).tobytes())
                 f.flush()
                 os.fsync(f.fileno())
@@ -149,7 +163,10 @@ class MsgpackWriter:
         return {name: file_digest(self.dataset_dir / name) for name in names}
 
     def close(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError:  # unsynced bytes a full disk refused: the index never pointed at them
+            pass
 
 
 class MsgpackReader:

@@ -146,7 +146,8 @@ def merge(part_dirs: List[Path] = typer.Argument(..., help="Every part directory
     typer.echo(format_merge_summary(summary))
     for warning in manifest_warnings(summary.manifest):
         typer.echo(f"prep: warning: {warning}", err=True)
-    typer.echo(f"the {summary.num_parts} part directories are no longer needed (rm -r them)")
+    # reached only once merge checked every part and its own result (digests, record table)
+    typer.echo(f"merged dataset checked: the {summary.num_parts} part directories are no longer needed (rm -r them)")
 
 
 @app.command()

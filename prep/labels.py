@@ -10,6 +10,7 @@ import csv
 import io
 import re
 import tarfile
+import zlib
 from pathlib import Path
 
 DEVKIT_ARCHIVE = "ILSVRC2012_devkit_t12.tar.gz"
@@ -18,6 +19,9 @@ META_MAT = "data/meta.mat"
 VAL_GROUND_TRUTH = "data/ILSVRC2012_validation_ground_truth.txt"
 KAGGLE_VAL_SOLUTION = "LOC_val_solution.csv"
 KAGGLE_SYNSET_MAPPING = "LOC_synset_mapping.txt"
+# The devkit's compression, from its first bytes: tarfile's "r:*" would try every method on a
+# damaged stream and report each one's failure (5 lines for one corrupt gzip).
+_COMPRESSION_MAGIC = ((b"\x1f\x8b", "gz"), (b"BZh", "bz2"), (b"\xfd7zXZ\x00", "xz"))
 
 
 class SourceError(Exception):
@@ -32,6 +36,12 @@ def class_index(wnids) -> dict[str, int]:
 def image_key(name: str) -> str:
     """`ILSVRC2012_val_00000001.JPEG`, `val/x/ILSVRC2012_val_00000001` -> `ILSVRC2012_val_00000001`."""
     return Path(name).name.split(".")[0]
+
+
+def _compression(path: Path) -> str:
+    with open(path, "rb") as f:
+        head = f.read(6)
+    return next((kind for magic, kind in _COMPRESSION_MAGIC if head.startswith(magic)), "")
 
 
 class Devkit:
@@ -54,14 +64,15 @@ class Devkit:
         archive = src_dir / DEVKIT_ARCHIVE
         if archive.is_file():
             try:
-                with tarfile.open(archive, "r:*") as tar:
+                with tarfile.open(archive, f"r:{_compression(archive)}") as tar:
                     files = {m.name.split("/", 1)[-1]: m for m in tar.getmembers() if m.isfile()}
                     if META_MAT not in files or VAL_GROUND_TRUTH not in files:
                         raise SourceError(f"{archive}: no {META_MAT} or {VAL_GROUND_TRUTH} inside")
                     return cls(tar.extractfile(files[META_MAT]).read(),
                                tar.extractfile(files[VAL_GROUND_TRUTH]).read())
-            except (tarfile.TarError, OSError, EOFError) as err:
-                raise SourceError(f"{archive}: unreadable devkit ({err})") from None
+            except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
+                reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                raise SourceError(f"{archive}: unreadable devkit ({reason})") from None
         extracted = src_dir / DEVKIT_DIR
         if (extracted / META_MAT).is_file() and (extracted / VAL_GROUND_TRUTH).is_file():
             return cls((extracted / META_MAT).read_bytes(), (extracted / VAL_GROUND_TRUTH).read_bytes())

@@ -20,10 +20,17 @@ from prep.build import BuildConfig, BuildSummary, build, dataset_dir_of, default
 from prep.merge import MergeSummary, merge
 from prep.partial import BuildError
 from prep.parts import PartSpec
+from prep.rank_watch import ParentWatch
 
 # A rank that finished its part waits here for the slowest one; parts of real ImageNet take
-# hours, and a rank that fails makes torchrun stop the others, so a long wait is safe.
+# hours, and a rank that fails makes torchrun stop the others (a rank whose torchrun is gone
+# stops itself: prep.rank_watch), so a long wait is safe.
 BARRIER_TIMEOUT = datetime.timedelta(hours=72)
+# Joining the ranks is quick (torchrun starts them together) unless they are not all coming:
+# WORLD_SIZE/RANK/MASTER_* left over in a shell wait this long, not torch's default of hours.
+RENDEZVOUS_SECONDS_ENV = "PREP_RENDEZVOUS_SECONDS"
+DEFAULT_RENDEZVOUS_SECONDS = 120.0
+TORCHRUN_VARIABLES = ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,10 +83,37 @@ def _torch_distributed():
     return torch_dist
 
 
+def rendezvous_seconds(environ=os.environ) -> float:
+    value = environ.get(RENDEZVOUS_SECONDS_ENV, "")
+    try:
+        seconds = float(value) if value else DEFAULT_RENDEZVOUS_SECONDS
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise BuildError(f"{RENDEZVOUS_SECONDS_ENV}={value!r}: need a number of seconds > 0")
+    return seconds
+
+
 def run_build(config: BuildConfig, environ=os.environ) -> LaunchResult:
     env = torchrun_env(environ)
     if env is None:
         return LaunchResult(build(config), [], None)
+    message = (f"rank {env.rank}: the process that started it (PID {os.getppid()}, torchrun's agent) is gone, "
+               "so it stopped; rerun the same command to resume (finished parts are kept)")
+    watch = ParentWatch(f"prep: error: {message}").start()
+    try:
+        return _run_ranks(config, env, environ)
+    except KeyboardInterrupt:  # the watch's SIGTERM, or a real one
+        if watch.lost.is_set():
+            raise BuildError(message) from None
+        raise
+    except BuildError:  # e.g. "connection closed" from the agent's store: say why it closed
+        if watch.parent_gone(wait_seconds=0.5):
+            raise BuildError(message) from None
+        raise
+
+
+def _run_ranks(config: BuildConfig, env: TorchrunEnv, environ) -> LaunchResult:
     part = PartSpec(env.rank, env.world_size)
     if config.part is not None and config.part != part:
         raise BuildError(f"--part-index {config.part.index} --num-parts {config.part.num_parts} contradicts "
@@ -88,39 +122,47 @@ def run_build(config: BuildConfig, environ=os.environ) -> LaunchResult:
     # As a single build does: sizes already complete are skipped, the others built in one pass.
     todo = [s for s in dict.fromkeys(config.prep_sizes)
             if config.overwrite or not (dataset_dir_of(single, s) / "manifest.json").is_file()]
-    torch_dist = _join_ranks(env)
+    torch_dist, group = _join_ranks(env, environ)
     if not todo:  # merged earlier: nothing to build or merge, only the summary to report
         try:  # in turn: each report holds the dataset's lock a moment, and two at once would collide
             for turn in range(env.world_size):
                 if turn == env.rank:
                     summary = build(single)
-                _barrier(torch_dist, env)
+                _barrier(torch_dist, group, env)
         finally:
             torch_dist.destroy_process_group()
         return LaunchResult(summary, [], env.rank)
     config = dataclasses.replace(config, prep_sizes=tuple(todo))
     try:
         summary = build(dataclasses.replace(config, part=part, quiet=config.quiet or env.rank != 0))
-        _barrier(torch_dist, env)  # every part is finished and on the shared --out
+        _barrier(torch_dist, group, env)  # every part is finished and on the shared --out
         merges = _merge_parts(config, part) if env.rank == 0 else []
     finally:
         torch_dist.destroy_process_group()
     return LaunchResult(summary, merges, env.rank)
 
 
-def _join_ranks(env: TorchrunEnv):
+def _join_ranks(env: TorchrunEnv, environ):
+    """torch.distributed and a group for the long barrier, once every rank has joined within
+    the rendezvous timeout; else one line naming the variables that made this a rank."""
+    seconds = rendezvous_seconds(environ)
     torch_dist = _torch_distributed()
     try:
-        torch_dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
+        torch_dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=seconds))
+        torch_dist.barrier()  # all here: the default group's short timeout has done its job
+        group = torch_dist.new_group(backend="gloo", timeout=BARRIER_TIMEOUT)
     except (ValueError, RuntimeError) as err:  # e.g. WORLD_SIZE exported outside torchrun
-        raise BuildError(f"WORLD_SIZE={env.world_size} RANK={env.rank}, but joining the ranks failed "
-                         f"({str(err).splitlines()[0]}); start with torchrun, or unset them for a plain build") from None
-    return torch_dist
+        variables = " ".join(f"{name}={environ[name]}" for name in TORCHRUN_VARIABLES if name in environ)
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise BuildError(f"{variables} are set, but joining the ranks failed within {seconds:g} s ({reason}): "
+                         "left over from another job? unset them for a plain build, or start the ranks with "
+                         f"torchrun ({RENDEZVOUS_SECONDS_ENV} sets the wait)") from None
+    return torch_dist, group
 
 
-def _barrier(torch_dist, env: TorchrunEnv) -> None:
+def _barrier(torch_dist, group, env: TorchrunEnv) -> None:
     try:
-        torch_dist.barrier()
+        torch_dist.barrier(group=group)
     except RuntimeError as err:
         raise BuildError(f"rank {env.rank}: another rank failed before the merge ({str(err).splitlines()[0]}); "
                          "rerun the same command: finished parts are kept") from None

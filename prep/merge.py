@@ -2,7 +2,13 @@
 
 Parts are checked before anything is written: all from the same source, split, prep_size,
 quality, store and tool/codec versions, and together exactly the source's member order (no gap,
-no overlap). Records are then streamed in part order into a new store with global indices,
+no overlap); and each against its own manifest, as `prep verify` checks a dataset short of
+decoding (every file's digest, the record table, the names, the store's structure), so a part
+damaged in copy or by a crashed node is refused, not laundered into a new manifest that vouches
+for it. The record table so checked is the one copied, each record's crc32 is checked again as
+it is copied (the part may change after its check), and the result gets the same whole-file
+check before it is moved into place, so a damaged merge never replaces anything. Records are
+streamed in part order into a new store with global indices,
 through the same crash-safe partial-output protocol as a build (so a killed merge resumes), and
 the record table, names, rejects and conversions are concatenated. The result equals a single
 build of the same source and settings: the same records, keys, order, records.npy, names.txt
@@ -12,20 +18,25 @@ same records.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
+import os
 import time
 from pathlib import Path
 
 import lmdb
+import numpy as np
 from tqdm import tqdm
 
 from formats.manifest import Manifest, load_records, read_manifest
 from formats.msgpack_store import DEFAULT_SHARD_BYTES
-from formats.record import FORMAT_VERSION, MANIFEST_FILE, NAMES_FILE, RECORD_DTYPE
+from formats.errors import DatasetError
+from formats.record import FORMAT_VERSION, MANIFEST_FILE, NAMES_FILE, RECORD_DTYPE, checksum
 from formats.store import open_reader
 from prep.lock import lock_path, locked
 from prep.partial import BuildError, PartialOutput, Progress
+from prep.verify import check_whole_files
 
 COMMIT_EVERY = 10_000  # records between durable commits of a merge (it only copies bytes)
 # Every field that decides a dataset's bytes; parts must agree on all of them.
@@ -39,6 +50,7 @@ class Part:
     dataset_dir: Path
     manifest: Manifest
     info: dict  # the manifest's build.part: index, num_parts, first_member, num_members, ...
+    records: np.ndarray | None = None  # its record table, once check_parts has checked it
 
 
 @dataclasses.dataclass
@@ -117,6 +129,35 @@ def _in_member_order(parts: list[Part]) -> list[Part]:
     return parts
 
 
+def _part_check(part: Part) -> tuple[list[str], np.ndarray | None]:
+    try:
+        return check_whole_files(part.dataset_dir, part.manifest)
+    except DatasetError as err:
+        return [str(err)], None
+
+
+def check_parts(parts: list[Part]) -> list[Part]:
+    """Each part against its own manifest (digests hash in threads: hashlib releases the GIL),
+    with its checked record table; or BuildError naming the first damaged part and its fault."""
+    checked = []
+    with concurrent.futures.ThreadPoolExecutor(min(len(parts), os.cpu_count() or 1)) as pool:
+        for part, (faults, records) in zip(parts, pool.map(_part_check, parts)):
+            if faults:
+                more = f" (and {len(faults) - 1} more)" if len(faults) > 1 else ""
+                raise BuildError(f"{part.dataset_dir}: damaged part, nothing merged: {faults[0]}{more}; "
+                                 f"rebuild it (--part-index {part.info['index']} --num-parts "
+                                 f"{part.info['num_parts']}), `prep verify` lists every fault")
+            checked.append(dataclasses.replace(part, records=records))
+    return checked
+
+
+def _check_result(dataset_dir: Path, manifest: Manifest) -> None:
+    faults = check_whole_files(dataset_dir, manifest)[0]
+    if faults:
+        raise BuildError(f"{dataset_dir}: the merged output fails its check ({faults[0]}); nothing was "
+                         "replaced, the parts are kept; rerun with --overwrite to merge again")
+
+
 def _fingerprint(parts: list[Part]) -> dict:
     digests = [hashlib.sha256((p.dataset_dir / MANIFEST_FILE).read_bytes()).hexdigest() for p in parts]
     return {"merge_of": digests, "store": parts[0].manifest.store}
@@ -134,7 +175,7 @@ def merge(part_dirs: list[Path], out_dir: Path, overwrite: bool = False, quiet: 
     """Join `part_dirs` (all parts of one build) into `<out_dir>/<split>-<prep_size>/`; the
     output is locked against builds and other merges of it, as a build's is."""
     started = time.perf_counter()
-    parts = load_parts(part_dirs)
+    parts = check_parts(load_parts(part_dirs))
     first = parts[0].manifest
     output = PartialOutput(Path(out_dir), first.split, first.prep_size, first.store,
                            parts[0].info.get("shard_bytes") or DEFAULT_SHARD_BYTES)
@@ -158,7 +199,7 @@ def _merge_locked(parts: list[Part], output: PartialOutput, overwrite: bool, qui
         output.open(progress)
         if not progress.finished:
             _copy_records(parts, output, progress, quiet, commit_every)
-        manifest = output.finalize(progress, _merged_fields(parts, progress))
+        manifest = output.finalize(progress, _merged_fields(parts, progress), check=_check_result)
     except (OSError, lmdb.Error) as err:
         where = f"{err.filename}: {err.strerror}" if isinstance(err, OSError) and err.filename else str(err)
         raise BuildError(f"{where}; the unfinished merge in {out_dir} is kept: fix the cause "
@@ -193,15 +234,20 @@ def _copy_part(part: Part, offset: int, output: PartialOutput, progress: Progres
     """Append the part's records from where an earlier merge stopped, as global index offset + i."""
     count = part.manifest.count
     first = min(max(progress.num_records - offset, 0), count)  # done by an earlier, interrupted merge
-    records = load_records(part.dataset_dir, part.manifest)
-    labels, rows, row_size = records["label"].tolist(), records.tobytes(), RECORD_DTYPE.itemsize
+    records = part.records if part.records is not None else load_records(part.dataset_dir, part.manifest)
+    labels, crcs = records["label"].tolist(), records["crc32"].tolist()
+    rows, row_size = records.tobytes(), RECORD_DTYPE.itemsize
     reader = open_reader(part.dataset_dir, part.manifest)
     copied = first
     with open(part.dataset_dir / NAMES_FILE, "rb") as names:
         for index, name_line in zip(range(count), names):
             if index < first:
                 continue
-            output.append(offset + index, labels[index], reader.view(index),
+            data = reader.view(index)
+            if checksum(data) != crcs[index]:  # changed since check_parts: never copy unchecked bytes
+                raise BuildError(f"{part.dataset_dir}: record {index} changed while merging (checksum "
+                                 "mismatch); rerun once the part is stable")
+            output.append(offset + index, labels[index], data,
                           rows[index * row_size:(index + 1) * row_size], name_line)
             progress.num_records += 1
             progress.names_bytes += len(name_line)

@@ -23,7 +23,7 @@ import numpy as np
 from formats.errors import DatasetError
 from formats.files import fsync_dir, write_atomic
 from formats.layout import split_dir_name
-from formats.lmdb_store import LmdbWriter
+from formats.lmdb_store import LmdbWriter, release_env
 from formats.manifest import Manifest, file_digest, read_manifest, write_manifest
 from formats.msgpack_store import MsgpackWriter
 from formats.record import MANIFEST_FILE, NAMES_FILE, RECORD_DTYPE, RECORDS_FILE
@@ -170,11 +170,13 @@ class PartialOutput:
         text = json.dumps(saved, sort_keys=True)
         write_atomic(self.partial_dir / PROGRESS_FILE, lambda f: f.write(text.encode("utf-8")))
 
-    def finalize(self, progress: Progress, manifest_fields: dict) -> Manifest:
+    def finalize(self, progress: Progress, manifest_fields: dict, check=None) -> Manifest:
         """Write the remaining files and the manifest (last), then move into the final name.
 
         Build-state files stay until the manifest exists, so a kill anywhere in here resumes
-        (and redoes this) or, once the manifest is written, just completes the move."""
+        (and redoes this) or, once the manifest is written, just completes the move. `check`
+        (dataset_dir, manifest) may raise to stop the move: the manifest is then taken back, so
+        nothing unchecked is ever moved into place or completed by a rerun."""
         for handle in (self._records_file, self._names_file):
             handle.flush()
             os.fsync(handle.fileno())
@@ -193,6 +195,14 @@ class PartialOutput:
         )
         write_manifest(self.partial_dir, manifest)
         self.close()
+        if check is not None:
+            try:
+                check(self.partial_dir, manifest)
+            except BaseException:
+                (self.partial_dir / MANIFEST_FILE).unlink()
+                raise
+            finally:
+                release_env(self.partial_dir)  # the checked LMDB is about to be renamed
         self.complete_if_finalized()
         return manifest
 
@@ -220,7 +230,10 @@ class PartialOutput:
     def close(self) -> None:
         for handle in (self._records_file, self._names_file, *self._list_files.values()):
             if handle is not None and not handle.closed:
-                handle.close()
+                try:
+                    handle.close()
+                except OSError:  # unsynced bytes a full disk refused: progress never counted them,
+                    pass  # and closing after a failure must not hide the failure
         if self.writer is not None:
             try:
                 self.writer.close()

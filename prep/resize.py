@@ -7,8 +7,9 @@ that. Target sizes are computed from the ORIGINAL dimensions so they do not depe
 
 What is already right is reused: a baseline RGB JPEG whose stored size equals its original
 size (shorter side = prep_size, or a small original kept as it is) is stored byte for byte, not
-re-encoded (a second JPEG generation only loses quality); it is still decoded once, to reject
-truncated data. Every input that had to be converted (CMYK, grayscale, palette, alpha, PNG and
+re-encoded (a second JPEG generation only loses quality), if it is just an image; what rides
+along (bytes after EOI, metadata over a budget: prep/jpeg_extras.py) is cut losslessly and
+listed as a conversion. It is still decoded once, to reject truncated data. Every input that had to be converted (CMYK, grayscale, palette, alpha, PNG and
 other formats) says what was done, for the manifest.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ from PIL import Image
 
 from formats import jpeg
 from formats.record import checksum
+from prep import jpeg_extras
 
 # Pillow's resampling filters are antialiased when shrinking (the kernel widens with the
 # scale); bilinear is what imagenet18 used for its sz/N copies and costs half of bicubic.
@@ -198,10 +200,15 @@ def prepare_image(data, prep_sizes: tuple[int, ...], quality: int, upscale: bool
     """One record per prep_size. An output whose size equals the original's is the source's own
     bytes when they are a baseline RGB JPEG, unless `reencode`."""
     reusable = None if reencode else _reusable_dims(data)
+    kept, cut = None, None  # what an output stored without resize holds, and what was cut
+    if reusable is not None and any(target_dims(*reusable, s, upscale) == reusable for s in prep_sizes):
+        kept, cut = jpeg_extras.keepable(data)
+    if kept is None:  # no output is stored without resize (`cut` says why, if one would have been)
+        reusable = None
     if reusable is not None and all(target_dims(*reusable, s, upscale) == reusable for s in prep_sizes):
-        _decode(data, 1)  # nothing to resize: decoded at the cheapest scale only to prove it whole
-        same = ResizedImage(bytes(data), *reusable, stored_as_is=True)
-        return PreparedImage(*reusable, (same,) * len(prep_sizes))
+        _decode(kept, 1)  # nothing to resize: decoded at the cheapest scale only to prove it whole
+        same = ResizedImage(kept, *reusable, stored_as_is=cut is None)
+        return PreparedImage(*reusable, (same,) * len(prep_sizes), cut)
     decoded = _decode(data, max(prep_sizes))
     pixels, orig_height, orig_width = decoded.pixels, decoded.orig_height, decoded.orig_width
     for prep_size in prep_sizes:
@@ -214,11 +221,11 @@ def prepare_image(data, prep_sizes: tuple[int, ...], quality: int, upscale: bool
     for prep_size in prep_sizes:
         height, width = target_dims(orig_height, orig_width, prep_size, upscale)
         if (height, width) == reusable:
-            outputs.append(ResizedImage(bytes(data), height, width, stored_as_is=True))
+            outputs.append(ResizedImage(kept, height, width, stored_as_is=cut is None))
             continue
         resized = image if (height, width) == pixels.shape[:2] else image.resize((width, height), RESAMPLE)
         outputs.append(ResizedImage(jpeg.encode_image(resized, quality), height, width))
-    return PreparedImage(orig_height, orig_width, tuple(outputs), decoded.conversion)
+    return PreparedImage(orig_height, orig_width, tuple(outputs), decoded.conversion or cut)
 
 
 def _reusable_dims(data) -> tuple[int, int] | None:

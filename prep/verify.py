@@ -197,17 +197,17 @@ def check_source(manifest: Manifest, names: list[str], src_dir: Path, val_labels
     return faults
 
 
-def verify(dataset_dir: Path, workers: int, src_dir: Path | None = None,
-           val_labels: Path | None = None, quiet: bool = False) -> VerifyReport:
-    dataset_dir = Path(dataset_dir)
-    started = time.perf_counter()
-    manifest = read_manifest(dataset_dir)  # DatasetError: not a dataset at all
+def check_whole_files(dataset_dir: Path, manifest: Manifest) -> tuple[list[str], np.ndarray | None]:
+    """verify's first tier, no decoding: every listed file against its digest, the record table
+    and names, per-class counts, the store's structure. The faults, and the record table when
+    the records can be checked one by one (None: they cannot). `prep merge` runs it on each
+    part before merging, and on its result before moving it into place."""
     faults = _check_files(dataset_dir, manifest)
     try:
         records = load_records(dataset_dir, manifest)
         load_names(dataset_dir, manifest)  # checked now; kept only for --source, after the workers
     except DatasetError as err:
-        return VerifyReport(dataset_dir, manifest, faults + [str(err)], 0, time.perf_counter() - started)
+        return faults + [str(err)], None
     faults += _check_table(manifest, records)
     try:
         if manifest.store == "msgpack":
@@ -216,7 +216,18 @@ def verify(dataset_dir: Path, workers: int, src_dir: Path | None = None,
             if manifest.count:  # opening the LMDB checks its record count, once, here
                 open_reader(dataset_dir, manifest).view(0)
     except DatasetError as err:
-        return VerifyReport(dataset_dir, manifest, faults + [str(err)], 0, time.perf_counter() - started)
+        return faults + [str(err)], None
+    return faults, records
+
+
+def verify(dataset_dir: Path, workers: int, src_dir: Path | None = None,
+           val_labels: Path | None = None, quiet: bool = False) -> VerifyReport:
+    dataset_dir = Path(dataset_dir)
+    started = time.perf_counter()
+    manifest = read_manifest(dataset_dir)  # DatasetError: not a dataset at all
+    faults, records = check_whole_files(dataset_dir, manifest)
+    if records is None:
+        return VerifyReport(dataset_dir, manifest, faults, 0, time.perf_counter() - started)
     checked = 0
     bounds = np.linspace(0, manifest.count, max(1, workers) * RANGES_PER_WORKER + 1).astype(int)
     ranges = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]

@@ -17,6 +17,7 @@ ALLOWED_PRIVATE = {
     ("train/batches.py", "_typed_storage"): "shared-memory batch, as torch's default_collate",
     ("train/batches.py", "_new_shared"): "shared-memory batch, as torch's default_collate",
     ("prep/workers.py", "_exit"): "os._exit: an orphaned worker dies at once, without the parent's atexit/pool cleanup",
+    ("prep/rank_watch.py", "_exit"): "os._exit: a rank whose launcher is gone, its main thread stuck in gloo, ends at once",
 }
 
 
