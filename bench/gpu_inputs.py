@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import fixture  # bench/fixture.py (bench/ is on sys.path)
-from formats.errors import DatasetError
+from formats import DatasetError
 from formats.manifest import read_manifest
 
 REPO = Path(__file__).resolve().parent.parent

@@ -27,7 +27,7 @@ from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
 from formats.dataset import RecordDataset
-from formats.errors import DatasetError
+from formats import DatasetError
 from formats.lmdb_store import release_env
 from formats.manifest import load_records, read_manifest
 from formats.record import encode_key

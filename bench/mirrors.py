@@ -38,7 +38,7 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]  # the repo first: bench/prep.py is
 from proctree import TreeSampler  # noqa: E402
 from prep.build import BuildConfig, build  # noqa: E402
 from prep.imagenet_classes import imagenet_wnids  # noqa: E402
-from prep.sample_mirrors import WRITERS  # noqa: E402
+from prep.sample.mirrors import WRITERS  # noqa: E402
 
 PREP_SIZE = 160
 DISTINCT = 200

@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 import fixture  # bench/fixture.py: the source photos and ImageNet-like geometry
-from prep.sample import class_words, devkit_ids, meta_mat_bytes, synset_rows, train_numbers
+from prep.sample.archives import class_words, devkit_ids, meta_mat_bytes, synset_rows, train_numbers
 
 NUM_CLASSES = 1000
 TRAIN_IMAGES = 1_281_167
@@ -212,7 +212,7 @@ def generate(src_dir: Path, scale: float = 1.0, seed: int = 0, workers: int | No
 
 def _write_devkit(f, words: list[tuple[str, str]], ids: tuple[int, ...], labels: list[int]) -> None:
     ground_truth = "".join(f"{ids[label]}\n" for label in labels).encode()
-    # prep.sample stores image counts as uint16, which 1,000 classes' parent synsets overflow.
+    # prep.sample.archives stores image counts as uint16, which 1,000 classes' parent synsets overflow.
     rows = [row[:5] + (min(row[5], 65535),) for row in synset_rows(words, ids, MAX_PER_CLASS)]
     members = [("ILSVRC2012_devkit_t12/data/meta.mat", meta_mat_bytes(rows)),
                ("ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt", ground_truth)]

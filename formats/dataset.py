@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from formats.errors import DatasetError
+from formats import DatasetError
 from formats.lmdb_store import check_data_file
 from formats.manifest import Manifest, load_names, load_records, read_manifest
 from formats.msgpack_store import shard_file_name

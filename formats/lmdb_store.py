@@ -18,7 +18,7 @@ from pathlib import Path
 
 import lmdb
 
-from formats.errors import DatasetError
+from formats import DatasetError
 from formats.record import checksum, encode_key
 
 DATA_FILE = "data.mdb"

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from formats.errors import DatasetError
-from formats.files import write_atomic
+from formats import DatasetError
+from formats import write_atomic
 from formats.record import (
     FORMAT_NAME,
     FORMAT_VERSION,

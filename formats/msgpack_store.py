@@ -18,8 +18,8 @@ import mmap
 import msgpack
 import numpy as np
 
-from formats.errors import DatasetError
-from formats.files import write_atomic
+from formats import DatasetError
+from formats import write_atomic
 from formats.manifest import file_digest
 from formats.record import checksum
 

@@ -22,7 +22,7 @@ from formats import jpeg
 from formats.manifest import Manifest, read_manifest
 from formats.names import escape_name, names_line
 from formats.msgpack_store import DEFAULT_SHARD_BYTES
-from formats.layout import split_dir_name
+from formats import split_dir_name
 from formats.record import FORMAT_VERSION, RECORD_STRUCT
 from prep.lock import lock_path, locked
 from prep.partial import BuildError, PartialOutput, Progress

@@ -46,7 +46,7 @@ def _raise_terminated(signum, frame):
 def _run(fn, resumable: bool = True):
     """Library errors -> one stderr line. Anything else is a bug and keeps its traceback.
     SIGTERM is handled like SIGINT (exit 143 instead of 130)."""
-    from formats.errors import DatasetError
+    from formats import DatasetError
     from prep.labels import SourceError
     from prep.partial import BuildError
 

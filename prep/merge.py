@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from formats.manifest import Manifest, load_records, read_manifest
 from formats.msgpack_store import DEFAULT_SHARD_BYTES
-from formats.errors import DatasetError
+from formats import DatasetError
 from formats.record import FORMAT_VERSION, MANIFEST_FILE, NAMES_FILE, RECORD_DTYPE, checksum
 from formats.store import open_reader
 from prep.lock import lock_path, locked

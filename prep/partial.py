@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from formats.errors import DatasetError
-from formats.files import fsync_dir, write_atomic
-from formats.layout import split_dir_name
+from formats import DatasetError
+from formats import fsync_dir, write_atomic
+from formats import split_dir_name
 from formats.lmdb_store import LmdbWriter, release_env
 from formats.manifest import Manifest, file_digest, read_manifest, write_manifest
 from formats.msgpack_store import MsgpackWriter

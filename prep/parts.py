@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Iterator
 
-from formats.layout import split_dir_name
+from formats import split_dir_name
 from prep.partial import BuildError
 from prep.sources import Source, SourceMember
 

@@ -7,7 +7,7 @@ import numpy as np
 
 from formats.manifest import load_records, read_manifest
 from formats.names import escape_name
-from formats.layout import split_dir_name
+from formats import split_dir_name
 
 
 MAX_LISTED = 20

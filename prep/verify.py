@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from formats import jpeg
-from formats.errors import DatasetError
+from formats import DatasetError
 from formats.manifest import Manifest, file_digest, load_names, load_records, read_manifest
 from formats.lmdb_store import content_digest
 from formats.names import escape_name

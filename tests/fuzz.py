@@ -1,4 +1,4 @@
-"""Time-bounded fuzzing helpers (used by tests/test_fuzz.py; `python -m tests.fuzz SECONDS` runs
+"""Time-bounded fuzzing helpers (used by tests/prep/test_fuzz.py; `python -m tests.fuzz SECONDS` runs
 the same loops for longer, to hunt): each case is a seeded mutation of a valid input, so a
 failure names the seed that reproduces it."""
 from __future__ import annotations
@@ -86,7 +86,7 @@ def run_cases(seeds: Iterator[int], budget_s: float, case: Callable[[int], None]
 
 
 if __name__ == "__main__":  # hunt for longer: python -m tests.fuzz 120
-    from tests import test_fuzz
+    from tests.prep import test_fuzz
 
     seconds = float(sys.argv[1]) if len(sys.argv) > 1 else 60.0
     print("images:", test_fuzz.fuzz_images(seconds / 2), "cases")

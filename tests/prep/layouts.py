@@ -1,11 +1,11 @@
-"""The same tiny ImageNet in each layout prep reads (prep.sample_mirrors writes the mirrors'
+"""The same tiny ImageNet in each layout prep reads (prep.sample.mirrors writes the mirrors'
 exact file layouts), plus the odd files the bad-input tests need."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from prep.imagenet_classes import imagenet_wnids
-from prep.sample_mirrors import (  # noqa: F401 (the tests' one import for every layout)
+from prep.sample.mirrors import (  # noqa: F401 (the tests' one import for every layout)
     hf_label_metadata, tar_bytes, write_hf_parquet, write_hf_targz, write_official_train, write_parquet,
     write_timm_wds,
 )

@@ -17,7 +17,7 @@ from prep.jpeg_extras import METADATA_BUDGET, keepable, parse_layout
 from prep.resize import prepare_image
 from prep.verify import verify
 from tests.conftest import jpeg_bytes
-from tests.test_build import dataset_bytes
+from tests.prep.test_build import dataset_bytes
 
 def pixels(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))

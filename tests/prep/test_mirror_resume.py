@@ -14,7 +14,7 @@ import pytest
 from formats.manifest import read_manifest
 from tests.conftest import jpeg_bytes, wait_for_progress
 from tests.prep import layouts
-from tests.test_build import dataset_bytes
+from tests.prep.test_build import dataset_bytes
 
 REPO = Path(__file__).resolve().parents[2]
 PREP = [sys.executable, "-m", "prep.cli"]

@@ -11,7 +11,7 @@ import pickle
 import numpy as np
 import pytest
 
-from formats.errors import DatasetError
+from formats import DatasetError
 from formats.lmdb_store import LmdbReader, LmdbWriter, content_digest
 from formats.manifest import read_manifest
 from formats.msgpack_store import INDEX_FILE, MsgpackReader, MsgpackWriter, iter_shard, shard_file_name
@@ -165,7 +165,7 @@ def test_manifest_fields_are_the_documented_schema(built_shards):
 
 
 def test_write_atomic_all_or_nothing(tmp_path):
-    from formats.files import write_atomic
+    from formats import write_atomic
 
     target = tmp_path / "table.bin"
     write_atomic(target, lambda f: f.write(b"old"))

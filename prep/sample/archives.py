@@ -21,7 +21,7 @@ from typing import BinaryIO, Iterable, Iterator
 import numpy as np
 import scipy.io
 
-from prep.sample_images import class_style, draw_shape, encode_image, render_image
+from prep.sample.images import class_style, draw_shape, encode_image, render_image
 
 TRAIN_TAR_NAME = "ILSVRC2012_img_train.tar"
 VAL_TAR_NAME = "ILSVRC2012_img_val.tar"

@@ -10,13 +10,13 @@ import sys
 import pytest
 
 from formats.dataset import RecordDataset
-from formats.errors import DatasetError
+from formats import DatasetError
 from formats.lmdb_store import check_data_file
 
 READ_ALL = """
 import sys
 from formats.dataset import RecordDataset
-from formats.errors import DatasetError
+from formats import DatasetError
 try:
     dataset = RecordDataset(sys.argv[1])
     print(sum(len(dataset.view(i)) for i in range(len(dataset))))

@@ -15,7 +15,7 @@ from train.decode import native_module
 from tests.conftest import jpeg_bytes
 from tests.loader_shards import dataset_dir
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "bench"
 if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))  # as the bench scripts do for their siblings

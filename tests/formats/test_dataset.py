@@ -6,12 +6,13 @@ import os
 import pickle
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from formats.dataset import ImageDataset, RecordDataset
-from formats.errors import DatasetError
+from formats import DatasetError
 from formats.manifest import load_names, read_manifest
 from tests.loader_shards import STORES, corrupt_record, damaged_copy, dataset_dir
 
@@ -132,4 +133,4 @@ def test_formats_and_prep_never_import_torch_or_the_dataset():
         "import formats.dataset\n"
         "assert 'torch' not in sys.modules\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])

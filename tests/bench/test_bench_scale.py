@@ -14,7 +14,7 @@ import pytest
 
 from prep.sources import open_source
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "bench"
 if str(BENCH) not in sys.path:
     sys.path.append(str(BENCH))  # after the repo root: bench/prep.py must not shadow the prep package

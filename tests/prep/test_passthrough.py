@@ -22,9 +22,9 @@ from prep.build import BuildConfig, build
 from prep.cli import app
 from prep.resize import prepare_image
 from tests.conftest import jpeg_bytes
-from tests.test_build import dataset_bytes
+from tests.prep.test_build import dataset_bytes
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def progressive_jpeg(height: int, width: int) -> bytes:

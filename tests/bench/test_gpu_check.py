@@ -15,7 +15,7 @@ import typer
 
 from train.cli import app
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "bench"
 if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))  # as bench/gpu_check.py itself does for its siblings

@@ -13,7 +13,7 @@ import numpy as np
 
 from formats import jpeg
 from formats.record import RECORD_DTYPE
-from tests.test_bad_images import with_jpeg_dims
+from tests.prep.test_bad_images import with_jpeg_dims
 
 HIDDEN = {**os.environ, jpeg.HIDE_TURBOJPEG_ENV: "1"}
 

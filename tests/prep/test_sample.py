@@ -1,4 +1,4 @@
-"""prep.sample: the procedural dataset must look exactly like ILSVRC2012's archives, quirks included."""
+"""prep.sample.archives: the procedural dataset must look exactly like ILSVRC2012's archives, quirks included."""
 
 import gzip
 import io
@@ -10,7 +10,7 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from prep.sample import DEVKIT_DIR, class_words, write_sample
+from prep.sample.archives import DEVKIT_DIR, class_words, write_sample
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REAL_META_FIELDS = ("ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children",

@@ -24,9 +24,9 @@ from prep.parts import PartSpec, byte_range, part_source
 from prep.sample import write_sample
 from prep.sources import open_source
 from prep.verify import verify
-from tests.test_build import dataset_bytes
+from tests.prep.test_build import dataset_bytes
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SIZES = (96, 48)
 SHARD_BYTES = 24 << 10  # small shards, so shard boundaries fall inside parts and between them
 
