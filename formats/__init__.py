@@ -3,6 +3,7 @@
 Here: the dependency-free pieces every user of a dataset directory shares (numpy-free code such
 as train's schedule maths imports them too): its error, its directory names, crash-safe writes.
 The schema, manifest and stores live in the modules."""
+
 from __future__ import annotations
 
 import os
@@ -17,6 +18,7 @@ class DatasetError(Exception):
 def split_dir_name(split: str, prep_size: int) -> str:
     """`train-160`, `val-320`: the directory of one split at one prep_size."""
     return f"{split}-{prep_size}"
+
 
 def fsync_dir(path: Path) -> None:
     """Make a rename in `path` durable."""
