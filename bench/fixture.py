@@ -113,9 +113,8 @@ def find_sources() -> list[Source]:
         for name in SKIMAGE_COLOR + SKIMAGE_GRAY:
             try:
                 pixels = _load_skimage(name)
-            except (
-                Exception
-            ) as error:  # not bundled in this build: skimage would try to download it
+            # not bundled in this build: skimage would try to download it
+            except Exception as error:
                 warnings.warn(f"skipping skimage.data.{name}: {error}", stacklevel=2)
                 continue
             height, width = pixels.shape[:2]
@@ -179,8 +178,7 @@ def draw_output_size(rng: np.random.Generator) -> tuple[int, int]:
 
 
 def draw_crop_box(rng: np.random.Generator, src_w: int, src_h: int, out_w: int, out_h: int):
-    """A random crop of the output's shape at 1-2 source px per output px (upscaling small
-    sources)."""
+    """A random crop of the output's shape at 1-2 source px per output px (upscales small ones)."""
     max_scale = min(src_w / out_w, src_h / out_h)
     if max_scale >= 1.0:
         scale = float(np.exp(rng.uniform(0.0, np.log(min(max_scale, MAX_DOWNSCALE)))))
@@ -380,8 +378,7 @@ def _requested(num_images: int, num_classes: int, seed: int, sources: list[Sourc
 def build_fixture(
     out_dir: Path, num_images: int, num_classes: int, seed: int, *, quiet: bool = False
 ) -> dict:
-    """Build (or reuse) the fixture in out_dir; return fixture.json's content (its "stats"
-    included)."""
+    """Build (or reuse) the fixture in out_dir; return fixture.json's content ("stats" too)."""
     if num_images < 1 or not 1 <= num_classes <= min(num_images, MAX_CLASSES) or seed < 0:
         raise ValueError(
             f"need num_images >= 1, 1 <= num_classes <= min(num_images, {MAX_CLASSES}), "

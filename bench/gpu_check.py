@@ -121,8 +121,7 @@ class Steps:
     def run(
         self, name: str, command: list[str], limit: float, reserve: float = 20.0
     ) -> tuple[int, str]:
-        """The command's exit status (124 when its time ran out, -1 when none was left) and
-        output."""
+        """(exit status, output); status 124 when its time ran out, -1 when none was left."""
         timeout = min(limit, self.left() - reserve)
         if timeout < 5:
             return -1, "no time left in the budget"
@@ -349,8 +348,7 @@ def resume_check(args: argparse.Namespace, steps: Steps, shards: Path) -> None:
 
 
 def checkpoint_steps(run_dir: Path) -> str:
-    """Where the resumed run picked up, from its event.log ("Resumed from ... at epoch E step
-    S")."""
+    """Where the resumed run picked up, from event.log's "Resumed from ... at epoch E step S"."""
     log = (
         (run_dir / "event.log").read_text(errors="replace")
         if (run_dir / "event.log").exists()

@@ -156,8 +156,7 @@ def summarize(raw: dict) -> dict:
 
 
 def configs(args, fixture_dir: Path, cache: Path):
-    """(group, key, label, thunk -> raw result | str why skipped), built lazily, cheapest inputs
-    first."""
+    """(group, key, label, thunk -> raw result | str why skipped), lazily, cheapest first."""
     folders = base.resized_folders(fixture_dir, cache, (160, 320), args.workers)
     shards = base.our_shards(fixture_dir, cache, (160, 320))
     full = fixture_dir / "folders" / "train"

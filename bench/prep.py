@@ -243,9 +243,8 @@ def main(argv: list[str] | None = None) -> int:
                 elapsed, peak = prep_build(src, tmp / "out", sizes, workers)
                 record(name, elapsed)
                 peaks[name] = max(peaks.get(name, 0.0), peak)
-                if (
-                    workers == 1
-                ):  # the same build of the small fixture: start-up and finalize cancel out
+                # the same build of the small fixture: start-up and finalize cancel out
+                if workers == 1:
                     record(
                         f"{name}, small fixture",
                         prep_build(small_dir / "archives", tmp / "small", sizes, 1)[0],

@@ -139,9 +139,8 @@ def is_sequential_8bit(data: bytes | memoryview) -> bool:
             continue
         if marker in _SEQUENTIAL_HUFFMAN_SOF:
             return position + 4 < len(view) and view[position + 4] == 8  # sample precision
-        if (
-            marker in _OTHER_SOF or marker == 0xDA
-        ):  # another frame type, or scan data before any frame
+        # another frame type, or scan data before any frame
+        if marker in _OTHER_SOF or marker == 0xDA:
             return False
         position += 2 + int.from_bytes(view[position + 2 : position + 4], "big")
     return False

@@ -44,9 +44,8 @@ def _free_bytes(directory: Path) -> int | None:
         st = os.statvfs(directory)
     except OSError:
         return None
-    return (
-        st.f_bfree if os.geteuid() == 0 else st.f_bavail
-    ) * st.f_frsize  # root may use the reserve
+    # root may use the reserve
+    return (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
 
 
 def _write_error(dataset_dir: Path, err: lmdb.Error) -> Exception:
@@ -100,9 +99,8 @@ class LmdbWriter:
 
     def __init__(self, dataset_dir: Path, keep_records: int = 0):
         self.dataset_dir = Path(dataset_dir)
-        if (
-            self.dataset_dir / DATA_FILE
-        ).exists():  # resuming: LMDB would map a damaged file as it is
+        # resuming: LMDB would map a damaged file as it is
+        if (self.dataset_dir / DATA_FILE).exists():
             try:
                 check_data_file(self.dataset_dir)
             except DatasetError as err:

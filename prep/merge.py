@@ -96,9 +96,8 @@ def load_parts(part_dirs: list[Path]) -> list[Part]:
             )
         parts.append(Part(part_dir, manifest, info))
     first = parts[0]
-    if (
-        first.manifest.format_version != FORMAT_VERSION
-    ):  # names.txt of older versions is written otherwise
+    # names.txt of older versions is written otherwise
+    if first.manifest.format_version != FORMAT_VERSION:
         raise BuildError(
             f"{first.dataset_dir}: format_version {first.manifest.format_version}, this prep "
             f"writes {FORMAT_VERSION}: rebuild the parts with this version"
@@ -330,9 +329,8 @@ def _copy_part(
             if index < first:
                 continue
             data = reader.view(index)
-            if (
-                checksum(data) != crcs[index]
-            ):  # changed since check_parts: never copy unchecked bytes
+            # changed since check_parts: never copy unchecked bytes
+            if checksum(data) != crcs[index]:
                 raise BuildError(
                     f"{part.dataset_dir}: record {index} changed while merging (checksum "
                     "mismatch); rerun once the part is stable"

@@ -127,11 +127,8 @@ class PartialOutput:
                         self.partial_dir / file_name, saved.pop(f"num_{name}", 0)
                     )
             progress = Progress(**saved)
-        except (
-            ValueError,
-            TypeError,
-            AttributeError,
-        ) as err:  # written atomically: only tampering gets here
+        # written atomically: only tampering gets here
+        except (ValueError, TypeError, AttributeError) as err:
             raise BuildError(
                 f"{progress_path}: unreadable ({type(err).__name__}: {err}); pass "
                 "--overwrite to start the build over"
@@ -266,9 +263,8 @@ class PartialOutput:
 
     def _move_into_place(self) -> None:
         old = self.final_dir.with_name(f".{self.final_dir.name}.old")
-        if (
-            self.final_dir.exists()
-        ):  # --overwrite: the old dataset goes only once the new is in place
+        # --overwrite: the old dataset goes only once the new is in place
+        if self.final_dir.exists():
             shutil.rmtree(old, ignore_errors=True)
             os.replace(self.final_dir, old)
         os.replace(self.partial_dir, self.final_dir)

@@ -308,8 +308,7 @@ def write_sample(
     val_per_class: int = 20,
     seed: int = 0,
 ) -> SampleInfo:
-    """Writes the three ILSVRC2012 archives into out_dir (created if missing) and says what is in
-    them."""
+    """Writes the three ILSVRC2012 archives into out_dir (made if missing); says what they hold."""
     if (
         num_classes < 2
         or train_per_class < 1

@@ -199,8 +199,7 @@ def _paint_distractor(image: np.ndarray, rng: np.random.Generator) -> None:
 
 
 def encode_image(rgb: np.ndarray, kind: str = "rgb") -> bytes:
-    """File bytes of an image: "rgb", "gray" or "cmyk" JPEG, or "png" (the .JPEG-named PNG
-    quirk)."""
+    """File bytes: "rgb", "gray" or "cmyk" JPEG, or "png" (the .JPEG-named PNG quirk)."""
     image = Image.fromarray(rgb, "RGB")
     buffer = io.BytesIO()
     if kind == "png":

@@ -124,8 +124,7 @@ def write_timm_wds(src: Path, items: Sequence[Item], num_shards: int = 2) -> lis
 
 
 def write_official_train(src: Path, items: Sequence[Item]) -> Path:
-    """ILSVRC2012_img_train.tar with all 1000 class tars (empty ones too, so labels are the
-    1000's)."""
+    """ILSVRC2012_img_train.tar with all 1000 class tars (empty ones too: labels are the 1000's)."""
     by_class: dict[str, list[tuple[str, bytes]]] = {wnid: [] for wnid in imagenet_wnids()}
     for wnid, image_id, data in items:
         by_class[wnid].append((f"{image_id}.JPEG", data))

@@ -125,9 +125,8 @@ def test_reader_survives_fork_and_pickle(tmp_path, store):
         else MsgpackReader(tmp_path, len(PAYLOADS))
     )
     expected = [checksum(p) for p in PAYLOADS]
-    assert [
-        checksum(reader.view(i)) for i in range(len(PAYLOADS))
-    ] == expected  # opened in the parent
+    # opened in the parent
+    assert [checksum(reader.view(i)) for i in range(len(PAYLOADS))] == expected
     queue = multiprocessing.get_context("fork").Queue()
     child = multiprocessing.get_context("fork").Process(target=_read_in_child, args=(reader, queue))
     child.start()

@@ -97,9 +97,8 @@ def test_jpeg_header_claiming_a_huge_size_is_rejected_before_decoding(height, wi
     assert len(data) < 8000
     reason = rejected_reason(data)
     assert reason.startswith("implausible jpeg: ")
-    if (
-        "DecompressionBombError" not in reason
-    ):  # PIL (no libturbojpeg) refuses 1.6 Gpx at open, first
+    # PIL (no libturbojpeg) refuses 1.6 Gpx at open, first
+    if "DecompressionBombError" not in reason:
         assert what in reason and f"{width}x{height}" in reason
 
 

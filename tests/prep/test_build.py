@@ -196,9 +196,8 @@ def test_kill_9_and_resume_gives_identical_output(tmp_path, store):
         whole, again = tmp_path / "whole" / f"train-{size}", killed / f"train-{size}"
         assert (whole / "manifest.json").read_bytes() == (again / "manifest.json").read_bytes()
         for name in read_manifest(whole).files:
-            if (
-                name != "data.mdb"
-            ):  # LMDB page layout depends on history; its content digest is in the manifest
+            # LMDB page layout depends on history; its content digest is in the manifest
+            if name != "data.mdb":
                 assert (whole / name).read_bytes() == (again / name).read_bytes(), name
         assert dataset_bytes(whole) == dataset_bytes(again)
     assert not list(killed.glob(".*"))

@@ -111,8 +111,7 @@ def tar_seeds() -> list[bytes]:
 
 
 def _tarfile_view(data: bytes):
-    """tarfile's (name, offset, size) of the plain regular files, or None if it refuses the
-    archive."""
+    """tarfile's (name, offset, size) of the regular files, or None if it refuses the archive."""
     try:
         with tarfile.open(fileobj=io.BytesIO(data)) as tar:
             members = tar.getmembers()

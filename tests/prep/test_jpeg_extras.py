@@ -104,8 +104,7 @@ def test_metadata_is_counted_against_the_budget_all_together():
 
 
 def test_what_cannot_be_cut_cleanly_is_reencoded_and_listed():
-    """A JFIF segment carrying a 40x40 RGB thumbnail (4.8 KB): APP0 is needed to decode, too big to
-    keep."""
+    """A JFIF segment carrying a 40x40 RGB thumbnail (4.8 KB): APP0 is needed, too big to keep."""
     plain = jpeg_bytes(64, 70, seed=6)
     assert plain[2:4] == b"\xff\xe0" and plain[4:6] == b"\x00\x10"  # PIL's 18-byte JFIF segment
     jfif = b"JFIF\x00\x01\x01\x00\x00\x01\x00\x01" + bytes([40, 40]) + b"\x80" * (40 * 40 * 3)

@@ -1,5 +1,4 @@
-"""prep.resize: odd inputs become RGB JPEGs at the right size; bad inputs are rejected with a
-reason."""
+"""prep.resize: odd inputs become RGB JPEGs at the right size; bad ones are rejected, saying why."""
 
 from __future__ import annotations
 

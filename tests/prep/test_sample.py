@@ -1,5 +1,5 @@
-"""prep.sample.archives: the procedural dataset must look exactly like ILSVRC2012's archives,
-quirks included."""
+"""prep.sample.archives: the procedural dataset looks exactly like ILSVRC2012's archives, quirks
+included."""
 
 import gzip
 import io
