@@ -13,7 +13,7 @@ One script, one device call (~6 min on an H200), everything under --out, a short
   5. bench/gpu.py, reduced rows: ResNet-50 (a)(b)(c)(d) at 128 and 224 px
 
     bash bench/gpu_check.sh                 # on the device: carried wheels first (docs/GPU_RUN.md)
-    python bench/gpu_check.py --tiny        # CPU rehearsal: resnet18, 32/48 px, 64 images, ~2 min
+    python bench/gpu_check.py --tiny        # CPU rehearsal: resnet18, 32/48 px, 32 images, ~1 min
 
 A step that fails or times out is a FAIL row with its log under --out/logs/; the later steps still
 run. Exit status 0 only when no step failed (skips are not failures).
@@ -61,7 +61,7 @@ TINY = {
     "arch": "resnet18",
     "crops": (32, 48),
     "batch_sizes": (8, 8),
-    "images": 64,
+    "images": 32,  # 4 steps an epoch at batch 8: the kill after step 3 still lands mid-epoch
     "classes": 4,
     "val_per_class": 4,
     "workers": 1,

@@ -11,6 +11,7 @@ import random
 import tarfile
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from prep.resize import PreparedImage, RejectedImage, prepare_image, target_dims
@@ -79,6 +80,8 @@ def fuzz_images(budget_s: float, first_seed: int = 0) -> int:
     return run_cases(itertools.count(first_seed), budget_s, check_image_case)
 
 
+# slow: the quick tier covers the same code on chosen inputs (test_resize, test_bad_images)
+@pytest.mark.slow
 def test_fuzz_image_path():
     assert fuzz_images(IMAGE_BUDGET_S) > 50
 
@@ -160,5 +163,6 @@ def fuzz_tars(budget_s: float, first_seed: int = 0) -> int:
         os.close(fd)
 
 
+@pytest.mark.slow  # the quick tier covers the scanner in test_tar_scan
 def test_fuzz_tar_scanner_against_tarfile():
     assert fuzz_tars(TAR_BUDGET_S) > 50

@@ -12,6 +12,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
+
 from prep.hf_parquet import parquet_source
 from prep.hf_targz import targz_source
 from prep.labels import SourceError
@@ -90,14 +92,19 @@ def test_valid_inputs_read_whole(tmp_path):
         assert read_all(kind, path) == 5, kind
 
 
+# slow: the quick tier covers the readers on valid and chosen bad inputs (above, and
+# test_mirror_bad_input)
+@pytest.mark.slow
 def test_fuzz_gzip_reader(tmp_path):
     assert fuzz("targz", BUDGET_S, tmp_path) > 20
 
 
+@pytest.mark.slow
 def test_fuzz_parquet_reader(tmp_path):
     assert fuzz("parquet", BUDGET_S, tmp_path) > 20
 
 
+@pytest.mark.slow
 def test_fuzz_webdataset_reader(tmp_path):
     assert fuzz("wds", BUDGET_S, tmp_path) > 20
 
