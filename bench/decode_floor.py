@@ -13,6 +13,7 @@ reused, rows into a reused buffer; the loader's own decode step):
 Each one thread by default; `threads=N` times N threads at once (the loader's concurrency: on
 a machine whose cores share caches or a physical core, N threads get less per core than one).
 """
+
 from __future__ import annotations
 
 import time
@@ -38,7 +39,9 @@ class FloorJobs:
         self.heights, self.widths = np.asarray(heights, np.int64), np.asarray(widths, np.int64)
         uniforms = sample_uniforms(seed, 0, 0, len(records), CROP_DRAWS)
         self.boxes = TrainCrop(crop_size).boxes(self.heights, self.widths, uniforms)
-        self.scales = [dct_scale_for_box(int(b[2]), int(b[3]), crop_size, crop_size) for b in self.boxes]
+        self.scales = [
+            dct_scale_for_box(int(b[2]), int(b[3]), crop_size, crop_size) for b in self.boxes
+        ]
 
     def __len__(self) -> int:
         return len(self.records)
@@ -62,8 +65,15 @@ def _decode_passes(jobs: FloorJobs, part: slice, passes: int, kind: str) -> None
             for data, scale in zip(records, scales):
                 turbo.decode(data, pixel_format=jpeg.TJPF_RGB, scaling_factor=scale)
             continue
-        failure = decode_only(records, jobs.heights[part], jobs.widths[part], jobs.boxes[part], jobs.crop_size,
-                              jobs.crop_size, region=kind == "region")
+        failure = decode_only(
+            records,
+            jobs.heights[part],
+            jobs.widths[part],
+            jobs.boxes[part],
+            jobs.crop_size,
+            jobs.crop_size,
+            region=kind == "region",
+        )
         if failure is not None:
             raise RuntimeError(f"record {failure[0]}: {failure[1]}")
 
@@ -77,7 +87,9 @@ def time_floor(jobs: FloorJobs, num_images: int, kind: str = "full", threads: in
     if not 1 <= threads <= len(jobs):
         raise ValueError(f"threads must be in 1..{len(jobs)}, got {threads}")
     passes = max(1, -(-num_images // len(jobs)))
-    parts = [slice(len(jobs) * i // threads, len(jobs) * (i + 1) // threads) for i in range(threads)]
+    parts = [
+        slice(len(jobs) * i // threads, len(jobs) * (i + 1) // threads) for i in range(threads)
+    ]
     started, cpu_started = time.perf_counter(), time.process_time()
     if threads == 1:
         _decode_passes(jobs, parts[0], passes, kind)
@@ -86,7 +98,13 @@ def time_floor(jobs: FloorJobs, num_images: int, kind: str = "full", threads: in
             for done in [pool.submit(_decode_passes, jobs, part, passes, kind) for part in parts]:
                 done.result()
     wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
-    return {"images": passes * len(jobs), "seconds": wall, "cpu_seconds": cpu, "batches": 0, "workers": threads}
+    return {
+        "images": passes * len(jobs),
+        "seconds": wall,
+        "cpu_seconds": cpu,
+        "batches": 0,
+        "workers": threads,
+    }
 
 
 def floor_jobs(dataset_dir: Path, crop_size: int) -> FloorJobs:

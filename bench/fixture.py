@@ -7,17 +7,18 @@ resolution, so they keep real detail, and sized, shaped and encoded like ImageNe
 most have a 500 px long side (Flickr's "medium" size), 4:3 or 3:2, ~13% portrait, some square,
 some smaller or up to ~1000 px; a few grayscale and CMYK JPEGs, as prep has to handle.
 
-Encoding follows ImageNet rather than a generic quality 90: a survey of the train set's JPEG
-headers (Max Ehrlich, "Compression in the ImageNet Dataset", 2021) found most images at quality
-96 without chroma subsampling (4:4:4), which is what gives ImageNet its ~110 KB mean and gives a
-decoder twice the coefficient blocks of 4:2:0 (here ~1.9x the decode time). The wallpapers are smoother than Flickr
-photos even at native resolution, so mild sensor-like noise (sigma 2-4 levels) tops them up.
+Encoding follows ImageNet rather than a generic quality 90: a survey of the train set's JPEG headers
+(Max Ehrlich, "Compression in the ImageNet Dataset", 2021) found most images at quality 96 without
+chroma subsampling (4:4:4), which is what gives ImageNet its ~110 KB mean and gives a decoder twice
+the coefficient blocks of 4:2:0 (here ~1.9x the decode time). The wallpapers are smoother than
+Flickr photos even at native resolution, so mild sensor-like noise (sigma 2-4 levels) tops them up.
 
 Writes DIR/folders/train/<wnid>/<wnid>_<i>.JPEG, DIR/archives/ILSVRC2012_img_train.tar (a tar of
 per-class <wnid>.tar, as ImageNet ships it; same bytes) and, last, DIR/fixture.json (parameters
 and measured statistics). A DIR whose fixture.json matches the request is reused.
 
-    python bench/fixture.py --out bench/.cache/fixture-2000 --num-images 2000 --num-classes 20 --seed 0
+    python bench/fixture.py --out bench/.cache/fixture-2000 \\
+        --num-images 2000 --num-classes 20 --seed 0
 
 Bench scripts: ``sys.path.insert(0, str(Path(__file__).parent)); import fixture`` then
 ``fixture.build_fixture(out_dir, num_images, num_classes, seed)``. Nothing runs at import time.
@@ -99,24 +100,29 @@ def find_sources() -> list[Source]:
             if sizes:
                 path = max(sorted(sizes), key=lambda p: sizes[p][0] * sizes[p][1])
                 width, height = sizes[path]
-                sources.append(Source(f"wallpaper:{wallpaper_dir.name}", str(path), width, height, False))
+                sources.append(
+                    Source(f"wallpaper:{wallpaper_dir.name}", str(path), width, height, False)
+                )
     try:
         import skimage.data  # noqa: F401  (bench-only dependency)
     except ImportError:
-        warnings.warn("scikit-image is not installed: fixture uses the wallpaper photos only", stacklevel=2)
+        warnings.warn(
+            "scikit-image is not installed: fixture uses the wallpaper photos only", stacklevel=2
+        )
     else:
         for name in SKIMAGE_COLOR + SKIMAGE_GRAY:
             try:
                 pixels = _load_skimage(name)
-            except Exception as error:  # not bundled in this build: skimage would try to download it
+            # not bundled in this build: skimage would try to download it
+            except Exception as error:
                 warnings.warn(f"skipping skimage.data.{name}: {error}", stacklevel=2)
                 continue
             height, width = pixels.shape[:2]
             sources.append(Source(f"skimage:{name}", name, width, height, pixels.ndim == 2))
     if not any(not s.gray for s in sources):
         raise RuntimeError(
-            f"no colour source photos: install Debian's plasma-workspace-wallpapers ({WALLPAPER_DIR}) "
-            "or scikit-image"
+            "no colour source photos: install Debian's plasma-workspace-wallpapers "
+            f"({WALLPAPER_DIR}) or scikit-image"
         )
     return sources
 
@@ -172,7 +178,7 @@ def draw_output_size(rng: np.random.Generator) -> tuple[int, int]:
 
 
 def draw_crop_box(rng: np.random.Generator, src_w: int, src_h: int, out_w: int, out_h: int):
-    """A random crop of the output's shape at 1-2 source px per output px (upscaling small sources)."""
+    """A random crop of the output's shape at 1-2 source px per output px (upscales small ones)."""
     max_scale = min(src_w / out_w, src_h / out_h)
     if max_scale >= 1.0:
         scale = float(np.exp(rng.uniform(0.0, np.log(min(max_scale, MAX_DOWNSCALE)))))
@@ -204,10 +210,10 @@ def add_sensor_noise(pixels: np.ndarray, sigma: float, rng: np.random.Generator)
     else:
         amplitude = amplitude[pixels]
     luma_at = int(rng.integers(0, bank.size - count + 1))
-    noise = bank[luma_at:luma_at + count].reshape(height, width, 1) * amplitude[..., None]
+    noise = bank[luma_at : luma_at + count].reshape(height, width, 1) * amplitude[..., None]
     if channels > 1:  # a weaker independent part per channel: chroma noise
         chroma_at = int(rng.integers(0, bank.size - count * channels + 1))
-        chroma = bank[chroma_at:chroma_at + count * channels].reshape(height, width, channels)
+        chroma = bank[chroma_at : chroma_at + count * channels].reshape(height, width, channels)
         noise = (noise + np.float32(0.35) * chroma * amplitude[..., None]) * np.float32(1 / 1.06)
     noise += pixels.reshape(height, width, channels)
     noise += np.float32(0.5)
@@ -260,9 +266,16 @@ def render_image(task: tuple[int, str]) -> tuple[int, bytes, dict]:
     with Image.open(io.BytesIO(data)) as written:  # measure what was written, not what was meant
         width, height = written.size
         written_mode = written.mode
-    facts = {"width": width, "height": height, "mode": written_mode, "bytes": len(data),
-             "quality": quality, "subsampling": "4:4:4" if subsampling == 0 else "4:2:0",
-             "source": source.name, "noise_sigma": round(sigma, 3)}
+    facts = {
+        "width": width,
+        "height": height,
+        "mode": written_mode,
+        "bytes": len(data),
+        "quality": quality,
+        "subsampling": "4:4:4" if subsampling == 0 else "4:2:0",
+        "source": source.name,
+        "noise_sigma": round(sigma, 3),
+    }
     return index, data, facts
 
 
@@ -274,7 +287,7 @@ def plan_modes(num_images: int, seed: int) -> list[str]:
     modes = ["RGB"] * num_images
     for index in order[:num_cmyk]:
         modes[index] = "CMYK"
-    for index in order[num_cmyk:num_cmyk + num_gray]:
+    for index in order[num_cmyk : num_cmyk + num_gray]:
         modes[index] = "L"
     return modes
 
@@ -318,8 +331,12 @@ def library_versions() -> dict:
     import PIL
     from PIL import features
 
-    return {"pillow": PIL.__version__, "pillow_simd": ".post" in PIL.__version__,
-            "libjpeg_turbo": features.version("libjpeg_turbo"), "numpy": np.__version__}
+    return {
+        "pillow": PIL.__version__,
+        "pillow_simd": ".post" in PIL.__version__,
+        "libjpeg_turbo": features.version("libjpeg_turbo"),
+        "numpy": np.__version__,
+    }
 
 
 def _tar_info(name: str, size: int) -> tarfile.TarInfo:
@@ -335,7 +352,9 @@ def write_train_tar(train_dir: Path, tar_path: Path, names_by_wnid: dict[str, li
     partial_path = tar_path.with_name(tar_path.name + ".partial")
     with tarfile.open(partial_path, "w", format=tarfile.GNU_FORMAT) as outer:
         for wnid in sorted(names_by_wnid):
-            with tempfile.SpooledTemporaryFile(max_size=256 << 20, dir=tar_path.parent) as inner_file:
+            with tempfile.SpooledTemporaryFile(
+                max_size=256 << 20, dir=tar_path.parent
+            ) as inner_file:
                 with tarfile.open(fileobj=inner_file, mode="w", format=tarfile.GNU_FORMAT) as inner:
                     for name in names_by_wnid[wnid]:
                         data = (train_dir / wnid / name).read_bytes()
@@ -347,15 +366,24 @@ def write_train_tar(train_dir: Path, tar_path: Path, names_by_wnid: dict[str, li
 
 
 def _requested(num_images: int, num_classes: int, seed: int, sources: list[Source]) -> dict:
-    return {"fixture_version": FIXTURE_VERSION, "num_images": num_images, "num_classes": num_classes,
-            "seed": seed, "sources": [s.name for s in sources]}
+    return {
+        "fixture_version": FIXTURE_VERSION,
+        "num_images": num_images,
+        "num_classes": num_classes,
+        "seed": seed,
+        "sources": [s.name for s in sources],
+    }
 
 
-def build_fixture(out_dir: Path, num_images: int, num_classes: int, seed: int, *, quiet: bool = False) -> dict:
-    """Build (or reuse) the fixture in out_dir; return fixture.json's content (its "stats" included)."""
+def build_fixture(
+    out_dir: Path, num_images: int, num_classes: int, seed: int, *, quiet: bool = False
+) -> dict:
+    """Build (or reuse) the fixture in out_dir; return fixture.json's content ("stats" too)."""
     if num_images < 1 or not 1 <= num_classes <= min(num_images, MAX_CLASSES) or seed < 0:
-        raise ValueError(f"need num_images >= 1, 1 <= num_classes <= min(num_images, {MAX_CLASSES}), "
-                         f"seed >= 0; got {num_images}, {num_classes}, {seed}")
+        raise ValueError(
+            f"need num_images >= 1, 1 <= num_classes <= min(num_images, {MAX_CLASSES}), "
+            f"seed >= 0; got {num_images}, {num_classes}, {seed}"
+        )
     out_dir = Path(out_dir)
     record_path = out_dir / "fixture.json"
     train_dir = out_dir / "folders" / "train"
@@ -366,7 +394,10 @@ def build_fixture(out_dir: Path, num_images: int, num_classes: int, seed: int, *
         record = json.loads(record_path.read_text())
         if record.get("params") == requested:
             if not quiet:
-                print(f"fixture: reusing {out_dir} ({num_images} images, {num_classes} classes, seed {seed})")
+                print(
+                    f"fixture: reusing {out_dir} ({num_images} images, {num_classes} classes, "
+                    f"seed {seed})"
+                )
             return record
 
     start = time.perf_counter()
@@ -388,7 +419,9 @@ def build_fixture(out_dir: Path, num_images: int, num_classes: int, seed: int, *
         facts[index] = image_facts
 
     progress = tqdm(total=num_images, desc="fixture", unit="img", disable=quiet)
-    num_workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    num_workers = (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    )
     if num_images >= MIN_IMAGES_FOR_POOL and num_workers > 1:
         with Pool(num_workers, initializer=_init_worker, initargs=(sources, seed)) as pool:
             for result in pool.imap_unordered(render_image, tasks, chunksize=8):
@@ -418,10 +451,13 @@ def build_fixture(out_dir: Path, num_images: int, num_classes: int, seed: int, *
     os.replace(partial_record, record_path)
     if not quiet:
         stats = record["stats"]
-        print(f"fixture: built {out_dir} in {time.perf_counter() - start:.1f} s: {stats['count']} images, "
-              f"median {stats['median_width']}x{stats['median_height']}, mean {stats['mean_kb']} KB "
-              f"(median {stats['median_kb']} KB), {stats['num_portrait']} portrait, "
-              f"{stats['num_gray']} gray, {stats['num_cmyk']} CMYK")
+        print(
+            f"fixture: built {out_dir} in {time.perf_counter() - start:.1f} s: {stats['count']} "
+            "images, "
+            f"median {stats['median_width']}x{stats['median_height']}, mean {stats['mean_kb']} KB "
+            f"(median {stats['median_kb']} KB), {stats['num_portrait']} portrait, "
+            f"{stats['num_gray']} gray, {stats['num_cmyk']} CMYK"
+        )
     return record
 
 

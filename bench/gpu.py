@@ -18,6 +18,7 @@ where it runs: bench/fixture.py's real-photo fixture, then `prep build-lmdb --si
 
 docs/GPU_RUN.md has the device-machine command (wheels for lmdb/PyTurboJPEG, carried photos).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,15 +35,35 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(1, str(HERE))
 
 import gpu_inputs  # noqa: E402  (bench/gpu_inputs.py)
-from gpu_report import (CONFIG_TITLES, add_ratios, default_batch_size, format_projection,  # noqa: E402
-                        format_table, prep_size_for, project)
+from gpu_report import (  # noqa: E402
+    CONFIG_TITLES,
+    add_ratios,
+    default_batch_size,
+    format_projection,
+    format_table,
+    prep_size_for,
+    project,
+)
 
 SCHEDULES = ("phases/imagenet18-1x8.json", "phases/rn50-16ep.json")
 PREP_SIZES = (160, 320)
 NEEDS_SECONDS = {False: 10.0, True: 150.0}  # least budget left to start an eager / compiled row
-TINY = {"archs": "resnet18", "sizes": "32,64", "arch_sizes": "", "compile_sizes": "32,64", "steps": 2,
-        "warmup": 1, "log_every": 1, "batch_size": 8, "fixture_images": 64, "fixture_classes": 4,
-        "workers": 1, "budget_seconds": 240.0, "config_seconds": 20.0, "photos": "synthetic"}
+TINY = {
+    "archs": "resnet18",
+    "sizes": "32,64",
+    "arch_sizes": "",
+    "compile_sizes": "32,64",
+    "steps": 2,
+    "warmup": 1,
+    "log_every": 1,
+    "batch_size": 8,
+    "fixture_images": 64,
+    "fixture_classes": 4,
+    "workers": 1,
+    "budget_seconds": 240.0,
+    "config_seconds": 20.0,
+    "photos": "synthetic",
+}
 
 
 def usable_cores() -> int:
@@ -53,31 +74,80 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add = parser.add_argument
     add("--device", default="auto", choices=("auto", "cuda", "cpu"))
-    add("--sizes", default="128,160,224,288", help="crop sides (px) of every arch not in --arch-sizes")
+    add(
+        "--sizes",
+        default="128,160,224,288",
+        help="crop sides (px) of every arch not in --arch-sizes",
+    )
     add("--archs", default="resnet50,resnet18", help="the first also gets the fp16/compile rows")
     add("--arch-sizes", default="resnet18=128,160", help="per-arch crop sides: ARCH=S,S[;ARCH=S]")
-    add("--configs", default="a,b,c,d", help="subset of a (synthetic), b (ours CPU decode), "
-        "c (ours GPU decode), d (ImageFolder+PIL)")
-    add("--variants", default="fp16,compile", help="extra (a) rows of the first arch: fp16, compile")
-    add("--compile-sizes", default="128,224", help="crop sides of the compile rows (each compiles ~1 min)")
-    add("--steps", type=int, default=60, help="timed steps per row (fewer if --config-seconds runs out)")
+    add(
+        "--configs",
+        default="a,b,c,d",
+        help="subset of a (synthetic), b (ours CPU decode), "
+        "c (ours GPU decode), d (ImageFolder+PIL)",
+    )
+    add(
+        "--variants", default="fp16,compile", help="extra (a) rows of the first arch: fp16, compile"
+    )
+    add(
+        "--compile-sizes",
+        default="128,224",
+        help="crop sides of the compile rows (each compiles ~1 min)",
+    )
+    add(
+        "--steps",
+        type=int,
+        default=60,
+        help="timed steps per row (fewer if --config-seconds runs out)",
+    )
     add("--warmup", type=int, default=20, help="untimed steps first (rounded up to --log-every)")
     add("--log-every", type=int, default=20, help="steps between host syncs (train run's default)")
-    add("--batch-size", type=int, help="per GPU, every row (default: 256 up to 160 px, 192 at 224, 128 above)")
+    add(
+        "--batch-size",
+        type=int,
+        help="per GPU, every row (default: 256 up to 160 px, 192 at 224, 128 above)",
+    )
     add("--fixture-images", type=int, default=2000)
     add("--fixture-classes", type=int, default=20)
-    add("--fixture-dir", type=Path, help="use this fixture (bench/fixture.py layout) instead of building one")
-    add("--wallpaper-dir", type=Path, help="the fixture's source photos, where /usr/share/wallpapers is missing")
-    add("--photos", choices=("real", "synthetic"), default="real",
-        help="fixture images: real photos (bench/fixture.py) or prep sample's generated ones (--tiny's)")
-    add("--export-sources", type=Path, help="copy the fixture's source photos to this folder and exit")
+    add(
+        "--fixture-dir",
+        type=Path,
+        help="use this fixture (bench/fixture.py layout) instead of building one",
+    )
+    add(
+        "--wallpaper-dir",
+        type=Path,
+        help="the fixture's source photos, where /usr/share/wallpapers is missing",
+    )
+    add(
+        "--photos",
+        choices=("real", "synthetic"),
+        default="real",
+        help="fixture images: real photos (bench/fixture.py) or prep sample's generated ones "
+        "(--tiny's)",
+    )
+    add(
+        "--export-sources",
+        type=Path,
+        help="copy the fixture's source photos to this folder and exit",
+    )
     add("--workers", type=int, help="loader processes of (b), (c), (d) (default: all usable cores)")
-    add("--budget-seconds", type=float, default=450.0, help="whole run, inputs included; rows past it are skipped")
+    add(
+        "--budget-seconds",
+        type=float,
+        default=450.0,
+        help="whole run, inputs included; rows past it are skipped",
+    )
     add("--config-seconds", type=float, default=15.0, help="longest timed window of one row")
     add("--cache", type=Path, default=HERE / ".cache" / "gpu")
     add("--schedules", default=",".join(SCHEDULES), help="phases files to project")
     add("--json-out", type=Path, help="results as JSON, rewritten after every row")
-    add("--tiny", action="store_true", help="CPU smoke: " + ", ".join(f"{k}={v}" for k, v in TINY.items()))
+    add(
+        "--tiny",
+        action="store_true",
+        help="CPU smoke: " + ", ".join(f"{k}={v}" for k, v in TINY.items()),
+    )
     if "--tiny" in (sys.argv[1:] if argv is None else argv):
         parser.set_defaults(**TINY)  # what --tiny changes; flags given explicitly still win
     args = parser.parse_args(argv)
@@ -87,7 +157,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.warmup, args.steps = round_up(max(args.warmup, 1)), round_up(max(args.steps, 1))
     unknown = set(_split(args.configs)) - set(CONFIG_TITLES)
     if unknown or args.log_every < 1 or args.workers < 0:
-        parser.error(f"--configs from a,b,c,d (got {sorted(unknown)}); --log-every >= 1; --workers >= 0")
+        parser.error(
+            f"--configs from a,b,c,d (got {sorted(unknown)}); --log-every >= 1; --workers >= 0"
+        )
     return args
 
 
@@ -102,11 +174,21 @@ def plan(args: argparse.Namespace) -> list[dict]:
     variants = _split(args.variants)
 
     def row(config, arch, crop_size, precision="bf16", compile=False):
-        return {"config": config, "arch": arch, "crop_size": crop_size, "precision": precision,
-                "compile": compile, "batch_size": args.batch_size or default_batch_size(crop_size)}
+        return {
+            "config": config,
+            "arch": arch,
+            "crop_size": crop_size,
+            "precision": precision,
+            "compile": compile,
+            "batch_size": args.batch_size or default_batch_size(crop_size),
+        }
 
-    rows = [row(c, arch, int(s)) for arch in archs
-            for s in _split(per_arch.get(arch, args.sizes)) for c in configs]
+    rows = [
+        row(c, arch, int(s))
+        for arch in archs
+        for s in _split(per_arch.get(arch, args.sizes))
+        for c in configs
+    ]
     if archs and "a" in configs:
         if "fp16" in variants:
             rows += [row("a", archs[0], int(s), "fp16") for s in _split(args.sizes)]
@@ -130,15 +212,20 @@ def machine_line(cuda: bool) -> str:
 
     import torch
     import torchvision
+
     from train.bench_loader import machine_description
 
     gpu = "no CUDA (CPU run)"
     if cuda:
         props = torch.cuda.get_device_properties(0)
-        gpu = (f"{props.name}, {props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB, "
-               f"CUDA {torch.version.cuda}, cudnn {torch.backends.cudnn.version()}")
-    return (f"{gpu} | {machine_description()} | torchvision {torchvision.__version__}, "
-            f"python {platform.python_version()}")
+        gpu = (
+            f"{props.name}, {props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} "
+            f"GiB, CUDA {torch.version.cuda}, cudnn {torch.backends.cudnn.version()}"
+        )
+    return (
+        f"{gpu} | {machine_description()} | torchvision {torchvision.__version__}, "
+        f"python {platform.python_version()}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,37 +236,68 @@ def main(argv: list[str] | None = None) -> int:
         print(f"copied {len(copied)} source photos to {args.export_sources}")
         return 0
     from gpu_measure import Inputs
+
     from train.dist import resolve_device
     from train.phases import load_schedule
 
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
     rows = plan(args)
-    sizes = sorted({prep_size_for(r["crop_size"], PREP_SIZES) for r in rows if r["config"] in ("b", "c")})
+    sizes = sorted(
+        {prep_size_for(r["crop_size"], PREP_SIZES) for r in rows if r["config"] in ("b", "c")}
+    )
     if args.fixture_dir:
         fixture_dir, record = args.fixture_dir, gpu_inputs.existing_fixture(args.fixture_dir)
     else:
         fixture_dir = args.cache / f"fixture-{args.photos}-{args.fixture_images}"
-        record = gpu_inputs.build_inputs_fixture(fixture_dir, args.fixture_images, args.fixture_classes,
-                                                 args.wallpaper_dir, args.photos)
+        record = gpu_inputs.build_inputs_fixture(
+            fixture_dir, args.fixture_images, args.fixture_classes, args.wallpaper_dir, args.photos
+        )
     num_images = record["stats"]["count"]
-    shard_dirs = gpu_inputs.build_shards(fixture_dir, args.cache / f"shards-{fixture_dir.name}", sizes,
-                                         num_images, 0 if args.tiny else args.workers) if sizes else {}
-    out = {"machine": machine_line(cuda), "settings": {k: str(v) if isinstance(v, Path) else v
-                                                       for k, v in vars(args).items()},
-           "fixture": {"dir": str(fixture_dir), **record["stats"]}, "rows": rows,
-           "seconds_inputs": time.perf_counter() - started}
+    shard_dirs = (
+        gpu_inputs.build_shards(
+            fixture_dir,
+            args.cache / f"shards-{fixture_dir.name}",
+            sizes,
+            num_images,
+            0 if args.tiny else args.workers,
+        )
+        if sizes
+        else {}
+    )
+    out = {
+        "machine": machine_line(cuda),
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "fixture": {"dir": str(fixture_dir), **record["stats"]},
+        "rows": rows,
+        "seconds_inputs": time.perf_counter() - started,
+    }
     print(f"machine: {out['machine']}")
-    print(f"fixture: {num_images} JPEGs in {fixture_dir}; shards {sorted(shard_dirs)}; "
-          f"inputs ready in {out['seconds_inputs']:.0f} s")
-    print(f"settings: {args.workers} loader workers, warm-up {args.warmup} + up to {args.steps} timed "
-          f"steps (<= {args.config_seconds:g} s) per row, a host sync every {args.log_every} steps, "
-          f"budget {args.budget_seconds:g} s", flush=True)
+    print(
+        f"fixture: {num_images} JPEGs in {fixture_dir}; shards {sorted(shard_dirs)}; "
+        f"inputs ready in {out['seconds_inputs']:.0f} s"
+    )
+    print(
+        f"settings: {args.workers} loader workers, warm-up {args.warmup} + up to {args.steps} "
+        "timed "
+        f"steps (<= {args.config_seconds:g} s) per row, a host sync every {args.log_every} steps, "
+        f"budget {args.budget_seconds:g} s",
+        flush=True,
+    )
     recipe = dict(load_schedule(HERE.parent / SCHEDULES[0]).recipe)
     recipe.pop("tuned_num_gpus", None)  # a one-GPU bench: no note about 8-GPU LRs per row
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as scratch:
-        inputs = Inputs(device.type, args.workers, shard_dirs, fixture_dir / "folders" / "train", recipe,
-                        args.warmup, args.steps, args.log_every, Path(scratch))
+        inputs = Inputs(
+            device.type,
+            args.workers,
+            shard_dirs,
+            fixture_dir / "folders" / "train",
+            recipe,
+            args.warmup,
+            args.steps,
+            args.log_every,
+            Path(scratch),
+        )
         for row in rows:
             run_row(row, inputs, args, cuda, started)
             add_ratios(rows)
@@ -187,8 +305,17 @@ def main(argv: list[str] | None = None) -> int:
     projections = [project(Path(path), rows, root=HERE.parent) for path in _split(args.schedules)]
     out["projection"] = projections
     order = {key: i for i, key in enumerate(("a", "b", "c", "d"))}
-    shown = sorted(rows, key=lambda r: (r["arch"] != rows[0]["arch"], r["arch"], r["crop_size"],
-                                        order[r["config"]], r["compile"], r["precision"] != "bf16"))
+    shown = sorted(
+        rows,
+        key=lambda r: (
+            r["arch"] != rows[0]["arch"],
+            r["arch"],
+            r["crop_size"],
+            order[r["config"]],
+            r["compile"],
+            r["precision"] != "bf16",
+        ),
+    )
     print(f"\nmachine: {out['machine']}\n{format_table(add_ratios(shown))}\n")
     print(format_projection(projections))
     write_json(args.json_out, out, started)
@@ -205,24 +332,43 @@ def run_row(row: dict, inputs, args, cuda: bool, started: float) -> None:
     if reason is None and left < NEEDS_SECONDS[row["compile"]]:
         reason = f"skipped: time budget ({left:.0f} s of {args.budget_seconds:g} s left)"
     prep_size = prep_size_for(row["crop_size"], PREP_SIZES)
-    row.update(decode={"b": "cpu", "c": "gpu"}.get(row["config"]),
-               train_dir=f"train-{prep_size}" if row["config"] in ("b", "c") else None,
-               workers=inputs.workers if row["config"] != "a" else 0)
+    row.update(
+        decode={"b": "cpu", "c": "gpu"}.get(row["config"]),
+        train_dir=f"train-{prep_size}" if row["config"] in ("b", "c") else None,
+        workers=inputs.workers if row["config"] != "a" else 0,
+    )
     if reason is not None:
         row["note"] = reason
     else:
-        job = Job(row["config"], row["arch"], row["crop_size"], row["batch_size"], row["precision"],
-                  row["compile"])
+        job = Job(
+            row["config"],
+            row["arch"],
+            row["crop_size"],
+            row["batch_size"],
+            row["precision"],
+            row["compile"],
+        )
         try:
             row.update(measure(job, inputs, prep_size, min(args.config_seconds, max(left - 5, 1))))
-            row["note"] = f"{row['steps_measured']} steps" + (f" from {row['train_dir']}"
-                                                               if row["train_dir"] else "")
+            row["note"] = f"{row['steps_measured']} steps" + (
+                f" from {row['train_dir']}" if row["train_dir"] else ""
+            )
         except Exception as err:  # noqa: BLE001  (one bad row must not lose the others' numbers)
             traceback.print_exc()
-            row["note"] = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}"
-    rate = f"{row['img_per_s']:,.0f} img/s, data-wait {100 * row['data_wait']:.0f}%" if "img_per_s" in row else ""
-    print(f"  {CONFIG_TITLES[row['config']]:<22} {row['arch']:<9} {row['crop_size']:>3} px "
-          f"{row['precision']}{' compile' if row['compile'] else ''}: {rate or row['note']}", flush=True)
+            row["note"] = (
+                f"failed: {type(err).__name__}: "
+                f"{str(err).splitlines()[0][:120] if str(err) else ''}"
+            )
+    rate = (
+        f"{row['img_per_s']:,.0f} img/s, data-wait {100 * row['data_wait']:.0f}%"
+        if "img_per_s" in row
+        else ""
+    )
+    print(
+        f"  {CONFIG_TITLES[row['config']]:<22} {row['arch']:<9} {row['crop_size']:>3} px "
+        f"{row['precision']}{' compile' if row['compile'] else ''}: {rate or row['note']}",
+        flush=True,
+    )
 
 
 def write_json(path: Path | None, out: dict, started: float) -> None:

@@ -6,17 +6,19 @@ without them gets the same photos carried in a folder (`export_sources` writes o
 ~6 MB), named with --wallpaper-dir. `--photos synthetic` lays out `prep sample`'s generated
 images instead (CPU rehearsals and their tests: no photo package needed).
 """
+
 from __future__ import annotations
 
 import json
 import shutil
-import tarfile
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import fixture  # bench/fixture.py (bench/ is on sys.path)
-from formats.errors import DatasetError
+
+from formats import DatasetError
 from formats.manifest import read_manifest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,8 +39,9 @@ def export_sources(out_dir: Path) -> list[Path]:
     return copied
 
 
-def build_fixture(fixture_dir: Path, num_images: int, num_classes: int,
-                  wallpaper_dir: Path | None) -> dict:
+def build_fixture(
+    fixture_dir: Path, num_images: int, num_classes: int, wallpaper_dir: Path | None
+) -> dict:
     """bench/fixture.py's fixture (reused when its parameters match); its fixture.json."""
     if wallpaper_dir is not None:
         if not Path(wallpaper_dir).is_dir():
@@ -47,8 +50,9 @@ def build_fixture(fixture_dir: Path, num_images: int, num_classes: int,
     return fixture.build_fixture(fixture_dir, num_images, num_classes, 0, quiet=True)
 
 
-def build_inputs_fixture(fixture_dir: Path, num_images: int, num_classes: int,
-                         wallpaper_dir: Path | None, photos: str) -> dict:
+def build_inputs_fixture(
+    fixture_dir: Path, num_images: int, num_classes: int, wallpaper_dir: Path | None, photos: str
+) -> dict:
     """The fixture `photos` names: "real" (bench/fixture.py) or "synthetic" (prep sample's)."""
     if photos == "synthetic":
         return synthetic_fixture(fixture_dir, num_images, num_classes)
@@ -66,8 +70,12 @@ def synthetic_fixture(fixture_dir: Path, num_images: int, num_classes: int) -> d
     if record_path.is_file() and json.loads(record_path.read_text()).get("params") == params:
         return json.loads(record_path.read_text())
     per_class = max(1, num_images // num_classes)
-    info = write_sample(fixture_dir / "archives", num_classes=num_classes, train_per_class=per_class,
-                        val_per_class=1)
+    info = write_sample(
+        fixture_dir / "archives",
+        num_classes=num_classes,
+        train_per_class=per_class,
+        val_per_class=1,
+    )
     with tarfile.open(info.train_tar_path) as outer:
         for class_member in outer:
             folder = fixture_dir / "folders" / "train" / Path(class_member.name).stem
@@ -86,8 +94,10 @@ def existing_fixture(fixture_dir: Path) -> dict:
     train_dir = fixture_dir / "folders" / "train"
     tar_path = fixture_dir / "archives" / fixture.TRAIN_TAR_NAME
     if not train_dir.is_dir() or not tar_path.is_file():
-        raise SystemExit(f"--fixture-dir {fixture_dir}: needs folders/train/ and "
-                         f"archives/{fixture.TRAIN_TAR_NAME} (bench/fixture.py's layout)")
+        raise SystemExit(
+            f"--fixture-dir {fixture_dir}: needs folders/train/ and "
+            f"archives/{fixture.TRAIN_TAR_NAME} (bench/fixture.py's layout)"
+        )
     count = sum(1 for _ in train_dir.glob("*/*.JPEG"))
     return {"params": {"num_images": count}, "stats": {"count": count}}
 
@@ -102,13 +112,28 @@ def _complete(dataset_dir: Path, num_images: int) -> bool:
     return manifest.count + len(manifest.rejects) == num_images
 
 
-def build_shards(fixture_dir: Path, out_dir: Path, prep_sizes: list[int], num_images: int,
-                 workers: int) -> dict[int, Path]:
+def build_shards(
+    fixture_dir: Path, out_dir: Path, prep_sizes: list[int], num_images: int, workers: int
+) -> dict[int, Path]:
     """{prep_size: out_dir/train-<prep_size>} via `prep build-lmdb`, only the missing sizes."""
-    todo = [size for size in sorted(prep_sizes) if not _complete(out_dir / f"train-{size}", num_images)]
+    todo = [
+        size for size in sorted(prep_sizes) if not _complete(out_dir / f"train-{size}", num_images)
+    ]
     if todo:
-        args = [sys.executable, "-m", "prep.cli", "build-lmdb", "--src", str(fixture_dir / "archives"),
-                "--out", str(out_dir), "--overwrite", "-q", "--workers", str(workers)]
+        args = [
+            sys.executable,
+            "-m",
+            "prep.cli",
+            "build-lmdb",
+            "--src",
+            str(fixture_dir / "archives"),
+            "--out",
+            str(out_dir),
+            "--overwrite",
+            "-q",
+            "--workers",
+            str(workers),
+        ]
         args += [a for size in todo for a in ("--size", str(size))]
         done = subprocess.run(args, cwd=REPO, capture_output=True, text=True)
         if done.returncode:

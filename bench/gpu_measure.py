@@ -10,6 +10,7 @@ timestamps each sync point, so a window between two of them is wall time with th
 drained at both ends: warm-up intervals (cudnn autotuning, loader start) are left out, and the
 window stops at `steps` or when `cap_seconds` have passed (on_sync returns True).
 """
+
 from __future__ import annotations
 
 import gc
@@ -20,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from gpu_report import Mark, window_rate  # bench/ is on sys.path (bench/gpu.py puts it there)
+
 from train.augment import TrainCrop
 from train.bench import SyntheticBatches
 from train.config import Recipe, RunConfig
@@ -72,8 +73,11 @@ class Window:
     def __call__(self, sync: SyncPoint) -> bool:
         self.marks.append(Mark(time.perf_counter(), sync.step, sync.images, sync.data_wait_s))
         started = next((m.time for m in self.marks if m.steps >= self.warmup_steps), None)
-        return (started is not None and self.marks[-1].steps > self.warmup_steps
-                and self.marks[-1].time - started >= self.cap_seconds)
+        return (
+            started is not None
+            and self.marks[-1].steps > self.warmup_steps
+            and self.marks[-1].time - started >= self.cap_seconds
+        )
 
 
 class EndlessTrainLoader(TrainLoader):
@@ -94,13 +98,24 @@ class FolderLoader:
         from torchvision import transforms
         from torchvision.datasets import ImageFolder
 
-        transform = transforms.Compose([
-            transforms.RandomResizedCrop(crop_size), transforms.RandomHorizontalFlip(),
-            transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        transform = transforms.Compose(
+            [
+                transforms.RandomResizedCrop(crop_size),
+                transforms.RandomHorizontalFlip(),
+                transforms.ToTensor(),
+                transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            ]
+        )
         dataset = ImageFolder(str(root), transform=transform)
-        self.loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                                 sampler=RandomSampler(dataset, num_samples=ENDLESS), drop_last=True,
-                                 pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
+        self.loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            num_workers=workers,
+            sampler=RandomSampler(dataset, num_samples=ENDLESS),
+            drop_last=True,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=workers > 0,
+        )
 
     def __iter__(self):
         if self.loader is None:
@@ -130,8 +145,10 @@ class PlainCopy:
             except StopIteration:
                 return
             self.data_wait_seconds += time.perf_counter() - started
-            yield (x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format),
-                   labels.to(self.device, non_blocking=True))
+            yield (
+                x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format),
+                labels.to(self.device, non_blocking=True),
+            )
 
 
 @dataclass
@@ -151,9 +168,14 @@ def make_source(job: Job, inputs: Inputs, device: torch.device, prep_size: int) 
         return Source(SyntheticBatches(job.batch_size, job.crop_size, NUM_CLASSES, ENDLESS, device))
     if job.config in ("b", "c"):
         gpu = job.config == "c"
-        loader = EndlessTrainLoader(inputs.shard_dirs[prep_size], job.batch_size, TrainCrop(job.crop_size),
-                                    workers=inputs.workers, decode="gpu" if gpu else "cpu",
-                                    device=str(device) if gpu else None)
+        loader = EndlessTrainLoader(
+            inputs.shard_dirs[prep_size],
+            job.batch_size,
+            TrainCrop(job.crop_size),
+            workers=inputs.workers,
+            decode="gpu" if gpu else "cpu",
+            device=str(device) if gpu else None,
+        )
         loader.set_epoch(0)
         return Source(DevicePrefetcher(loader, device, channels_last=True), loader)  # train run's
     if job.config == "d":
@@ -165,10 +187,19 @@ def make_source(job: Job, inputs: Inputs, device: torch.device, prep_size: int) 
 def measure(job: Job, inputs: Inputs, prep_size: int, cap_seconds: float) -> dict[str, Any]:
     """Run `job` through train run's loop; img/s, data-wait share and GPU memory peak."""
     recipe = Recipe.from_mapping(inputs.recipe, arch=job.arch)
-    config = RunConfig(Path("bench/gpu.py"), out_dir=inputs.out_dir / "run", arch=job.arch,
-                       device=inputs.device, precision=job.precision, compile=job.compile,
-                       workers=inputs.workers, decode="gpu" if job.config == "c" else "cpu",
-                       log_every=inputs.log_every, tensorboard=False, progress=False)
+    config = RunConfig(
+        Path("bench/gpu.py"),
+        out_dir=inputs.out_dir / "run",
+        arch=job.arch,
+        device=inputs.device,
+        precision=job.precision,
+        compile=job.compile,
+        workers=inputs.workers,
+        decode="gpu" if job.config == "c" else "cpu",
+        log_every=inputs.log_every,
+        tensorboard=False,
+        progress=False,
+    )
     env = init_distributed(inputs.device)
     cuda = env.device.type == "cuda"
     if cuda:
@@ -177,14 +208,25 @@ def measure(job: Job, inputs: Inputs, prep_size: int, cap_seconds: float) -> dic
     source = make_source(job, inputs, env.device, prep_size)
     trainer = None
     try:
-        trainer = build_trainer(config, recipe, env, NUM_CLASSES,
-                                resolve_precision(job.precision, env.device))
+        trainer = build_trainer(
+            config, recipe, env, NUM_CLASSES, resolve_precision(job.precision, env.device)
+        )
         if job.compile:  # compile the shape before the clock, as train run does
-            trainer.warm_up([(job.batch_size, job.crop_size)], channels_last=True, say=lambda _: None)
+            trainer.warm_up(
+                [(job.batch_size, job.crop_size)], channels_last=True, say=lambda _: None
+            )
         window = Window(inputs.warmup_steps, cap_seconds)
-        train_steps(trainer, TrainState(), source.batches, steps=inputs.warmup_steps + inputs.steps,
-                    lr_at=lambda step: LR, on_sync=window, sync_every=inputs.log_every, seed=config.seed,
-                    env=env)
+        train_steps(
+            trainer,
+            TrainState(),
+            source.batches,
+            steps=inputs.warmup_steps + inputs.steps,
+            lr_at=lambda step: LR,
+            on_sync=window,
+            sync_every=inputs.log_every,
+            seed=config.seed,
+            env=env,
+        )
         result = window_rate(window.marks, inputs.warmup_steps)
     finally:
         source.close()

@@ -2,6 +2,7 @@
 
 Nothing here touches a GPU, a loader or the clock, so tests check it on hand-made rows.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -53,13 +54,19 @@ def window_rate(marks: Sequence[Mark], warmup_steps: int) -> dict[str, float]:
     """
     start = next((i for i, mark in enumerate(marks) if mark.steps >= warmup_steps), None)
     if start is None or start == len(marks) - 1:
-        raise ValueError(f"no timed interval after {warmup_steps} warm-up steps "
-                         f"({len(marks)} sync points)")
-    timed = marks[start + 1:]
+        raise ValueError(
+            f"no timed interval after {warmup_steps} warm-up steps ({len(marks)} sync points)"
+        )
+    timed = marks[start + 1 :]
     seconds = marks[-1].time - marks[start].time
     images = sum(mark.images for mark in timed)
-    return {"img_per_s": images / seconds, "data_wait": sum(m.data_wait_s for m in timed) / seconds,
-            "seconds": seconds, "images": images, "steps_measured": marks[-1].steps - marks[start].steps}
+    return {
+        "img_per_s": images / seconds,
+        "data_wait": sum(m.data_wait_s for m in timed) / seconds,
+        "seconds": seconds,
+        "images": images,
+        "steps_measured": marks[-1].steps - marks[start].steps,
+    }
 
 
 def _key(row: dict, config: str) -> tuple:
@@ -68,13 +75,19 @@ def _key(row: dict, config: str) -> tuple:
 
 def add_ratios(rows: list[dict]) -> list[dict]:
     """ratio_vs_a: img/s over (a) bf16 eager of the same arch and crop; ratio_vs_d: over (d)."""
-    measured = {(r["config"], r["arch"], r["crop_size"], r["precision"], r["compile"]): r
-                for r in rows if r.get("img_per_s")}
+    measured = {
+        (r["config"], r["arch"], r["crop_size"], r["precision"], r["compile"]): r
+        for r in rows
+        if r.get("img_per_s")
+    }
     for row in rows:
         for name, base_config in (("ratio_vs_a", "a"), ("ratio_vs_d", "d")):
             base = measured.get(_key(row, base_config))
-            row[name] = (row["img_per_s"] / base["img_per_s"]
-                         if row.get("img_per_s") and base is not None else None)
+            row[name] = (
+                row["img_per_s"] / base["img_per_s"]
+                if row.get("img_per_s") and base is not None
+                else None
+            )
     return rows
 
 
@@ -83,18 +96,50 @@ def _fmt(value: Any, spec: str, scale: float = 1.0) -> str:
 
 
 def format_table(rows: Sequence[dict]) -> str:
-    header = ("config", "arch", "px", "batch", "precision", "compile", "img/s", "data-wait",
-              "GPU mem GiB", "vs (a)", "vs (d)", "note")
+    header = (
+        "config",
+        "arch",
+        "px",
+        "batch",
+        "precision",
+        "compile",
+        "img/s",
+        "data-wait",
+        "GPU mem GiB",
+        "vs (a)",
+        "vs (d)",
+        "note",
+    )
     body = [header]
     for r in rows:
-        body.append((CONFIG_TITLES[r["config"]], r["arch"], str(r["crop_size"]), str(r["batch_size"]),
-                     r["precision"], "on" if r["compile"] else "off", _fmt(r.get("img_per_s"), ",.0f"),
-                     _fmt(r.get("data_wait"), ".1f", 100) + ("%" if r.get("data_wait") is not None else ""),
-                     _fmt(r.get("gpu_mem_gib"), ".1f"), _fmt(r.get("ratio_vs_a"), ".2f"),
-                     _fmt(r.get("ratio_vs_d"), ".2f"), r.get("note", "")))
+        body.append(
+            (
+                CONFIG_TITLES[r["config"]],
+                r["arch"],
+                str(r["crop_size"]),
+                str(r["batch_size"]),
+                r["precision"],
+                "on" if r["compile"] else "off",
+                _fmt(r.get("img_per_s"), ",.0f"),
+                _fmt(r.get("data_wait"), ".1f", 100)
+                + ("%" if r.get("data_wait") is not None else ""),
+                _fmt(r.get("gpu_mem_gib"), ".1f"),
+                _fmt(r.get("ratio_vs_a"), ".2f"),
+                _fmt(r.get("ratio_vs_d"), ".2f"),
+                r.get("note", ""),
+            )
+        )
     widths = [max(len(row[c]) for row in body) for c in range(len(header) - 1)]
-    lines = ["  ".join([cell.rjust(w) if c > 1 else cell.ljust(w) for c, (cell, w)
-                        in enumerate(zip(row[:-1], widths))] + [row[-1]]).rstrip() for row in body]
+    lines = [
+        "  ".join(
+            [
+                cell.rjust(w) if c > 1 else cell.ljust(w)
+                for c, (cell, w) in enumerate(zip(row[:-1], widths))
+            ]
+            + [row[-1]]
+        ).rstrip()
+        for row in body
+    ]
     return "\n".join(lines)
 
 
@@ -113,13 +158,18 @@ def rate_at(rates: dict[int, float], crop_size: int) -> tuple[float, str]:
         nearest = sides[0] if at == 0 else sides[-1]
         return rates[nearest], f"nearest ({nearest} px)"
     low, high = sides[at - 1], sides[at]
-    t = (crop_size ** 2 - low ** 2) / (high ** 2 - low ** 2)
+    t = (crop_size**2 - low**2) / (high**2 - low**2)
     seconds = (1 - t) / rates[low] + t / rates[high]
     return 1 / seconds, f"interpolated ({low}-{high} px)"
 
 
-def project(schedule_path: Path, rows: Sequence[dict], configs: Sequence[str] = ("a", "b", "c", "d"),
-            images_per_epoch: int = IMAGENET_TRAIN_IMAGES, root: Path | None = None) -> dict:
+def project(
+    schedule_path: Path,
+    rows: Sequence[dict],
+    configs: Sequence[str] = ("a", "b", "c", "d"),
+    images_per_epoch: int = IMAGENET_TRAIN_IMAGES,
+    root: Path | None = None,
+) -> dict:
     """Hours of the schedule's training steps on one GPU, per config, from bf16 eager rows of
     the schedule's arch (or, if none was measured, of the first measured arch, flagged).
     A relative `schedule_path` is read under `root` (default: the working directory)."""
@@ -127,22 +177,41 @@ def project(schedule_path: Path, rows: Sequence[dict], configs: Sequence[str] = 
 
     loaded = load_schedule(schedule_path if root is None else Path(root) / schedule_path)
     arch = loaded.recipe.get("arch", "resnet50")
-    usable = [r for r in rows if r.get("img_per_s") and r["precision"] == "bf16" and not r["compile"]]
-    rates_arch = arch if any(r["arch"] == arch for r in usable) else (usable[0]["arch"] if usable else None)
-    out = {"schedule": str(schedule_path), "arch": arch, "rates_arch": rates_arch,
-           "num_epochs": loaded.schedule.num_epochs, "images_per_epoch": images_per_epoch,
-           "phases": [], "hours": {}}
+    usable = [
+        r for r in rows if r.get("img_per_s") and r["precision"] == "bf16" and not r["compile"]
+    ]
+    rates_arch = (
+        arch if any(r["arch"] == arch for r in usable) else (usable[0]["arch"] if usable else None)
+    )
+    out = {
+        "schedule": str(schedule_path),
+        "arch": arch,
+        "rates_arch": rates_arch,
+        "num_epochs": loaded.schedule.num_epochs,
+        "images_per_epoch": images_per_epoch,
+        "phases": [],
+        "hours": {},
+    }
     for config in configs:
-        rates = {r["crop_size"]: r["img_per_s"] for r in usable
-                 if r["config"] == config and r["arch"] == rates_arch}
+        rates = {
+            r["crop_size"]: r["img_per_s"]
+            for r in usable
+            if r["config"] == config and r["arch"] == rates_arch
+        }
         if rates:
             out["hours"][config] = 0.0
         for index, phase in enumerate(loaded.schedule.phases):
             crops = [phase.crop_size_at(epoch) for epoch in range(*phase.epochs)]  # a ramp moves
             if len(out["phases"]) <= index:
                 shown = phase.crop_size if len(set(crops)) == 1 else f"{crops[0]}-{crops[-1]}"
-                out["phases"].append({"epochs": list(phase.epochs), "crop_size": shown,
-                                      "num_epochs": len(crops), "rates": {}})
+                out["phases"].append(
+                    {
+                        "epochs": list(phase.epochs),
+                        "crop_size": shown,
+                        "num_epochs": len(crops),
+                        "rates": {},
+                    }
+                )
             if not rates:
                 continue
             how = rate_at(rates, crops[0])[1]
@@ -154,19 +223,29 @@ def project(schedule_path: Path, rows: Sequence[dict], configs: Sequence[str] = 
 
 
 def format_projection(projections: Sequence[dict]) -> str:
-    lines = [f"projection (arithmetic on the rates above, NOT a measurement): one GPU, "
-             f"{IMAGENET_TRAIN_IMAGES:,} images per epoch, training steps only (no validation, "
-             "start-up or loader rebuilds); each phase at the bf16 eager img/s of its crop side, "
-             "at this run's batch sizes (the schedules' per-GPU batches differ)"]
+    lines = [
+        f"projection (arithmetic on the rates above, NOT a measurement): one GPU, "
+        f"{IMAGENET_TRAIN_IMAGES:,} images per epoch, training steps only (no validation, "
+        "start-up or loader rebuilds); each phase at the bf16 eager img/s of its crop side, "
+        "at this run's batch sizes (the schedules' per-GPU batches differ)"
+    ]
     for p in projections:
-        flag = "" if p["rates_arch"] == p["arch"] else \
-            f"  [no {p['arch']} rows: {p['rates_arch']} rates used, not a {p['arch']} projection]"
+        flag = (
+            ""
+            if p["rates_arch"] == p["arch"]
+            else f"  [no {p['arch']} rows: {p['rates_arch']} rates used, "
+            f"not a {p['arch']} projection]"
+        )
         lines.append(f"  {p['schedule']}: {p['arch']}, {p['num_epochs']} epochs{flag}")
         for phase in p["phases"]:
-            cells = [f"{c} {v['img_per_s']:,.0f} img/s {v['hours']:.2f} h ({v['how']})"
-                     for c, v in phase["rates"].items()]
-            lines.append(f"    epochs {phase['epochs'][0]:>2}-{phase['epochs'][1]:<2} "
-                         f"{phase['crop_size']:>3} px: " + ("; ".join(cells) or "no rates"))
+            cells = [
+                f"{c} {v['img_per_s']:,.0f} img/s {v['hours']:.2f} h ({v['how']})"
+                for c, v in phase["rates"].items()
+            ]
+            lines.append(
+                f"    epochs {phase['epochs'][0]:>2}-{phase['epochs'][1]:<2} "
+                f"{phase['crop_size']:>3} px: " + ("; ".join(cells) or "no rates")
+            )
         totals = "; ".join(f"{CONFIG_TITLES[c]} {h:.2f} h" for c, h in p["hours"].items())
         lines.append(f"    total: {totals or 'no rates measured'}")
     return "\n".join(lines)

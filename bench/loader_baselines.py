@@ -6,6 +6,7 @@ Every loader here is one endless iterator (epochs back to back: a RandomSampler 
 permutations, or resampled shards), so no loader pays the tiny fixture's epoch-boundary drain,
 which ImageNet's 10,000-batch epochs never notice. Nothing runs at import time.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -26,8 +27,8 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
+from formats import DatasetError
 from formats.dataset import RecordDataset
-from formats.errors import DatasetError
 from formats.lmdb_store import release_env
 from formats.manifest import load_records, read_manifest
 from formats.record import encode_key
@@ -43,8 +44,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 def cache_dir_for(fixture_dir: Path) -> Path:
     """<fixture>/loader-bench, emptied whenever the fixture's parameters change."""
-    stamp = hashlib.sha256(json.dumps(json.loads((fixture_dir / "fixture.json").read_text())["params"],
-                                      sort_keys=True).encode()).hexdigest()[:16]
+    stamp = hashlib.sha256(
+        json.dumps(
+            json.loads((fixture_dir / "fixture.json").read_text())["params"], sort_keys=True
+        ).encode()
+    ).hexdigest()[:16]
     cache = fixture_dir / "loader-bench"
     stamp_path = cache / "fixture-stamp"
     if not stamp_path.is_file() or stamp_path.read_text() != stamp:
@@ -61,12 +65,20 @@ def _resize_one(job: tuple[Path, list[Path], tuple[int, ...]]) -> None:
         image = opened.convert("RGB")
     for out, size in zip(outs, sizes):
         ratio = size / min(image.size)
-        resized = image if ratio >= 1 else image.resize(
-            (max(1, round(image.width * ratio)), max(1, round(image.height * ratio))), Image.Resampling.BILINEAR)
+        resized = (
+            image
+            if ratio >= 1
+            else image.resize(
+                (max(1, round(image.width * ratio)), max(1, round(image.height * ratio))),
+                Image.Resampling.BILINEAR,
+            )
+        )
         resized.save(out, "JPEG", quality=FOLDER_QUALITY)
 
 
-def resized_folders(fixture_dir: Path, cache: Path, sizes: tuple[int, ...], workers: int) -> dict[int, Path]:
+def resized_folders(
+    fixture_dir: Path, cache: Path, sizes: tuple[int, ...], workers: int
+) -> dict[int, Path]:
     """{size: root} of ImageFolder trees `<root>/<wnid>/*.JPEG`, made once with PIL."""
     roots = {size: cache / f"folder-{size}" for size in sizes}
     todo = [size for size in sizes if not (roots[size] / "done").is_file()]
@@ -77,7 +89,10 @@ def resized_folders(fixture_dir: Path, cache: Path, sizes: tuple[int, ...], work
             shutil.rmtree(roots[size], ignore_errors=True)
             for wnid in {path.parent.name for path in files}:
                 (roots[size] / wnid).mkdir(parents=True)
-        jobs = [(path, [roots[s] / path.parent.name / path.name for s in todo], tuple(todo)) for path in files]
+        jobs = [
+            (path, [roots[s] / path.parent.name / path.name for s in todo], tuple(todo))
+            for path in files
+        ]
         with Pool(max(1, workers)) as pool:
             pool.map(_resize_one, jobs, chunksize=16)
         for size in todo:
@@ -89,7 +104,9 @@ def stored_records(dataset_dir: Path) -> list[tuple[bytes, int]]:
     """Every (JPEG bytes, label) of a dataset, read in this process, which then lets go of the
     store: a forked baseline worker cannot open an LMDB environment its parent holds open."""
     records = RecordDataset(dataset_dir)
-    out = [(bytes(records.view(index)), int(records.labels[index])) for index in range(len(records))]
+    out = [
+        (bytes(records.view(index)), int(records.labels[index])) for index in range(len(records))
+    ]
     records.close()
     release_env(dataset_dir)
     return out
@@ -109,8 +126,18 @@ def our_shards(fixture_dir: Path, cache: Path, prep_sizes: tuple[int, ...]) -> d
     for store in ("lmdb", "msgpack"):
         out = cache / store
         if not all(_opens(out / f"train-{size}") for size in prep_sizes):
-            args = [sys.executable, "-m", "prep.cli", f"build-{store}", "--src", str(fixture_dir / "archives"),
-                    "--out", str(out), "--overwrite", "-q"] + [a for s in prep_sizes for a in ("--size", str(s))]
+            args = [
+                sys.executable,
+                "-m",
+                "prep.cli",
+                f"build-{store}",
+                "--src",
+                str(fixture_dir / "archives"),
+                "--out",
+                str(out),
+                "--overwrite",
+                "-q",
+            ] + [a for s in prep_sizes for a in ("--size", str(s))]
             done = subprocess.run(args, cwd=REPO, capture_output=True, text=True)
             if done.returncode:
                 raise SystemExit(f"{' '.join(args[2:])} failed:\n{done.stderr}")
@@ -145,18 +172,30 @@ def wds_tars(dataset_dir: Path, cache: Path) -> list[str]:
 
 
 def train_transform(crop_size: int):
-    return transforms.Compose([transforms.RandomResizedCrop(crop_size), transforms.RandomHorizontalFlip(),
-                               transforms.PILToTensor()])
+    return transforms.Compose(
+        [
+            transforms.RandomResizedCrop(crop_size),
+            transforms.RandomHorizontalFlip(),
+            transforms.PILToTensor(),
+        ]
+    )
 
 
 def val_transform(crop_size: int, resize: int):
-    return transforms.Compose([transforms.Resize(resize), transforms.CenterCrop(crop_size), transforms.PILToTensor()])
+    return transforms.Compose(
+        [transforms.Resize(resize), transforms.CenterCrop(crop_size), transforms.PILToTensor()]
+    )
 
 
 def _dataloader(dataset, batch_size: int, workers: int) -> DataLoader:
     """What a user writes (default collate, workers), with an endless sampler."""
-    return DataLoader(dataset, batch_size=batch_size, sampler=RandomSampler(dataset, num_samples=ENDLESS),
-                      num_workers=workers, pin_memory=torch.cuda.is_available())
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=RandomSampler(dataset, num_samples=ENDLESS),
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+    )
 
 
 def imagefolder_loader(root: Path, transform, batch_size: int, workers: int) -> DataLoader:
@@ -179,8 +218,14 @@ class LmdbPil(Dataset):
         if self.env is None:
             import lmdb
 
-            self.env = lmdb.open(str(self.dataset_dir), subdir=True, readonly=True, lock=False,
-                                 readahead=False, meminit=False)
+            self.env = lmdb.open(
+                str(self.dataset_dir),
+                subdir=True,
+                readonly=True,
+                lock=False,
+                readahead=False,
+                meminit=False,
+            )
         with self.env.begin(write=False) as txn:
             data = txn.get(encode_key(index))
         image = Image.open(io.BytesIO(data)).convert("RGB")
@@ -196,9 +241,17 @@ def webdataset_loader(urls: list[str], transform, batch_size: int, workers: int)
     and handed over by a plain DataLoader(batch_size=None) (what wds.WebLoader wraps)."""
     import webdataset as wds
 
-    dataset = (wds.WebDataset(urls, resampled=True, shardshuffle=False).shuffle(1000).decode("pil")
-               .to_tuple("jpg", "cls").map_tuple(transform, lambda label: label).batched(batch_size))
-    return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available())
+    dataset = (
+        wds.WebDataset(urls, resampled=True, shardshuffle=False)
+        .shuffle(1000)
+        .decode("pil")
+        .to_tuple("jpg", "cls")
+        .map_tuple(transform, lambda label: label)
+        .batched(batch_size)
+    )
+    return DataLoader(
+        dataset, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available()
+    )
 
 
 # --------------------------------------------------------------------------- the floor

@@ -6,6 +6,7 @@ difference, plus the machine.
 
     python bench/loop_overhead.py [--steps 400] [--repeats 7] [--sync-every 20]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,12 @@ class Repeat:
 
 def tiny_trainer() -> Trainer:
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.AdaptiveAvgPool2d(1),
-                                torch.nn.Flatten(), torch.nn.Linear(8, 10))
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8, 10),
+    )
     return Trainer(model, build_optimizer(model, Recipe(), CPU), CPU, "fp32", 0.1)
 
 
@@ -59,8 +64,16 @@ def bare(trainer: Trainer, batch, steps: int) -> float:
 
 def looped(trainer: Trainer, batch, steps: int, sync_every: int) -> float:
     started = time.perf_counter()
-    train_steps(trainer, TrainState(), Repeat(batch, steps), steps=steps, lr_at=lambda s: 0.01,
-                on_sync=lambda sync: None, sync_every=sync_every, seed=0)
+    train_steps(
+        trainer,
+        TrainState(),
+        Repeat(batch, steps),
+        steps=steps,
+        lr_at=lambda s: 0.01,
+        on_sync=lambda sync: None,
+        sync_every=sync_every,
+        seed=0,
+    )
     return (time.perf_counter() - started) / steps
 
 
@@ -87,10 +100,19 @@ def main() -> int:
     loop_us = [1e6 * lp for _, lp in rounds]
     diffs = [lp - b for b, lp in zip(bare_us, loop_us)]
     print(f"machine: {machine_description()}")
-    print(f"bare trainer.step loop: {statistics.median(bare_us):.1f} us/step (median of {args.repeats})")
-    print(f"train_steps (seeded, sync every {args.sync_every}): {statistics.median(loop_us):.1f} us/step")
-    print(f"train_steps overhead: {statistics.median(diffs):+.1f} us/step (range {min(diffs):+.1f} to "
-          f"{max(diffs):+.1f}); ratio {statistics.median(lp / b for b, lp in zip(bare_us, loop_us)):.3f}")
+    print(
+        f"bare trainer.step loop: {statistics.median(bare_us):.1f} us/step (median of "
+        f"{args.repeats})"
+    )
+    print(
+        f"train_steps (seeded, sync every {args.sync_every}): {statistics.median(loop_us):.1f} "
+        "us/step"
+    )
+    print(
+        f"train_steps overhead: {statistics.median(diffs):+.1f} us/step (range {min(diffs):+.1f} "
+        f"to {max(diffs):+.1f}); ratio "
+        f"{statistics.median(lp / b for b, lp in zip(bare_us, loop_us)):.3f}"
+    )
     return 0
 
 

@@ -11,6 +11,7 @@ warm: every file was just written or read (the fixture fits in RAM), so this is 
 part a shared filesystem's bandwidth would add to equally for check and copy. Medians of
 --repeats, with min and max to show the noise of a shared machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,18 @@ NUM_CLASSES = 20
 def build_parts(work: Path, src: Path, store: str, num_parts: int, prep_size: int) -> list[Path]:
     out = work / f"parts-{store}"
     for index in range(num_parts):
-        build(BuildConfig(src_dir=src, out_dir=out, split="train", prep_sizes=(prep_size,), store=store,
-                          workers=os.cpu_count() or 1, quiet=True, part=PartSpec(index, num_parts)))
+        build(
+            BuildConfig(
+                src_dir=src,
+                out_dir=out,
+                split="train",
+                prep_sizes=(prep_size,),
+                store=store,
+                workers=os.cpu_count() or 1,
+                quiet=True,
+                part=PartSpec(index, num_parts),
+            )
+        )
     return sorted(out.glob(f"train-{prep_size}.part-*"))
 
 
@@ -64,9 +75,16 @@ def main() -> None:
     args = parser.parse_args()
     src = args.work / f"src-{args.num_images}"
     if not (src / "ILSVRC2012_img_train.tar").is_file():
-        write_sample(src, num_classes=NUM_CLASSES, train_per_class=args.num_images // NUM_CLASSES, val_per_class=1)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
-          f"{platform.python_version()}, {codec_report()}")
+        write_sample(
+            src,
+            num_classes=NUM_CLASSES,
+            train_per_class=args.num_images // NUM_CLASSES,
+            val_per_class=1,
+        )
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
+        f"{platform.python_version()}, {codec_report()}"
+    )
     for store in ("lmdb", "msgpack"):
         part_dirs = build_parts(args.work, src, store, args.num_parts, args.prep_size)
         parts = load_parts(part_dirs)
@@ -80,14 +98,23 @@ def main() -> None:
             manifest = read_manifest(merged)
             times["check result"].append(timed(lambda: check_whole_files(merged, manifest)))
         count = read_manifest(merged).count
-        print(f"\n{store}: {count:,} records in {len(part_dirs)} parts, {dir_bytes(merged) / 2**20:,.1f} MiB merged")
+        print(
+            f"\n{store}: {count:,} records in {len(part_dirs)} parts, "
+            f"{dir_bytes(merged) / 2**20:,.1f} MiB merged"
+        )
         median = {name: statistics.median(values) for name, values in times.items()}
         for name, values in times.items():
-            print(f"  {name:13s} median {median[name]:6.2f} s  (min {min(values):.2f}, max {max(values):.2f})")
+            print(
+                f"  {name:13s} median {median[name]:6.2f} s  (min {min(values):.2f}, max "
+                f"{max(values):.2f})"
+            )
         checks = median["check parts"] + median["check result"]
         copy = median["merge (all)"] - checks
-        print(f"  copy (merge less its checks) ~{copy:.2f} s; checks {checks:.2f} s = "
-              f"{100 * checks / median['merge (all)']:.0f}% of the merge, {100 * checks / copy:.0f}% of the copy")
+        print(
+            f"  copy (merge less its checks) ~{copy:.2f} s; checks {checks:.2f} s = "
+            f"{100 * checks / median['merge (all)']:.0f}% of the merge, "
+            f"{100 * checks / copy:.0f}% of the copy"
+        )
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ Images: photo-sized (~500x375) JPEGs of smooth gradients plus sensor-like noise,
 distinct ones repeated under distinct names (the repeat does not matter to the readers), or with
 --photos DIR, bench/fixture.py's real photos (ImageNet's size statistics) for the throughput runs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,9 +37,10 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]  # the repo first: bench/prep.py is no package
 
 from proctree import TreeSampler  # noqa: E402
+
 from prep.build import BuildConfig, build  # noqa: E402
 from prep.imagenet_classes import imagenet_wnids  # noqa: E402
-from prep.sample_mirrors import WRITERS  # noqa: E402
+from prep.sample.mirrors import WRITERS  # noqa: E402
 
 PREP_SIZE = 160
 DISTINCT = 200
@@ -48,8 +50,14 @@ def photo_like(index: int, rng: np.random.Generator) -> bytes:
     height, width = (375, 500) if index % 4 else (500, 375)
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     phase = rng.uniform(0, 6.28, 3)
-    pixels = np.stack([128 + 100 * np.sin(xx / rng.uniform(20, 90) + phase[c]) * np.cos(yy / rng.uniform(20, 90))
-                       for c in range(3)], axis=-1)
+    pixels = np.stack(
+        [
+            128
+            + 100 * np.sin(xx / rng.uniform(20, 90) + phase[c]) * np.cos(yy / rng.uniform(20, 90))
+            for c in range(3)
+        ],
+        axis=-1,
+    )
     pixels += rng.normal(0, 12, pixels.shape)
     out = __import__("io").BytesIO()
     Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(out, "JPEG", quality=90)
@@ -60,8 +68,11 @@ def items(num_images: int, distinct: list[bytes]) -> list[tuple[str, str, bytes]
     """In official order: 10 classes spread over the 1000, sorted; images numbered within."""
     wnids = imagenet_wnids()[::100]
     per_class = -(-num_images // len(wnids))
-    return [(wnid, f"{wnid}_{i}", distinct[(c * per_class + i) % len(distinct)])
-            for c, wnid in enumerate(wnids) for i in range(per_class)][:num_images]
+    return [
+        (wnid, f"{wnid}_{i}", distinct[(c * per_class + i) % len(distinct)])
+        for c, wnid in enumerate(wnids)
+        for i in range(per_class)
+    ][:num_images]
 
 
 def photo_items(fixture_dir: Path, num_images: int) -> list[tuple[str, str, bytes]]:
@@ -72,8 +83,11 @@ def photo_items(fixture_dir: Path, num_images: int) -> list[tuple[str, str, byte
     fixture.build_fixture(fixture_dir, num_images, 10, 0, quiet=True)
     wnids = imagenet_wnids()[::100]
     class_dirs = sorted((fixture_dir / "folders" / "train").iterdir())
-    return [(wnid, f"{wnid}_{path.stem.rpartition('_')[2]}", path.read_bytes())
-            for wnid, class_dir in zip(wnids, class_dirs) for path in sorted(class_dir.iterdir())]
+    return [
+        (wnid, f"{wnid}_{path.stem.rpartition('_')[2]}", path.read_bytes())
+        for wnid, class_dir in zip(wnids, class_dirs)
+        for path in sorted(class_dir.iterdir())
+    ]
 
 
 def write_layouts(root: Path, data: list) -> dict[str, Path]:
@@ -87,7 +101,10 @@ def write_layouts(root: Path, data: list) -> dict[str, Path]:
 def cpu_seconds() -> float:
     """This process's and its reaped children's (the build's workers, joined at its end) CPU
     seconds: what a build costs, which other load on a shared machine barely moves."""
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    own, children = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
@@ -96,28 +113,59 @@ def throughput(dirs: dict[str, Path], rounds: int, workers: int, out_root: Path)
     cpu_ms: dict[str, list[float]] = {layout: [] for layout in dirs}
     layouts = list(dirs)
     for round_index in range(rounds):
-        order = layouts[round_index % len(layouts):] + layouts[:round_index % len(layouts)]
+        order = layouts[round_index % len(layouts) :] + layouts[: round_index % len(layouts)]
         for layout in order:
             out = out_root / f"{layout}-{round_index}"
             cpu_before = cpu_seconds()
-            summary = build(BuildConfig(dirs[layout], out, "train", (PREP_SIZE,), "lmdb", workers=workers, quiet=True))
+            summary = build(
+                BuildConfig(
+                    dirs[layout], out, "train", (PREP_SIZE,), "lmdb", workers=workers, quiet=True
+                )
+            )
             cpu_ms[layout].append(1000 * (cpu_seconds() - cpu_before) / summary.consumed)
             rates[layout].append(summary.images_per_second)
             subprocess.run(["rm", "-rf", str(out)], check=True)
-            print(f"  round {round_index} {layout:15s} {summary.images_per_second:7.1f} img/s "
-                  f"{cpu_ms[layout][-1]:6.2f} CPU ms/img", flush=True)
+            print(
+                f"  round {round_index} {layout:15s} {summary.images_per_second:7.1f} img/s "
+                f"{cpu_ms[layout][-1]:6.2f} CPU ms/img",
+                flush=True,
+            )
     base, base_cpu = statistics.median(rates["train-tar"]), statistics.median(cpu_ms["train-tar"])
-    return {layout: {"img_s": [round(r, 1) for r in values], "median": round(statistics.median(values), 1),
-                     "best": round(max(values), 1), "vs_train_tar": round(statistics.median(values) / base, 3),
-                     "cpu_ms_per_img": [round(c, 2) for c in cpu_ms[layout]],
-                     "cpu_vs_train_tar": round(statistics.median(cpu_ms[layout]) / base_cpu, 3)}
-            for layout, values in rates.items()}
+    return {
+        layout: {
+            "img_s": [round(r, 1) for r in values],
+            "median": round(statistics.median(values), 1),
+            "best": round(max(values), 1),
+            "vs_train_tar": round(statistics.median(values) / base, 3),
+            "cpu_ms_per_img": [round(c, 2) for c in cpu_ms[layout]],
+            "cpu_vs_train_tar": round(statistics.median(cpu_ms[layout]) / base_cpu, 3),
+        }
+        for layout, values in rates.items()
+    }
 
 
 def peak_rss_mib(src: Path, out: Path, workers: int) -> tuple[float, float]:
-    process = subprocess.Popen([sys.executable, "-m", "prep.cli", "build-lmdb", "--src", str(src), "--out", str(out),
-                                "--size", str(PREP_SIZE), "--workers", str(workers), "-q"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE.parent)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "prep.cli",
+            "build-lmdb",
+            "--src",
+            str(src),
+            "--out",
+            str(out),
+            "--size",
+            str(PREP_SIZE),
+            "--workers",
+            str(workers),
+            "-q",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=HERE.parent,
+    )
     started = time.perf_counter()
     sampler = TreeSampler(process.pid)
     stdout, stderr = process.communicate()
@@ -127,10 +175,20 @@ def peak_rss_mib(src: Path, out: Path, workers: int) -> tuple[float, float]:
 
 
 def machine() -> dict:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
-    return {"cpu": model, "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
-            "loadavg": os.getloadavg()}
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    return {
+        "cpu": model,
+        "cores": len(os.sched_getaffinity(0)),
+        "python": platform.python_version(),
+        "loadavg": os.getloadavg(),
+    }
 
 
 def main() -> int:
@@ -140,21 +198,38 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--rss-images", type=int, default=20000, help="0: no memory runs")
     parser.add_argument("--json-out", type=Path)
-    parser.add_argument("--photos", type=Path, help="fixture dir: real photos (bench/fixture.py) for the throughput "
-                                                     "runs instead of synthetic images")
+    parser.add_argument(
+        "--photos",
+        type=Path,
+        help="fixture dir: real photos (bench/fixture.py) for the throughput "
+        "runs instead of synthetic images",
+    )
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     distinct = [photo_like(i, rng) for i in range(DISTINCT)]
-    result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine_before": machine(),
-              "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "prep_size": PREP_SIZE,
-              "mean_image_kib": round(sum(map(len, distinct)) / len(distinct) / 1024, 1)}
+    result = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine_before": machine(),
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "prep_size": PREP_SIZE,
+        "mean_image_kib": round(sum(map(len, distinct)) / len(distinct) / 1024, 1),
+    }
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        data = photo_items(args.photos, args.num_images) if args.photos else items(args.num_images, distinct)
-        result["images"] = {"photos": str(args.photos) if args.photos else None,
-                            "mean_kib": round(sum(len(d) for _, _, d in data) / len(data) / 1024, 1)}
+        data = (
+            photo_items(args.photos, args.num_images)
+            if args.photos
+            else items(args.num_images, distinct)
+        )
+        result["images"] = {
+            "photos": str(args.photos) if args.photos else None,
+            "mean_kib": round(sum(len(d) for _, _, d in data) / len(data) / 1024, 1),
+        }
         dirs = write_layouts(root / "src", data)
-        print(f"throughput: {args.num_images} images, {args.workers} workers, {args.rounds} interleaved rounds")
+        print(
+            f"throughput: {args.num_images} images, {args.workers} workers, {args.rounds} "
+            "interleaved rounds"
+        )
         result["throughput"] = throughput(dirs, args.rounds, args.workers, root / "out")
         subprocess.run(["rm", "-rf", str(root / "src")], check=True)
         result["peak_rss_mib"] = {}
@@ -164,9 +239,17 @@ def main() -> int:
                 src = root / f"rss-{layout}-{count}"
                 WRITERS[layout](src, data)
                 peak, seconds = peak_rss_mib(src, root / f"rss-out-{layout}-{count}", args.workers)
-                result["peak_rss_mib"][f"{layout} {count}"] = {"peak_rss_mib": round(peak, 1), "seconds": round(seconds, 1)}
-                print(f"  peak RSS {layout:12s} {count:6d} images: {peak:7.1f} MiB ({seconds:.1f} s)", flush=True)
-                subprocess.run(["rm", "-rf", str(src), str(root / f"rss-out-{layout}-{count}")], check=True)
+                result["peak_rss_mib"][f"{layout} {count}"] = {
+                    "peak_rss_mib": round(peak, 1),
+                    "seconds": round(seconds, 1),
+                }
+                print(
+                    f"  peak RSS {layout:12s} {count:6d} images: {peak:7.1f} MiB ({seconds:.1f} s)",
+                    flush=True,
+                )
+                subprocess.run(
+                    ["rm", "-rf", str(src), str(root / f"rss-out-{layout}-{count}")], check=True
+                )
     result["machine_after"] = machine()
     print(json.dumps(result, indent=1))
     if args.json_out:

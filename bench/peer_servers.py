@@ -1,11 +1,13 @@
-"""Loaders in their own processes, timed on command (bench/window_server.py's protocol): the
-peers (FFCV, DALI) under the peer venv's python, ours (bench/peer_servers.py serve) under this one; plus the
-peers' inputs, made once from our shards and cached beside them.
+"""Loaders in their own processes, timed on command (bench/window_server.py's protocol): the peers
+(FFCV, DALI) under the peer venv's python, ours (bench/peer_servers.py serve) under this one; plus
+the peers' inputs, made once from our shards and cached beside them.
 
-    python bench/peer_servers.py serve {ours,ours-processes,ours-python} --data DIR --crop-size 128 ...
+    python bench/peer_servers.py serve {ours,ours-processes,ours-python} \\
+        --data DIR --crop-size 128 ...
 
 is how the driver starts ours (public API only).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,7 +31,10 @@ def peers_python(path: Path | None) -> tuple[Path | None, str]:
     """(python of the peer venv, or None, and one line saying why not)."""
     python = Path(path) if path else DEFAULT_PEERS_VENV / "bin" / "python"
     if not python.is_file():
-        return None, f"skipped: no peer venv at {python.parent.parent} (run bash bench/setup_peers.sh)"
+        return (
+            None,
+            f"skipped: no peer venv at {python.parent.parent} (run bash bench/setup_peers.sh)",
+        )
     return python, ""
 
 
@@ -61,8 +66,17 @@ def ffcv_dataset(python: Path, inputs: Path, cache: Path, workers: int) -> Path:
     """FFCV's .beton of the same records, written once by FFCV's own writer."""
     out = cache / f"{inputs.name.replace('peer-inputs-', 'ffcv-')}.beton"
     if not out.is_file():
-        args = [str(python), str(HERE / "peers_runner.py"), "write-ffcv", "--inputs", str(inputs), "--out", str(out),
-                "--workers", str(workers)]
+        args = [
+            str(python),
+            str(HERE / "peers_runner.py"),
+            "write-ffcv",
+            "--inputs",
+            str(inputs),
+            "--out",
+            str(out),
+            "--workers",
+            str(workers),
+        ]
         done = subprocess.run(args, capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"FFCV's writer failed: {done.stderr.strip().splitlines()[-1:]}")
@@ -75,8 +89,14 @@ class Server:
     def __init__(self, name: str, args: list[str], log_path: Path):
         self.name = name
         self.log = open(log_path, "w")
-        self.process = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
-                                        text=True, cwd=REPO)
+        self.process = subprocess.Popen(
+            args,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            cwd=REPO,
+        )
         self.facts: dict = {}
         self.error = ""
 
@@ -114,10 +134,25 @@ class Server:
         self.log.close()
 
 
-def start(name: str, data: Path, crop_size: int, batch_size: int, workers: int, log_dir: Path,
-          python: Path | None = None) -> Server:
-    common = ["--data", str(data), "--crop-size", str(crop_size), "--batch-size", str(batch_size),
-              "--workers", str(workers)]
+def start(
+    name: str,
+    data: Path,
+    crop_size: int,
+    batch_size: int,
+    workers: int,
+    log_dir: Path,
+    python: Path | None = None,
+) -> Server:
+    common = [
+        "--data",
+        str(data),
+        "--crop-size",
+        str(crop_size),
+        "--batch-size",
+        str(batch_size),
+        "--workers",
+        str(workers),
+    ]
     if name in PEER_LOADERS:
         args = [str(python), str(HERE / "peers_runner.py"), "serve", "--loader", name] + common
     else:
@@ -127,7 +162,10 @@ def start(name: str, data: Path, crop_size: int, batch_size: int, workers: int, 
 
 def best_of_windows(server: Server, repeats: int, seconds: float, workers: int) -> dict:
     """bench/loader.py's protocol: the best of `repeats` windows of >= `seconds`."""
-    windows = [server.window(seconds=seconds, warmup=WARMUP_BATCHES) | {"workers": workers} for _ in range(repeats)]
+    windows = [
+        server.window(seconds=seconds, warmup=WARMUP_BATCHES) | {"workers": workers}
+        for _ in range(repeats)
+    ]
     return max(windows, key=lambda w: w["images"] / w["seconds"]) | {"windows": windows}
 
 
@@ -137,9 +175,12 @@ def peer_baselines(args, shards_dir: Path, cache: Path) -> list[tuple]:
     python, why = peers_python(getattr(args, "peers_python", None))
     rows = []
     for group, prep_size, crop_size in (("train128", 160, 128), ("train224", 320, 224)):
-        for name, label in (("ffcv", "FFCV default (NCHW view of NHWC)"),
-                            ("ffcv-contiguous", "FFCV contiguous NCHW"),
-                            ("dali", "DALI CPU pipeline (NHWC)")):
+        for name, label in (
+            ("ffcv", "FFCV default (NCHW view of NHWC)"),
+            ("ffcv-contiguous", "FFCV contiguous NCHW"),
+            ("dali", "DALI CPU pipeline (NHWC)"),
+        ):
+
             def thunk(name=name, prep_size=prep_size, crop_size=crop_size):
                 if python is None:
                     return why
@@ -147,16 +188,21 @@ def peer_baselines(args, shards_dir: Path, cache: Path) -> list[tuple]:
                 if not peer_has(python, module):
                     return f"skipped: {module} does not import in {python}"
                 inputs = prepare_inputs(shards_dir / f"train-{prep_size}", cache)
-                data = inputs if name == "dali" else ffcv_dataset(python, inputs, cache, args.workers)
+                data = (
+                    inputs if name == "dali" else ffcv_dataset(python, inputs, cache, args.workers)
+                )
                 log_dir = cache / "peer-logs"
                 log_dir.mkdir(exist_ok=True)
-                server = start(name, data, crop_size, args.batch_size, args.workers, log_dir, python)
+                server = start(
+                    name, data, crop_size, args.batch_size, args.workers, log_dir, python
+                )
                 try:
                     if not server.ready():
                         return f"skipped: {name} failed to start: {server.error}"
                     return best_of_windows(server, args.repeats, args.seconds, args.workers)
                 finally:
                     server.close()
+
             rows.append((group, name, f"(7) {label}, train-{prep_size}", thunk))
     return rows
 
@@ -176,8 +222,13 @@ def _ours_batches(args, executor: str):
     from train.augment import TrainCrop
     from train.data import TrainLoader
 
-    loader = TrainLoader(args.data, args.batch_size, TrainCrop(args.crop_size), workers=args.workers,
-                         executor=executor)
+    loader = TrainLoader(
+        args.data,
+        args.batch_size,
+        TrainCrop(args.crop_size),
+        workers=args.workers,
+        executor=executor,
+    )
     for epoch in itertools.count():
         loader.set_epoch(epoch)
         yield from loader

@@ -13,6 +13,7 @@ the (height, width) ours reads (shorter side = prep_size; max_resolution=None le
 which equals max_resolution = each image's own long side) and is re-encoded by FFCV's encoder
 (cv2.imencode) at q90. DALI reads the records' JPEG files themselves (fn.readers.file).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,10 +60,14 @@ def write_ffcv(inputs: Path, out: Path, workers: int) -> None:
     from ffcv.writer import DatasetWriter
 
     partial = out.with_name(out.name + ".partial")
-    writer = DatasetWriter(str(partial), {
-        "image": RGBImageField(write_mode="jpg", max_resolution=None, jpeg_quality=90),
-        "label": IntField(),
-    }, num_workers=workers)
+    writer = DatasetWriter(
+        str(partial),
+        {
+            "image": RGBImageField(write_mode="jpg", max_resolution=None, jpeg_quality=90),
+            "label": IntField(),
+        },
+        num_workers=workers,
+    )
     writer.from_indexed_dataset(RecordPixels(read_file_list(inputs)))
     partial.replace(out)
 
@@ -75,11 +80,22 @@ def ffcv_batches(args, contiguous: bool):
     from ffcv.loader import Loader, OrderOption
     from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToTensor, ToTorchImage
 
-    image_pipeline = [RandomResizedCropRGBImageDecoder((args.crop_size, args.crop_size)), RandomHorizontalFlip(),
-                      ToTensor(), ToTorchImage(channels_last=not contiguous)]
-    loader = Loader(str(args.data), batch_size=args.batch_size, num_workers=args.workers, order=OrderOption.RANDOM,
-                    drop_last=True, os_cache=True, seed=args.seed,
-                    pipelines={"image": image_pipeline, "label": [IntDecoder(), ToTensor(), Squeeze()]})
+    image_pipeline = [
+        RandomResizedCropRGBImageDecoder((args.crop_size, args.crop_size)),
+        RandomHorizontalFlip(),
+        ToTensor(),
+        ToTorchImage(channels_last=not contiguous),
+    ]
+    loader = Loader(
+        str(args.data),
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        order=OrderOption.RANDOM,
+        drop_last=True,
+        os_cache=True,
+        seed=args.seed,
+        pipelines={"image": image_pipeline, "label": [IntDecoder(), ToTensor(), Squeeze()]},
+    )
     for _epoch in itertools.count():  # epoch after epoch, as a training loop iterates it
         for images, labels in loader:
             yield images, labels
@@ -91,20 +107,36 @@ def dali_batches(args):
     from nvidia.dali import fn, pipeline_def, types
     from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-    @pipeline_def(batch_size=args.batch_size, num_threads=args.workers, device_id=None, seed=args.seed)
+    @pipeline_def(
+        batch_size=args.batch_size, num_threads=args.workers, device_id=None, seed=args.seed
+    )
     def pipeline():
-        jpegs, labels = fn.readers.file(file_root=str(args.data), file_list=str(args.data / "file_list.txt"),
-                                        random_shuffle=True, name="reader")
-        images = fn.decoders.image_random_crop(jpegs, device="cpu", output_type=types.RGB,
-                                               random_area=[0.08, 1.0], random_aspect_ratio=[0.75, 4 / 3])
+        jpegs, labels = fn.readers.file(
+            file_root=str(args.data),
+            file_list=str(args.data / "file_list.txt"),
+            random_shuffle=True,
+            name="reader",
+        )
+        images = fn.decoders.image_random_crop(
+            jpegs,
+            device="cpu",
+            output_type=types.RGB,
+            random_area=[0.08, 1.0],
+            random_aspect_ratio=[0.75, 4 / 3],
+        )
         images = fn.resize(images, resize_x=args.crop_size, resize_y=args.crop_size, antialias=True)
         images = fn.flip(images, horizontal=fn.random.coin_flip())
         return images, labels
 
     pipe = pipeline()
     pipe.build()
-    iterator = DALIGenericIterator([pipe], ["images", "labels"], reader_name="reader",
-                                   last_batch_policy=LastBatchPolicy.DROP, auto_reset=True)
+    iterator = DALIGenericIterator(
+        [pipe],
+        ["images", "labels"],
+        reader_name="reader",
+        last_batch_policy=LastBatchPolicy.DROP,
+        auto_reset=True,
+    )
     while True:
         for batch in iterator:
             yield batch[0]["images"], batch[0]["labels"]
@@ -119,7 +151,9 @@ def main(argv=None) -> int:
     write.add_argument("--workers", type=int, default=2)
     serve = sub.add_parser("serve")
     serve.add_argument("--loader", choices=("ffcv", "ffcv-contiguous", "dali"), required=True)
-    serve.add_argument("--data", type=Path, required=True, help=".beton (FFCV) or an inputs dir (DALI)")
+    serve.add_argument(
+        "--data", type=Path, required=True, help=".beton (FFCV) or an inputs dir (DALI)"
+    )
     serve.add_argument("--crop-size", type=int, default=128)
     serve.add_argument("--batch-size", type=int, default=128)
     serve.add_argument("--workers", type=int, default=2)
@@ -131,10 +165,15 @@ def main(argv=None) -> int:
     import importlib.metadata as metadata
 
     if args.loader == "dali":
-        facts = {"library": f"nvidia-dali {metadata.version('nvidia-dali-cuda120')}", "threads": args.workers}
+        facts = {
+            "library": f"nvidia-dali {metadata.version('nvidia-dali-cuda120')}",
+            "threads": args.workers,
+        }
         return window_server.serve(lambda: dali_batches(args), facts, WARMUP_BATCHES)
     facts = {"library": f"ffcv {metadata.version('ffcv')}", "threads": args.workers}
-    return window_server.serve(lambda: ffcv_batches(args, args.loader == "ffcv-contiguous"), facts, WARMUP_BATCHES)
+    return window_server.serve(
+        lambda: ffcv_batches(args, args.loader == "ffcv-contiguous"), facts, WARMUP_BATCHES
+    )
 
 
 if __name__ == "__main__":

@@ -9,10 +9,10 @@ process tree at two dataset sizes, and the machine. Each timing is the best of -
 configurations interleaved within each repeat. One-worker builds also run on the small fixture,
 so "steady" rates leave the build's fixed costs out (2,000 minus 500 images).
 """
+
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import platform
@@ -32,6 +32,7 @@ sys.path.insert(0, str(HERE.parent))
 
 import fixture  # noqa: E402  (bench/fixture.py, a script module)
 from proctree import TreeSampler, children_cpu_seconds  # noqa: E402
+
 from formats.jpeg import codec_report  # noqa: E402
 from prep.resize import prepare_image  # noqa: E402
 
@@ -39,11 +40,19 @@ QUALITY = 90
 
 
 def machine() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
     codecs = codec_report()
-    return (f"{model}, {len(os.sched_getaffinity(0))} cores, Python {platform.python_version()}, "
-            f"{codecs['pil']}, {codecs['turbojpeg']}")
+    return (
+        f"{model}, {len(os.sched_getaffinity(0))} cores, Python {platform.python_version()}, "
+        f"{codecs['pil']}, {codecs['turbojpeg']}"
+    )
 
 
 def load_or_build_fixture(fixture_dir: Path, num_images: int) -> dict:
@@ -62,7 +71,10 @@ def naive_baseline(files: list[Path], out_dir: Path) -> float:
     for path in files:
         image = Image.open(path).convert("RGB")
         ratio = 160 / min(image.size)
-        image = image.resize((max(1, round(image.width * ratio)), max(1, round(image.height * ratio))), Image.BILINEAR)
+        image = image.resize(
+            (max(1, round(image.width * ratio)), max(1, round(image.height * ratio))),
+            Image.BILINEAR,
+        )
         image.save(out_dir / path.name, "JPEG", quality=QUALITY)
     return time.perf_counter() - started
 
@@ -70,8 +82,12 @@ def naive_baseline(files: list[Path], out_dir: Path) -> float:
 def naive_in(python: str, file_list: Path, out_dir: Path) -> float:
     """The naive baseline run by another interpreter (e.g. a venv with plain Pillow, what a user
     has, while this one runs pillow-simd); it reports its own seconds."""
-    result = subprocess.run([python, __file__, "--naive-only", str(file_list), str(out_dir)],
-                            capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [python, __file__, "--naive-only", str(file_list), str(out_dir)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return float(result.stdout.strip().splitlines()[-1])
 
 
@@ -88,8 +104,13 @@ def run_tool(args: list[str]) -> tuple[float, float, float, str]:
     RSS in MiB, stdout). The CPU time comes from the kernel's accounting of waited-for children
     (prep waits for its workers), so other load on the machine barely moves it."""
     cpu_before = children_cpu_seconds()
-    process = subprocess.Popen([sys.executable, "-m", "prep.cli", *args], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, cwd=HERE.parent)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "prep.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=HERE.parent,
+    )
     sampler = TreeSampler(process.pid)
     stdout, stderr = process.communicate()
     peak = sampler.stop().peak_rss_mib
@@ -107,14 +128,29 @@ def steady_rates(rates: dict[str, float], count: int, small_count: int) -> dict[
     for name, rate in rates.items():
         small = rates.get(f"{name}, small fixture")
         if small:
-            steady[f"{name} steady"] = (count - small_count) / max(count / rate - small_count / small, 1e-9)
+            steady[f"{name} steady"] = (count - small_count) / max(
+                count / rate - small_count / small, 1e-9
+            )
     return {**rates, **steady}
 
 
-def prep_build(src: Path, out: Path, prep_sizes: tuple[int, ...], workers: int) -> tuple[tuple[float, float], float]:
+def prep_build(
+    src: Path, out: Path, prep_sizes: tuple[int, ...], workers: int
+) -> tuple[tuple[float, float], float]:
     """((wall, CPU) seconds, peak tree RSS in MiB) of one build."""
-    args = ["build-lmdb", "--src", str(src), "--out", str(out), "--split", "train", "--workers", str(workers),
-            "--overwrite", "-q"] + [a for s in prep_sizes for a in ("--size", str(s))]
+    args = [
+        "build-lmdb",
+        "--src",
+        str(src),
+        "--out",
+        str(out),
+        "--split",
+        "train",
+        "--workers",
+        str(workers),
+        "--overwrite",
+        "-q",
+    ] + [a for s in prep_sizes for a in ("--size", str(s))]
     seconds, cpu, peak, _ = run_tool(args)
     return (seconds, cpu), peak
 
@@ -122,12 +158,19 @@ def prep_build(src: Path, out: Path, prep_sizes: tuple[int, ...], workers: int) 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num-images", type=int, default=2000)
-    parser.add_argument("--small-images", type=int, default=500, help="second fixture size for the RSS growth check")
+    parser.add_argument(
+        "--small-images", type=int, default=500, help="second fixture size for the RSS growth check"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cache", type=Path, default=HERE / ".cache")
     parser.add_argument("--json-out", type=Path)
-    parser.add_argument("--baseline-python", help="also time the naive baseline under this interpreter (plain Pillow)")
-    parser.add_argument("--naive-only", nargs=2, type=Path, metavar=("FILE_LIST", "OUT_DIR"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--baseline-python",
+        help="also time the naive baseline under this interpreter (plain Pillow)",
+    )
+    parser.add_argument(
+        "--naive-only", nargs=2, type=Path, metavar=("FILE_LIST", "OUT_DIR"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args(argv)
     if args.naive_only:  # child mode for --baseline-python
         file_list, out_dir = args.naive_only
@@ -144,17 +187,32 @@ def main(argv: list[str] | None = None) -> int:
     count = len(files)
     print(f"machine: {machine()}")
     if args.baseline_python:
-        variant = subprocess.run([args.baseline_python, "-c", "import sys; sys.path.insert(0, %r); "
-                                  "from formats.jpeg import pil_variant; print(pil_variant())" % str(HERE.parent)],
-                                 capture_output=True, text=True, check=True).stdout.strip()
+        variant = subprocess.run(
+            [
+                args.baseline_python,
+                "-c",
+                "import sys; sys.path.insert(0, %r); "
+                "from formats.jpeg import pil_variant; print(pil_variant())" % str(HERE.parent),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         print(f"baseline python: {args.baseline_python} ({variant})")
-    print(f"fixture: {count} real-photo JPEGs, median {stats['median_width']:.0f}x{stats['median_height']:.0f}, "
-          f"mean {stats['mean_kb']:.0f} KB ({fixture_dir})")
+    print(
+        f"fixture: {count} real-photo JPEGs, median "
+        f"{stats['median_width']:.0f}x{stats['median_height']:.0f}, "
+        f"mean {stats['mean_kb']:.0f} KB ({fixture_dir})"
+    )
 
     with tempfile.TemporaryDirectory(prefix="bench-prep-") as tmp:
         tmp = Path(tmp)
-        builds = {"prep 160 w1": ((160,), 1), "prep 320 w1": ((320,), 1), "prep 160+320 w1": ((160, 320), 1),
-                  "prep 160 w2": ((160,), 2)}
+        builds = {
+            "prep 160 w1": ((160,), 1),
+            "prep 320 w1": ((320,), 1),
+            "prep 160+320 w1": ((160, 320), 1),
+            "prep 160 w2": ((160,), 2),
+        }
         seconds: dict[str, list[float]] = {}
         cpu_seconds: dict[str, list[float]] = {}
         peaks: dict[str, float] = {}
@@ -174,7 +232,10 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.repeats):
             record("naive 160", naive_baseline(files, tmp / "naive"))
             if args.baseline_python:
-                record("naive 160, baseline python", naive_in(args.baseline_python, file_list, tmp / "naive2"))
+                record(
+                    "naive 160, baseline python",
+                    naive_in(args.baseline_python, file_list, tmp / "naive2"),
+                )
             record("floor 160", codec_floor(datas, (160,)))
             record("floor 320", codec_floor(datas, (320,)))
             record("floor 160+320", codec_floor(datas, (160, 320)))
@@ -182,26 +243,48 @@ def main(argv: list[str] | None = None) -> int:
                 elapsed, peak = prep_build(src, tmp / "out", sizes, workers)
                 record(name, elapsed)
                 peaks[name] = max(peaks.get(name, 0.0), peak)
-                if workers == 1:  # the same build of the small fixture: start-up and finalize cancel out
-                    record(f"{name}, small fixture", prep_build(small_dir / "archives", tmp / "small", sizes, 1)[0])
+                # the same build of the small fixture: start-up and finalize cancel out
+                if workers == 1:
+                    record(
+                        f"{name}, small fixture",
+                        prep_build(small_dir / "archives", tmp / "small", sizes, 1)[0],
+                    )
             prep_build(src, tmp / "out", (160,), 1)  # train-160 alone, for verify
             for workers in (1, 2):
-                record(f"verify 160 w{workers}", run_tool(["verify", str(tmp / "out" / "train-160"), "--workers",
-                                                           str(workers), "-q"])[0])
-        _, peaks["prep 160 w2, small fixture"] = prep_build(small_dir / "archives", tmp / "small", (160,), 2)
+                record(
+                    f"verify 160 w{workers}",
+                    run_tool(
+                        ["verify", str(tmp / "out" / "train-160"), "--workers", str(workers), "-q"]
+                    )[0],
+                )
+        _, peaks["prep 160 w2, small fixture"] = prep_build(
+            small_dir / "archives", tmp / "small", (160,), 2
+        )
     small_count = len(list((small_dir / "folders" / "train").glob("*/*.JPEG")))
 
     def rates_of(measured: dict[str, list[float]], i: int) -> dict[str, float]:
-        return steady_rates({name: (small_count if name.endswith(", small fixture") else count) / values[i]
-                             for name, values in measured.items()}, count, small_count)
+        return steady_rates(
+            {
+                name: (small_count if name.endswith(", small fixture") else count) / values[i]
+                for name, values in measured.items()
+            },
+            count,
+            small_count,
+        )
 
     runs = [rates_of(seconds, i) for i in range(args.repeats)]
     cpu_runs = [rates_of(cpu_seconds, i) for i in range(args.repeats)]  # img per CPU-second
     rate = {name: max(run[name] for run in runs) for name in runs[0]}
 
     def ratios_of(r: dict, c: dict) -> dict:
-        baseline = {"sz/160 one core vs naive, baseline python": r["prep 160 w1"] / r["naive 160, baseline python"]} \
-            if args.baseline_python else {}
+        baseline = (
+            {
+                "sz/160 one core vs naive, baseline python": r["prep 160 w1"]
+                / r["naive 160, baseline python"]
+            }
+            if args.baseline_python
+            else {}
+        )
         return {
             **baseline,
             "sz/160 one core vs naive PIL": r["prep 160 w1"] / r["naive 160"],
@@ -209,8 +292,10 @@ def main(argv: list[str] | None = None) -> int:
             "sz/160 one core vs codec floor, steady": r["prep 160 w1 steady"] / r["floor 160"],
             "160+320 time vs 160 alone (one core)": r["prep 160 w1"] / r["prep 160+320 w1"],
             "160+320 time vs 320 alone (one core)": r["prep 320 w1"] / r["prep 160+320 w1"],
-            "160+320 time vs 320 alone, steady": r["prep 320 w1 steady"] / r["prep 160+320 w1 steady"],
-            "160+320 one core vs its codec floor, steady": r["prep 160+320 w1 steady"] / r["floor 160+320"],
+            "160+320 time vs 320 alone, steady": r["prep 320 w1 steady"]
+            / r["prep 160+320 w1 steady"],
+            "160+320 one core vs its codec floor, steady": r["prep 160+320 w1 steady"]
+            / r["floor 160+320"],
             "sz/320 one core vs codec floor, steady": r["prep 320 w1 steady"] / r["floor 320"],
             "codec floor 160+320 time vs 160": r["floor 160"] / r["floor 160+320"],
             "codec floor 160+320 time vs 320": r["floor 320"] / r["floor 160+320"],
@@ -219,8 +304,10 @@ def main(argv: list[str] | None = None) -> int:
             # per CPU-second of the whole build tree (main process included), steady state:
             # what other load on this shared VM moves least
             "CPU: sz/160 build vs codec floor, steady": c["prep 160 w1 steady"] / c["floor 160"],
-            "CPU: 160+320 time vs 320 alone, steady": c["prep 320 w1 steady"] / c["prep 160+320 w1 steady"],
-            "CPU: 160+320 build vs its codec floor, steady": c["prep 160+320 w1 steady"] / c["floor 160+320"],
+            "CPU: 160+320 time vs 320 alone, steady": c["prep 320 w1 steady"]
+            / c["prep 160+320 w1 steady"],
+            "CPU: 160+320 build vs its codec floor, steady": c["prep 160+320 w1 steady"]
+            / c["floor 160+320"],
             "CPU: codec floor 160+320 time vs 320": c["floor 320"] / c["floor 160+320"],
         }
 
@@ -234,8 +321,10 @@ def main(argv: list[str] | None = None) -> int:
         cpu = [run[name] for run in cpu_runs if name in run]
         per_cpu = f"   {statistics.median(cpu):8.0f} per CPU-s" if cpu else ""
         print(f"  {name:<28} {value:8.0f}   ({min(values):.0f}-{max(values):.0f}){per_cpu}")
-    print("\nratios, median (range) of per-repeat ratios; targets: >= 2x naive, >= 0.9 of floor, "
-          "160+320 <= 1.15x 320 alone, >= 1.8x scaling, >= 2000/s verify")
+    print(
+        "\nratios, median (range) of per-repeat ratios; targets: >= 2x naive, >= 0.9 of floor, "
+        "160+320 <= 1.15x 320 alone, >= 1.8x scaling, >= 2000/s verify"
+    )
     for name, value in ratios.items():
         values = [r[name] for r in per_run]
         print(f"  {name:<46} {value:8.2f}   ({min(values):.2f}-{max(values):.2f})")
@@ -243,10 +332,21 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in peaks.items():
         print(f"  {name:<28} {value:8.0f}")
     if args.json_out:
-        args.json_out.write_text(json.dumps({"machine": machine(), "fixture": stats, "img_per_s_best": rate,
-                                             "img_per_s_runs": runs, "img_per_cpu_s_runs": cpu_runs,
-                                             "ratios_median": ratios,
-                                             "ratios_runs": per_run, "peak_rss_mib": peaks}, indent=1))
+        args.json_out.write_text(
+            json.dumps(
+                {
+                    "machine": machine(),
+                    "fixture": stats,
+                    "img_per_s_best": rate,
+                    "img_per_s_runs": runs,
+                    "img_per_cpu_s_runs": cpu_runs,
+                    "ratios_median": ratios,
+                    "ratios_runs": per_run,
+                    "peak_rss_mib": peaks,
+                },
+                indent=1,
+            )
+        )
     return 0
 
 

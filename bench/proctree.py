@@ -1,5 +1,6 @@
 """Watching a benchmarked command's whole process tree (main process, workers, torchrun ranks):
 memory it holds, files it has open, its main process's CPU time, sampled from a thread."""
+
 from __future__ import annotations
 
 import resource
@@ -33,8 +34,11 @@ def machine_cpu_seconds() -> dict:
     iowait and steal, so a sample can tell the tree's share from everyone else's."""
     times = psutil.cpu_times()
     total = sum(times)
-    return {"machine_busy_s": total - times.idle - getattr(times, "iowait", 0.0),
-            "machine_iowait_s": getattr(times, "iowait", 0.0), "machine_steal_s": getattr(times, "steal", 0.0)}
+    return {
+        "machine_busy_s": total - times.idle - getattr(times, "iowait", 0.0),
+        "machine_iowait_s": getattr(times, "iowait", 0.0),
+        "machine_steal_s": getattr(times, "steal", 0.0),
+    }
 
 
 class TreeSampler:
@@ -42,9 +46,19 @@ class TreeSampler:
     descendants, the root's own CPU seconds, the machine's CPU seconds, and `probe()` (e.g. a
     build's progress). Keeps the peaks, and every sample when `keep_samples`."""
 
-    def __init__(self, pid: int, interval: float = 0.02, probe: Callable[[], object] | None = None,
-                 keep_samples: bool = False):
-        self.process, self.interval, self.probe, self.keep_samples = psutil.Process(pid), interval, probe, keep_samples
+    def __init__(
+        self,
+        pid: int,
+        interval: float = 0.02,
+        probe: Callable[[], object] | None = None,
+        keep_samples: bool = False,
+    ):
+        self.process, self.interval, self.probe, self.keep_samples = (
+            psutil.Process(pid),
+            interval,
+            probe,
+            keep_samples,
+        )
         self.peak_rss_kib = self.peak_fds = self.peak_processes = 0
         self.samples: list[dict] = []
         self._started = time.monotonic()
@@ -72,13 +86,21 @@ class TreeSampler:
                     tree_cpu += times.user + times.system
                 except (psutil.Error, OSError):
                     pass
-            self.samples.append({"t": time.monotonic() - self._started, "rss_mib": rss / 1024, "fds": fds,
-                                 "processes": len(tree), "main_cpu_s": cpu.user + cpu.system,
-                                 "main_sys_s": cpu.system, "tree_cpu_s": tree_cpu,
-                                 "main_rss_mib": anon_rss_kib(self.process.pid) / 1024,
-                                 "available_mib": psutil.virtual_memory().available / 2**20,
-                                 **machine_cpu_seconds(),
-                                 "probe": self.probe() if self.probe else None})
+            self.samples.append(
+                {
+                    "t": time.monotonic() - self._started,
+                    "rss_mib": rss / 1024,
+                    "fds": fds,
+                    "processes": len(tree),
+                    "main_cpu_s": cpu.user + cpu.system,
+                    "main_sys_s": cpu.system,
+                    "tree_cpu_s": tree_cpu,
+                    "main_rss_mib": anon_rss_kib(self.process.pid) / 1024,
+                    "available_mib": psutil.virtual_memory().available / 2**20,
+                    **machine_cpu_seconds(),
+                    "probe": self.probe() if self.probe else None,
+                }
+            )
 
     def _run(self) -> None:
         while not self._stop.is_set():

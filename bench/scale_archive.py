@@ -2,15 +2,16 @@
 bench/scale.py.
 
 `ILSVRC2012_img_train.tar` holds 1,000 per-class tars, 1,281,167 members in all (1,300 in most
-classes, fewer in 110, as in ImageNet, whose smallest class has 732), `ILSVRC2012_img_val.tar` 50,000 flat members in shuffled
-class order (50 per class), and `ILSVRC2012_devkit_t12.tar.gz` the meta.mat and ground truth
-that map them, with ILSVRC2012_IDs that are not in sorted-wnid order. Images are crops of
-bench/fixture.py's source photos at half its ImageNet-like sizes (median 250x188 px, JPEG q60-80
-4:2:0, ~7 KB): small enough to fit a laptop disk, real enough to decode like photos. Like
-ImageNet, 22 train JPEGs are CMYK and one is a PNG named .JPEG; 1.5% are grayscale (the bench
+classes, fewer in 110, as in ImageNet, whose smallest class has 732), `ILSVRC2012_img_val.tar`
+50,000 flat members in shuffled class order (50 per class), and `ILSVRC2012_devkit_t12.tar.gz` the
+meta.mat and ground truth that map them, with ILSVRC2012_IDs that are not in sorted-wnid order.
+Images are crops of bench/fixture.py's source photos at half its ImageNet-like sizes (median 250x188
+px, JPEG q60-80 4:2:0, ~7 KB): small enough to fit a laptop disk, real enough to decode like photos.
+Like ImageNet, 22 train JPEGs are CMYK and one is a PNG named .JPEG; 1.5% are grayscale (the bench
 fixture's share). `--scale` multiplies every count (each class keeps at least one train image).
 Every byte depends only on (scale, seed).
 """
+
 from __future__ import annotations
 
 import gzip
@@ -22,11 +23,11 @@ import time
 from multiprocessing import get_context
 from pathlib import Path
 
+import fixture  # bench/fixture.py: the source photos and ImageNet-like geometry
 import numpy as np
 from PIL import Image
 
-import fixture  # bench/fixture.py: the source photos and ImageNet-like geometry
-from prep.sample import class_words, devkit_ids, meta_mat_bytes, synset_rows, train_numbers
+from prep.sample.archives import class_words, devkit_ids, meta_mat_bytes, synset_rows, train_numbers
 
 NUM_CLASSES = 1000
 TRAIN_IMAGES = 1_281_167
@@ -48,7 +49,9 @@ def class_counts(scale: float, seed: int) -> list[int]:
     deficit = NUM_CLASSES * MAX_PER_CLASS - TRAIN_IMAGES
     short = rng.choice(NUM_CLASSES, size=110, replace=False)
     weights = rng.random(len(short))
-    cuts = np.minimum(np.floor(weights / weights.sum() * deficit).astype(int), MAX_PER_CLASS - MIN_PER_CLASS)
+    cuts = np.minimum(
+        np.floor(weights / weights.sum() * deficit).astype(int), MAX_PER_CLASS - MIN_PER_CLASS
+    )
     cuts[np.argmin(cuts)] += deficit - cuts.sum()  # exact total
     counts = np.full(NUM_CLASSES, MAX_PER_CLASS)
     counts[short] -= cuts
@@ -57,19 +60,25 @@ def class_counts(scale: float, seed: int) -> list[int]:
 
 
 def val_labels(scale: float, seed: int) -> list[int]:
-    labels = np.random.default_rng([seed, 11]).permutation(np.repeat(np.arange(NUM_CLASSES), VAL_PER_CLASS))
-    return [int(c) for c in labels[:max(1, int(round(len(labels) * scale)))]]
+    labels = np.random.default_rng([seed, 11]).permutation(
+        np.repeat(np.arange(NUM_CLASSES), VAL_PER_CLASS)
+    )
+    return [int(c) for c in labels[: max(1, int(round(len(labels) * scale)))]]
 
 
 def image_modes(num_images: int, seed: int, split: str) -> dict[int, str]:
     """Index -> "CMYK", "PNG" or "L" for the odd images of a split; the rest are RGB."""
     rng = np.random.default_rng([seed, 12, split == "val"])
     order = rng.permutation(num_images)
-    num_cmyk = min(num_images, max(1, round(NUM_CMYK * num_images / TRAIN_IMAGES))) if split == "train" else 0
+    num_cmyk = (
+        min(num_images, max(1, round(NUM_CMYK * num_images / TRAIN_IMAGES)))
+        if split == "train"
+        else 0
+    )
     modes = {int(i): "CMYK" for i in order[:num_cmyk]}
     if split == "train" and num_images > num_cmyk:
         modes[int(order[num_cmyk])] = "PNG"
-    gray = order[num_cmyk + 1:][rng.random(max(num_images - num_cmyk - 1, 0)) < fixture.SHARE_GRAY]
+    gray = order[num_cmyk + 1 :][rng.random(max(num_images - num_cmyk - 1, 0)) < fixture.SHARE_GRAY]
     modes.update({int(i): "L" for i in gray})
     return modes
 
@@ -87,8 +96,10 @@ def photo_paths(photos: str) -> list[str]:
     except RuntimeError as error:
         raise SystemExit(f"scale: {error} (or pass --photos synthetic)") from None
     if not sources:
-        raise SystemExit("scale: needs Debian's plasma-workspace-wallpapers (`make bench` installs them "
-                         "as root) or --photos synthetic")
+        raise SystemExit(
+            "scale: needs Debian's plasma-workspace-wallpapers (`make bench` installs them "
+            "as root) or --photos synthetic"
+        )
     return sources
 
 
@@ -100,7 +111,9 @@ def _load_photos(paths: list[str]) -> None:
         _photos.append(photo.reduce(SOURCE_REDUCE) if photo.width > 1600 else photo)
     if not _photos:
         yy, xx = np.mgrid[0:600, 0:800]
-        _photos.append(Image.fromarray(np.stack([xx % 256, yy % 256, (xx + yy) % 256], -1).astype(np.uint8)))
+        _photos.append(
+            Image.fromarray(np.stack([xx % 256, yy % 256, (xx + yy) % 256], -1).astype(np.uint8))
+        )
 
 
 def render(seed: int, split: str, index: int, mode: str) -> bytes:
@@ -122,7 +135,15 @@ def render(seed: int, split: str, index: int, mode: str) -> bytes:
 
 def _tar_info(name: str, size: int) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = size, FIXED_MTIME, 0o644, 0, 0, "", ""
+    info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = (
+        size,
+        FIXED_MTIME,
+        0o644,
+        0,
+        0,
+        "",
+        "",
+    )
     return info
 
 
@@ -137,8 +158,13 @@ def _tar_bytes(members) -> bytes:
 def _class_tar(task: tuple) -> tuple[str, bytes, int]:
     """Worker: one `<wnid>.tar` of the train archive, and how many image bytes it holds."""
     seed, wnid, first_index, count, modes = task
-    members = [(f"{wnid}_{number}.JPEG", render(seed, "train", first_index + i, modes.get(first_index + i, "RGB")))
-               for i, number in enumerate(train_numbers(wnid, count))]
+    members = [
+        (
+            f"{wnid}_{number}.JPEG",
+            render(seed, "train", first_index + i, modes.get(first_index + i, "RGB")),
+        )
+        for i, number in enumerate(train_numbers(wnid, count))
+    ]
     return f"{wnid}.tar", _tar_bytes(members), sum(len(data) for _, data in members)
 
 
@@ -154,8 +180,13 @@ def _write_atomic(path: Path, write) -> None:
     os.replace(partial, path)
 
 
-def generate(src_dir: Path, scale: float = 1.0, seed: int = 0, workers: int | None = None,
-             photos: str = "real") -> dict:
+def generate(
+    src_dir: Path,
+    scale: float = 1.0,
+    seed: int = 0,
+    workers: int | None = None,
+    photos: str = "real",
+) -> dict:
     """Write the three archives into src_dir (reused when facts.json matches); return the facts."""
     src_dir = Path(src_dir)
     facts_path = src_dir / "facts.json"
@@ -173,14 +204,29 @@ def generate(src_dir: Path, scale: float = 1.0, seed: int = 0, workers: int | No
     labels = val_labels(scale, seed)
     val_modes = image_modes(len(labels), seed, "val")
     workers = workers or len(os.sched_getaffinity(0))
-    train_tasks = [(seed, wnid, firsts[c], counts[c], {i: m for i, m in train_modes.items()
-                                                       if firsts[c] <= i < firsts[c + 1]})
-                   for c, wnid in enumerate(wnids)]
+    train_tasks = [
+        (
+            seed,
+            wnid,
+            firsts[c],
+            counts[c],
+            {i: m for i, m in train_modes.items() if firsts[c] <= i < firsts[c + 1]},
+        )
+        for c, wnid in enumerate(wnids)
+    ]
     step = 1000
-    val_tasks = [(seed, a, min(a + step, len(labels)), {i: m for i, m in val_modes.items() if a <= i < a + step})
-                 for a in range(0, len(labels), step)]
+    val_tasks = [
+        (
+            seed,
+            a,
+            min(a + step, len(labels)),
+            {i: m for i, m in val_modes.items() if a <= i < a + step},
+        )
+        for a in range(0, len(labels), step)
+    ]
     image_bytes = 0
     with get_context("fork").Pool(workers, initializer=_load_photos, initargs=(paths,)) as pool:
+
         def write_train(f):
             nonlocal image_bytes
             with tarfile.open(fileobj=f, mode="w", format=tarfile.GNU_FORMAT) as outer:
@@ -192,19 +238,29 @@ def generate(src_dir: Path, scale: float = 1.0, seed: int = 0, workers: int | No
             with tarfile.open(fileobj=f, mode="w", format=tarfile.GNU_FORMAT) as tar:
                 for (_, start, _, _), datas in zip(val_tasks, pool.imap(_val_chunk, val_tasks)):
                     for i, data in enumerate(datas, start=start):
-                        tar.addfile(_tar_info(f"ILSVRC2012_val_{i + 1:08d}.JPEG", len(data)), io.BytesIO(data))
+                        tar.addfile(
+                            _tar_info(f"ILSVRC2012_val_{i + 1:08d}.JPEG", len(data)),
+                            io.BytesIO(data),
+                        )
 
         _write_atomic(src_dir / TRAIN_TAR, write_train)
         _write_atomic(src_dir / VAL_TAR, write_val)
     ids = devkit_ids(NUM_CLASSES)
     _write_atomic(src_dir / DEVKIT, lambda f: _write_devkit(f, words, ids, labels))
     facts = {
-        "params": params, "num_classes": NUM_CLASSES, "train_images": firsts[-1], "val_images": len(labels),
-        "train_per_class": [min(counts), max(counts)], "train_cmyk": list(train_modes.values()).count("CMYK"),
-        "train_png": list(train_modes.values()).count("PNG"), "train_gray": list(train_modes.values()).count("L"),
-        "val_gray": list(val_modes.values()).count("L"), "mean_train_image_bytes": image_bytes / firsts[-1],
+        "params": params,
+        "num_classes": NUM_CLASSES,
+        "train_images": firsts[-1],
+        "val_images": len(labels),
+        "train_per_class": [min(counts), max(counts)],
+        "train_cmyk": list(train_modes.values()).count("CMYK"),
+        "train_png": list(train_modes.values()).count("PNG"),
+        "train_gray": list(train_modes.values()).count("L"),
+        "val_gray": list(val_modes.values()).count("L"),
+        "mean_train_image_bytes": image_bytes / firsts[-1],
         "bytes": {name: (src_dir / name).stat().st_size for name in (TRAIN_TAR, VAL_TAR, DEVKIT)},
-        "seconds": time.perf_counter() - started, "workers": workers,
+        "seconds": time.perf_counter() - started,
+        "workers": workers,
     }
     _write_atomic(facts_path, lambda f: f.write(json.dumps(facts, indent=1).encode()))
     return facts
@@ -212,9 +268,11 @@ def generate(src_dir: Path, scale: float = 1.0, seed: int = 0, workers: int | No
 
 def _write_devkit(f, words: list[tuple[str, str]], ids: tuple[int, ...], labels: list[int]) -> None:
     ground_truth = "".join(f"{ids[label]}\n" for label in labels).encode()
-    # prep.sample stores image counts as uint16, which 1,000 classes' parent synsets overflow.
+    # prep.sample.archives stores image counts as uint16: 1,000 classes' parents overflow it.
     rows = [row[:5] + (min(row[5], 65535),) for row in synset_rows(words, ids, MAX_PER_CLASS)]
-    members = [("ILSVRC2012_devkit_t12/data/meta.mat", meta_mat_bytes(rows)),
-               ("ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt", ground_truth)]
+    members = [
+        ("ILSVRC2012_devkit_t12/data/meta.mat", meta_mat_bytes(rows)),
+        ("ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt", ground_truth),
+    ]
     with gzip.GzipFile(filename="", mode="wb", fileobj=f, mtime=0) as gz:
         gz.write(_tar_bytes(members))

@@ -10,6 +10,7 @@ first batches, then answers each command line on stdin with one result line:
   {"quit": true}               -> exits
 Only stdlib, psutil and numpy-free code here: both venvs import this file.
 """
+
 from __future__ import annotations
 
 import json
@@ -68,12 +69,20 @@ def timed(batches, command: dict, step: int) -> dict:
         count += 1
         if want is not None and count >= want:
             break
-        if seconds is not None and count % step == 0 and count >= 2 * step and \
-                time.perf_counter() - started >= seconds:
+        if (
+            seconds is not None
+            and count % step == 0
+            and count >= 2 * step
+            and time.perf_counter() - started >= seconds
+        ):
             break
     wall = time.perf_counter() - started
-    return {"images": images, "seconds": wall, "batches": count,
-            "cpu_seconds": tree_cpu_seconds(process) - cpu_started} | tree_memory_mb(process)
+    return {
+        "images": images,
+        "seconds": wall,
+        "batches": count,
+        "cpu_seconds": tree_cpu_seconds(process) - cpu_started,
+    } | tree_memory_mb(process)
 
 
 def serve(make_batches, facts: dict, warmup_batches: int, step: int = 1) -> int:
@@ -96,6 +105,10 @@ def serve(make_batches, facts: dict, warmup_batches: int, step: int = 1) -> int:
             print(json.dumps(timed(batches, command, step)), file=out, flush=True)
     except Exception as err:  # reported as data: the driver lives in another interpreter
         traceback.print_exc(file=sys.stderr)
-        print(json.dumps({"error": f"{type(err).__name__}: {err}".splitlines()[0]}), file=out, flush=True)
+        print(
+            json.dumps({"error": f"{type(err).__name__}: {err}".splitlines()[0]}),
+            file=out,
+            flush=True,
+        )
         return 1
     return 0

@@ -12,6 +12,7 @@ Process and memory hygiene, because DataLoader workers fork (or unpickle) the da
   worker does not grow with the number of records read;
 - `names.txt` (a Python string per record) is loaded only to word an error message.
 """
+
 from __future__ import annotations
 
 import io
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from formats.errors import DatasetError
+from formats import DatasetError
 from formats.lmdb_store import check_data_file
 from formats.manifest import Manifest, load_names, load_records, read_manifest
 from formats.msgpack_store import shard_file_name
@@ -93,7 +94,8 @@ class RecordDataset:
         """Cheap checks of what a reader would otherwise find only in a worker, mid-epoch:
         the store's files exist, and msgpack shards hold every byte the index points at."""
         if self.manifest.store == "lmdb":
-            check_data_file(self.dataset_dir)  # a truncated data.mdb: this error, not a SIGBUS later
+            # a truncated data.mdb: this error, not a SIGBUS later
+            check_data_file(self.dataset_dir)
             return
         for shard, needed in self._reader.shard_sizes().items():
             path = self.dataset_dir / shard_file_name(shard)

@@ -1,12 +1,13 @@
 """JPEG codec access shared by prep (decode, resize, encode) and train (decode toward a crop).
 
-libjpeg-turbo through PyTurboJPEG 1.x is the fast decode path: DCT scaling (1/2, 1/4, 1/8 of
-the size for a fraction of the work) straight into numpy. Encoding goes through PIL (whose JPEG
-codec is libjpeg-turbo too) because prep's resized images are PIL images already. PyTurboJPEG
-cannot read CMYK JPEGs, PNGs or other formats, so callers sniff the real format and fall back to PIL. If the
-system library is missing, everything still works through PIL (slower); `codec_report` says
-which libraries are active, because pillow-simd and Pillow both install as `PIL`.
+libjpeg-turbo through PyTurboJPEG 1.x is the fast decode path: DCT scaling (1/2, 1/4, 1/8 of the
+size for a fraction of the work) straight into numpy. Encoding goes through PIL (whose JPEG codec is
+libjpeg-turbo too) because prep's resized images are PIL images already. PyTurboJPEG cannot read
+CMYK JPEGs, PNGs or other formats, so callers sniff the real format and fall back to PIL. If the
+system library is missing, everything still works through PIL (slower); `codec_report` says which
+libraries are active, because pillow-simd and Pillow both install as `PIL`.
 """
+
 from __future__ import annotations
 
 import functools
@@ -104,8 +105,10 @@ def implausible_size(kind: str, height: int, width: int, nbytes: int) -> str | N
         return f"header claims {width}x{height} px, over the {MAX_IMAGE_PIXELS:,} px budget"
     limit = MAX_PIXELS_PER_BYTE.get(kind, MAX_PIXELS_PER_BYTE_OTHER)
     if pixels > limit * max(nbytes, 1):
-        return (f"header claims {width}x{height} px in a {nbytes:,}-byte file: not a real image "
-                f"(> {limit:,} px per byte)")
+        return (
+            f"header claims {width}x{height} px in a {nbytes:,}-byte file: not a real image "
+            f"(> {limit:,} px per byte)"
+        )
     return None
 
 
@@ -136,9 +139,10 @@ def is_sequential_8bit(data: bytes | memoryview) -> bool:
             continue
         if marker in _SEQUENTIAL_HUFFMAN_SOF:
             return position + 4 < len(view) and view[position + 4] == 8  # sample precision
-        if marker in _OTHER_SOF or marker == 0xDA:  # another frame type, or scan data before any frame
+        # another frame type, or scan data before any frame
+        if marker in _OTHER_SOF or marker == 0xDA:
             return False
-        position += 2 + int.from_bytes(view[position + 2:position + 4], "big")
+        position += 2 + int.from_bytes(view[position + 2 : position + 4], "big")
     return False
 
 
@@ -154,7 +158,9 @@ def decode_turbo(data, scale: tuple[int, int] = (1, 1), pixel_format: int = TJPF
         pixels = turbo().decode(data, pixel_format=pixel_format, scaling_factor=scale)
     for warning in caught:
         if issubclass(warning.category, UserWarning):
-            raise ValueError(f"corrupt or truncated JPEG data (libjpeg: {str(warning.message).strip()})")
+            raise ValueError(
+                f"corrupt or truncated JPEG data (libjpeg: {str(warning.message).strip()})"
+            )
     if pixels.size == 0:
         raise ValueError("JPEG decoded to an empty image")
     return pixels
@@ -191,7 +197,12 @@ def codec_report() -> dict[str, str]:
         turbo_version = "not installed"
     return {
         "pil": pil_variant(),
-        "turbojpeg": f"PyTurboJPEG {turbo_version}" + (
-            "" if turbo() else f" (hidden by {HIDE_TURBOJPEG_ENV}: PIL fallback)" if turbo_hidden()
-            else " (libturbojpeg missing: PIL fallback)"),
+        "turbojpeg": f"PyTurboJPEG {turbo_version}"
+        + (
+            ""
+            if turbo()
+            else f" (hidden by {HIDE_TURBOJPEG_ENV}: PIL fallback)"
+            if turbo_hidden()
+            else " (libturbojpeg missing: PIL fallback)"
+        ),
     }

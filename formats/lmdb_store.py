@@ -7,6 +7,7 @@ reads, because an LMDB environment must not cross a fork; values come back as me
 into the map, valid while the reader's transaction lives (we keep one per thread for the life
 of the reader, which is safe since nothing writes a finished dataset).
 """
+
 from __future__ import annotations
 
 import errno
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import lmdb
 
-from formats.errors import DatasetError
+from formats import DatasetError
 from formats.record import checksum, encode_key
 
 DATA_FILE = "data.mdb"
@@ -43,15 +44,17 @@ def _free_bytes(directory: Path) -> int | None:
         st = os.statvfs(directory)
     except OSError:
         return None
-    return (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize  # root may use the reserve
+    # root may use the reserve
+    return (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
 
 
 def _write_error(dataset_dir: Path, err: lmdb.Error) -> Exception:
     """A failed LMDB write as the error it is: OSError(ENOSPC) naming data.mdb when the disk is
     full (what every other prep write says then), else LMDB's own."""
     text = str(err)
-    if "No space left" in text or ("Input/output error" in text and
-                                   (_free_bytes(dataset_dir) or 0) < FULL_DISK_BYTES):
+    if "No space left" in text or (
+        "Input/output error" in text and (_free_bytes(dataset_dir) or 0) < FULL_DISK_BYTES
+    ):
         return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(Path(dataset_dir) / DATA_FILE))
     return err
 
@@ -80,8 +83,10 @@ def check_data_file(dataset_dir: Path) -> None:
     last_pgno = max(metas, key=lambda meta: meta[4])[3]
     needed = (last_pgno + 1) * psize
     if size < needed:
-        raise DatasetError(f"{path}: {size:,} bytes, but its LMDB pages need {needed:,}: the file "
-                           "is truncated (rebuild the dataset, or restore data.mdb)")
+        raise DatasetError(
+            f"{path}: {size:,} bytes, but its LMDB pages need {needed:,}: the file "
+            "is truncated (rebuild the dataset, or restore data.mdb)"
+        )
 
 
 class LmdbWriter:
@@ -94,19 +99,25 @@ class LmdbWriter:
 
     def __init__(self, dataset_dir: Path, keep_records: int = 0):
         self.dataset_dir = Path(dataset_dir)
-        if (self.dataset_dir / DATA_FILE).exists():  # resuming: LMDB would map a damaged file as it is
+        # resuming: LMDB would map a damaged file as it is
+        if (self.dataset_dir / DATA_FILE).exists():
             try:
                 check_data_file(self.dataset_dir)
             except DatasetError as err:
                 raise DatasetError(f"{err}; pass --overwrite to start the build over") from None
         self._env = lmdb.open(
-            str(self.dataset_dir), map_size=WRITER_MAP_BYTES, subdir=True,
-            readahead=False, meminit=False, max_dbs=0,
+            str(self.dataset_dir),
+            map_size=WRITER_MAP_BYTES,
+            subdir=True,
+            readahead=False,
+            meminit=False,
+            max_dbs=0,
         )
         self._txn: lmdb.Transaction | None = None
         if self.count() < keep_records:
             raise DatasetError(
-                f"{self.dataset_dir}: store holds {self.count()} records, progress says {keep_records}: "
+                f"{self.dataset_dir}: store holds {self.count()} records, progress says "
+                f"{keep_records}: "
                 "the unfinished build is damaged; pass --overwrite to start it over"
             )
         self._truncate(keep_records)
@@ -197,8 +208,15 @@ def _shared_env(dataset_dir: Path) -> lmdb.Environment:
             env.close()
         check_data_file(dataset_dir)
         try:
-            env = lmdb.open(str(dataset_dir), readonly=True, lock=False, subdir=True,
-                            readahead=False, meminit=False, max_readers=4096)
+            env = lmdb.open(
+                str(dataset_dir),
+                readonly=True,
+                lock=False,
+                subdir=True,
+                readahead=False,
+                meminit=False,
+                max_readers=4096,
+            )
         except lmdb.Error as err:
             raise DatasetError(f"{dataset_dir}: cannot open LMDB ({err})") from None
         _shared_envs[key] = (os.getpid(), env)
@@ -242,7 +260,9 @@ class LmdbReader:
                 entries = env.stat()["entries"]
                 if entries != self.count:
                     raise DatasetError(
-                        f"{self.dataset_dir}: LMDB holds {entries} records, manifest says {self.count}")
+                        f"{self.dataset_dir}: LMDB holds {entries} records, manifest says "
+                        f"{self.count}"
+                    )
                 self._checked_pid = os.getpid()
             # Long-lived read transaction: views stay valid while it lives, and nothing writes a
             # finished dataset, so it pins nothing that matters.

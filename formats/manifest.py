@@ -4,6 +4,7 @@ No manifest, no dataset: writers create it only after every other file is comple
 and readers refuse a directory without one or with an unknown format version. It holds no
 timestamps, so a resumed build produces the same bytes as an uninterrupted one.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from formats.errors import DatasetError
-from formats.files import write_atomic
+from formats import DatasetError, write_atomic
+from formats.names import parse_names
 from formats.record import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -25,7 +26,6 @@ from formats.record import (
     RECORD_DTYPE,
     RECORDS_FILE,
 )
-from formats.names import parse_names
 
 STORES = ("lmdb", "msgpack")
 OPTIONAL_FIELDS = {"conversions"}  # may be missing from a manifest: written before they existed
@@ -95,7 +95,9 @@ def read_manifest(dataset_dir: Path) -> Manifest:
     names = {f.name for f in dataclasses.fields(Manifest)}
     unknown, missing = set(raw) - names, names - set(raw) - OPTIONAL_FIELDS
     if unknown or missing:
-        raise DatasetError(f"{path}: bad fields (unknown {sorted(unknown)}, missing {sorted(missing)})")
+        raise DatasetError(
+            f"{path}: bad fields (unknown {sorted(unknown)}, missing {sorted(missing)})"
+        )
     manifest = Manifest(**raw)
     if manifest.store not in STORES:
         raise DatasetError(f"{path}: unknown store {manifest.store!r}")
@@ -127,4 +129,3 @@ def load_names(dataset_dir: Path, manifest: Manifest) -> list[str]:
     if len(names) != manifest.count:
         raise DatasetError(f"{path}: {len(names)} names for {manifest.count} records")
     return names
-

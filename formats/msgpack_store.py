@@ -6,20 +6,20 @@ record's shard, start offset and length; since the JPEG is packed last, its byte
 record's final `jpeg_length` bytes and a reader slices them straight out of an mmap: no
 msgpack parsing and no copy on the hot path.
 """
+
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import threading
 from pathlib import Path
 from typing import Iterator
 
-import mmap
 import msgpack
 import numpy as np
 
-from formats.errors import DatasetError
-from formats.files import write_atomic
+from formats import DatasetError, write_atomic
 from formats.manifest import file_digest
 from formats.record import checksum
 
@@ -47,8 +47,9 @@ class MsgpackWriter:
     build rolls back to its last saved progress), so shard bytes equal an uninterrupted build's.
     """
 
-    def __init__(self, dataset_dir: Path, keep_records: int = 0,
-                 shard_bytes: int = DEFAULT_SHARD_BYTES):
+    def __init__(
+        self, dataset_dir: Path, keep_records: int = 0, shard_bytes: int = DEFAULT_SHARD_BYTES
+    ):
         self.dataset_dir = Path(dataset_dir)
         self.shard_bytes = shard_bytes
         self._index_path = self.dataset_dir / INDEX_PARTIAL_FILE
@@ -67,7 +68,8 @@ class MsgpackWriter:
         rows = self._saved_rows()
         if len(rows) < keep_records:
             raise DatasetError(
-                f"{self.dataset_dir}: store holds {len(rows)} records, progress says {keep_records}: "
+                f"{self.dataset_dir}: store holds {len(rows)} records, progress says "
+                f"{keep_records}: "
                 "the unfinished build is damaged; pass --overwrite to start it over"
             )
         shard, position = 0, 0
@@ -98,15 +100,20 @@ class MsgpackWriter:
         try:
             for index, (row_shard, offset, record_length, jpeg_length) in enumerate(rows):
                 rolled = index > 0 and (row_shard, offset) == (shard + 1, 0)
-                if ((row_shard, offset) != (shard, end) and not rolled) or jpeg_length > record_length:
+                if (
+                    (row_shard, offset) != (shard, end) and not rolled
+                ) or jpeg_length > record_length:
                     return index
                 if mapped is None or rolled:
                     if mapped is not None:
                         mapped.close()
                     mapped = _map_file(self.dataset_dir / shard_file_name(row_shard))
-                record = mapped[offset: offset + record_length]
-                if (len(record) != record_length or _record_head(record) != (index, int(labels[index]))
-                        or checksum(record[record_length - jpeg_length:]) != int(checksums[index])):
+                record = mapped[offset : offset + record_length]
+                if (
+                    len(record) != record_length
+                    or _record_head(record) != (index, int(labels[index]))
+                    or checksum(record[record_length - jpeg_length :]) != int(checksums[index])
+                ):
                     return index
                 shard, end = row_shard, offset + record_length
         finally:
@@ -184,7 +191,9 @@ class MsgpackReader:
             raise DatasetError(f"{path}: expected {count} index rows, found {len(index)}")
         # Plain arrays: per-item lookups on a structured array cost more than the decode-free path.
         self._shards = index["shard"].astype(np.int64)
-        self._jpeg_starts = (index["offset"] + index["record_length"] - index["jpeg_length"]).astype(np.int64)
+        self._jpeg_starts = (
+            index["offset"] + index["record_length"] - index["jpeg_length"]
+        ).astype(np.int64)
         self._jpeg_ends = (index["offset"] + index["record_length"]).astype(np.int64)
         self._record_starts = index["offset"].astype(np.int64)
         self._maps: dict[int, mmap.mmap] = {}

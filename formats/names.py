@@ -8,6 +8,7 @@ valid UTF-8 text with one name per line: a backslash is written `\\\\`, a byte t
 `escape_name` is also how a name is shown on a terminal (no control characters reach it).
 format_version 1 wrote names raw, a newline as '?': those files are still read, as they were.
 """
+
 from __future__ import annotations
 
 import re

@@ -5,6 +5,7 @@ shards) plus a per-record table `records.npy` with the fields below, the source 
 `names.txt`, and `manifest.json`, written last. Store values are the re-encoded JPEG bytes and
 nothing else, so a reader can hand a memoryview of the stored value straight to the decoder.
 """
+
 from __future__ import annotations
 
 import struct

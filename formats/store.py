@@ -1,4 +1,5 @@
 """Open a finished dataset directory's store by what its manifest says it is."""
+
 from __future__ import annotations
 
 from pathlib import Path

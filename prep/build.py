@@ -5,6 +5,7 @@ in submission order with a bounded number of chunks in flight, so output order i
 order (a resumed build equals an uninterrupted one) and memory stays flat whatever the source
 size. Workers are forked before any store is opened (an LMDB environment must not cross a fork).
 """
+
 from __future__ import annotations
 
 import collections
@@ -18,11 +19,10 @@ from pathlib import Path
 import lmdb
 from tqdm import tqdm
 
-from formats import jpeg
+from formats import jpeg, split_dir_name
 from formats.manifest import Manifest, read_manifest
-from formats.names import escape_name, names_line
 from formats.msgpack_store import DEFAULT_SHARD_BYTES
-from formats.layout import split_dir_name
+from formats.names import escape_name, names_line
 from formats.record import FORMAT_VERSION, RECORD_STRUCT
 from prep.lock import lock_path, locked
 from prep.partial import BuildError, PartialOutput, Progress
@@ -55,8 +55,10 @@ def resolve_workers(requested: int | None) -> tuple[int, str | None]:
         raise BuildError(f"--workers {requested}: must be >= 0 (0 transforms in the main process)")
     cap = MAX_WORKERS_PER_CORE * cores
     if requested > cap:
-        return cap, (f"--workers {requested} is more than {MAX_WORKERS_PER_CORE} per core "
-                     f"({cores} cores here): starting {cap}")
+        return cap, (
+            f"--workers {requested} is more than {MAX_WORKERS_PER_CORE} per core "
+            f"({cores} cores here): starting {cap}"
+        )
     return requested, None
 
 
@@ -91,8 +93,11 @@ class BuildSummary:
     seconds: float
     workers: int
     codecs: dict
-    dataset_dirs: dict[int, Path] = dataclasses.field(default_factory=dict)  # prep_size -> where it is
-    source_layout: str = ""  # which layout --src was recognised as (train-tar, hf-parquet, wds, ...)
+    # prep_size -> where it is
+    dataset_dirs: dict[int, Path] = dataclasses.field(default_factory=dict)
+    source_layout: str = (
+        ""  # which layout --src was recognised as (train-tar, hf-parquet, wds, ...)
+    )
 
     @property
     def images_per_second(self) -> float:
@@ -117,7 +122,9 @@ def _read_span(path: str, offset: int, nbytes: int) -> bytes:
     return data
 
 
-def _prepare_chunk(spans: list, prep_sizes: tuple, quality: int, upscale: bool, reencode: bool) -> list:
+def _prepare_chunk(
+    spans: list, prep_sizes: tuple, quality: int, upscale: bool, reencode: bool
+) -> list:
     """Worker side: read each image's bytes where the source says they are (or take them as
     sent, from a streamed source), and transform them.
 
@@ -155,10 +162,16 @@ class _InlinePool:
         pass
 
 
-def _fingerprint(config: BuildConfig, source: Source, prep_sizes: tuple[int, ...], part_info: dict | None) -> dict:
+def _fingerprint(
+    config: BuildConfig, source: Source, prep_sizes: tuple[int, ...], part_info: dict | None
+) -> dict:
     fingerprint = {
-        "format_version": FORMAT_VERSION, "store": config.store, "split": config.split,
-        "prep_sizes": list(prep_sizes), "quality": config.quality, "upscale": config.upscale,
+        "format_version": FORMAT_VERSION,
+        "store": config.store,
+        "split": config.split,
+        "prep_sizes": list(prep_sizes),
+        "quality": config.quality,
+        "upscale": config.upscale,
         "shard_bytes": config.shard_bytes if config.store == "msgpack" else None,
         "source": source.identity,
     }
@@ -169,10 +182,16 @@ def _fingerprint(config: BuildConfig, source: Source, prep_sizes: tuple[int, ...
     return fingerprint
 
 
-def _manifest_fields(config: BuildConfig, source: Source, prep_sizes: tuple[int, ...], part_info: dict | None,
-                     progress: Progress) -> dict:
+def _manifest_fields(
+    config: BuildConfig,
+    source: Source,
+    prep_sizes: tuple[int, ...],
+    part_info: dict | None,
+    progress: Progress,
+) -> dict:
     build_info = {
-        "tool_version": TOOL_VERSION, "codecs": jpeg.codec_report(),
+        "tool_version": TOOL_VERSION,
+        "codecs": jpeg.codec_report(),
         "built_with_sizes": list(prep_sizes),
         "decode": f"DCT-scaled (power of two) to cover {max(prep_sizes)} px, then bilinear resize",
         # False: baseline RGB JPEGs already at their stored size are kept byte for byte.
@@ -181,29 +200,45 @@ def _manifest_fields(config: BuildConfig, source: Source, prep_sizes: tuple[int,
     if part_info is not None:
         build_info["part"] = {**part_info, "num_members": progress.consumed}
     return {
-        "split": config.split, "quality": config.quality, "upscale": config.upscale,
-        "classes": source.classes, "class_names": source.class_names, "source": source.identity,
+        "split": config.split,
+        "quality": config.quality,
+        "upscale": config.upscale,
+        "classes": source.classes,
+        "class_names": source.class_names,
+        "source": source.identity,
         "build": build_info,
     }
 
 
 def _output_fields(fields: dict, progress: Progress, position: int) -> dict:
     """One output's manifest fields: the shared ones plus its count of records stored as is."""
-    return {**fields, "build": {**fields["build"], "num_stored_as_is": progress.stored_as_is[position]}}
+    return {
+        **fields,
+        "build": {**fields["build"], "num_stored_as_is": progress.stored_as_is[position]},
+    }
 
 
 def dataset_dir_of(config: BuildConfig, prep_size: int) -> Path:
     """Where the build puts the dataset of one prep_size (a part's own directory for a part)."""
-    name = split_dir_name(config.split, prep_size) if config.part is None else \
-        part_dir_name(config.split, prep_size, config.part)
+    name = (
+        split_dir_name(config.split, prep_size)
+        if config.part is None
+        else part_dir_name(config.split, prep_size, config.part)
+    )
     return config.out_dir / name
 
 
 def _outputs_to_build(config: BuildConfig) -> tuple[list[PartialOutput], list[int]]:
     todo, skipped = [], []
     for prep_size in dict.fromkeys(config.prep_sizes):
-        output = PartialOutput(config.out_dir, config.split, prep_size, config.store, config.shard_bytes,
-                               dataset_dir_of(config, prep_size).name)
+        output = PartialOutput(
+            config.out_dir,
+            config.split,
+            prep_size,
+            config.store,
+            config.shard_bytes,
+            dataset_dir_of(config, prep_size).name,
+        )
         if not config.overwrite and (output.final_dir / "manifest.json").is_file():
             skipped.append(prep_size)
         elif not config.overwrite and output.complete_if_finalized():
@@ -217,7 +252,8 @@ def build(config: BuildConfig) -> BuildSummary:
     _check_config(config)
     source = open_source(config.src_dir, config.split, config.val_labels)
     config.out_dir.mkdir(parents=True, exist_ok=True)
-    dataset_dirs = [dataset_dir_of(config, size) for size in dict.fromkeys(config.prep_sizes)]  # a part locks its own
+    # a part locks its own
+    dataset_dirs = [dataset_dir_of(config, size) for size in dict.fromkeys(config.prep_sizes)]
     with locked([(lock_path(config.out_dir, d.name), str(d)) for d in dataset_dirs]):
         return _build_locked(config, source)
 
@@ -227,12 +263,22 @@ def _build_locked(config: BuildConfig, source: Source) -> BuildSummary:
     outputs, skipped = _outputs_to_build(config)
     started = time.perf_counter()
     if not outputs:
-        return BuildSummary({s: read_manifest(dataset_dir_of(config, s)) for s in skipped},
-                            skipped, 0, 0, 0.0, config.workers, jpeg.codec_report(),
-                            {s: dataset_dir_of(config, s) for s in skipped}, source.layout)
+        return BuildSummary(
+            {s: read_manifest(dataset_dir_of(config, s)) for s in skipped},
+            skipped,
+            0,
+            0,
+            0.0,
+            config.workers,
+            jpeg.codec_report(),
+            {s: dataset_dir_of(config, s) for s in skipped},
+            source.layout,
+        )
     part_info = None
     if config.part is not None:
-        source, part_info = part_source(source, config.part, config.shard_bytes if config.store == "msgpack" else None)
+        source, part_info = part_source(
+            source, config.part, config.shard_bytes if config.store == "msgpack" else None
+        )
     prep_sizes = tuple(o.prep_size for o in outputs)
     fingerprint = _fingerprint(config, source, prep_sizes, part_info)
     saved = [o.saved_progress(fingerprint, config.overwrite) for o in outputs]
@@ -251,24 +297,42 @@ def _build_locked(config: BuildConfig, source: Source) -> BuildSummary:
         if not progress.finished:
             _run(config, source, outputs, progress, pool, prep_sizes)
         fields = _manifest_fields(config, source, prep_sizes, part_info, progress)
-        manifests = {o.prep_size: o.finalize(progress, _output_fields(fields, progress, i))
-                     for i, o in enumerate(outputs)}
+        manifests = {
+            o.prep_size: o.finalize(progress, _output_fields(fields, progress, i))
+            for i, o in enumerate(outputs)
+        }
     except concurrent.futures.process.BrokenProcessPool:
-        raise BuildError(f"a worker process died (out of memory? killed?); the unfinished build in "
-                         f"{config.out_dir} is kept: rerun the same command to resume") from None
+        raise BuildError(
+            f"a worker process died (out of memory? killed?); the unfinished build in "
+            f"{config.out_dir} is kept: rerun the same command to resume"
+        ) from None
     except (OSError, lmdb.Error) as err:  # a full disk, a vanished or unreadable file, ...
-        where = f"{err.filename}: {err.strerror}" if isinstance(err, OSError) and err.filename else str(err)
-        raise BuildError(f"{where}; the unfinished build in {config.out_dir} is kept: fix the cause "
-                         "and rerun the same command to resume") from None
+        where = (
+            f"{err.filename}: {err.strerror}"
+            if isinstance(err, OSError) and err.filename
+            else str(err)
+        )
+        raise BuildError(
+            f"{where}; the unfinished build in {config.out_dir} is kept: fix the cause "
+            "and rerun the same command to resume"
+        ) from None
     finally:
         pool.shutdown(cancel_futures=True)
         for output in outputs:
             output.close()
     for size in skipped:
         manifests[size] = read_manifest(dataset_dir_of(config, size))
-    return BuildSummary(manifests, skipped, resumed_from, progress.consumed,
-                        time.perf_counter() - started, config.workers, jpeg.codec_report(),
-                        {s: dataset_dir_of(config, s) for s in manifests}, source.layout)
+    return BuildSummary(
+        manifests,
+        skipped,
+        resumed_from,
+        progress.consumed,
+        time.perf_counter() - started,
+        config.workers,
+        jpeg.codec_report(),
+        {s: dataset_dir_of(config, s) for s in manifests},
+        source.layout,
+    )
 
 
 def _check_config(config: BuildConfig) -> None:
@@ -276,11 +340,15 @@ def _check_config(config: BuildConfig) -> None:
     if config.store not in ("lmdb", "msgpack"):
         raise BuildError(f"unknown store {config.store!r}")
     if not config.prep_sizes or not all(8 <= size <= MAX_PREP_SIZE for size in config.prep_sizes):
-        raise BuildError(f"--size must be given, each 8..{MAX_PREP_SIZE} px (got {list(config.prep_sizes)})")
+        raise BuildError(
+            f"--size must be given, each 8..{MAX_PREP_SIZE} px (got {list(config.prep_sizes)})"
+        )
     if not 1 <= config.quality <= 100:
         raise BuildError(f"--quality {config.quality}: must be 1..100")
     if config.workers < 0:
-        raise BuildError(f"--workers {config.workers}: must be >= 0 (0 transforms in the main process)")
+        raise BuildError(
+            f"--workers {config.workers}: must be >= 0 (0 transforms in the main process)"
+        )
     if config.commit_every < 1:
         raise BuildError(f"--commit-every {config.commit_every}: must be >= 1")
     # the CLI's --shard-mb is whole MiB (>= 1); the library takes any positive size (tests cut
@@ -299,15 +367,32 @@ def _start_pool(workers: int):
     return pool
 
 
-def _run(config: BuildConfig, source: Source, outputs: list[PartialOutput], progress: Progress,
-         pool, prep_sizes: tuple[int, ...]) -> None:
-    bar = tqdm(total=source.total_bytes, unit="B", unit_scale=True, unit_divisor=1024,
-               desc=f"{config.split} {'+'.join(map(str, prep_sizes))}", disable=config.quiet,
-               dynamic_ncols=True, smoothing=0.05)
+def _run(
+    config: BuildConfig,
+    source: Source,
+    outputs: list[PartialOutput],
+    progress: Progress,
+    pool,
+    prep_sizes: tuple[int, ...],
+) -> None:
+    bar = tqdm(
+        total=source.total_bytes,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=f"{config.split} {'+'.join(map(str, prep_sizes))}",
+        disable=config.quiet,
+        dynamic_ncols=True,
+        smoothing=0.05,
+    )
     pending: collections.deque = collections.deque()
     max_in_flight = max(1, config.workers) * CHUNKS_IN_FLIGHT_PER_WORKER
-    state = {"committed_at": time.monotonic(), "records_at_commit": progress.num_records,
-             "started": time.monotonic(), "done_here": 0}
+    state = {
+        "committed_at": time.monotonic(),
+        "records_at_commit": progress.num_records,
+        "started": time.monotonic(),
+        "done_here": 0,
+    }
 
     def handle(members: list, future) -> None:
         results = iter(future.result())
@@ -323,8 +408,14 @@ def _run(config: BuildConfig, source: Source, outputs: list[PartialOutput], prog
                 name_line = names_line(name)
                 for position, (output, image) in enumerate(zip(outputs, result.outputs)):
                     progress.stored_as_is[position] += image.stored_as_is
-                    row = RECORD_STRUCT.pack(label, image.height, image.width, result.orig_height,
-                                             result.orig_width, image.crc32)
+                    row = RECORD_STRUCT.pack(
+                        label,
+                        image.height,
+                        image.width,
+                        result.orig_height,
+                        result.orig_width,
+                        image.crc32,
+                    )
                     output.append(progress.num_records, label, image.jpeg, row, name_line)
                 progress.num_records += 1
                 progress.names_bytes += len(name_line)
@@ -332,8 +423,10 @@ def _run(config: BuildConfig, source: Source, outputs: list[PartialOutput], prog
             state["done_here"] += 1
             bar.update(nbytes)
         now = time.monotonic()
-        if (progress.num_records - state["records_at_commit"] >= config.commit_every
-                or now - state["committed_at"] >= COMMIT_SECONDS):
+        if (
+            progress.num_records - state["records_at_commit"] >= config.commit_every
+            or now - state["committed_at"] >= COMMIT_SECONDS
+        ):
             for output in outputs:
                 output.commit(progress)
             state["committed_at"], state["records_at_commit"] = now, progress.num_records
@@ -349,24 +442,52 @@ def _run(config: BuildConfig, source: Source, outputs: list[PartialOutput], prog
                 continue
             skip_reason = member.skip_reason
             if not skip_reason:
-                spans.append(member.data if member.data is not None else (member.path, member.offset, member.nbytes))
+                spans.append(
+                    member.data
+                    if member.data is not None
+                    else (member.path, member.offset, member.nbytes)
+                )
             chunk.append((member.name, member.label, member.nbytes, skip_reason))
             if len(chunk) == CHUNK_IMAGES:
-                pending.append((chunk, pool.submit(_prepare_chunk, spans, prep_sizes, config.quality, config.upscale, config.reencode)))
+                pending.append(
+                    (
+                        chunk,
+                        pool.submit(
+                            _prepare_chunk,
+                            spans,
+                            prep_sizes,
+                            config.quality,
+                            config.upscale,
+                            config.reencode,
+                        ),
+                    )
+                )
                 chunk, spans = [], []
                 while len(pending) >= max_in_flight:
                     handle(*pending.popleft())
         if chunk:
-            pending.append((chunk, pool.submit(_prepare_chunk, spans, prep_sizes, config.quality, config.upscale, config.reencode)))
+            pending.append(
+                (
+                    chunk,
+                    pool.submit(
+                        _prepare_chunk,
+                        spans,
+                        prep_sizes,
+                        config.quality,
+                        config.upscale,
+                        config.reencode,
+                    ),
+                )
+            )
         while pending:
             handle(*pending.popleft())
         if progress.num_records == 0 and config.part is None:  # a part may hold only rejects
-            raise BuildError(f"{config.src_dir}: no {config.split} images could be read "
-                             f"({len(progress.rejects)} rejected)")
+            raise BuildError(
+                f"{config.src_dir}: no {config.split} images could be read "
+                f"({len(progress.rejects)} rejected)"
+            )
         progress.finished = True
         for output in outputs:
             output.commit(progress)
     finally:
         bar.close()
-
-

@@ -5,6 +5,7 @@ Nothing under a class folder is dropped silently: files in subfolders are images
 folders and non-files (fifos would block a reader forever) are listed with their reason.
 Symlinked folders are followed once each, so a loop or a second path to one folder adds nothing.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,7 +38,11 @@ def _walk(directory: str, prefix: str, seen: set, out: list[FolderEntry]) -> Non
         with os.scandir(directory) as scan:
             children = sorted(scan, key=lambda entry: entry.name)
     except OSError as err:
-        out.append(FolderEntry(prefix.rstrip("/"), directory, 0, f"unreadable folder: {err.strerror or err}"))
+        out.append(
+            FolderEntry(
+                prefix.rstrip("/"), directory, 0, f"unreadable folder: {err.strerror or err}"
+            )
+        )
         return
     for entry in children:
         name = prefix + entry.name
@@ -49,14 +54,24 @@ def _walk(directory: str, prefix: str, seen: set, out: list[FolderEntry]) -> Non
             out.append(FolderEntry(name, entry.path, 0, info))
         elif stat.S_ISDIR(info.st_mode):
             if (info.st_dev, info.st_ino) in seen:
-                out.append(FolderEntry(name, entry.path, 0, "symlink to a folder already included (a loop, or another class's folder): not followed"))
+                out.append(
+                    FolderEntry(
+                        name,
+                        entry.path,
+                        0,
+                        "symlink to a folder already included (a loop, or another class's "
+                        "folder): not followed",
+                    )
+                )
                 continue
             seen.add((info.st_dev, info.st_ino))
             _walk(entry.path, name + "/", seen, out)
         elif stat.S_ISREG(info.st_mode):
             out.append(FolderEntry(name, entry.path, info.st_size))
         else:
-            out.append(FolderEntry(name, entry.path, 0, "not a regular file (a device, fifo or socket)"))
+            out.append(
+                FolderEntry(name, entry.path, 0, "not a regular file (a device, fifo or socket)")
+            )
 
 
 def _identity(path: Path) -> tuple[int, int] | None:

@@ -13,6 +13,7 @@ group's column chunk, whatever the file). Image bytes travel to the workers in t
 Parts and progress count the stored bytes of each row group (parquet metadata, no data read),
 shared evenly among its rows, so every rank cuts the same parts without reading a row.
 """
+
 from __future__ import annotations
 
 import functools
@@ -55,7 +56,9 @@ def _open(path: Path, streamed: bool = False):
     groups too large to hold are streamed."""
     pq = _pyarrow()
     try:
-        return pq.ParquetFile(path, pre_buffer=False, buffer_size=STREAM_BUFFER_BYTES if streamed else 0)
+        return pq.ParquetFile(
+            path, pre_buffer=False, buffer_size=STREAM_BUFFER_BYTES if streamed else 0
+        )
     except _errors() as err:
         raise SourceError(f"{path}: not a readable parquet file ({_one_line(err)})") from None
 
@@ -71,20 +74,30 @@ def _label_names(path: Path, parquet) -> list[str]:
         info = json.loads(metadata.get(b"huggingface", b"{}"))
         names = info.get("info", {}).get("features", {}).get("label", {}).get("names") or []
     except (ValueError, AttributeError):
-        raise SourceError(f"{path}: unreadable Hugging Face metadata in the parquet schema") from None
+        raise SourceError(
+            f"{path}: unreadable Hugging Face metadata in the parquet schema"
+        ) from None
     if names and len(names) != NUM_IMAGENET_CLASSES:
-        raise SourceError(f"{path}: its label has {len(names)} classes, ImageNet-1k has "
-                          f"{NUM_IMAGENET_CLASSES}: not ImageNet-1k (or another label order)")
+        raise SourceError(
+            f"{path}: its label has {len(names)} classes, ImageNet-1k has "
+            f"{NUM_IMAGENET_CLASSES}: not ImageNet-1k (or another label order)"
+        )
     return [str(name) for name in names]
 
 
 def _check_columns(path: Path, parquet) -> None:
     schema = parquet.schema_arrow
     image = schema.field("image").type if "image" in schema.names else None
-    names = [image.field(i).name for i in range(image.num_fields)] if hasattr(image, "num_fields") else []
+    names = (
+        [image.field(i).name for i in range(image.num_fields)]
+        if hasattr(image, "num_fields")
+        else []
+    )
     if "bytes" not in names or "label" not in schema.names:
-        raise SourceError(f"{path}: expected columns image (struct of bytes, path) and label, "
-                          f"found {schema.names}")
+        raise SourceError(
+            f"{path}: expected columns image (struct of bytes, path) and label, "
+            f"found {schema.names}"
+        )
 
 
 def _row_group_bytes(metadata, index: int) -> int:
@@ -92,14 +105,22 @@ def _row_group_bytes(metadata, index: int) -> int:
     return sum(group.column(c).total_compressed_size for c in range(group.num_columns))
 
 
-def _rows(path: Path, group: int, nbytes: int, with_bytes: bool) -> Iterator[tuple[str | None, bytes | None, int | None]]:
+def _rows(
+    path: Path, group: int, nbytes: int, with_bytes: bool
+) -> Iterator[tuple[str | None, bytes | None, int | None]]:
     """(path, bytes, label) of each row of one row group; a damaged one is one SourceError."""
     parquet = _open(path, streamed=nbytes > MAX_WHOLE_ROW_GROUP_BYTES)
     columns = ["image", "label"] if with_bytes else ["image.path", "label"]
     try:
-        for batch in parquet.iter_batches(batch_size=BATCH_ROWS, row_groups=[group], columns=columns):
+        for batch in parquet.iter_batches(
+            batch_size=BATCH_ROWS, row_groups=[group], columns=columns
+        ):
             image = batch.column(0)
-            paths = image.field("path").to_pylist() if image.type.get_field_index("path") >= 0 else [None] * len(batch)
+            paths = (
+                image.field("path").to_pylist()
+                if image.type.get_field_index("path") >= 0
+                else [None] * len(batch)
+            )
             images = image.field("bytes") if with_bytes else None
             for row, (name, label) in enumerate(zip(paths, batch.column(1).to_pylist())):
                 # one Python copy of the image at a time, made as the build asks for it
@@ -110,8 +131,16 @@ def _rows(path: Path, group: int, nbytes: int, with_bytes: bool) -> Iterator[tup
         parquet.close()
 
 
-def _member(file: Path, row: int, name: str | None, data: bytes | None, label, seen: set, nbytes: int,
-            with_bytes: bool) -> SourceMember:
+def _member(
+    file: Path,
+    row: int,
+    name: str | None,
+    data: bytes | None,
+    label,
+    seen: set,
+    nbytes: int,
+    with_bytes: bool,
+) -> SourceMember:
     name = name or f"{file.name}:{row}"  # a row without its original file name
     reject = ""
     if name in seen:
@@ -127,21 +156,39 @@ def _member(file: Path, row: int, name: str | None, data: bytes | None, label, s
     elif not reject and with_bytes and len(data) > MAX_IMAGE_BYTES:
         reject = f"image cell of {len(data):,} bytes: damaged"
     seen.add(name)
-    return SourceMember(name, label if isinstance(label, int) and not reject else NO_LABEL, str(file), row,
-                        nbytes, reject, data if with_bytes and not reject else None)
+    return SourceMember(
+        name,
+        label if isinstance(label, int) and not reject else NO_LABEL,
+        str(file),
+        row,
+        nbytes,
+        reject,
+        data if with_bytes and not reject else None,
+    )
 
 
-def _group_members(file: Path, group: int, first_row: int, num_rows: int, nbytes: int, seen: set,
-                   with_bytes: bool = True) -> Iterator[SourceMember]:
+def _group_members(
+    file: Path,
+    group: int,
+    first_row: int,
+    num_rows: int,
+    nbytes: int,
+    seen: set,
+    with_bytes: bool = True,
+) -> Iterator[SourceMember]:
     row = first_row
     for count, (name, data, label) in enumerate(_rows(file, group, nbytes, with_bytes)):
         if count >= num_rows:
-            raise SourceError(f"{file}: row group {group} holds more rows than its metadata says ({num_rows})")
+            raise SourceError(
+                f"{file}: row group {group} holds more rows than its metadata says ({num_rows})"
+            )
         share = nbytes * (count + 1) // num_rows - nbytes * count // num_rows
         yield _member(file, row, name, data, label, seen, share, with_bytes)
         row += 1
     if row - first_row != num_rows:
-        raise SourceError(f"{file}: row group {group} is truncated ({row - first_row} of {num_rows} rows)")
+        raise SourceError(
+            f"{file}: row group {group} is truncated ({row - first_row} of {num_rows} rows)"
+        )
 
 
 def _file_groups(file: Path) -> tuple[list[str], list[tuple]]:
@@ -153,8 +200,10 @@ def _file_groups(file: Path) -> tuple[list[str], list[tuple]]:
         for index in range(metadata.num_row_groups):
             num_rows, nbytes = metadata.row_group(index).num_rows, _row_group_bytes(metadata, index)
             if nbytes > file.stat().st_size or num_rows < 0:
-                raise SourceError(f"{file}: row group {index} claims {nbytes:,} bytes and {num_rows} rows "
-                                  f"in a file of {file.stat().st_size:,}: damaged")
+                raise SourceError(
+                    f"{file}: row group {index} claims {nbytes:,} bytes and {num_rows} rows "
+                    f"in a file of {file.stat().st_size:,}: damaged"
+                )
             groups.append((file, index, row, num_rows, nbytes))
             row += num_rows
         return names, groups
@@ -175,7 +224,10 @@ def parquet_source(split: str, files: list[Path]) -> Source:
     def segments(with_bytes: bool = True) -> list:
         # duplicates are looked for within a row group: a part reads whole row groups, so a
         # parted build lists exactly the rejects a single build lists
-        return [(group[4], functools.partial(_group_members, *group, set(), with_bytes)) for group in groups]
+        return [
+            (group[4], functools.partial(_group_members, *group, set(), with_bytes))
+            for group in groups
+        ]
 
     def members() -> Iterator[SourceMember]:
         for _, segment in segments():
@@ -187,6 +239,14 @@ def parquet_source(split: str, files: list[Path]) -> Source:
                 yield member.name, member.label, member.skip_reason
 
     wnids = imagenet_wnids()
-    return Source(split, "hf-parquet", wnids, names or [""] * len(wnids),
-                  {"layout": "hf-parquet", "files": identity_files},
-                  sum(g[4] for g in groups), members, segments, listing)
+    return Source(
+        split,
+        "hf-parquet",
+        wnids,
+        names or [""] * len(wnids),
+        {"layout": "hf-parquet", "files": identity_files},
+        sum(g[4] for g in groups),
+        members,
+        segments,
+        listing,
+    )

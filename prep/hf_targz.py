@@ -13,6 +13,7 @@ Progress and parts count compressed bytes: a member's share is how much further 
 file was read by the end of its data (deterministic for one Python version: all ranks of a
 build run the same). A part still decompresses its archive from the start up to its range.
 """
+
 from __future__ import annotations
 
 import functools
@@ -36,8 +37,11 @@ def archives_for(data_dir: Path, split: str) -> list[Path]:
     if split == "val":
         path = data_dir / "val_images.tar.gz"
         return [path] if path.is_file() else []
-    numbered = [(int(m.group(1)), p) for p in data_dir.glob("train_images_*.tar.gz")
-                if (m := re.fullmatch(r"train_images_(\d+)\.tar\.gz", p.name)) and p.is_file()]
+    numbered = [
+        (int(m.group(1)), p)
+        for p in data_dir.glob("train_images_*.tar.gz")
+        if (m := re.fullmatch(r"train_images_(\d+)\.tar\.gz", p.name)) and p.is_file()
+    ]
     return [p for _, p in sorted(numbered)]
 
 
@@ -58,7 +62,10 @@ def _archive_members(archive: Path, labels: dict[str, int]) -> Iterator[SourceMe
     with open(archive, "rb") as raw:
         consumed = 0  # compressed bytes already attributed to earlier members
         try:
-            with gzip.GzipFile(fileobj=raw, mode="rb") as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+            with (
+                gzip.GzipFile(fileobj=raw, mode="rb") as stream,
+                tarfile.open(fileobj=stream, mode="r|") as tar,
+            ):
                 for info in tar:
                     if not info.isfile():
                         continue
@@ -75,14 +82,23 @@ def _archive_members(archive: Path, labels: dict[str, int]) -> Iterator[SourceMe
                     position = min(raw.tell(), last_byte)
                     share, consumed = position - consumed, position
                     done += 1
-                    yield SourceMember(info.name, label, str(archive), info.offset_data, share, reject, data)
+                    yield SourceMember(
+                        info.name, label, str(archive), info.offset_data, share, reject, data
+                    )
         except _STREAM_ERRORS as err:
             detail = " ".join(str(err).split())[:200] or type(err).__name__
-            raise SourceError(f"{archive}: corrupt or truncated gzip/tar stream after {done} members "
-                              f"({detail})") from None
+            raise SourceError(
+                f"{archive}: corrupt or truncated gzip/tar stream after {done} members ({detail})"
+            ) from None
 
 
 def targz_source(split: str, archives: list[Path]) -> Source:
     labels = class_index(imagenet_wnids())
-    return files_source(split, "hf-targz", imagenet_wnids(), [""] * len(labels), archives,
-                        functools.partial(_archive_members, labels=labels))
+    return files_source(
+        split,
+        "hf-targz",
+        imagenet_wnids(),
+        [""] * len(labels),
+        archives,
+        functools.partial(_archive_members, labels=labels),
+    )

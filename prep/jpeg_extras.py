@@ -10,6 +10,7 @@ cut (colour profiles, EXIF orientation: the re-encode path drops them too); APP0
 APP14 (Adobe) say how to read the colour components, so they stay when they are the usual few
 bytes. Pure functions of the bytes; a layout this parser does not follow is re-encoded instead.
 """
+
 from __future__ import annotations
 
 import collections
@@ -68,7 +69,7 @@ def parse_layout(data: bytes) -> JpegLayout | None:
             continue
         if position + 4 > len(data):
             return None
-        end = position + 2 + int.from_bytes(data[position + 2:position + 4], "big")
+        end = position + 2 + int.from_bytes(data[position + 2 : position + 4], "big")
         if end > len(data) or end < position + 4:
             return None
         if marker == _SOS:
@@ -86,7 +87,9 @@ def _marker_name(marker: int) -> str:
 
 def _describe(metadata: list[tuple[int, int, int]]) -> str:
     counts = collections.Counter(_marker_name(marker) for marker, _, _ in metadata)
-    kinds = ", ".join(f"{name} x{count}" if count > 1 else name for name, count in sorted(counts.items()))
+    kinds = ", ".join(
+        f"{name} x{count}" if count > 1 else name for name, count in sorted(counts.items())
+    )
     return f"{sum(end - start for _, start, end in metadata):,} bytes of metadata ({kinds})"
 
 
@@ -110,7 +113,10 @@ def keepable(data: bytes) -> tuple[bytes | None, str | None]:
     if metadata_bytes > METADATA_BUDGET:
         dropped = [s for s in metadata if s[0] not in DECODING_APPS]
         if any(s[0] in DECODING_APPS and s[2] - s[1] > MAX_DECODING_APP_BYTES for s in metadata):
-            return None, f"JPEG with an oversized APP0/APP14 segment ({_describe(metadata)}) -> re-encoded"
+            return (
+                None,
+                f"JPEG with an oversized APP0/APP14 segment ({_describe(metadata)}) -> re-encoded",
+            )
         kept = [s for s in layout.segments if s not in dropped]
         cut.append(_describe(dropped) + f" over the {METADATA_BUDGET:,}-byte budget")
     stripped = b"".join([b"\xff\xd8", *(data[start:end] for _, start, end in kept), b"\xff\xd9"])

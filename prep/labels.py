@@ -4,6 +4,7 @@ The class index is the position of the wnid in sorted order, as torchvision and 
 trainer use; the devkit's ILSVRC2012_IDs are a different order and are only used to read its
 ground-truth file.
 """
+
 from __future__ import annotations
 
 import csv
@@ -34,7 +35,8 @@ def class_index(wnids) -> dict[str, int]:
 
 
 def image_key(name: str) -> str:
-    """`ILSVRC2012_val_00000001.JPEG`, `val/x/ILSVRC2012_val_00000001` -> `ILSVRC2012_val_00000001`."""
+    """`ILSVRC2012_val_00000001.JPEG`, `val/x/ILSVRC2012_val_00000001` ->
+    `ILSVRC2012_val_00000001`."""
     return Path(name).name.split(".")[0]
 
 
@@ -56,7 +58,9 @@ class Devkit:
             self.wnid_by_id = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in leaves}
             self.names = {str(s["WNID"]): str(s["words"]) for s in leaves}
         except Exception as err:  # scipy and numpy raise many kinds on a damaged .mat
-            raise SourceError(f"devkit {META_MAT} is unreadable ({type(err).__name__}: {err})") from None
+            raise SourceError(
+                f"devkit {META_MAT} is unreadable ({type(err).__name__}: {err})"
+            ) from None
         self.val_ids = parse_ground_truth(ground_truth)
 
     @classmethod
@@ -68,21 +72,27 @@ class Devkit:
                     files = {m.name.split("/", 1)[-1]: m for m in tar.getmembers() if m.isfile()}
                     if META_MAT not in files or VAL_GROUND_TRUTH not in files:
                         raise SourceError(f"{archive}: no {META_MAT} or {VAL_GROUND_TRUTH} inside")
-                    return cls(tar.extractfile(files[META_MAT]).read(),
-                               tar.extractfile(files[VAL_GROUND_TRUTH]).read())
+                    return cls(
+                        tar.extractfile(files[META_MAT]).read(),
+                        tar.extractfile(files[VAL_GROUND_TRUTH]).read(),
+                    )
             except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
                 reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
                 raise SourceError(f"{archive}: unreadable devkit ({reason})") from None
         extracted = src_dir / DEVKIT_DIR
         if (extracted / META_MAT).is_file() and (extracted / VAL_GROUND_TRUTH).is_file():
-            return cls((extracted / META_MAT).read_bytes(), (extracted / VAL_GROUND_TRUTH).read_bytes())
+            return cls(
+                (extracted / META_MAT).read_bytes(), (extracted / VAL_GROUND_TRUTH).read_bytes()
+            )
         return None
 
     def val_wnids(self) -> dict[str, str]:
         """Image key -> wnid; ground-truth line i is ILSVRC2012_val_<i, 8 digits>."""
         try:
-            return {f"ILSVRC2012_val_{i:08d}": self.wnid_by_id[devkit_id]
-                    for i, devkit_id in enumerate(self.val_ids, start=1)}
+            return {
+                f"ILSVRC2012_val_{i:08d}": self.wnid_by_id[devkit_id]
+                for i, devkit_id in enumerate(self.val_ids, start=1)
+            }
         except KeyError as err:
             raise SourceError(f"devkit ground truth names unknown ILSVRC2012_ID {err}") from None
 
@@ -106,8 +116,10 @@ def parse_ground_truth(data: bytes) -> list[int]:
         try:
             ids.append(int(line.strip()))
         except ValueError:
-            raise SourceError(f"devkit {VAL_GROUND_TRUTH}:{number}: expected an ILSVRC2012_ID, "
-                              f"got {line.strip()[:40]!r}") from None
+            raise SourceError(
+                f"devkit {VAL_GROUND_TRUTH}:{number}: expected an ILSVRC2012_ID, "
+                f"got {line.strip()[:40]!r}"
+            ) from None
     return ids
 
 
@@ -120,8 +132,10 @@ def _read_kaggle_csv(path: Path, text: str) -> dict[str, str]:
             continue
         prediction = row[1].split() if len(row) >= 2 else []
         if not prediction:
-            raise SourceError(f"{path}:{rows.line_num}: no prediction for {row[0].strip()!r} "
-                              "(expected `ImageId,wnid x y x y ...`)")
+            raise SourceError(
+                f"{path}:{rows.line_num}: no prediction for {row[0].strip()!r} "
+                "(expected `ImageId,wnid x y x y ...`)"
+            )
         labels[image_key(row[0].strip())] = prediction[0]
     return labels
 
@@ -148,7 +162,9 @@ def read_label_file(path: Path, classes: list[str]) -> dict[str, str]:
         name, label = fields
         if label.isdigit():
             if not classes or int(label) >= len(classes):
-                raise SourceError(f"{path}:{number}: label {label} but {len(classes)} known classes")
+                raise SourceError(
+                    f"{path}:{number}: label {label} but {len(classes)} known classes"
+                )
             label = sorted(classes)[int(label)]
         labels[image_key(name)] = label
     return labels

@@ -9,6 +9,7 @@ the merge on rank 0.
   other; torch is imported only here and only then. Every rank needs the same --src and an
   --out on storage they all share (rank 0 reads every part).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -78,8 +79,10 @@ def _torch_distributed():
     try:
         import torch.distributed as torch_dist
     except ImportError:
-        raise BuildError("running under torchrun (WORLD_SIZE > 1) needs torch for the barrier before the "
-                         "merge: install torch, or build with --num-parts/--part-index and run `prep merge`") from None
+        raise BuildError(
+            "running under torchrun (WORLD_SIZE > 1) needs torch for the barrier before the "
+            "merge: install torch, or build with --num-parts/--part-index and run `prep merge`"
+        ) from None
     return torch_dist
 
 
@@ -98,8 +101,10 @@ def run_build(config: BuildConfig, environ=os.environ) -> LaunchResult:
     env = torchrun_env(environ)
     if env is None:
         return LaunchResult(build(config), [], None)
-    message = (f"rank {env.rank}: the process that started it (PID {os.getppid()}, torchrun's agent) is gone, "
-               "so it stopped; rerun the same command to resume (finished parts are kept)")
+    message = (
+        f"rank {env.rank}: the process that started it (PID {os.getppid()}, torchrun's agent) is "
+        "gone, so it stopped; rerun the same command to resume (finished parts are kept)"
+    )
     watch = ParentWatch(f"prep: error: {message}").start()
     try:
         return _run_ranks(config, env, environ)
@@ -116,15 +121,20 @@ def run_build(config: BuildConfig, environ=os.environ) -> LaunchResult:
 def _run_ranks(config: BuildConfig, env: TorchrunEnv, environ) -> LaunchResult:
     part = PartSpec(env.rank, env.world_size)
     if config.part is not None and config.part != part:
-        raise BuildError(f"--part-index {config.part.index} --num-parts {config.part.num_parts} contradicts "
-                         f"torchrun's RANK={env.rank} WORLD_SIZE={env.world_size}; give neither under torchrun")
+        raise BuildError(
+            f"--part-index {config.part.index} --num-parts {config.part.num_parts} contradicts "
+            f"torchrun's RANK={env.rank} WORLD_SIZE={env.world_size}; give neither under torchrun"
+        )
     single = dataclasses.replace(config, part=None)
     # As a single build does: sizes already complete are skipped, the others built in one pass.
-    todo = [s for s in dict.fromkeys(config.prep_sizes)
-            if config.overwrite or not (dataset_dir_of(single, s) / "manifest.json").is_file()]
+    todo = [
+        s
+        for s in dict.fromkeys(config.prep_sizes)
+        if config.overwrite or not (dataset_dir_of(single, s) / "manifest.json").is_file()
+    ]
     torch_dist, group = _join_ranks(env, environ)
     if not todo:  # merged earlier: nothing to build or merge, only the summary to report
-        try:  # in turn: each report holds the dataset's lock a moment, and two at once would collide
+        try:  # in turn: each report holds the dataset's lock a moment; two at once collide
             for turn in range(env.world_size):
                 if turn == env.rank:
                     summary = build(single)
@@ -152,11 +162,15 @@ def _join_ranks(env: TorchrunEnv, environ):
         torch_dist.barrier()  # all here: the default group's short timeout has done its job
         group = torch_dist.new_group(backend="gloo", timeout=BARRIER_TIMEOUT)
     except (ValueError, RuntimeError) as err:  # e.g. WORLD_SIZE exported outside torchrun
-        variables = " ".join(f"{name}={environ[name]}" for name in TORCHRUN_VARIABLES if name in environ)
+        variables = " ".join(
+            f"{name}={environ[name]}" for name in TORCHRUN_VARIABLES if name in environ
+        )
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise BuildError(f"{variables} are set, but joining the ranks failed within {seconds:g} s ({reason}): "
-                         "left over from another job? unset them for a plain build, or start the ranks with "
-                         f"torchrun ({RENDEZVOUS_SECONDS_ENV} sets the wait)") from None
+        raise BuildError(
+            f"{variables} are set, but joining the ranks failed within {seconds:g} s ({reason}): "
+            "left over from another job? unset them for a plain build, or start the ranks with "
+            f"torchrun ({RENDEZVOUS_SECONDS_ENV} sets the wait)"
+        ) from None
     return torch_dist, group
 
 
@@ -164,15 +178,25 @@ def _barrier(torch_dist, group, env: TorchrunEnv) -> None:
     try:
         torch_dist.barrier(group=group)
     except RuntimeError as err:
-        raise BuildError(f"rank {env.rank}: another rank failed before the merge ({str(err).splitlines()[0]}); "
-                         "rerun the same command: finished parts are kept") from None
+        raise BuildError(
+            f"rank {env.rank}: another rank failed before the merge ({str(err).splitlines()[0]}); "
+            "rerun the same command: finished parts are kept"
+        ) from None
 
 
 def _merge_parts(config: BuildConfig, part: PartSpec) -> list[MergeSummary]:
     sizes = list(dict.fromkeys(config.prep_sizes))
-    part_dirs = {s: [dataset_dir_of(dataclasses.replace(config, part=PartSpec(i, part.num_parts)), s)
-                     for i in range(part.num_parts)] for s in sizes}
-    merges = [merge(part_dirs[s], config.out_dir, overwrite=config.overwrite, quiet=config.quiet) for s in sizes]
+    part_dirs = {
+        s: [
+            dataset_dir_of(dataclasses.replace(config, part=PartSpec(i, part.num_parts)), s)
+            for i in range(part.num_parts)
+        ]
+        for s in sizes
+    }
+    merges = [
+        merge(part_dirs[s], config.out_dir, overwrite=config.overwrite, quiet=config.quiet)
+        for s in sizes
+    ]
     for dirs in part_dirs.values():  # the parts were this command's intermediate output
         for part_dir in dirs:
             shutil.rmtree(part_dir)

@@ -5,6 +5,7 @@ A second build of the same output refuses at once, naming the holder, instead of
 the same files. The lock file is removed on release; a process that opened it just before
 (and so may lock the removed file) sees that the path no longer names its file and retries.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -49,8 +50,10 @@ def acquire(path: Path, what: str) -> int:
             os.close(fd)
             if holder is None:
                 raise
-            raise LockedError(f"{what} is being built by {holder} (lock {path}); wait for it "
-                              "to finish or stop it, then rerun") from None
+            raise LockedError(
+                f"{what} is being built by {holder} (lock {path}); wait for it "
+                "to finish or stop it, then rerun"
+            ) from None
         try:
             same_file = os.path.samestat(os.fstat(fd), os.stat(path))
         except FileNotFoundError:

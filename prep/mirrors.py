@@ -9,6 +9,7 @@
 refs/main names the snapshot) or one of its `snapshots/<rev>` directories; files there are
 symlinks into blobs/, followed as they are. None of these: None (the official layouts).
 """
+
 from __future__ import annotations
 
 import re
@@ -36,13 +37,17 @@ def snapshot_dir(src_dir: Path) -> Path:
     revisions = sorted(p for p in snapshots.iterdir() if p.is_dir())
     if len(revisions) == 1:
         return revisions[0]
-    raise SourceError(f"{src_dir}: {len(revisions)} snapshots and no refs/main: pass one of "
-                      f"{snapshots}/<rev> as --src")
+    raise SourceError(
+        f"{src_dir}: {len(revisions)} snapshots and no refs/main: pass one of "
+        f"{snapshots}/<rev> as --src"
+    )
 
 
 def parquet_files(data_dir: Path, split: str) -> list[Path]:
     pattern = re.compile(rf"{HF_SPLITS[split]}-\d+-of-\d+\.parquet")
-    return sorted(p for p in data_dir.glob("*.parquet") if pattern.fullmatch(p.name) and p.is_file())
+    return sorted(
+        p for p in data_dir.glob("*.parquet") if pattern.fullmatch(p.name) and p.is_file()
+    )
 
 
 def open_mirror(src_dir: Path, split: str) -> Source | None:

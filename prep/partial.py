@@ -2,14 +2,15 @@
 
 Durability protocol (what makes kill -9 safe): records go to the store and to the append-only
 `records.partial` / `names.partial` files, rejects and conversions to the append-only JSON-lines
-`rejects.partial` / `conversions.partial` (rewriting them whole into progress.json at every
-commit would cost time quadratic in their number); `commit` syncs those first and only then
-atomically replaces `progress.json`. On reopen everything is rolled back to what progress.json says, so a
-store that got ahead of its progress is cut back, and the build resumes from exactly that
-member. `finalize` writes the record table, the names, the store's last files and the manifest
-(last), then renames the directory into place: a directory without a manifest is never a
-dataset, and the final name only ever holds complete ones.
+`rejects.partial` / `conversions.partial` (rewriting them whole into progress.json at every commit
+would cost time quadratic in their number); `commit` syncs those first and only then atomically
+replaces `progress.json`. On reopen everything is rolled back to what progress.json says, so a store
+that got ahead of its progress is cut back, and the build resumes from exactly that member.
+`finalize` writes the record table, the names, the store's last files and the manifest (last), then
+renames the directory into place: a directory without a manifest is never a dataset, and the final
+name only ever holds complete ones.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,9 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from formats.errors import DatasetError
-from formats.files import fsync_dir, write_atomic
-from formats.layout import split_dir_name
+from formats import DatasetError, fsync_dir, split_dir_name, write_atomic
 from formats.lmdb_store import LmdbWriter, release_env
 from formats.manifest import Manifest, file_digest, read_manifest, write_manifest
 from formats.msgpack_store import MsgpackWriter
@@ -54,7 +53,11 @@ class Progress:
     def saved_fields(self) -> dict:
         """What progress.json holds: everything but the lists, which live in LIST_FILES (and
         are not even copied: dataclasses.asdict would deep-copy them at every commit)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in LIST_FILES}
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name not in LIST_FILES
+        }
 
 
 def _json_line(entry: dict) -> bytes:
@@ -76,15 +79,24 @@ def _open_truncated(path: Path, length: int):
     """Append handle on `path`, cut back to `length` bytes first."""
     handle = open(path, "ab")
     if handle.tell() < length:
-        raise BuildError(f"{path}: holds {handle.tell()} bytes, progress says {length}: the unfinished "
-                         "build is damaged; pass --overwrite to start it over")
+        raise BuildError(
+            f"{path}: holds {handle.tell()} bytes, progress says {length}: the unfinished "
+            "build is damaged; pass --overwrite to start it over"
+        )
     handle.truncate(length)
     return handle
 
 
 class PartialOutput:
-    def __init__(self, out_dir: Path, split: str, prep_size: int, store: str, shard_bytes: int,
-                 dir_name: str | None = None):
+    def __init__(
+        self,
+        out_dir: Path,
+        split: str,
+        prep_size: int,
+        store: str,
+        shard_bytes: int,
+        dir_name: str | None = None,
+    ):
         self.prep_size = prep_size
         self.store = store
         self.shard_bytes = shard_bytes
@@ -99,8 +111,11 @@ class PartialOutput:
     def saved_progress(self, fingerprint: dict, overwrite: bool) -> Progress | None:
         """What an earlier, interrupted build of the same settings left, or None."""
         progress_path = self.partial_dir / PROGRESS_FILE
-        if overwrite or (self.partial_dir.exists() and not progress_path.exists()
-                         and not (self.partial_dir / MANIFEST_FILE).exists()):
+        if overwrite or (
+            self.partial_dir.exists()
+            and not progress_path.exists()
+            and not (self.partial_dir / MANIFEST_FILE).exists()
+        ):
             shutil.rmtree(self.partial_dir, ignore_errors=True)  # nothing resumable in it
         if not progress_path.exists():
             return None
@@ -108,11 +123,16 @@ class PartialOutput:
             saved = json.loads(progress_path.read_text(encoding="utf-8"))
             for name, file_name in LIST_FILES.items():
                 if name not in saved:  # older progress files held the lists themselves
-                    saved[name] = _read_json_lines(self.partial_dir / file_name, saved.pop(f"num_{name}", 0))
+                    saved[name] = _read_json_lines(
+                        self.partial_dir / file_name, saved.pop(f"num_{name}", 0)
+                    )
             progress = Progress(**saved)
-        except (ValueError, TypeError, AttributeError) as err:  # written atomically: only tampering gets here
-            raise BuildError(f"{progress_path}: unreadable ({type(err).__name__}: {err}); pass "
-                             "--overwrite to start the build over") from None
+        # written atomically: only tampering gets here
+        except (ValueError, TypeError, AttributeError) as err:
+            raise BuildError(
+                f"{progress_path}: unreadable ({type(err).__name__}: {err}); pass "
+                "--overwrite to start the build over"
+            ) from None
         if progress.fingerprint != fingerprint:
             raise BuildError(
                 f"{self.partial_dir}: an unfinished build with other settings or another source; "
@@ -126,10 +146,12 @@ class PartialOutput:
         if self.store == "lmdb":
             self.writer = LmdbWriter(self.partial_dir, keep_records=progress.num_records)
         else:
-            self.writer = MsgpackWriter(self.partial_dir, keep_records=progress.num_records,
-                                        shard_bytes=self.shard_bytes)
-        self._records_file = _open_truncated(self.partial_dir / RECORDS_PARTIAL,
-                                             progress.num_records * RECORD_DTYPE.itemsize)
+            self.writer = MsgpackWriter(
+                self.partial_dir, keep_records=progress.num_records, shard_bytes=self.shard_bytes
+            )
+        self._records_file = _open_truncated(
+            self.partial_dir / RECORDS_PARTIAL, progress.num_records * RECORD_DTYPE.itemsize
+        )
         self._names_file = _open_truncated(self.partial_dir / NAMES_PARTIAL, progress.names_bytes)
         if progress.num_records:
             self._check_kept(progress)
@@ -141,15 +163,22 @@ class PartialOutput:
     def _check_kept(self, progress: Progress) -> None:
         """Trust nothing an earlier run left (two builds once wrote one output at the same time):
         every kept record must be in place, with the bytes and label its table row says."""
-        rows = np.fromfile(self.partial_dir / RECORDS_PARTIAL, RECORD_DTYPE, count=progress.num_records)
+        rows = np.fromfile(
+            self.partial_dir / RECORDS_PARTIAL, RECORD_DTYPE, count=progress.num_records
+        )
         with open(self.partial_dir / NAMES_PARTIAL, "rb") as names:
             num_names = names.read(progress.names_bytes).count(b"\n")
         bad = self.writer.first_mismatch(rows["crc32"], rows["label"])
         if bad is not None or num_names != progress.num_records:
-            what = f"record {bad} disagrees with its table row" if bad is not None else \
-                f"{num_names} names for {progress.num_records} records"
-            raise BuildError(f"{self.partial_dir}: the unfinished build is damaged ({what}); "
-                             "pass --overwrite to start it over")
+            what = (
+                f"record {bad} disagrees with its table row"
+                if bad is not None
+                else f"{num_names} names for {progress.num_records} records"
+            )
+            raise BuildError(
+                f"{self.partial_dir}: the unfinished build is damaged ({what}); "
+                "pass --overwrite to start it over"
+            )
 
     def append(self, index: int, label: int, jpeg: bytes, row: bytes, name_line: bytes) -> None:
         """`row`: one RECORD_DTYPE row, packed with formats.record.RECORD_STRUCT."""
@@ -162,7 +191,7 @@ class PartialOutput:
         saved = progress.saved_fields()
         for name, handle in self._list_files.items():
             entries = getattr(progress, name)
-            handle.write(b"".join(map(_json_line, entries[self._lists_written[name]:])))
+            handle.write(b"".join(map(_json_line, entries[self._lists_written[name] :])))
             self._lists_written[name] = saved[f"num_{name}"] = len(entries)
         for handle in (self._records_file, self._names_file, *self._list_files.values()):
             handle.flush()
@@ -182,16 +211,30 @@ class PartialOutput:
             os.fsync(handle.fileno())
         records = np.fromfile(self.partial_dir / RECORDS_PARTIAL, RECORD_DTYPE)
         if len(records) != progress.num_records:
-            raise DatasetError(f"{self.partial_dir}: record table holds {len(records)}, expected {progress.num_records}")
-        write_atomic(self.partial_dir / RECORDS_FILE, lambda f: np.save(f, records, allow_pickle=False))
+            raise DatasetError(
+                f"{self.partial_dir}: record table holds {len(records)}, expected "
+                f"{progress.num_records}"
+            )
+        write_atomic(
+            self.partial_dir / RECORDS_FILE, lambda f: np.save(f, records, allow_pickle=False)
+        )
         with open(self.partial_dir / NAMES_PARTIAL, "rb") as names:
             write_atomic(self.partial_dir / NAMES_FILE, lambda f: shutil.copyfileobj(names, f))
         files = self.writer.finish()
-        files.update({name: file_digest(self.partial_dir / name) for name in (RECORDS_FILE, NAMES_FILE)})
+        files.update(
+            {name: file_digest(self.partial_dir / name) for name in (RECORDS_FILE, NAMES_FILE)}
+        )
         manifest = Manifest(
-            store=self.store, prep_size=self.prep_size, count=progress.num_records,
-            counts_per_class=np.bincount(records["label"], minlength=len(manifest_fields["classes"])).tolist(),
-            rejects=progress.rejects, conversions=progress.conversions, files=files, **manifest_fields,
+            store=self.store,
+            prep_size=self.prep_size,
+            count=progress.num_records,
+            counts_per_class=np.bincount(
+                records["label"], minlength=len(manifest_fields["classes"])
+            ).tolist(),
+            rejects=progress.rejects,
+            conversions=progress.conversions,
+            files=files,
+            **manifest_fields,
         )
         write_manifest(self.partial_dir, manifest)
         self.close()
@@ -220,7 +263,8 @@ class PartialOutput:
 
     def _move_into_place(self) -> None:
         old = self.final_dir.with_name(f".{self.final_dir.name}.old")
-        if self.final_dir.exists():  # --overwrite: the old dataset goes only once the new is in place
+        # --overwrite: the old dataset goes only once the new is in place
+        if self.final_dir.exists():
             shutil.rmtree(old, ignore_errors=True)
             os.replace(self.final_dir, old)
         os.replace(self.partial_dir, self.final_dir)

@@ -11,12 +11,13 @@ at most the two class tars its range cuts. A part is a dataset directory of its 
 `<split>-<prep_size>.part-<i>-of-<n>/`, resumable and verifiable like any other; its manifest's
 `build.part` says which bytes and how many members it holds, and `prep merge` joins the parts.
 """
+
 from __future__ import annotations
 
 import dataclasses
 from typing import Callable, Iterator
 
-from formats.layout import split_dir_name
+from formats import split_dir_name
 from prep.partial import BuildError
 from prep.sources import Source, SourceMember
 
@@ -28,13 +29,17 @@ class PartSpec:
 
     def __post_init__(self):
         if self.num_parts < 1 or not 0 <= self.index < self.num_parts:
-            raise BuildError(f"--part-index {self.index} --num-parts {self.num_parts}: "
-                             "need num-parts >= 1 and 0 <= part-index < num-parts")
+            raise BuildError(
+                f"--part-index {self.index} --num-parts {self.num_parts}: "
+                "need num-parts >= 1 and 0 <= part-index < num-parts"
+            )
 
 
 def byte_range(total_bytes: int, part: PartSpec) -> tuple[int, int]:
     """[start, stop) of the part's byte positions: N near-equal ranges tiling [0, total)."""
-    return total_bytes * part.index // part.num_parts, total_bytes * (part.index + 1) // part.num_parts
+    return total_bytes * part.index // part.num_parts, total_bytes * (
+        part.index + 1
+    ) // part.num_parts
 
 
 def part_dir_name(split: str, prep_size: int, part: PartSpec) -> str:
@@ -44,7 +49,9 @@ def part_dir_name(split: str, prep_size: int, part: PartSpec) -> str:
 
 
 def _segments(source: Source) -> list[tuple[int, Callable[[], Iterator[SourceMember]]]]:
-    return source.segments() if source.segments is not None else [(source.total_bytes, source.members)]
+    return (
+        source.segments() if source.segments is not None else [(source.total_bytes, source.members)]
+    )
 
 
 def members_in(segments: list, start: int, stop: int) -> Iterator[SourceMember]:
@@ -68,8 +75,17 @@ def part_source(source: Source, part: PartSpec, shard_bytes: int | None) -> tupl
     segments = _segments(source)
     total = sum(nbytes for nbytes, _ in segments)
     start, stop = byte_range(total, part)
-    info = {"index": part.index, "num_parts": part.num_parts, "bytes": [start, stop], "source_bytes": total,
-            "shard_bytes": shard_bytes}
-    cut = dataclasses.replace(source, total_bytes=stop - start, segments=None,
-                              members=lambda: members_in(segments, start, stop))
+    info = {
+        "index": part.index,
+        "num_parts": part.num_parts,
+        "bytes": [start, stop],
+        "source_bytes": total,
+        "shard_bytes": shard_bytes,
+    }
+    cut = dataclasses.replace(
+        source,
+        total_bytes=stop - start,
+        segments=None,
+        members=lambda: members_in(segments, start, stop),
+    )
     return cut, info

@@ -13,6 +13,7 @@ kill -9 safe by design).
 Self-contained on purpose (standard library only, no imports of ours): train can copy or share
 the same watch around its own rendezvous and loop.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,7 +30,12 @@ GRACE_SECONDS = 5.0
 class ParentWatch:
     """`start()` once; `lost` says whether the parent went away (the reason for a SIGTERM)."""
 
-    def __init__(self, exit_line: str, poll_seconds: float = POLL_SECONDS, grace_seconds: float = GRACE_SECONDS):
+    def __init__(
+        self,
+        exit_line: str,
+        poll_seconds: float = POLL_SECONDS,
+        grace_seconds: float = GRACE_SECONDS,
+    ):
         self.exit_line = exit_line  # printed to stderr when the process has to be ended outright
         self.poll_seconds = poll_seconds
         self.grace_seconds = grace_seconds
@@ -45,7 +51,7 @@ class ParentWatch:
         connection may arrive just before the kernel reparents this process."""
         deadline = time.monotonic() + wait_seconds
         while True:
-            # Parent 1: already orphaned when the watch began (the launcher died during our imports).
+            # Parent 1: orphaned before the watch began (the launcher died during our imports).
             if os.getppid() != self.parent_pid or self.parent_pid == 1:
                 return True
             if time.monotonic() >= deadline:

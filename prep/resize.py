@@ -5,13 +5,14 @@ One decode serves all requested sizes: the image is decoded at the smallest powe
 scale whose shorter side still covers the largest prep_size, then each output is resized from
 that. Target sizes are computed from the ORIGINAL dimensions so they do not depend on the scale.
 
-What is already right is reused: a baseline RGB JPEG whose stored size equals its original
-size (shorter side = prep_size, or a small original kept as it is) is stored byte for byte, not
-re-encoded (a second JPEG generation only loses quality), if it is just an image; what rides
-along (bytes after EOI, metadata over a budget: prep/jpeg_extras.py) is cut losslessly and
-listed as a conversion. It is still decoded once, to reject truncated data. Every input that had to be converted (CMYK, grayscale, palette, alpha, PNG and
-other formats) says what was done, for the manifest.
+What is already right is reused: a baseline RGB JPEG whose stored size equals its original size
+(shorter side = prep_size, or a small original kept as it is) is stored byte for byte, not
+re-encoded (a second JPEG generation only loses quality), if it is just an image; what rides along
+(bytes after EOI, metadata over a budget: prep/jpeg_extras.py) is cut losslessly and listed as a
+conversion. It is still decoded once, to reject truncated data. Every input that had to be converted
+(CMYK, grayscale, palette, alpha, PNG and other formats) says what was done, for the manifest.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -58,7 +59,9 @@ class PreparedImage:
     orig_height: int
     orig_width: int
     outputs: tuple[ResizedImage, ...]  # one per requested prep_size, in request order
-    conversion: str | None = None  # what made an odd input an RGB JPEG, e.g. "CMYK JPEG -> RGB JPEG"
+    conversion: str | None = (
+        None  # what made an odd input an RGB JPEG, e.g. "CMYK JPEG -> RGB JPEG"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +72,9 @@ class _Decoded:
     conversion: str | None
 
 
-def target_dims(orig_height: int, orig_width: int, prep_size: int, upscale: bool) -> tuple[int, int]:
+def target_dims(
+    orig_height: int, orig_width: int, prep_size: int, upscale: bool
+) -> tuple[int, int]:
     """(height, width) with the shorter side = prep_size; small originals stay unless upscale."""
     short_side = min(orig_height, orig_width)
     if short_side == prep_size or (short_side < prep_size and not upscale):
@@ -90,13 +95,24 @@ def to_rgb(image: Image.Image) -> Image.Image:
         return background
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         wide = np.asarray(image, dtype=np.float32)
-        return Image.fromarray(np.clip(wide / max(wide.max(), 1) * 255, 0, 255).astype(np.uint8)).convert("RGB")
+        return Image.fromarray(
+            np.clip(wide / max(wide.max(), 1) * 255, 0, 255).astype(np.uint8)
+        ).convert("RGB")
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-_MODE_NAMES = {"L": "grayscale", "LA": "grayscale+alpha", "P": "palette", "PA": "palette+alpha",
-               "1": "1-bit", "I;16": "16-bit", "I;16B": "16-bit", "I;16L": "16-bit", "I": "32-bit",
-               "F": "float"}
+_MODE_NAMES = {
+    "L": "grayscale",
+    "LA": "grayscale+alpha",
+    "P": "palette",
+    "PA": "palette+alpha",
+    "1": "1-bit",
+    "I;16": "16-bit",
+    "I;16B": "16-bit",
+    "I;16L": "16-bit",
+    "I": "32-bit",
+    "F": "float",
+}
 
 
 def describe_conversion(kind: str, mode: str) -> str | None:
@@ -142,7 +158,10 @@ def _decode_pil(data, kind: str, min_short_side: int) -> _Decoded:
         try:
             if kind == "jpeg":  # CMYK or no libturbojpeg: PIL's draft mode does the DCT scaling
                 scale = jpeg.smallest_covering_scale(orig_height, orig_width, min_short_side)
-                image.draft(image.mode, (jpeg.scaled_dim(orig_width, scale), jpeg.scaled_dim(orig_height, scale)))
+                image.draft(
+                    image.mode,
+                    (jpeg.scaled_dim(orig_width, scale), jpeg.scaled_dim(orig_height, scale)),
+                )
             image.load()
             mode = "PA" if image.mode == "P" and "transparency" in image.info else image.mode
             pixels = np.asarray(to_rgb(image))
@@ -184,7 +203,12 @@ def _decode(data, min_short_side: int) -> _Decoded:
         raise RejectedImage(f"undecodable jpeg: {describe_error(err)}") from None
     if cmyk:
         return _decode_pil(data, kind, min_short_side)
-    return _Decoded(pixels, orig_height, orig_width, describe_conversion(kind, _TURBO_MODES.get(colorspace, "RGB")))
+    return _Decoded(
+        pixels,
+        orig_height,
+        orig_width,
+        describe_conversion(kind, _TURBO_MODES.get(colorspace, "RGB")),
+    )
 
 
 def decode_rgb(data, min_short_side: int) -> tuple[np.ndarray, int, int]:
@@ -195,17 +219,22 @@ def decode_rgb(data, min_short_side: int) -> tuple[np.ndarray, int, int]:
     return decoded.pixels, decoded.orig_height, decoded.orig_width
 
 
-def prepare_image(data, prep_sizes: tuple[int, ...], quality: int, upscale: bool = False,
-                  reencode: bool = False) -> PreparedImage:
+def prepare_image(
+    data, prep_sizes: tuple[int, ...], quality: int, upscale: bool = False, reencode: bool = False
+) -> PreparedImage:
     """One record per prep_size. An output whose size equals the original's is the source's own
     bytes when they are a baseline RGB JPEG, unless `reencode`."""
     reusable = None if reencode else _reusable_dims(data)
     kept, cut = None, None  # what an output stored without resize holds, and what was cut
-    if reusable is not None and any(target_dims(*reusable, s, upscale) == reusable for s in prep_sizes):
+    if reusable is not None and any(
+        target_dims(*reusable, s, upscale) == reusable for s in prep_sizes
+    ):
         kept, cut = jpeg_extras.keepable(data)
     if kept is None:  # no output is stored without resize (`cut` says why, if one would have been)
         reusable = None
-    if reusable is not None and all(target_dims(*reusable, s, upscale) == reusable for s in prep_sizes):
+    if reusable is not None and all(
+        target_dims(*reusable, s, upscale) == reusable for s in prep_sizes
+    ):
         _decode(kept, 1)  # nothing to resize: decoded at the cheapest scale only to prove it whole
         same = ResizedImage(kept, *reusable, stored_as_is=cut is None)
         return PreparedImage(*reusable, (same,) * len(prep_sizes), cut)
@@ -214,8 +243,10 @@ def prepare_image(data, prep_sizes: tuple[int, ...], quality: int, upscale: bool
     for prep_size in prep_sizes:
         height, width = target_dims(orig_height, orig_width, prep_size, upscale)
         if max(height, width) > jpeg.MAX_JPEG_SIDE:  # a sliver: 40 x 70,000 px, say
-            raise RejectedImage(f"cannot store: {orig_width}x{orig_height} at prep_size {prep_size} is "
-                                f"{width}x{height}, over JPEG's {jpeg.MAX_JPEG_SIDE:,} px limit")
+            raise RejectedImage(
+                f"cannot store: {orig_width}x{orig_height} at prep_size {prep_size} is "
+                f"{width}x{height}, over JPEG's {jpeg.MAX_JPEG_SIDE:,} px limit"
+            )
     image = Image.fromarray(pixels)
     outputs = []
     for prep_size in prep_sizes:
@@ -223,7 +254,11 @@ def prepare_image(data, prep_sizes: tuple[int, ...], quality: int, upscale: bool
         if (height, width) == reusable:
             outputs.append(ResizedImage(kept, height, width, stored_as_is=cut is None))
             continue
-        resized = image if (height, width) == pixels.shape[:2] else image.resize((width, height), RESAMPLE)
+        resized = (
+            image
+            if (height, width) == pixels.shape[:2]
+            else image.resize((width, height), RESAMPLE)
+        )
         outputs.append(ResizedImage(jpeg.encode_image(resized, quality), height, width))
     return PreparedImage(orig_height, orig_width, tuple(outputs), decoded.conversion or cut)
 

@@ -1,6 +1,7 @@
 """What every source reader yields: SourceMember (one image, where its bytes are) and Source
 (a split of a dataset: its classes, identity and members in a fixed order). Shared by the
 official-layout readers (prep.sources) and the mirror readers (prep.mirrors)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,7 +32,9 @@ class SourceMember:
     data: bytes | None = None
 
     def read(self) -> bytes:
-        return self.data if self.data is not None else read_span(self.path, self.offset, self.nbytes)
+        return (
+            self.data if self.data is not None else read_span(self.path, self.offset, self.nbytes)
+        )
 
     @property
     def skip_reason(self) -> str:
@@ -45,14 +48,18 @@ def read_span(path: str, offset: int, nbytes: int) -> bytes:
     with open(path, "rb") as f:
         data = os.pread(f.fileno(), nbytes, offset)
     if len(data) != nbytes:
-        raise OSError(f"{path}: short read at {offset} ({len(data)} of {nbytes} bytes; file changed?)")
+        raise OSError(
+            f"{path}: short read at {offset} ({len(data)} of {nbytes} bytes; file changed?)"
+        )
     return data
 
 
 @dataclasses.dataclass(frozen=True)
 class Source:
     split: str
-    layout: str  # train-tar, val-tar, folders, flat-folder, hf-parquet, hf-targz, wds-imagenet1k, wds
+    layout: (
+        str  # train-tar, val-tar, folders, flat-folder, hf-parquet, hf-targz, wds-imagenet1k, wds
+    )
     classes: list[str]  # wnids (or folder names) in label order
     class_names: list[str]
     identity: dict  # what was read: a resumed build refuses to continue on a changed source
@@ -72,8 +79,14 @@ def file_identity(path: Path) -> dict:
     return {"path": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
-def files_source(split: str, layout: str, classes: list[str], class_names: list[str], files: list[Path],
-                 members_of: Callable[[Path], Iterator[SourceMember]]) -> Source:
+def files_source(
+    split: str,
+    layout: str,
+    classes: list[str],
+    class_names: list[str],
+    files: list[Path],
+    members_of: Callable[[Path], Iterator[SourceMember]],
+) -> Source:
     """A source read file after file (archives, shards): each file is one segment of its size,
     so a part skips the files before its range unread."""
     sizes = [file.stat().st_size for file in files]
@@ -85,6 +98,13 @@ def files_source(split: str, layout: str, classes: list[str], class_names: list[
         for _, segment in segments():
             yield from segment()
 
-    return Source(split, layout, classes, class_names,
-                  {"layout": layout, "files": [{"name": file.name, **file_identity(file)} for file in files]},
-                  sum(sizes), members, segments)
+    return Source(
+        split,
+        layout,
+        classes,
+        class_names,
+        {"layout": layout, "files": [{"name": file.name, **file_identity(file)} for file in files]},
+        sum(sizes),
+        members,
+        segments,
+    )

@@ -14,6 +14,7 @@ bounds-checked: anything damaged raises TarFormatError (one line for the user) w
 might stop early, loop or raise something else. The tests check it against tarfile on archives
 in every format tarfile writes, and fuzz it against tarfile.
 """
+
 from __future__ import annotations
 
 import os
@@ -60,7 +61,9 @@ def _number(field: bytes, what: str, at: int) -> int:
     try:
         return int(digits.decode("ascii") or "0", 8)
     except (UnicodeDecodeError, ValueError):
-        raise TarFormatError(f"bad {what} field {digits[:20]!r} in the header at byte {at}") from None
+        raise TarFormatError(
+            f"bad {what} field {digits[:20]!r} in the header at byte {at}"
+        ) from None
 
 
 def _checksum_ok(header: bytes, at: int) -> bool:
@@ -83,13 +86,21 @@ def _pax_records(buffer: bytes, size: int, at: int) -> dict[str, str]:
     while match := _PAX_RECORD.match(buffer, position):
         length = int(match.group(1))
         end = position + length
-        if length < match.end() - position + 1 or end > len(buffer) or buffer[end - 1:end] != b"\n":
-            raise TarFormatError(f"bad pax record at byte {at + BLOCK + position} (length {length})")
+        if (
+            length < match.end() - position + 1
+            or end > len(buffer)
+            or buffer[end - 1 : end] != b"\n"
+        ):
+            raise TarFormatError(
+                f"bad pax record at byte {at + BLOCK + position} (length {length})"
+            )
         key = match.group(2).decode("utf-8", "surrogateescape")
-        records[key] = buffer[match.end():end - 1].decode("utf-8", "surrogateescape")
+        records[key] = buffer[match.end() : end - 1].decode("utf-8", "surrogateescape")
         position = end
     if position < size:
-        raise TarFormatError(f"bad pax record at byte {at + BLOCK + position}: {buffer[position:position + 20]!r}")
+        raise TarFormatError(
+            f"bad pax record at byte {at + BLOCK + position}: {buffer[position : position + 20]!r}"
+        )
     return records
 
 
@@ -113,7 +124,9 @@ class _Scanner:
 
     def read(self, offset: int, nbytes: int, what: str) -> bytes:
         if offset + nbytes > self.limit:
-            raise TarFormatError(f"{what} at byte {offset} runs past the end ({self.limit}): truncated")
+            raise TarFormatError(
+                f"{what} at byte {offset} runs past the end ({self.limit}): truncated"
+            )
         data = os.pread(self.fd, nbytes, offset)
         if len(data) != nbytes:
             raise TarFormatError(f"{what} at byte {offset}: file ends early: truncated")
@@ -130,7 +143,9 @@ class _Scanner:
         elif kind == b"g":
             self.global_pax.update(_pax_records(padded, size, at))
             if any(key == "size" or key.startswith("GNU.sparse.") for key in self.global_pax):
-                raise TarFormatError(f"global pax header at byte {at} sets a size: not a sane archive")
+                raise TarFormatError(
+                    f"global pax header at byte {at} sets a size: not a sane archive"
+                )
         elif kind != b"K":  # 'K' names a link target: links hold no data
             for key, value in _pax_records(padded, size, at).items():
                 if key == "path" and self.chain_name is None:
@@ -166,7 +181,9 @@ class _Scanner:
         elif "path" in self.global_pax:
             name = self.global_pax["path"].rstrip("/")
         if self.chain_pax or self.global_pax:
-            sparse = sparse or any(key.startswith("GNU.sparse.") for key in (*self.chain_pax, *self.global_pax))
+            sparse = sparse or any(
+                key.startswith("GNU.sparse.") for key in (*self.chain_pax, *self.global_pax)
+            )
         return TarMember(name, data_offset, size, sparse)
 
     def __iter__(self) -> Iterator[TarMember]:
@@ -175,7 +192,9 @@ class _Scanner:
             header = self.read(at, BLOCK, "header")
             if header == ZERO_BLOCK:
                 if self.in_chain:
-                    raise TarFormatError(f"extended header before byte {at} is not followed by a member")
+                    raise TarFormatError(
+                        f"extended header before byte {at} is not followed by a member"
+                    )
                 return  # end-of-archive marker
             if not _checksum_ok(header, at):
                 raise TarFormatError(f"bad header checksum at byte {at}")
@@ -183,8 +202,11 @@ class _Scanner:
             size = _number(header[124:136], "size", at)
             # mode, uid, gid, mtime, devmajor, devminor: unused here, but tarfile stops at a
             # garbled one, so we refuse it. Fast path: nothing but octal digits and NULs.
-            if header[100:124].translate(None, _OCTAL) or header[136:148].translate(None, _OCTAL) \
-                    or header[329:345].translate(None, _OCTAL):
+            if (
+                header[100:124].translate(None, _OCTAL)
+                or header[136:148].translate(None, _OCTAL)
+                or header[329:345].translate(None, _OCTAL)
+            ):
                 for start, stop in _OTHER_NUMBERS:
                     _number(header[start:stop], "numeric", at)
             if size < 0:
@@ -199,7 +221,9 @@ class _Scanner:
             if member is not None:
                 yield member
         if self.in_chain:
-            raise TarFormatError(f"extended header before byte {self.position} is not followed by a member")
+            raise TarFormatError(
+                f"extended header before byte {self.position} is not followed by a member"
+            )
 
 
 def scan_members(fd: int, start: int = 0, end: int | None = None) -> Iterator[TarMember]:

@@ -6,6 +6,7 @@ counts) run first; then every record is checked in parallel: crc32, a full decod
 against the table, the shorter side against prep_size (small originals excepted), and for
 msgpack the stored index and label.
 """
+
 from __future__ import annotations
 
 import collections
@@ -17,12 +18,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from formats import jpeg
-from formats.errors import DatasetError
-from formats.manifest import Manifest, file_digest, load_names, load_records, read_manifest
+from formats import DatasetError, jpeg
 from formats.lmdb_store import content_digest
-from formats.names import escape_name
+from formats.manifest import Manifest, file_digest, load_names, load_records, read_manifest
 from formats.msgpack_store import MsgpackReader, shard_file_name
+from formats.names import escape_name
 from formats.record import checksum
 from formats.store import open_reader
 from prep.resize import decode_rgb, target_dims
@@ -57,8 +57,13 @@ def _init_worker(dataset_dir: Path, manifest: Manifest, distrust: bool = False) 
     """Once per worker process: the table is loaded here rather than pickled into every task.
     The names only serve fault messages: loaded at a worker's first fault, not up front (1.28M
     Python strings for ImageNet train, ~110 MB in every worker)."""
-    _worker_state.update(dataset_dir=dataset_dir, manifest=manifest, distrust=distrust,
-                         records=load_records(dataset_dir, manifest), names=None)
+    _worker_state.update(
+        dataset_dir=dataset_dir,
+        manifest=manifest,
+        distrust=distrust,
+        records=load_records(dataset_dir, manifest),
+        names=None,
+    )
 
 
 def _check_range(start: int, stop: int) -> tuple[int, list[str]]:
@@ -79,8 +84,11 @@ def _check_range(start: int, stop: int) -> tuple[int, list[str]]:
             if isinstance(reader, MsgpackReader):
                 stored_index, stored_label, data = reader.record(index)
                 if stored_index != index or stored_label != int(row["label"]):
-                    fault(index, f"stored as index {stored_index} label {stored_label}, "
-                                 f"table says {index} label {int(row['label'])}")
+                    fault(
+                        index,
+                        f"stored as index {stored_index} label {stored_label}, "
+                        f"table says {index} label {int(row['label'])}",
+                    )
             else:
                 data = reader.view(index)
         except DatasetError as err:
@@ -98,10 +106,14 @@ def _check_range(start: int, stop: int) -> tuple[int, list[str]]:
         if (height, width) != (int(row["height"]), int(row["width"])):
             fault(index, f"decodes to {height}x{width}, table says {row['height']}x{row['width']}")
         # target_dims is the builder's own rule, so the two cannot disagree.
-        elif (height, width) != target_dims(int(row["orig_height"]), int(row["orig_width"]),
-                                            manifest.prep_size, manifest.upscale):
-            fault(index, f"{height}x{width} does not fit prep_size {manifest.prep_size} "
-                         f"(original {row['orig_height']}x{row['orig_width']})")
+        elif (height, width) != target_dims(
+            int(row["orig_height"]), int(row["orig_width"]), manifest.prep_size, manifest.upscale
+        ):
+            fault(
+                index,
+                f"{height}x{width} does not fit prep_size {manifest.prep_size} "
+                f"(original {row['orig_height']}x{row['orig_width']})",
+            )
         if not 0 <= int(row["label"]) < manifest.num_classes:
             fault(index, f"label {int(row['label'])} outside [0, {manifest.num_classes})")
     reader.close()
@@ -135,7 +147,9 @@ def _check_files(dataset_dir: Path, manifest: Manifest) -> list[str]:
             faults.append(f"{name}: missing")
             continue
         try:
-            actual = content_digest(dataset_dir) if "content_sha256" in expected else file_digest(path)
+            actual = (
+                content_digest(dataset_dir) if "content_sha256" in expected else file_digest(path)
+            )
         except DatasetError as err:
             faults.append(f"{name}: {err}")
             continue
@@ -143,7 +157,9 @@ def _check_files(dataset_dir: Path, manifest: Manifest) -> list[str]:
             faults.append(f"{name}: digest {_short(actual)}, manifest says {_short(expected)}")
     if manifest.store == "msgpack":
         listed = {n for n in manifest.files if n.startswith("shard-")}
-        for extra in sorted(p.name for p in dataset_dir.glob("shard-*.msgpack") if p.name not in listed):
+        for extra in sorted(
+            p.name for p in dataset_dir.glob("shard-*.msgpack") if p.name not in listed
+        ):
             faults.append(f"{extra}: shard not in the manifest")
     return faults
 
@@ -157,10 +173,16 @@ def _check_table(manifest: Manifest, records: np.ndarray) -> list[str]:
         counts = np.bincount(labels, minlength=manifest.num_classes).tolist()
         if counts != manifest.counts_per_class:
             wrong = [c for c, (a, b) in enumerate(zip(counts, manifest.counts_per_class)) if a != b]
-            faults.append(f"per-class counts differ from the manifest for {len(wrong)} classes, "
-                          f"e.g. class {wrong[0]}: {counts[wrong[0]]} vs {manifest.counts_per_class[wrong[0]]}")
+            faults.append(
+                f"per-class counts differ from the manifest for {len(wrong)} classes, "
+                f"e.g. class {wrong[0]}: {counts[wrong[0]]} vs "
+                f"{manifest.counts_per_class[wrong[0]]}"
+            )
     if sum(manifest.counts_per_class) != manifest.count:
-        faults.append(f"manifest counts_per_class sum to {sum(manifest.counts_per_class)}, count is {manifest.count}")
+        faults.append(
+            f"manifest counts_per_class sum to {sum(manifest.counts_per_class)}, count is "
+            f"{manifest.count}"
+        )
     return faults
 
 
@@ -171,12 +193,16 @@ def _check_msgpack_shards(dataset_dir: Path, manifest: Manifest) -> list[str]:
         path = dataset_dir / shard_file_name(shard)
         actual = path.stat().st_size if path.exists() else 0
         if actual != expected_bytes:
-            faults.append(f"{path.name}: {actual} bytes, index expects {expected_bytes} "
-                          f"({'truncated' if actual < expected_bytes else 'trailing data'})")
+            faults.append(
+                f"{path.name}: {actual} bytes, index expects {expected_bytes} "
+                f"({'truncated' if actual < expected_bytes else 'trailing data'})"
+            )
     return faults
 
 
-def check_source(manifest: Manifest, names: list[str], src_dir: Path, val_labels: Path | None) -> list[str]:
+def check_source(
+    manifest: Manifest, names: list[str], src_dir: Path, val_labels: Path | None
+) -> list[str]:
     """Every source member is a record or a listed reject, per class as the manifest says."""
     from prep.sources import open_source  # only `verify --source` needs the raw archives
 
@@ -190,10 +216,16 @@ def check_source(manifest: Manifest, names: list[str], src_dir: Path, val_labels
     faults = []
     if members != built:
         missing, extra = members - built, built - members
-        faults.append(f"source has {sum(members.values())} members, dataset accounts for "
-                      f"{sum(built.values())} (missing e.g. {sorted(missing)[:3]}, unknown e.g. {sorted(extra)[:3]})")
+        faults.append(
+            f"source has {sum(members.values())} members, dataset accounts for "
+            f"{sum(built.values())} (missing e.g. {sorted(missing)[:3]}, unknown e.g. "
+            f"{sorted(extra)[:3]})"
+        )
     if source.classes != manifest.classes:
-        faults.append(f"source classes differ from the manifest's ({len(source.classes)} vs {manifest.num_classes})")
+        faults.append(
+            f"source classes differ from the manifest's ({len(source.classes)} vs "
+            f"{manifest.num_classes})"
+        )
     return faults
 
 
@@ -220,8 +252,13 @@ def check_whole_files(dataset_dir: Path, manifest: Manifest) -> tuple[list[str],
     return faults, records
 
 
-def verify(dataset_dir: Path, workers: int, src_dir: Path | None = None,
-           val_labels: Path | None = None, quiet: bool = False) -> VerifyReport:
+def verify(
+    dataset_dir: Path,
+    workers: int,
+    src_dir: Path | None = None,
+    val_labels: Path | None = None,
+    quiet: bool = False,
+) -> VerifyReport:
     dataset_dir = Path(dataset_dir)
     started = time.perf_counter()
     manifest = read_manifest(dataset_dir)  # DatasetError: not a dataset at all
@@ -231,8 +268,13 @@ def verify(dataset_dir: Path, workers: int, src_dir: Path | None = None,
     checked = 0
     bounds = np.linspace(0, manifest.count, max(1, workers) * RANGES_PER_WORKER + 1).astype(int)
     ranges = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-    bar = tqdm(total=manifest.count, unit="img", desc=f"verify {dataset_dir.name}", disable=quiet,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=manifest.count,
+        unit="img",
+        desc=f"verify {dataset_dir.name}",
+        disable=quiet,
+        dynamic_ncols=True,
+    )
     with process_pool(max(1, workers), _init_worker, (dataset_dir, manifest, bool(faults))) as pool:
         futures = [pool.submit(_check_range, a, b) for a, b in ranges]
         for future in futures:  # in order, so faults come out sorted by record

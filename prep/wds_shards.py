@@ -14,6 +14,7 @@ Shards are plain tars, so they are read as the official train tar is: headers on
 (a few bytes) is read here. Every sample is one member: its image, or a listed reject (no
 image, two images, no or non-integer .cls, a key seen before in the shard).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,7 +37,8 @@ TIMM_SPLITS = {"train": "train", "val": "validation"}
 @dataclasses.dataclass
 class Sample:
     key: str
-    files: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)  # extension -> (offset, size)
+    # extension -> (offset, size)
+    files: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
     repeated: str = ""  # an extension seen twice in this sample
 
 
@@ -50,7 +52,9 @@ def split_key(name: str) -> tuple[str, str]:
 
 def timm_shards(src_dir: Path, split: str) -> list[Path]:
     pattern = re.compile(rf"imagenet1k-{TIMM_SPLITS[split]}-(\d+)\.tar")
-    return sorted(p for p in src_dir.glob("imagenet1k-*.tar") if pattern.fullmatch(p.name) and p.is_file())
+    return sorted(
+        p for p in src_dir.glob("imagenet1k-*.tar") if pattern.fullmatch(p.name) and p.is_file()
+    )
 
 
 def generic_shards(src_dir: Path, split: str) -> list[Path]:
@@ -58,7 +62,11 @@ def generic_shards(src_dir: Path, split: str) -> list[Path]:
     found = []
     for path in sorted(src_dir.glob("*.tar")):
         tokens = re.split(r"[^a-z0-9]+", path.stem.lower())
-        if path.is_file() and any(word in tokens for word in words) and not path.name.startswith("ILSVRC2012_"):
+        if (
+            path.is_file()
+            and any(word in tokens for word in words)
+            and not path.name.startswith("ILSVRC2012_")
+        ):
             found.append(path)
     return found
 
@@ -100,13 +108,18 @@ def _sample_member(shard: Path, fd: int, sample: Sample, seen: set, label_of) ->
     name = f"{sample.key}.{images[0]}" if len(images) == 1 else sample.key
     offset, size = sample.files[images[0]] if len(images) == 1 else (0, 0)
     if sample.key in seen:
-        reject = f"duplicate key {sample.key!r}: a sample with that key came earlier in {shard.name}"
+        reject = (
+            f"duplicate key {sample.key!r}: a sample with that key came earlier in {shard.name}"
+        )
     elif sample.repeated:
         reject = f"two .{sample.repeated} files under one key"
     elif not images:
-        reject = f"sample has no image (.{', .'.join(IMAGE_EXTENSIONS)}), only {sorted(sample.files)}"
+        reject = (
+            f"sample has no image (.{', .'.join(IMAGE_EXTENSIONS)}), only {sorted(sample.files)}"
+        )
     elif len(images) > 1:
-        reject = f"sample has {len(images)} images ({', '.join('.' + e for e in images)}): which one is meant is unclear"
+        extensions = ", ".join("." + e for e in images)
+        reject = f"sample has {len(images)} images ({extensions}): which one is meant is unclear"
     else:
         reject = ""
     seen.add(sample.key)
@@ -119,7 +132,8 @@ def _sample_member(shard: Path, fd: int, sample: Sample, seen: set, label_of) ->
 
 
 def _shard_members(shard: Path, label_of) -> Iterator[SourceMember]:
-    seen: set = set()  # per shard: bounded memory, and a part (whole shards) sees what a full build sees
+    # per shard: bounded memory, and a part (whole shards) sees what a full build sees
+    seen: set = set()
     fd = os.open(shard, os.O_RDONLY)
     try:
         for sample in samples(shard):
@@ -136,6 +150,7 @@ def _cls_label(checked: bool):
         if isinstance(label, int) and checked and label_reject(label):
             return label_reject(label)
         return label if isinstance(label, str) or label >= 0 else f"negative label {label}"
+
     return label_of
 
 
@@ -144,8 +159,14 @@ def _key_class(key: str) -> str:
 
 
 def _source(split: str, layout: str, shards: list[Path], classes: list[str], label_of) -> Source:
-    return files_source(split, layout, classes, [""] * len(classes), shards,
-                        functools.partial(_shard_members, label_of=label_of))
+    return files_source(
+        split,
+        layout,
+        classes,
+        [""] * len(classes),
+        shards,
+        functools.partial(_shard_members, label_of=label_of),
+    )
 
 
 def timm_source(split: str, shards: list[Path]) -> Source:
@@ -168,8 +189,10 @@ def generic_source(split: str, shards: list[Path]) -> Source:
         classes = [str(i) for i in range(max_label + 1)]
         return _source(split, "wds", shards, classes, _cls_label(checked=False))
     if not class_names:
-        raise SourceError(f"{shards[0].parent}: WebDataset shards without labels: samples need a .cls "
-                          "or a class folder in their key (<class>/<name>.jpg)")
+        raise SourceError(
+            f"{shards[0].parent}: WebDataset shards without labels: samples need a .cls "
+            "or a class folder in their key (<class>/<name>.jpg)"
+        )
     labels = {name: index for index, name in enumerate(sorted(class_names))}
 
     def label_of(fd: int, sample: Sample) -> int | str:

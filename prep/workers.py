@@ -6,6 +6,7 @@ pipe's other end open), so each one asks the kernel for SIGKILL when the parent 
 that started it (any POSIX system). Workers ignore SIGINT and SIGTERM: the main process handles
 both and shuts the pool down, so no task dies halfway and the build stays resumable.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -50,10 +51,14 @@ def _start_worker(parent_pid: int, initializer: Callable | None, initargs: tuple
         initializer(*initargs)
 
 
-def process_pool(num_workers: int, initializer: Callable | None = None,
-                 initargs: tuple = ()) -> concurrent.futures.ProcessPoolExecutor:
+def process_pool(
+    num_workers: int, initializer: Callable | None = None, initargs: tuple = ()
+) -> concurrent.futures.ProcessPoolExecutor:
     """A forked pool whose workers die with this process. Fork, because workers inherit what
     the parent loaded (the record table, the codecs) without pickling it."""
     return concurrent.futures.ProcessPoolExecutor(
-        num_workers, mp_context=multiprocessing.get_context("fork"),
-        initializer=_start_worker, initargs=(os.getpid(), initializer, initargs))
+        num_workers,
+        mp_context=multiprocessing.get_context("fork"),
+        initializer=_start_worker,
+        initargs=(os.getpid(), initializer, initargs),
+    )

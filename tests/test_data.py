@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from formats.errors import DatasetError
+from formats import DatasetError
 from train.augment import TrainCrop, center_crop_box, dct_scale_for_box, rect_crop_box, rect_target_size
 from train import decode
 from train.data import TrainLoader, TrainPlan, ValLoader

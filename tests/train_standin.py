@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from formats.errors import DatasetError  # noqa: E402
+from formats import DatasetError  # noqa: E402
 from train.augment import TrainCrop  # noqa: E402
 from train.shard_checks import ShardInfo  # noqa: E402
 

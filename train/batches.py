@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import get_worker_info
 
 from formats.dataset import RecordDataset
-from formats.errors import DatasetError
+from formats import DatasetError
 from train.batch_ring import BatchRing
 from train.decode import decode_crops_into
 from train.gpu_decode import encode_batch

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from formats.files import write_atomic
+from formats import write_atomic
 from train.config import TrainError
 from train.loop import TrainState, sums_from_dict
 from train.run_dir import run_outputs

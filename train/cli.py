@@ -32,7 +32,7 @@ def fail(message: str, code: int = EXIT_ERROR, kind: str = "error") -> NoReturn:
 # Library error classes by module. Only modules already imported can have raised one, so
 # `train report` never pays for importing torch just to name an error class.
 LIBRARY_ERRORS = {
-    "formats.errors": ("DatasetError",), "train.checkpoint": ("CheckpointError",),
+    "formats": ("DatasetError",), "train.checkpoint": ("CheckpointError",),
     "train.config": ("TrainError", "RecipeError"), "train.dist": ("DistError",),
     "train.export": ("ExportError",), "train.report": ("ReportError",),
     "train.schedule": ("ScheduleError",), "train.step": ("PrecisionError",),

@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from formats.dataset import RecordDataset
-from formats.errors import DatasetError
+from formats import DatasetError
 from train import decode as cpu_decode
 from train.augment import TrainCrop
 from train.batch_ring import BatchRing

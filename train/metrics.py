@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from formats.files import write_atomic
+from formats import write_atomic
 from train.config import TrainError
 
 METRICS_NAME = "metrics.jsonl"

@@ -32,7 +32,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, Mapping, Sequence
 
-from formats.layout import split_dir_name
+from formats import split_dir_name
 from train.config import is_int, is_number
 
 DEFAULT_MIN_SCALE = 0.08

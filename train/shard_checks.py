@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from formats.errors import DatasetError
+from formats import DatasetError
 from formats.manifest import load_records, read_manifest
 from formats.record import MANIFEST_FILE, RECORDS_FILE
 from train.config import TrainError

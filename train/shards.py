@@ -85,7 +85,7 @@ def check_shards(schedule: Schedule, data: DataSource, world_size: int = 1) -> l
     Returns the class list. Runs before anything is started so a missing `val-320/` fails in
     a second with the phase that needs it, not after hours of training.
     """
-    from formats.errors import DatasetError
+    from formats import DatasetError
 
     classes: list[str] | None = None
     first_dir = ""

@@ -1,12 +1,18 @@
-"""The same tiny ImageNet in each layout prep reads (prep.sample_mirrors writes the mirrors'
+"""The same tiny ImageNet in each layout prep reads (prep.sample.mirrors writes the mirrors'
 exact file layouts), plus the odd files the bad-input tests need."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 from prep.imagenet_classes import imagenet_wnids
-from prep.sample_mirrors import (  # noqa: F401 (the tests' one import for every layout)
-    hf_label_metadata, tar_bytes, write_hf_parquet, write_hf_targz, write_official_train, write_parquet,
+from prep.sample.mirrors import (  # noqa: F401 (the tests' one import for every layout)
+    hf_label_metadata,
+    tar_bytes,
+    write_hf_parquet,
+    write_hf_targz,
+    write_official_train,
+    write_parquet,
     write_timm_wds,
 )
 from tests.conftest import jpeg_bytes
@@ -22,7 +28,9 @@ def images() -> list[tuple[str, str, bytes]]:
     for c, position in enumerate(CLASS_POSITIONS):
         for i in range(PER_CLASS):
             wnid = wnids[position]
-            out.append((wnid, f"{wnid}_{i + 1}", jpeg_bytes(40 + 9 * i, 60 + 7 * c, seed=10 * c + i)))
+            out.append(
+                (wnid, f"{wnid}_{i + 1}", jpeg_bytes(40 + 9 * i, 60 + 7 * c, seed=10 * c + i))
+            )
     return out
 
 
@@ -40,7 +48,10 @@ def wds_tar(path: Path, samples: list[list[tuple[str, bytes]]]) -> Path:
 
 def write_generic_wds(src: Path, items) -> Path:
     """mydata-train-000.tar with the class folder in each key: <wnid>/<image id>.jpg."""
-    return wds_tar(src / "mydata-train-000.tar", [[(f"{wnid}/{image_id}.jpg", data)] for wnid, image_id, data in items])
+    return wds_tar(
+        src / "mydata-train-000.tar",
+        [[(f"{wnid}/{image_id}.jpg", data)] for wnid, image_id, data in items],
+    )
 
 
 def write_folders(src: Path, items) -> Path:

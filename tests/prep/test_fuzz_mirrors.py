@@ -1,7 +1,8 @@
-"""Time-bounded fuzzing of the mirror readers: mutated tar.gz streams, parquet files and
-WebDataset shards go through the source readers; every case ends in members (each an image to
-try or a listed reject) or one SourceError, within its time limit (tests.fuzz: a hang is a
-failure, and the failing seed is named). `python -m tests.prep.test_fuzz_mirrors 60` (or tests.fuzz) hunts longer."""
+"""Time-bounded fuzzing of the mirror readers: mutated tar.gz streams, parquet files and WebDataset
+shards go through the source readers; every case ends in members (each an image to try or a listed
+reject) or one SourceError, within its time limit (tests.fuzz: a hang is a failure, and the failing
+seed is named). `python -m tests.prep.test_fuzz_mirrors 60` (or tests.fuzz) hunts longer."""
+
 from __future__ import annotations
 
 import functools
@@ -10,6 +11,8 @@ import random
 import sys
 import tempfile
 from pathlib import Path
+
+import pytest
 
 from prep.hf_parquet import parquet_source
 from prep.hf_targz import targz_source
@@ -29,14 +32,20 @@ def valid_inputs() -> dict[str, bytes]:
     with tempfile.TemporaryDirectory() as tmp:
         [parquet] = layouts.write_hf_parquet(Path(tmp), items, num_files=1, row_group_rows=2)
         [shard] = layouts.write_timm_wds(Path(tmp), items, num_shards=1)
-        return {"targz": layouts.targz_bytes([(f"{i}_{w}.JPEG", d) for w, i, d in items]),
-                "parquet": parquet.read_bytes(), "wds": shard.read_bytes()}
+        return {
+            "targz": layouts.targz_bytes([(f"{i}_{w}.JPEG", d) for w, i, d in items]),
+            "parquet": parquet.read_bytes(),
+            "wds": shard.read_bytes(),
+        }
 
 
 def read_all(kind: str, path: Path) -> int:
     """Every member the reader yields from one file; SourceError is the allowed failure."""
-    opened = {"targz": lambda: targz_source("train", [path]), "parquet": lambda: parquet_source("train", [path]),
-              "wds": lambda: timm_source("train", [path])}[kind]
+    opened = {
+        "targz": lambda: targz_source("train", [path]),
+        "parquet": lambda: parquet_source("train", [path]),
+        "wds": lambda: timm_source("train", [path]),
+    }[kind]
     try:
         source = opened()
         count = 0
@@ -57,8 +66,11 @@ def check_case(kind: str, directory: Path, seed: int) -> None:
     data = mutate(valid_inputs()[kind], rng, protect=rng.choice((0, 2, 10)))
     if kind == "wds":
         data = fix_tar_checksums(data)
-    name = {"targz": "train_images_0.tar.gz", "parquet": "train-00000-of-00001.parquet",
-            "wds": "imagenet1k-train-0000.tar"}[kind]
+    name = {
+        "targz": "train_images_0.tar.gz",
+        "parquet": "train-00000-of-00001.parquet",
+        "wds": "imagenet1k-train-0000.tar",
+    }[kind]
     path = directory / name
     path.write_bytes(data)
     try:
@@ -80,14 +92,19 @@ def test_valid_inputs_read_whole(tmp_path):
         assert read_all(kind, path) == 5, kind
 
 
+# slow: the quick tier covers the readers on valid and chosen bad inputs (above, and
+# test_mirror_bad_input)
+@pytest.mark.slow
 def test_fuzz_gzip_reader(tmp_path):
     assert fuzz("targz", BUDGET_S, tmp_path) > 20
 
 
+@pytest.mark.slow
 def test_fuzz_parquet_reader(tmp_path):
     assert fuzz("parquet", BUDGET_S, tmp_path) > 20
 
 
+@pytest.mark.slow
 def test_fuzz_webdataset_reader(tmp_path):
     assert fuzz("wds", BUDGET_S, tmp_path) > 20
 

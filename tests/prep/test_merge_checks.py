@@ -2,6 +2,7 @@
 byte in a shard or in data.mdb, a changed label in records.npy, two swapped names in names.txt
 are refused with one line naming the part and the fault; nothing is merged, no existing dataset
 is replaced (--overwrite included), and the "remove the parts" hint comes only after success."""
+
 from __future__ import annotations
 
 import shutil
@@ -34,8 +35,19 @@ def parts_by_store(tmp_path_factory) -> dict[str, list[Path]]:
     parts = {}
     for store in ("msgpack", "lmdb"):
         for index in range(2):
-            build(BuildConfig(src_dir=src, out_dir=root / store, split="train", prep_sizes=(PREP_SIZE,), store=store,
-                              workers=0, quiet=True, commit_every=4, part=PartSpec(index, 2)))
+            build(
+                BuildConfig(
+                    src_dir=src,
+                    out_dir=root / store,
+                    split="train",
+                    prep_sizes=(PREP_SIZE,),
+                    store=store,
+                    workers=0,
+                    quiet=True,
+                    commit_every=4,
+                    part=PartSpec(index, 2),
+                )
+            )
         parts[store] = sorted((root / store).glob(f"train-{PREP_SIZE}.part-*"))
     return parts
 
@@ -89,7 +101,9 @@ def test_a_damaged_part_is_refused_before_anything_is_written(parts, tmp_path, d
     damage_part, fault = DAMAGES[damage]
     damage_part(parts[1])
     assert not verify(parts[1], workers=1, quiet=True).ok  # what prep verify already said
-    result = CliRunner().invoke(app, ["merge", *map(str, parts), "--out", str(tmp_path / "merged"), "-q"])
+    result = CliRunner().invoke(
+        app, ["merge", *map(str, parts), "--out", str(tmp_path / "merged"), "-q"]
+    )
     assert result.exit_code == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -103,7 +117,9 @@ def test_overwrite_with_a_damaged_part_keeps_the_good_dataset(parts, tmp_path):
     merge(parts, tmp_path / "merged", quiet=True)
     good_manifest = (merged / "manifest.json").read_bytes()
     swap_names(parts[0])
-    result = CliRunner().invoke(app, ["merge", *map(str, parts), "--out", str(tmp_path / "merged"), "--overwrite", "-q"])
+    result = CliRunner().invoke(
+        app, ["merge", *map(str, parts), "--out", str(tmp_path / "merged"), "--overwrite", "-q"]
+    )
     assert result.exit_code == 1 and "damaged part" in result.stderr
     assert (merged / "manifest.json").read_bytes() == good_manifest
     assert verify(merged, workers=1, quiet=True).ok
@@ -141,7 +157,9 @@ def test_a_merge_that_fails_its_own_check_replaces_nothing(parts, tmp_path, monk
         return files
 
     monkeypatch.setattr(MsgpackWriter, "finish", finish_then_corrupt)
-    with pytest.raises(BuildError, match="merged output fails its check .*shard-00000.msgpack: digest"):
+    with pytest.raises(
+        BuildError, match="merged output fails its check .*shard-00000.msgpack: digest"
+    ):
         merge(parts, tmp_path / "merged", overwrite=True, quiet=True)
     assert (merged / "manifest.json").read_bytes() == good_manifest
     monkeypatch.undo()
@@ -150,7 +168,9 @@ def test_a_merge_that_fails_its_own_check_replaces_nothing(parts, tmp_path, monk
 
 
 def test_a_good_merge_says_the_parts_can_go(parts, tmp_path):
-    result = CliRunner().invoke(app, ["merge", *map(str, parts), "--out", str(tmp_path / "merged"), "-q"])
+    result = CliRunner().invoke(
+        app, ["merge", *map(str, parts), "--out", str(tmp_path / "merged"), "-q"]
+    )
     assert result.exit_code == 0, result.output
     assert "merged dataset checked: the 2 part directories are no longer needed" in result.stdout
     assert verify(tmp_path / "merged" / f"train-{PREP_SIZE}", workers=1, quiet=True).ok

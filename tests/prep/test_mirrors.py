@@ -7,6 +7,7 @@ Layouts as documented: HF ILSVRC/imagenet-1k's loading script (tar.gz members
 `<IMAGE_FILENAME>_<SYNSET_ID>.JPEG`, ClassLabel names = IMAGENET2012_CLASSES, sorted wnids; its
 parquet revision keeps that ClassLabel), timm/imagenet-1k-wds's card (`imagenet1k-train-{0000..1023}
 .tar`, `.jpg`/`.cls`/`.json` per sample, converted from TFDS imagenet2012)."""
+
 from __future__ import annotations
 
 import functools
@@ -46,8 +47,16 @@ def sources(tmp_path_factory):
 
 
 def built(src, out, **changes):
-    fields = dict(src_dir=src, out_dir=out, split="train", prep_sizes=(32,), store="lmdb", workers=0, quiet=True,
-                  commit_every=4)
+    fields = dict(
+        src_dir=src,
+        out_dir=out,
+        split="train",
+        prep_sizes=(32,),
+        store="lmdb",
+        workers=0,
+        quiet=True,
+        commit_every=4,
+    )
     return build(BuildConfig(**{**fields, **changes}))
 
 
@@ -114,12 +123,27 @@ def test_cli_names_the_layout_and_reads_an_hf_cache_snapshot(sources, tmp_path):
         (snapshot / parquet.name).symlink_to(os.path.relpath(blob, snapshot))
     for src in (cache, cache / "snapshots" / "abc123"):
         out = tmp_path / f"out-{src.name}"
-        result = CliRunner().invoke(app, ["build-msgpack", "--src", str(src), "--out", str(out), "--size", "32",
-                                          "--workers", "0", "-q"])
+        result = CliRunner().invoke(
+            app,
+            [
+                "build-msgpack",
+                "--src",
+                str(src),
+                "--out",
+                str(out),
+                "--size",
+                "32",
+                "--workers",
+                "0",
+                "-q",
+            ],
+        )
         assert result.exit_code == 0, result.output
         assert "source: hf-parquet layout" in result.output
         assert read_manifest(out / "train-32").count == 12
-        check = CliRunner().invoke(app, ["verify", str(out / "train-32"), "--source", str(src), "--workers", "1", "-q"])
+        check = CliRunner().invoke(
+            app, ["verify", str(out / "train-32"), "--source", str(src), "--workers", "1", "-q"]
+        )
         assert check.exit_code == 0 and ": OK" in check.output, check.output
 
 
@@ -132,26 +156,50 @@ def test_generic_webdataset_labels_by_class_folder_like_folders(tmp_path):
     wds, folders = tmp_path / "out-wds" / "train-32", tmp_path / "out-folders" / "train-32"
     assert read_manifest(wds).source["layout"] == "wds"
     assert read_manifest(wds).classes == read_manifest(folders).classes
-    assert np.array_equal(load_records(wds, read_manifest(wds)), load_records(folders, read_manifest(folders)))
+    assert np.array_equal(
+        load_records(wds, read_manifest(wds)), load_records(folders, read_manifest(folders))
+    )
 
 
 def test_generic_webdataset_with_cls(tmp_path):
-    layouts.wds_tar(tmp_path / "own-train-0.tar", [[("a.png", layouts.jpeg_bytes(20, 20)), ("a.cls", b"2\n")],
-                                                  [("b.jpeg", layouts.jpeg_bytes(20, 24)), ("b.cls", b"0")]])
+    layouts.wds_tar(
+        tmp_path / "own-train-0.tar",
+        [
+            [("a.png", layouts.jpeg_bytes(20, 20)), ("a.cls", b"2\n")],
+            [("b.jpeg", layouts.jpeg_bytes(20, 24)), ("b.cls", b"0")],
+        ],
+    )
     source = open_source(tmp_path, "train")
     assert source.layout == "wds" and source.classes == ["0", "1", "2"]
-    assert [(m.name, m.label, m.skip_reason) for m in source.members()] == [("a.png", 2, ""), ("b.jpeg", 0, "")]
+    assert [(m.name, m.label, m.skip_reason) for m in source.members()] == [
+        ("a.png", 2, ""),
+        ("b.jpeg", 0, ""),
+    ]
 
 
 def test_parquet_without_pyarrow_is_one_line_naming_the_extra(sources, tmp_path, monkeypatch):
     for module in [m for m in sys.modules if m == "pyarrow" or m.startswith("pyarrow.")]:
         monkeypatch.delitem(sys.modules, module)
     monkeypatch.setitem(sys.modules, "pyarrow", None)  # import pyarrow -> ImportError
-    result = CliRunner().invoke(app, ["build-lmdb", "--src", str(sources / "hf-parquet"), "--out", str(tmp_path),
-                                      "--size", "32", "--workers", "0", "-q"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "build-lmdb",
+            "--src",
+            str(sources / "hf-parquet"),
+            "--out",
+            str(tmp_path),
+            "--size",
+            "32",
+            "--workers",
+            "0",
+            "-q",
+        ],
+    )
     assert result.exit_code == 1
-    assert result.output.strip().splitlines() == ["prep: error: reading Hugging Face parquet needs pyarrow: "
-                                                  "pip install 'shardtrain[hf]'"]
+    assert result.output.strip().splitlines() == [
+        "prep: error: reading Hugging Face parquet needs pyarrow: pip install 'shardtrain[hf]'"
+    ]
     assert not list(tmp_path.iterdir())
 
 
@@ -162,15 +210,34 @@ def test_validation_files_are_the_val_split(tmp_path):
     layouts.write_hf_parquet(tmp_path / "hf", items[3:], split="train", num_files=1)
     source = open_source(tmp_path / "hf", "val")
     assert source.layout == "hf-parquet" and [m.label for m in source.members()] == [0, 0, 0]
-    layouts.wds_tar(tmp_path / "wds" / "imagenet1k-validation-00.tar", [[("v.jpg", items[-1][2]), ("v.cls", b"999")]])
-    layouts.wds_tar(tmp_path / "wds" / "imagenet1k-train-0000.tar", [[("t.jpg", items[0][2]), ("t.cls", b"0")]])
-    assert [(m.name, m.label) for m in open_source(tmp_path / "wds", "val").members()] == [("v.jpg", 999)]
+    layouts.wds_tar(
+        tmp_path / "wds" / "imagenet1k-validation-00.tar",
+        [[("v.jpg", items[-1][2]), ("v.cls", b"999")]],
+    )
+    layouts.wds_tar(
+        tmp_path / "wds" / "imagenet1k-train-0000.tar", [[("t.jpg", items[0][2]), ("t.cls", b"0")]]
+    )
+    assert [(m.name, m.label) for m in open_source(tmp_path / "wds", "val").members()] == [
+        ("v.jpg", 999)
+    ]
 
 
 def test_hf_cache_with_several_snapshots_and_no_ref_is_one_line(sources, tmp_path):
     for revision in ("rev1", "rev2"):
-        (tmp_path / "datasets--ILSVRC--imagenet-1k" / "snapshots" / revision / "data").mkdir(parents=True)
-    result = CliRunner().invoke(app, ["build-lmdb", "--src", str(tmp_path / "datasets--ILSVRC--imagenet-1k"),
-                                      "--out", str(tmp_path / "out"), "--size", "32"])
+        (tmp_path / "datasets--ILSVRC--imagenet-1k" / "snapshots" / revision / "data").mkdir(
+            parents=True
+        )
+    result = CliRunner().invoke(
+        app,
+        [
+            "build-lmdb",
+            "--src",
+            str(tmp_path / "datasets--ILSVRC--imagenet-1k"),
+            "--out",
+            str(tmp_path / "out"),
+            "--size",
+            "32",
+        ],
+    )
     assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
     assert "2 snapshots and no refs/main" in result.output

@@ -1,5 +1,6 @@
 """Time-bounded fuzzing (a few seconds each in CI): mutated images through prep's whole per-image
 path, mutated tars through the scanner against tarfile. `python -m tests.fuzz 300` hunts longer."""
+
 from __future__ import annotations
 
 import functools
@@ -10,6 +11,7 @@ import random
 import tarfile
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from prep.resize import PreparedImage, RejectedImage, prepare_image, target_dims
@@ -69,13 +71,17 @@ def check_image_case(seed: int) -> None:
         expected = target_dims(prepared.orig_height, prepared.orig_width, prep_size, upscale)
         assert (output.height, output.width) == expected, f"seed {seed}"
         with Image.open(io.BytesIO(output.jpeg)) as stored:
-            assert stored.size == (output.width, output.height) and stored.mode == "RGB", f"seed {seed}"
+            assert stored.size == (output.width, output.height) and stored.mode == "RGB", (
+                f"seed {seed}"
+            )
 
 
 def fuzz_images(budget_s: float, first_seed: int = 0) -> int:
     return run_cases(itertools.count(first_seed), budget_s, check_image_case)
 
 
+# slow: the quick tier covers the same code on chosen inputs (test_resize, test_bad_images)
+@pytest.mark.slow
 def test_fuzz_image_path():
     assert fuzz_images(IMAGE_BUDGET_S) > 50
 
@@ -95,7 +101,10 @@ def tar_seeds() -> list[bytes]:
                 info.size = index * 300
                 tar.addfile(info, io.BytesIO(bytes(range(256)) * 4))
             link = tarfile.TarInfo("l")
-            link.type, link.linkname = tarfile.SYMTYPE, "x" * (90 if fmt == tarfile.USTAR_FORMAT else 150)
+            link.type, link.linkname = (
+                tarfile.SYMTYPE,
+                "x" * (90 if fmt == tarfile.USTAR_FORMAT else 150),
+            )
             tar.addfile(link)
             folder = tarfile.TarInfo("folder")
             folder.type = tarfile.DIRTYPE
@@ -105,7 +114,7 @@ def tar_seeds() -> list[bytes]:
 
 
 def _tarfile_view(data: bytes):
-    """tarfile's (name, offset, size) of the plain regular files, or None if it refuses the archive."""
+    """tarfile's (name, offset, size) of the regular files, or None if it refuses the archive."""
     try:
         with tarfile.open(fileobj=io.BytesIO(data)) as tar:
             members = tar.getmembers()
@@ -128,10 +137,14 @@ def check_tar_case(seed: int, fd: int) -> None:
     except Exception as err:
         raise AssertionError(f"seed {seed}: {type(err).__name__}: {err}") from err
     for member in members:
-        assert 512 <= member.offset and member.offset + member.size <= len(data), f"seed {seed}: {member}"
+        assert 512 <= member.offset and member.offset + member.size <= len(data), (
+            f"seed {seed}: {member}"
+        )
     expected = _tarfile_view(data)
     if expected is not None:
-        assert [(m.name, m.offset, m.size) for m in members if not m.sparse] == expected, f"seed {seed}"
+        assert [(m.name, m.offset, m.size) for m in members if not m.sparse] == expected, (
+            f"seed {seed}"
+        )
 
 
 def fuzz_tars(budget_s: float, first_seed: int = 0) -> int:
@@ -143,10 +156,13 @@ def fuzz_tars(budget_s: float, first_seed: int = 0) -> int:
         fd = os.dup(handle.fileno())
         handle.close()
     try:
-        return run_cases(itertools.count(first_seed), budget_s, lambda seed: check_tar_case(seed, fd))
+        return run_cases(
+            itertools.count(first_seed), budget_s, lambda seed: check_tar_case(seed, fd)
+        )
     finally:
         os.close(fd)
 
 
+@pytest.mark.slow  # the quick tier covers the scanner in test_tar_scan
 def test_fuzz_tar_scanner_against_tarfile():
     assert fuzz_tars(TAR_BUDGET_S) > 50

@@ -1,17 +1,19 @@
 """formats.dataset: both stores through one torch-free dataset, zero-copy views, lazy names,
 fork safety, record-naming errors, and import hygiene (formats stays importable without torch)."""
+
 from __future__ import annotations
 
 import os
 import pickle
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from formats import DatasetError
 from formats.dataset import ImageDataset, RecordDataset
-from formats.errors import DatasetError
 from formats.manifest import load_names, read_manifest
 from tests.loader_shards import STORES, corrupt_record, damaged_copy, dataset_dir
 
@@ -53,7 +55,9 @@ def test_read_before_and_after_fork(built_shards, store):
     if pid == 0:  # child: whatever happens, it must never return into pytest
         ok = False
         try:
-            ok = bytes(dataset.view(7)) == expected and bytes(dataset.view(1)) == bytes(dataset.view(1))
+            ok = bytes(dataset.view(7)) == expected and bytes(dataset.view(1)) == bytes(
+                dataset.view(1)
+            )
         finally:
             try:
                 os.write(write_end, b"1" if ok else b"0")
@@ -78,8 +82,10 @@ def test_threads_read_concurrently(built_shards, store):
 
 def test_image_dataset_works_with_a_plain_dataloader(built_shards):
     torch = pytest.importorskip("torch")
-    dataset = ImageDataset(dataset_dir(built_shards, "msgpack"),
-                           transform=lambda image: torch.from_numpy(np.array(image.resize((32, 32)))))
+    dataset = ImageDataset(
+        dataset_dir(built_shards, "msgpack"),
+        transform=lambda image: torch.from_numpy(np.array(image.resize((32, 32)))),
+    )
     image, label = dataset[0]
     assert image.shape == (32, 32, 3) and label == dataset.labels[0]
     loader = torch.utils.data.DataLoader(dataset, batch_size=6, num_workers=1)
@@ -103,7 +109,12 @@ def test_truncated_msgpack_shard_names_record_at_open(built_shards, tmp_path):
     with pytest.raises(DatasetError) as raised:
         RecordDataset(directory)
     message = str(raised.value)
-    assert str(directory) in message and "record 17" in message and name in message and "truncated" in message
+    assert (
+        str(directory) in message
+        and "record 17" in message
+        and name in message
+        and "truncated" in message
+    )
 
 
 def test_missing_lmdb_file_is_clear(built_shards, tmp_path):
@@ -129,7 +140,8 @@ def test_formats_and_prep_never_import_torch_or_the_dataset():
     code = (
         "import sys, formats, formats.store, prep.build, prep.cli, prep.verify\n"
         "assert 'formats.dataset' not in sys.modules and 'torch' not in sys.modules\n"
-        "import formats.dataset\n"
-        "assert 'torch' not in sys.modules\n"
+        "import formats.dataset\nassert 'torch' not in sys.modules\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    subprocess.run(
+        [sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2]
+    )

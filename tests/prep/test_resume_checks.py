@@ -1,6 +1,7 @@
 """A resumed build trusts nothing an earlier run left: kept records that are not what their
 table rows say (two builds once wrote one output at the same time) make it refuse, saying to
 pass --overwrite, instead of finishing a dataset that `prep verify` would fault."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,7 +32,9 @@ def _interrupted(sample_src, tmp_path, monkeypatch, store) -> BuildConfig:
             raise OSError(errno.ENOSPC, "No space left on device")
         return original(self, index, label, jpeg)
 
-    config = BuildConfig(src, tmp_path, "train", (64,), store, workers=0, quiet=True, commit_every=2)
+    config = BuildConfig(
+        src, tmp_path, "train", (64,), store, workers=0, quiet=True, commit_every=2
+    )
     with monkeypatch.context() as patch:
         patch.setattr(writer, "append", append_until_full)
         with pytest.raises(BuildError, match="No space left"):
@@ -76,10 +79,14 @@ def _change_a_table_label(partial, store):
 
 @pytest.mark.parametrize("store", ["lmdb", "msgpack"])
 @pytest.mark.parametrize("damage", [_flip_stored_byte, _swap_index_rows, _change_a_table_label])
-def test_damaged_unfinished_build_is_refused_not_finished(sample_src, tmp_path, monkeypatch, store, damage):
+def test_damaged_unfinished_build_is_refused_not_finished(
+    sample_src, tmp_path, monkeypatch, store, damage
+):
     config = _interrupted(sample_src, tmp_path, monkeypatch, store)
     damage(tmp_path / ".train-64.partial", store)
-    with pytest.raises(BuildError, match=r"the unfinished build is damaged \(record \d+ .*pass --overwrite"):
+    with pytest.raises(
+        BuildError, match=r"the unfinished build is damaged \(record \d+ .*pass --overwrite"
+    ):
         build(config)
     assert not (tmp_path / "train-64").exists()
     rebuilt = build(dataclasses.replace(config, overwrite=True))

@@ -1,4 +1,5 @@
 """prep.tar_scan agrees with tarfile on every format tarfile writes, and refuses damage."""
+
 from __future__ import annotations
 
 import io
@@ -18,7 +19,9 @@ def _archive(path, fmt):
         directory = tarfile.TarInfo("some/dir")
         directory.type = tarfile.DIRTYPE
         tar.addfile(directory)
-        for index, name in enumerate(["a.JPEG", "x" * 150 + ".JPEG", "dir/" * 40 + "deep.JPEG", "ünïcode.JPEG", "empty"]):
+        for index, name in enumerate(
+            ["a.JPEG", "x" * 150 + ".JPEG", "dir/" * 40 + "deep.JPEG", "ünïcode.JPEG", "empty"]
+        ):
             data = os.urandom(index * 700 + (0 if name == "empty" else 1))
             info = tarfile.TarInfo(name)
             info.size = len(data)
@@ -59,15 +62,15 @@ def test_nested_span(tmp_path):
     outer = tmp_path / "outer.tar"
     with tarfile.open(outer, "w") as tar:
         tar.add(inner, arcname="n01.tar")
-        member = tar.getmember("n01.tar")
     fd = os.open(outer, os.O_RDONLY)
     try:
-        (name, offset, size), = scan_tar(fd)
+        ((name, offset, size),) = scan_tar(fd)
         assert name == "n01.tar"
         nested = list(scan_tar(fd, offset, offset + size))
         with tarfile.open(inner) as tar:
             assert [(n, o - offset, s) for n, o, s in nested] == [
-                (m.name, m.offset_data, m.size) for m in tar.getmembers() if m.isfile()]
+                (m.name, m.offset_data, m.size) for m in tar.getmembers() if m.isfile()
+            ]
     finally:
         os.close(fd)
 
@@ -94,6 +97,7 @@ def test_damage_is_refused(tmp_path):
 
 # ----------------------------------------------------------------- every member type tarfile reads
 
+
 def _tarfile_files(path):
     with tarfile.open(path) as tar:
         members = tar.getmembers()
@@ -107,8 +111,10 @@ def _scanned(path):
         members = list(scan_members(fd))
     finally:
         os.close(fd)
-    return ([(m.name, m.offset, m.size) for m in members if not m.sparse],
-            sorted(m.name for m in members if m.sparse))
+    return (
+        [(m.name, m.offset, m.size) for m in members if not m.sparse],
+        sorted(m.name for m in members if m.sparse),
+    )
 
 
 def _info(name, kind=tarfile.REGTYPE, size=0, linkname=""):
@@ -121,13 +127,20 @@ def test_every_member_type_matches_tarfile(tmp_path):
     path = tmp_path / "types.tar"
     with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
         tar.addfile(_info("plain.JPEG", size=10), io.BytesIO(os.urandom(10)))
-        tar.addfile(_info("link-with-a-long-target", tarfile.SYMTYPE, linkname="t/" * 80 + "plain.JPEG"))  # 'K'
+        # 'K'
+        tar.addfile(
+            _info("link-with-a-long-target", tarfile.SYMTYPE, linkname="t/" * 80 + "plain.JPEG")
+        )
         tar.addfile(_info("hard", tarfile.LNKTYPE, linkname="plain.JPEG"))
         tar.addfile(_info("fifo", tarfile.FIFOTYPE))
         tar.addfile(_info("dev", tarfile.CHRTYPE))
-        tar.addfile(_info("v7dir/", tarfile.AREGTYPE))  # a V7 directory: AREGTYPE and a trailing slash
-        tar.addfile(_info("contiguous.JPEG", tarfile.CONTTYPE, size=700), io.BytesIO(os.urandom(700)))
-        tar.addfile(_info("volume-label", b"V", size=600), io.BytesIO(os.urandom(600)))  # unknown: skipped
+        # a V7 directory: AREGTYPE and a trailing slash
+        tar.addfile(_info("v7dir/", tarfile.AREGTYPE))
+        tar.addfile(
+            _info("contiguous.JPEG", tarfile.CONTTYPE, size=700), io.BytesIO(os.urandom(700))
+        )
+        # unknown: skipped
+        tar.addfile(_info("volume-label", b"V", size=600), io.BytesIO(os.urandom(600)))
         tar.addfile(_info("last.JPEG", size=5), io.BytesIO(b"12345"))
     assert _scanned(path) == _tarfile_files(path)
     assert [n for n, _, _ in _scanned(path)[0]] == ["plain.JPEG", "contiguous.JPEG", "last.JPEG"]
@@ -135,21 +148,25 @@ def test_every_member_type_matches_tarfile(tmp_path):
 
 def test_pax_global_and_solaris_headers_match_tarfile(tmp_path):
     path = tmp_path / "pax.tar"
-    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT, pax_headers={"comment": "global"}) as tar:
+    with tarfile.open(
+        path, "w", format=tarfile.PAX_FORMAT, pax_headers={"comment": "global"}
+    ) as tar:
         for name in ("a.JPEG", "ü" * 120 + ".JPEG", "b.JPEG"):
             tar.addfile(_info(name, size=3), io.BytesIO(b"abc"))
     blob = bytearray(path.read_bytes())
     at = blob.index(b"x", 156) // 512 * 512  # the first extended ('x') header: make it Solaris' 'X'
-    assert blob[at + 156:at + 157] == b"x"
+    assert blob[at + 156 : at + 157] == b"x"
     blob[at + 156] = ord("X")
-    blob[at + 148:at + 156] = b" " * 8
-    blob[at + 148:at + 156] = b"%06o\0 " % sum(blob[at:at + 512])
+    blob[at + 148 : at + 156] = b" " * 8
+    blob[at + 148 : at + 156] = b"%06o\0 " % sum(blob[at : at + 512])
     path.write_bytes(bytes(blob))
     assert _scanned(path) == _tarfile_files(path) and len(_scanned(path)[0]) == 3
 
 
 @pytest.mark.skipif(shutil.which("tar") is None, reason="needs GNU tar to write sparse members")
-@pytest.mark.parametrize("options", [["--format=gnu"], ["--format=pax"], ["--format=pax", "--sparse-version=0.1"]])
+@pytest.mark.parametrize(
+    "options", [["--format=gnu"], ["--format=pax"], ["--format=pax", "--sparse-version=0.1"]]
+)
 def test_sparse_members_are_reported_and_the_walk_stays_in_step(tmp_path, options):
     holes = tmp_path / "holes.bin"
     with open(holes, "wb") as f:
@@ -158,8 +175,20 @@ def test_sparse_members_are_reported_and_the_walk_stays_in_step(tmp_path, option
         f.write(b"data")
     (tmp_path / "after.JPEG").write_bytes(b"after")
     path = tmp_path / "sparse.tar"
-    subprocess.run(["tar", "--sparse", *options, "-cf", str(path), "-C", str(tmp_path), "holes.bin", "after.JPEG"],
-                   check=True)
+    subprocess.run(
+        [
+            "tar",
+            "--sparse",
+            *options,
+            "-cf",
+            str(path),
+            "-C",
+            str(tmp_path),
+            "holes.bin",
+            "after.JPEG",
+        ],
+        check=True,
+    )
     plain, sparse = _scanned(path)
     assert (plain, len(sparse)) == (_tarfile_files(path)[0], 1)
     assert [n for n, _, _ in plain] == ["after.JPEG"]
@@ -167,9 +196,10 @@ def test_sparse_members_are_reported_and_the_walk_stays_in_step(tmp_path, option
 
 # ----------------------------------------------------------------- damage: one clear error, fast
 
+
 def _block(name: bytes, size: int, kind: bytes, size_field: bytes | None = None) -> bytes:
     header = bytearray(512)
-    header[:len(name)] = name
+    header[: len(name)] = name
     header[100:108] = b"0000644\0"
     header[124:136] = size_field if size_field is not None else b"%011o\0" % size
     header[136:148] = b"%011o\0" % 0
@@ -188,21 +218,28 @@ def _pax_then_file(records: bytes) -> bytes:
     return _member(b"PaxHeader", records, b"x") + _member(b"a.JPEG", b"x" * 100) + bytes(1024)
 
 
-@pytest.mark.parametrize("archive, message", [
-    (_pax_then_file(b"0 path=x\n"), "bad pax record"),  # a length of 0 made the old scanner loop forever
-    (_pax_then_file(b"abc path=x\n" + b"9" * 20), "bad pax record|not followed"),
-    (_pax_then_file(b"99 path=x\n"), "bad pax record"),  # runs past the header's data
-    (_pax_then_file(b"21 size=999999999999\n"), "runs past the end"),
-    (_pax_then_file(b"13 size=12ab\n"), "bad pax size"),
-    (_member(b"PaxHeader", b"", b"x")[:124] + b"77777777777\0" + bytes(388) + bytes(1024), "checksum|claims"),
-    (_block(b"big", 0, b"x", b"\x80" + b"\x00" * 4 + b"\x7f" * 7) + bytes(1024), "claims"),
-    (_block(b"neg", 0, b"0", b"\xff" * 12) + bytes(1024), "negative size"),
-    (_block(b"bad", 0, b"0", b"12x4\0       ") + bytes(1024), "bad size field"),
-    (_member(b"././@LongLink", b"name.JPEG", b"L") + bytes(1024), "not followed by a member"),
-    (_member(b"././@LongLink", b"name.JPEG", b"L"), "not followed by a member"),
-    (_member(b"a.JPEG", b"x" * 2000)[:1500], "runs past the end"),
-    (_member(b"a.JPEG", b"x" * 10) + b"\x01" * 300, "truncated"),
-])
+@pytest.mark.parametrize(
+    "archive, message",
+    [
+        # a length of 0 made the old scanner loop forever
+        (_pax_then_file(b"0 path=x\n"), "bad pax record"),
+        (_pax_then_file(b"abc path=x\n" + b"9" * 20), "bad pax record|not followed"),
+        (_pax_then_file(b"99 path=x\n"), "bad pax record"),  # runs past the header's data
+        (_pax_then_file(b"21 size=999999999999\n"), "runs past the end"),
+        (_pax_then_file(b"13 size=12ab\n"), "bad pax size"),
+        (
+            _member(b"PaxHeader", b"", b"x")[:124] + b"77777777777\0" + bytes(388) + bytes(1024),
+            "checksum|claims",
+        ),
+        (_block(b"big", 0, b"x", b"\x80" + b"\x00" * 4 + b"\x7f" * 7) + bytes(1024), "claims"),
+        (_block(b"neg", 0, b"0", b"\xff" * 12) + bytes(1024), "negative size"),
+        (_block(b"bad", 0, b"0", b"12x4\0       ") + bytes(1024), "bad size field"),
+        (_member(b"././@LongLink", b"name.JPEG", b"L") + bytes(1024), "not followed by a member"),
+        (_member(b"././@LongLink", b"name.JPEG", b"L"), "not followed by a member"),
+        (_member(b"a.JPEG", b"x" * 2000)[:1500], "runs past the end"),
+        (_member(b"a.JPEG", b"x" * 10) + b"\x01" * 300, "truncated"),
+    ],
+)
 def test_malformed_headers_are_damage_not_hangs_or_tracebacks(tmp_path, archive, message):
     path = tmp_path / "bad.tar"
     path.write_bytes(archive)
@@ -218,7 +255,13 @@ def test_pax_size_override_is_applied(tmp_path):
     path = tmp_path / "pax-size.tar"
     payload = b"y" * 1500
     header = _block(b"a.JPEG", 0, b"0")  # the ustar size says 0; pax says 1500
-    path.write_bytes(_member(b"PaxHeader", b"13 size=1500\n", b"x") + header + payload + bytes(-1500 % 512)
-                     + _member(b"b.JPEG", b"zz") + bytes(1024))
+    path.write_bytes(
+        _member(b"PaxHeader", b"13 size=1500\n", b"x")
+        + header
+        + payload
+        + bytes(-1500 % 512)
+        + _member(b"b.JPEG", b"zz")
+        + bytes(1024)
+    )
     assert _scanned(path) == _tarfile_files(path)
     assert [(n, s) for n, _, s in _scanned(path)[0]] == [("a.JPEG", 1500), ("b.JPEG", 2)]

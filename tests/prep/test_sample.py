@@ -1,4 +1,5 @@
-"""prep.sample: the procedural dataset must look exactly like ILSVRC2012's archives, quirks included."""
+"""prep.sample.archives: the procedural dataset looks exactly like ILSVRC2012's archives, quirks
+included."""
 
 import gzip
 import io
@@ -10,16 +11,26 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from prep.sample import DEVKIT_DIR, class_words, write_sample
+from prep.sample.archives import DEVKIT_DIR, class_words, write_sample
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-REAL_META_FIELDS = ("ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children",
-                    "wordnet_height", "num_train_images")
+REAL_META_FIELDS = (
+    "ILSVRC2012_ID",
+    "WNID",
+    "words",
+    "gloss",
+    "num_children",
+    "children",
+    "wordnet_height",
+    "num_train_images",
+)
 
 
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory):
-    return write_sample(tmp_path_factory.mktemp("sample"), num_classes=4, train_per_class=5, val_per_class=3)
+    return write_sample(
+        tmp_path_factory.mktemp("sample"), num_classes=4, train_per_class=5, val_per_class=3
+    )
 
 
 def read_train(info) -> dict[str, dict[str, bytes]]:
@@ -28,7 +39,9 @@ def read_train(info) -> dict[str, dict[str, bytes]]:
     with tarfile.open(info.train_tar_path) as outer:
         for class_member in outer.getmembers():
             with tarfile.open(fileobj=outer.extractfile(class_member)) as inner:
-                classes[class_member.name] = {m.name: inner.extractfile(m).read() for m in inner.getmembers()}
+                classes[class_member.name] = {
+                    m.name: inner.extractfile(m).read() for m in inner.getmembers()
+                }
     return classes
 
 
@@ -40,8 +53,14 @@ def read_val(info) -> dict[str, bytes]:
 def read_devkit(info) -> tuple[np.ndarray, list[int]]:
     """(synsets as loadmat squeezes them, ground-truth ILSVRC2012_IDs in val order)."""
     with tarfile.open(info.devkit_path) as tar:
-        synsets = scipy.io.loadmat(tar.extractfile(f"{DEVKIT_DIR}/data/meta.mat"), squeeze_me=True)["synsets"]
-        text = tar.extractfile(f"{DEVKIT_DIR}/data/ILSVRC2012_validation_ground_truth.txt").read().decode()
+        synsets = scipy.io.loadmat(tar.extractfile(f"{DEVKIT_DIR}/data/meta.mat"), squeeze_me=True)[
+            "synsets"
+        ]
+        text = (
+            tar.extractfile(f"{DEVKIT_DIR}/data/ILSVRC2012_validation_ground_truth.txt")
+            .read()
+            .decode()
+        )
     return synsets, [int(line) for line in text.splitlines()]
 
 
@@ -65,7 +84,10 @@ def test_train_tar_is_a_tar_of_flat_class_tars(sample):
 
 def test_val_tar_is_flat_and_numbered_from_one(sample):
     names = list(read_val(sample))
-    assert names == [f"ILSVRC2012_val_{i:08d}.JPEG" for i in range(1, sample.num_classes * sample.val_per_class + 1)]
+    assert names == [
+        f"ILSVRC2012_val_{i:08d}.JPEG"
+        for i in range(1, sample.num_classes * sample.val_per_class + 1)
+    ]
     assert len(sample.val_labels) == len(names)
     assert sorted(np.bincount(sample.val_labels)) == [sample.val_per_class] * sample.num_classes
     assert list(sample.val_labels) != sorted(sample.val_labels), "val classes must be interleaved"
@@ -75,7 +97,9 @@ def test_val_ground_truth_maps_through_meta_mat_to_each_image_class(sample):
     synsets, ground_truth = read_devkit(sample)
     id_to_wnid = leaf_id_to_wnid(synsets)
     assert len(ground_truth) == len(sample.val_labels)
-    assert [id_to_wnid[i] for i in ground_truth] == [sample.wnids[label] for label in sample.val_labels]
+    assert [id_to_wnid[i] for i in ground_truth] == [
+        sample.wnids[label] for label in sample.val_labels
+    ]
 
 
 def test_devkit_ids_are_a_permutation_that_is_not_sorted_wnid_order(sample):
@@ -118,7 +142,9 @@ def test_torchvision_parses_the_devkit(sample, tmp_path, monkeypatch):
 
 
 def test_quirk_files_are_what_their_names_say(sample):
-    train = {name: data for members in read_train(sample).values() for name, data in members.items()}
+    train = {
+        name: data for members in read_train(sample).values() for name, data in members.items()
+    }
     val = read_val(sample)
     assert Image.open(io.BytesIO(train[sample.gray_train_name])).mode == "L"
     assert Image.open(io.BytesIO(train[sample.cmyk_train_name])).mode == "CMYK"
@@ -126,7 +152,12 @@ def test_quirk_files_are_what_their_names_say(sample):
     assert sample.png_train_name.endswith(".JPEG") and png.startswith(PNG_MAGIC)
     assert Image.open(io.BytesIO(png)).format == "PNG"
     assert Image.open(io.BytesIO(val[sample.gray_val_name])).mode == "L"
-    quirks = {sample.gray_train_name, sample.cmyk_train_name, sample.png_train_name, sample.gray_val_name}
+    quirks = {
+        sample.gray_train_name,
+        sample.cmyk_train_name,
+        sample.png_train_name,
+        sample.gray_val_name,
+    }
     for name, data in {**train, **val}.items():
         if name not in quirks:
             image = Image.open(io.BytesIO(data))
@@ -134,7 +165,9 @@ def test_quirk_files_are_what_their_names_say(sample):
 
 
 def test_sizes_include_landscape_portrait_large_and_tiny(sample):
-    datas = [d for members in read_train(sample).values() for d in members.values()] + list(read_val(sample).values())
+    datas = [d for members in read_train(sample).values() for d in members.values()] + list(
+        read_val(sample).values()
+    )
     sizes = [Image.open(io.BytesIO(d)).size for d in datas]  # (width, height)
     assert sum(w > h for w, h in sizes) > len(sizes) / 2
     assert any(h > w for w, h in sizes)
@@ -146,11 +179,17 @@ def test_val_images_look_like_train_images_of_their_class(sample):
     """Nearest class colour (chromaticity, so brightness jitter cancels) must recover the labels."""
 
     def chroma(data: bytes) -> np.ndarray:
-        rgb = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), np.float64).reshape(-1, 3).mean(0)
+        rgb = (
+            np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), np.float64)
+            .reshape(-1, 3)
+            .mean(0)
+        )
         return rgb / rgb.sum()
 
     train = read_train(sample)
-    centroids = np.stack([np.mean([chroma(d) for d in train[f"{w}.tar"].values()], 0) for w in sample.wnids])
+    centroids = np.stack(
+        [np.mean([chroma(d) for d in train[f"{w}.tar"].values()], 0) for w in sample.wnids]
+    )
     val = read_val(sample)
     correct = [
         np.argmin(np.linalg.norm(centroids - chroma(data), axis=1)) == label
@@ -177,7 +216,11 @@ def test_archives_carry_no_clock_or_owner(tmp_path):
     info = write_sample(tmp_path, num_classes=2, train_per_class=2, val_per_class=1)
     gz = info.devkit_path.read_bytes()
     assert gz[4:8] == bytes(4) and not gz[3] & 0x08  # gzip mtime 0, no file name
-    tar_files = [info.train_tar_path.open("rb"), info.val_tar_path.open("rb"), gzip.open(info.devkit_path)]
+    tar_files = [
+        info.train_tar_path.open("rb"),
+        info.val_tar_path.open("rb"),
+        gzip.open(info.devkit_path),
+    ]
     with tarfile.open(info.train_tar_path) as outer:
         tar_files += [io.BytesIO(outer.extractfile(m).read()) for m in outer.getmembers()]
     headers = set()
@@ -193,7 +236,10 @@ def test_creates_out_dir_and_leaves_no_temp_files(tmp_path):
     out_dir = tmp_path / "nested" / "sample"
     write_sample(out_dir, num_classes=2, train_per_class=2, val_per_class=1)
     assert sorted(p.name for p in out_dir.iterdir()) == [
-        "ILSVRC2012_devkit_t12.tar.gz", "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"]
+        "ILSVRC2012_devkit_t12.tar.gz",
+        "ILSVRC2012_img_train.tar",
+        "ILSVRC2012_img_val.tar",
+    ]
 
 
 def test_rejects_counts_that_cannot_hold_the_quirks(tmp_path):
@@ -213,7 +259,10 @@ def test_more_classes_than_imagenette_still_map_through_the_devkit(tmp_path):
 
 
 def test_class_words_use_imagenette_then_plausible_made_up_synsets():
-    assert class_words(2) == [("n01440764", "tench, Tinca tinca"), ("n02102040", "English springer, English springer spaniel")]
+    assert class_words(2) == [
+        ("n01440764", "tench, Tinca tinca"),
+        ("n02102040", "English springer, English springer spaniel"),
+    ]
     many = class_words(120)
     wnids = [wnid for wnid, _ in many]
     assert wnids == sorted(set(wnids)) and len(wnids) == 120

@@ -1,5 +1,6 @@
 """Issue-10 bench machinery without the peers' venv: the decode-only floors, the window protocol,
 and the one-line skip of FFCV/DALI rows when their venv is missing. Tiny data, seconds."""
+
 from __future__ import annotations
 
 import importlib
@@ -11,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from train.decode import native_module
 from tests.conftest import jpeg_bytes
 from tests.loader_shards import dataset_dir
+from train.decode import native_module
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "bench"
 if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))  # as the bench scripts do for their siblings
@@ -24,7 +25,9 @@ decode_floor = importlib.import_module("decode_floor")
 window_server = importlib.import_module("window_server")
 peer_servers = importlib.import_module("peer_servers")
 
-needs_native = pytest.mark.skipif(native_module() is None, reason="train.decode_native is not built")
+needs_native = pytest.mark.skipif(
+    native_module() is None, reason="train.decode_native is not built"
+)
 
 
 @needs_native
@@ -39,7 +42,11 @@ def test_decode_floor_decodes_every_record_at_the_loaders_scale(built_shards, ki
     assert "1/1" in decode_floor.scale_shares(jobs) and len(decode_floor.scale_shares(jobs)) > 1
     for threads in (1, 2):
         result = decode_floor.time_floor(jobs, 2 * len(jobs), kind, threads)
-        assert result["images"] == 2 * len(jobs) and result["seconds"] > 0 and result["workers"] == threads
+        assert (
+            result["images"] == 2 * len(jobs)
+            and result["seconds"] > 0
+            and result["workers"] == threads
+        )
 
 
 @needs_native
@@ -49,8 +56,15 @@ def test_decode_only_reports_a_corrupt_record(built_shards):
 
     data = jpeg_bytes(64, 64, seed=2)
     for region in (True, False):
-        failure = decode_only([data, data[: len(data) // 2]], np.array([64, 64]), np.array([64, 64]),
-                              np.array([[0, 0, 64, 64]] * 2), 32, 32, region)
+        failure = decode_only(
+            [data, data[: len(data) // 2]],
+            np.array([64, 64]),
+            np.array([64, 64]),
+            np.array([[0, 0, 64, 64]] * 2),
+            32,
+            32,
+            region,
+        )
         assert failure is not None and failure[0] == 1
 
 
@@ -86,7 +100,8 @@ def test_peer_rows_are_skipped_with_one_line_without_their_venv(tmp_path):
 
     rows = peer_servers.peer_baselines(Args(), tmp_path, tmp_path)
     assert {(group, key) for group, key, _, _ in rows} == {
-        (g, k) for g in ("train128", "train224") for k in ("ffcv", "ffcv-contiguous", "dali")}
+        (g, k) for g in ("train128", "train224") for k in ("ffcv", "ffcv-contiguous", "dali")
+    }
     for _, _, _, thunk in rows:
         message = thunk()
         assert message.startswith("skipped: no peer venv") and "setup_peers.sh" in message
@@ -97,5 +112,7 @@ def test_peer_runner_is_self_contained():
     source = (BENCH / "peers_runner.py").read_text() + (BENCH / "window_server.py").read_text()
     for ours in ("formats", "train", "prep", "decode_floor", "loader_baselines"):
         assert f"import {ours}" not in source and f"from {ours}" not in source
-    done = subprocess.run([sys.executable, str(BENCH / "peers_runner.py"), "--help"], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "peers_runner.py"), "--help"], capture_output=True, text=True
+    )
     assert done.returncode == 0 and "write-ffcv" in done.stdout

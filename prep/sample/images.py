@@ -23,8 +23,16 @@ TEXTURES = ("stripes", "checks", "dots", "rings", "waves", "zigzag", "hatch")
 # (texture, angle in degrees; None = diagonal, sign drawn per image) for the first ten classes:
 # every pair differs in texture or in a flip-proof orientation, so grayscale crops stay separable.
 DESIGNED_STYLES = (
-    ("stripes", 0.0), ("stripes", 90.0), ("checks", 0.0), ("dots", 0.0), ("rings", 0.0),
-    ("stripes", None), ("checks", None), ("waves", 0.0), ("hatch", 0.0), ("zigzag", 90.0),
+    ("stripes", 0.0),
+    ("stripes", 90.0),
+    ("checks", 0.0),
+    ("dots", 0.0),
+    ("rings", 0.0),
+    ("stripes", None),
+    ("checks", None),
+    ("waves", 0.0),
+    ("hatch", 0.0),
+    ("zigzag", 90.0),
 )
 # (height, width) of ordinary images and their weights: mostly 500 px landscape, as ImageNet.
 COMMON_SHAPES = ((375, 500), (333, 500), (500, 375), (500, 333), (500, 500), (281, 500), (400, 500))
@@ -58,7 +66,9 @@ def class_style(class_index: int, num_classes: int) -> ClassStyle:
         angle_deg = (0.0, 90.0, None)[(class_index // len(TEXTURES)) % 3]
     hue = class_index / max(num_classes, 1)
     periods = (9.0, 14.0, 20.0)[class_index % 3]
-    return ClassStyle(texture, angle_deg, periods, _hsv255(hue + 0.07, 0.45, 0.35), _hsv255(hue, 0.8, 0.92))
+    return ClassStyle(
+        texture, angle_deg, periods, _hsv255(hue + 0.07, 0.45, 0.35), _hsv255(hue, 0.8, 0.92)
+    )
 
 
 def draw_shape(rng: np.random.Generator, *, force: str | None = None) -> tuple[int, int]:
@@ -83,7 +93,9 @@ def _soft_square(wave: np.ndarray, sharpness: float) -> np.ndarray:
     return np.clip(0.5 + sharpness * wave, 0.0, 1.0)
 
 
-def _texture_mask(style: ClassStyle, t: np.ndarray, u: np.ndarray, r: np.ndarray | None, sharpness: float) -> np.ndarray:
+def _texture_mask(
+    style: ClassStyle, t: np.ndarray, u: np.ndarray, r: np.ndarray | None, sharpness: float
+) -> np.ndarray:
     """Mask in [0, 1]; t, u are rotated coordinates and r a radius, all in texture periods."""
     two_pi = np.float32(2 * np.pi)
     if style.texture == "stripes":
@@ -108,7 +120,9 @@ def _texture_mask(style: ClassStyle, t: np.ndarray, u: np.ndarray, r: np.ndarray
 def _noise_bank() -> np.ndarray:
     """Fixed Gaussian noise that images take random windows of: drawing fresh noise per image
     would cost more than all the rest of the synthesis."""
-    return np.random.default_rng(0).standard_normal((NOISE_BANK_SIDE, NOISE_BANK_SIDE), dtype=np.float32)
+    return np.random.default_rng(0).standard_normal(
+        (NOISE_BANK_SIDE, NOISE_BANK_SIDE), dtype=np.float32
+    )
 
 
 def _noise_window(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
@@ -132,7 +146,9 @@ def render_image(style: ClassStyle, shape: tuple[int, int], rng: np.random.Gener
     angle = 45.0 * rng.choice([-1.0, 1.0]) if style.angle_deg is None else style.angle_deg
     theta = np.deg2rad(angle + rng.uniform(-8.0, 8.0))
     cos, sin = np.float32(np.cos(theta)), np.float32(np.sin(theta))
-    phase_t, phase_u, centre_x, centre_y = rng.uniform(-0.5, 0.5, size=4).astype(np.float32) * periods
+    phase_t, phase_u, centre_x, centre_y = (
+        rng.uniform(-0.5, 0.5, size=4).astype(np.float32) * periods
+    )
     sharpness = float(rng.uniform(1.5, 4.0))
     colour_jitter = rng.normal(0.0, 8.0, size=3)
     bg = [np.float32(c + j) for c, j in zip(style.bg_rgb, colour_jitter)]
@@ -152,7 +168,11 @@ def render_image(style: ClassStyle, shape: tuple[int, int], rng: np.random.Gener
     rows = max(1, BAND_PIXELS // width)
     for y0 in range(0, height, rows):
         band = slice(y0, y0 + rows)
-        r = np.sqrt((x - centre_x) ** 2 + (y[band] - centre_y) ** 2) if style.texture == "rings" else None
+        r = (
+            np.sqrt((x - centre_x) ** 2 + (y[band] - centre_y) ** 2)
+            if style.texture == "rings"
+            else None
+        )
         mask = _texture_mask(style, t_x + t_y[band], u_x + u_y[band], r, sharpness)
         light = (light_x + light_y[band]) * (1.0 + noise[band])
         lit_mask = mask * light
@@ -179,7 +199,7 @@ def _paint_distractor(image: np.ndarray, rng: np.random.Generator) -> None:
 
 
 def encode_image(rgb: np.ndarray, kind: str = "rgb") -> bytes:
-    """File bytes of an image: "rgb", "gray" or "cmyk" JPEG, or "png" (the .JPEG-named PNG quirk)."""
+    """File bytes: "rgb", "gray" or "cmyk" JPEG, or "png" (the .JPEG-named PNG quirk)."""
     image = Image.fromarray(rgb, "RGB")
     buffer = io.BytesIO()
     if kind == "png":

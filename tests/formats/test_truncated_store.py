@@ -1,5 +1,6 @@
 """A truncated data.mdb is one clear line from `prep verify` and from the readers train uses,
 never a SIGBUS (mapping it and touching a page past the end of the file kills the process)."""
+
 from __future__ import annotations
 
 import os
@@ -9,14 +10,14 @@ import sys
 
 import pytest
 
+from formats import DatasetError
 from formats.dataset import RecordDataset
-from formats.errors import DatasetError
 from formats.lmdb_store import check_data_file
 
 READ_ALL = """
 import sys
 from formats.dataset import RecordDataset
-from formats.errors import DatasetError
+from formats import DatasetError
 try:
     dataset = RecordDataset(sys.argv[1])
     print(sum(len(dataset.view(i)) for i in range(len(dataset))))
@@ -35,15 +36,27 @@ def _truncated_copy(built_shards, tmp_path, keep) -> "os.PathLike":
     return copy
 
 
-@pytest.mark.parametrize("keep", [lambda n: n - 4096, lambda n: n // 2, lambda n: 8192 + 100, lambda n: 100])
+@pytest.mark.parametrize(
+    "keep", [lambda n: n - 4096, lambda n: n // 2, lambda n: 8192 + 100, lambda n: 100]
+)
 def test_verify_and_readers_say_truncated_in_one_line(built_shards, tmp_path, keep):
     dataset = _truncated_copy(built_shards, tmp_path, keep)
-    verify = subprocess.run([sys.executable, "-m", "prep.cli", "verify", str(dataset), "-q"],
-                            capture_output=True, text=True, timeout=120)
+    verify = subprocess.run(
+        [sys.executable, "-m", "prep.cli", "verify", str(dataset), "-q"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert verify.returncode == 1, (verify.returncode, verify.stderr)  # SIGBUS would be -7
-    assert "Traceback" not in verify.stderr and "data.mdb" in verify.stdout and "FAULT" in verify.stdout
+    assert (
+        "Traceback" not in verify.stderr
+        and "data.mdb" in verify.stdout
+        and "FAULT" in verify.stdout
+    )
     assert "truncated" in verify.stdout
-    read = subprocess.run([sys.executable, "-c", READ_ALL, str(dataset)], capture_output=True, text=True, timeout=120)
+    read = subprocess.run(
+        [sys.executable, "-c", READ_ALL, str(dataset)], capture_output=True, text=True, timeout=120
+    )
     assert read.returncode == 1, (read.returncode, read.stderr)
     assert read.stderr.startswith("DatasetError: ") and "truncated" in read.stderr
     assert len(read.stderr.strip().splitlines()) == 1
@@ -75,7 +88,9 @@ def test_resume_over_a_truncated_partial_store_says_overwrite(sample_src, tmp_pa
         return original(self, index, label, jpeg)
 
     monkeypatch.setattr(LmdbWriter, "append", append_until_full)
-    config = BuildConfig(src, tmp_path, "train", (64,), "lmdb", workers=0, quiet=True, commit_every=2)
+    config = BuildConfig(
+        src, tmp_path, "train", (64,), "lmdb", workers=0, quiet=True, commit_every=2
+    )
     with pytest.raises(BuildError, match="No space left"):
         build(config)
     monkeypatch.setattr(LmdbWriter, "append", original)

@@ -1,5 +1,6 @@
 """Concurrent and interrupted builds: one writer per output (a second build refuses, naming the
 holder), workers never outlive the main process, SIGTERM is one line and resumable."""
+
 from __future__ import annotations
 
 import os
@@ -29,13 +30,28 @@ def slow_src(tmp_path_factory):
 
 
 def _command(src, out, workers=2):
-    return PREP + ["build-msgpack", "--src", str(src), "--out", str(out), "--size", "160", "--size", "96",
-                   "--workers", str(workers), "--commit-every", "4", "-q"]
+    return PREP + [
+        "build-msgpack",
+        "--src",
+        str(src),
+        "--out",
+        str(out),
+        "--size",
+        "160",
+        "--size",
+        "96",
+        "--workers",
+        str(workers),
+        "--commit-every",
+        "4",
+        "-q",
+    ]
 
 
 def _start(command):
-    return subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    return subprocess.Popen(
+        command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def _children(process) -> list[psutil.Process]:
@@ -66,19 +82,29 @@ time.sleep(600)
 
 
 def test_a_second_build_of_the_same_output_refuses_naming_the_holder(slow_src, tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(lock_path(tmp_path, "train-96"))],
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(lock_path(tmp_path, "train-96"))],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline() == "locked\n"
-        refused = subprocess.run(_command(slow_src, tmp_path), capture_output=True, text=True, timeout=60)
+        refused = subprocess.run(
+            _command(slow_src, tmp_path), capture_output=True, text=True, timeout=60
+        )
         lines = refused.stderr.strip().splitlines()
         assert refused.returncode == 1 and len(lines) == 1, refused.stderr
-        assert lines[0].startswith("prep: error: ") and f"train-96 is being built by PID {holder.pid}" in lines[0]
+        assert (
+            lines[0].startswith("prep: error: ")
+            and f"train-96 is being built by PID {holder.pid}" in lines[0]
+        )
         assert not (tmp_path / ".train-160.partial").exists()  # refused before touching anything
     finally:
         holder.kill()  # SIGKILL: the kernel releases its lock
         holder.wait()
-    built = subprocess.run(_command(slow_src, tmp_path), capture_output=True, text=True, timeout=120)
+    built = subprocess.run(
+        _command(slow_src, tmp_path), capture_output=True, text=True, timeout=120
+    )
     assert built.returncode == 0, built.stderr
     for size in (160, 96):
         assert verify(tmp_path / f"train-{size}", workers=1, quiet=True).ok
@@ -113,7 +139,9 @@ def test_sigterm_is_one_line_exit_143_and_resumable(slow_src, tmp_path, whole_gr
     finally:
         _assert_gone_within(workers, 5)
     assert process.returncode == 143
-    assert stderr.strip().splitlines() == ["prep: error: terminated (SIGTERM); rerun the same command to resume"]
+    assert stderr.strip().splitlines() == [
+        "prep: error: terminated (SIGTERM); rerun the same command to resume"
+    ]
     resumed = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert resumed.returncode == 0 and "resumed after" in resumed.stdout, resumed.stderr
     assert read_manifest(tmp_path / "train-96").count == 180
@@ -124,7 +152,12 @@ def test_a_held_lock_refuses_in_process(sample_src, tmp_path):
     with locked([(lock_path(tmp_path, "val-64"), "val-64")]):
         with pytest.raises(LockedError, match=f"PID {os.getpid()}"):
             build(BuildConfig(src, tmp_path, "val", (64,), "lmdb", workers=0, quiet=True))
-    assert build(BuildConfig(src, tmp_path, "val", (64,), "lmdb", workers=0, quiet=True)).manifests[64].count == 12
+    assert (
+        build(BuildConfig(src, tmp_path, "val", (64,), "lmdb", workers=0, quiet=True))
+        .manifests[64]
+        .count
+        == 12
+    )
 
 
 def test_two_builds_started_together_never_corrupt_the_output(slow_src, tmp_path):
@@ -134,7 +167,9 @@ def test_two_builds_started_together_never_corrupt_the_output(slow_src, tmp_path
     results = [p.communicate(timeout=120) + (p.returncode,) for p in (first, second)]
     assert sorted(code for _, _, code in results) in ([0, 0], [0, 1])
     for stdout, stderr, code in results:
-        assert code == 0 or (len(stderr.strip().splitlines()) == 1 and "is being built by PID" in stderr)
+        assert code == 0 or (
+            len(stderr.strip().splitlines()) == 1 and "is being built by PID" in stderr
+        )
     for size in (160, 96):
         report = verify(tmp_path / f"train-{size}", workers=1, quiet=True)
         assert report.ok and report.records_checked == 180

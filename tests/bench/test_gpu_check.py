@@ -2,6 +2,7 @@
 gets does not fail on a renamed flag or a moved file: its `train run` flags against the CLI
 (fast), and the script itself at tiny size through inputs, the SIGKILL + resume check and the
 final table (slow: three trainer processes)."""
+
 from __future__ import annotations
 
 import importlib
@@ -15,7 +16,7 @@ import typer
 
 from train.cli import app
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "bench"
 if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))  # as bench/gpu_check.py itself does for its siblings
@@ -43,14 +44,29 @@ def test_every_flag_the_check_passes_exists_on_train_run(tmp_path: Path) -> None
 def test_gpu_check_tiny_resumes_bit_identically_and_prints_the_table(tmp_path: Path) -> None:
     out = tmp_path / "out"
     # the run-* rows are the same `train run` command as the resume check's (flags checked above)
-    result = subprocess.run([sys.executable, str(BENCH / "gpu_check.py"), "--tiny", "--out",
-                             str(out), "--skip", "tests,bench,runs"], cwd=REPO, capture_output=True,
-                            text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "gpu_check.py"),
+            "--tiny",
+            "--out",
+            str(out),
+            "--skip",
+            "tests,bench,runs",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     steps = {row["step"]: row for row in json.loads((out / "check.json").read_text())["steps"]}
     assert steps["inputs"]["status"] == "ok"
     assert not any(name.startswith("run-") for name in steps)  # skipped as asked
     # CPU: the killed + resumed run ends with exactly the uninterrupted run's weights
     assert steps["resume"]["status"] == "ok", steps["resume"]
-    assert "bit-identical: True" in steps["resume"]["detail"] and "epoch 0 step" in steps["resume"]["detail"]
+    assert (
+        "bit-identical: True" in steps["resume"]["detail"]
+        and "epoch 0 step" in steps["resume"]["detail"]
+    )
     assert "| resume | ok |" in result.stdout  # the table printed last

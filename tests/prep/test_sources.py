@@ -1,5 +1,6 @@
 """prep.sources: every raw layout yields the right (name, label) members in a fixed order; bad
 layouts fail with one clear message."""
+
 from __future__ import annotations
 
 import shutil
@@ -24,7 +25,7 @@ def test_train_tar_of_tars(sample_src):
     src, info = sample_src
     source = open_source(src, "train")
     assert source.layout == "train-tar" and source.classes == list(info.wnids)
-    assert [name.split(',')[0] for name in source.class_names] == list(info.class_names)
+    assert [name.split(",")[0] for name in source.class_names] == list(info.class_names)
     listed = members(source)
     assert len(listed) == info.num_classes * info.train_per_class
     for name, label in listed:  # member <wnid>_N.JPEG sits in <wnid>.tar: label = sorted position
@@ -39,7 +40,9 @@ def test_val_tar_labels_come_from_devkit_ids_not_sorted_order(sample_src):
     src, info = sample_src
     assert list(info.ilsvrc_ids) != sorted(info.ilsvrc_ids)  # the trap this guards against
     listed = members(open_source(src, "val"))
-    assert [name for name, _ in listed] == [f"ILSVRC2012_val_{i:08d}.JPEG" for i in range(1, len(listed) + 1)]
+    assert [name for name, _ in listed] == [
+        f"ILSVRC2012_val_{i:08d}.JPEG" for i in range(1, len(listed) + 1)
+    ]
     assert [label for _, label in listed] == list(info.val_labels)
 
 
@@ -56,15 +59,26 @@ def test_val_labels_from_kaggle_csv_and_plain_file(sample_src, tmp_path):
     shutil.copy(src / "ILSVRC2012_img_train.tar", tmp_path)  # classes come from train
     names = [f"ILSVRC2012_val_{i:08d}" for i in range(1, len(info.val_labels) + 1)]
     kaggle = tmp_path / "LOC_val_solution.csv"
-    kaggle.write_text("ImageId,PredictionString\n" + "".join(
-        f"{n},{info.wnids[label]} 1 2 3 4 {info.wnids[label]} 5 6 7 8\n" for n, label in zip(names, info.val_labels)))
+    kaggle.write_text(
+        "ImageId,PredictionString\n"
+        + "".join(
+            f"{n},{info.wnids[label]} 1 2 3 4 {info.wnids[label]} 5 6 7 8\n"
+            for n, label in zip(names, info.val_labels)
+        )
+    )
     assert [label for _, label in members(open_source(tmp_path, "val"))] == list(info.val_labels)
     kaggle.unlink()
     plain = tmp_path / "labels.txt"
     plain.write_text("".join(f"{n}.JPEG {label}\n" for n, label in zip(names, info.val_labels)))
-    assert [label for _, label in members(open_source(tmp_path, "val", plain))] == list(info.val_labels)
-    plain.write_text("".join(f"{n} {info.wnids[label]}\n" for n, label in zip(names, info.val_labels)))
-    assert [label for _, label in members(open_source(tmp_path, "val", plain))] == list(info.val_labels)
+    assert [label for _, label in members(open_source(tmp_path, "val", plain))] == list(
+        info.val_labels
+    )
+    plain.write_text(
+        "".join(f"{n} {info.wnids[label]}\n" for n, label in zip(names, info.val_labels))
+    )
+    assert [label for _, label in members(open_source(tmp_path, "val", plain))] == list(
+        info.val_labels
+    )
     plain.write_text("just-one-field\n")
     with pytest.raises(SourceError, match="expected `filename label`"):
         open_source(tmp_path, "val", plain)
@@ -79,7 +93,10 @@ def test_class_folders_for_both_splits(tmp_path):
                 (folder / f"{wnid}_{i}.JPEG").write_bytes(jpeg_bytes(40, 50, seed=i))
     (tmp_path / "train" / "n01000000" / ".hidden").write_bytes(b"x")
     train, val = open_source(tmp_path, "train"), open_source(tmp_path, "val")
-    assert train.layout == val.layout == "folders" and train.classes == val.classes == ["n01000000", "n02000000"]
+    assert train.layout == val.layout == "folders" and train.classes == val.classes == [
+        "n01000000",
+        "n02000000",
+    ]
     assert members(train)[:4] == [(".hidden", 0)] + [(f"n01000000_{i}.JPEG", 0) for i in range(3)]
     assert [m.skip_reason for m in train.members()][:2] == ["hidden file or folder: skipped", ""]
     assert len(members(val)) == 4 and members(val)[-1] == ("n02000000_1.JPEG", 1)
@@ -107,12 +124,15 @@ def test_unlabelled_val_member_is_marked(sample_src, tmp_path):
     assert members(source) == [("ILSVRC2012_val_00000001.JPEG", 1), ("stray.JPEG", NO_LABEL)]
 
 
-@pytest.mark.parametrize("layout, message", [
-    ("missing", "no such directory"),
-    ("empty", "no ImageNet train data"),
-    ("not-a-tar", "not a readable tar archive"),
-    ("flat-tar", "no per-class tars inside"),
-])
+@pytest.mark.parametrize(
+    "layout, message",
+    [
+        ("missing", "no such directory"),
+        ("empty", "no ImageNet train data"),
+        ("not-a-tar", "not a readable tar archive"),
+        ("flat-tar", "no per-class tars inside"),
+    ],
+)
 def test_bad_layouts_fail_clearly(tmp_path, layout, message):
     src = tmp_path / "src"
     if layout != "missing":
@@ -133,8 +153,10 @@ def test_unknown_split(sample_src):
 
 def test_members_stream_without_reading_skipped_data(tmp_path):
     """Skipping a member costs a header read only: its data is never read unless asked for."""
-    archive = write_train_tar(tmp_path / "ILSVRC2012_img_train.tar",
-                              {"n01000000": [(f"a{i}.JPEG", jpeg_bytes(30, 40, seed=i)) for i in range(5)]})
+    archive = write_train_tar(
+        tmp_path / "ILSVRC2012_img_train.tar",
+        {"n01000000": [(f"a{i}.JPEG", jpeg_bytes(30, 40, seed=i)) for i in range(5)]},
+    )
     source = open_source(tmp_path, "train")
     read = {m.name: m.read() for m in source.members() if m.name == "a3.JPEG"}
     assert read == {"a3.JPEG": jpeg_bytes(30, 40, seed=3)}

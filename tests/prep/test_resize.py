@@ -1,4 +1,5 @@
-"""prep.resize: odd inputs become RGB JPEGs at the right size; bad inputs are rejected with a reason."""
+"""prep.resize: odd inputs become RGB JPEGs at the right size; bad ones are rejected, saying why."""
+
 from __future__ import annotations
 
 import io
@@ -56,7 +57,9 @@ def test_png_named_jpeg_and_transparency_over_white():
 
 
 def test_palette_image():
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (120, 200, 3), np.uint8)).convert("P")
+    image = Image.fromarray(
+        np.random.default_rng(0).integers(0, 255, (120, 200, 3), np.uint8)
+    ).convert("P")
     out = io.BytesIO()
     image.save(out, "GIF")
     prepared = prepare_image(out.getvalue(), (100,), 90)
@@ -85,12 +88,15 @@ def test_quality_controls_size():
     assert len(low) < len(high)
 
 
-@pytest.mark.parametrize("data, reason", [
-    (b"", "empty file"),
-    (b"hello, not an image", "not an image"),
-    (b"\xff\xd8\xff" + b"\x00" * 40, "undecodable jpeg"),
-    (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "undecodable png"),
-])
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (b"", "empty file"),
+        (b"hello, not an image", "not an image"),
+        (b"\xff\xd8\xff" + b"\x00" * 40, "undecodable jpeg"),
+        (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "undecodable png"),
+    ],
+)
 def test_garbage_is_rejected_with_a_reason(data, reason):
     with pytest.raises(RejectedImage, match=reason):
         prepare_image(data, (160,), 90)

@@ -2,6 +2,7 @@
 stored size is kept byte for byte (unless --reencode); every converted input is listed in the
 manifest and the summary with what was done; a folder source of more files than the process may
 open builds cleanly; rejects and conversions are journalled, not rewritten at every commit."""
+
 from __future__ import annotations
 
 import io
@@ -22,14 +23,16 @@ from prep.build import BuildConfig, build
 from prep.cli import app
 from prep.resize import prepare_image
 from tests.conftest import jpeg_bytes
-from tests.test_build import dataset_bytes
+from tests.prep.test_build import dataset_bytes
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def progressive_jpeg(height: int, width: int) -> bytes:
     out = io.BytesIO()
-    Image.open(io.BytesIO(jpeg_bytes(height, width))).save(out, "JPEG", quality=90, progressive=True)
+    Image.open(io.BytesIO(jpeg_bytes(height, width))).save(
+        out, "JPEG", quality=90, progressive=True
+    )
     return out.getvalue()
 
 
@@ -49,11 +52,14 @@ def test_is_sequential_8bit_reads_only_the_frame_header():
         assert not jpeg.is_sequential_8bit(data)
 
 
-@pytest.mark.parametrize("height, width, sizes", [
-    (160, 213, (160,)),        # shorter side already = prep_size (fast.ai's sz/160 copies)
-    (100, 140, (160,)),        # small original, kept as it is
-    (160, 213, (160, 320)),    # at size for one output, small for the other
-])
+@pytest.mark.parametrize(
+    "height, width, sizes",
+    [
+        (160, 213, (160,)),  # shorter side already = prep_size (fast.ai's sz/160 copies)
+        (100, 140, (160,)),  # small original, kept as it is
+        (160, 213, (160, 320)),  # at size for one output, small for the other
+    ],
+)
 def test_jpeg_already_at_size_is_kept_byte_for_byte(height, width, sizes):
     data = jpeg_bytes(height, width, seed=5)
     prepared = prepare_image(data, sizes, 90)
@@ -61,7 +67,9 @@ def test_jpeg_already_at_size_is_kept_byte_for_byte(height, width, sizes):
     assert prepared.conversion is None
     again = prepare_image(data, sizes, 90, reencode=True)
     assert all(o.jpeg != data and not o.stored_as_is for o in again.outputs)
-    assert [(o.height, o.width) for o in again.outputs] == [(o.height, o.width) for o in prepared.outputs]
+    assert [(o.height, o.width) for o in again.outputs] == [
+        (o.height, o.width) for o in prepared.outputs
+    ]
 
 
 def test_only_outputs_at_the_original_size_are_kept():
@@ -71,12 +79,17 @@ def test_only_outputs_at_the_original_size_are_kept():
     assert same.jpeg == data and same.stored_as_is
 
 
-@pytest.mark.parametrize("data", [progressive_jpeg(160, 213), jpeg_bytes(160, 213, mode="L"),
-                                  jpeg_bytes(160, 213, mode="CMYK")], ids=["progressive", "gray", "cmyk"])
+@pytest.mark.parametrize(
+    "data",
+    [progressive_jpeg(160, 213), jpeg_bytes(160, 213, mode="L"), jpeg_bytes(160, 213, mode="CMYK")],
+    ids=["progressive", "gray", "cmyk"],
+)
 def test_progressive_and_non_rgb_jpegs_at_size_are_reencoded(data):
     output = prepare_image(data, (160,), 90).outputs[0]
     assert output.jpeg != data and not output.stored_as_is
-    assert jpeg.is_sequential_8bit(output.jpeg) and Image.open(io.BytesIO(output.jpeg)).mode == "RGB"
+    assert (
+        jpeg.is_sequential_8bit(output.jpeg) and Image.open(io.BytesIO(output.jpeg)).mode == "RGB"
+    )
 
 
 def test_truncated_jpeg_at_size_is_rejected_not_stored():
@@ -85,15 +98,18 @@ def test_truncated_jpeg_at_size_is_rejected_not_stored():
         prepare_image(data[: len(data) * 2 // 3], (160,), 90)
 
 
-@pytest.mark.parametrize("data, conversion", [
-    (jpeg_bytes(200, 300, mode="CMYK"), "JPEG CMYK -> RGB JPEG"),
-    (jpeg_bytes(200, 300, mode="L"), "JPEG grayscale -> RGB JPEG"),
-    (image_file("RGB"), "PNG -> JPEG"),
-    (image_file("RGBA"), "PNG RGBA -> RGB JPEG (alpha composited over white)"),
-    (image_file("P", fmt="GIF"), "GIF palette -> RGB JPEG"),
-    (image_file("L", fmt="BMP"), "BMP grayscale -> RGB JPEG"),
-    (jpeg_bytes(200, 300), None),
-])
+@pytest.mark.parametrize(
+    "data, conversion",
+    [
+        (jpeg_bytes(200, 300, mode="CMYK"), "JPEG CMYK -> RGB JPEG"),
+        (jpeg_bytes(200, 300, mode="L"), "JPEG grayscale -> RGB JPEG"),
+        (image_file("RGB"), "PNG -> JPEG"),
+        (image_file("RGBA"), "PNG RGBA -> RGB JPEG (alpha composited over white)"),
+        (image_file("P", fmt="GIF"), "GIF palette -> RGB JPEG"),
+        (image_file("L", fmt="BMP"), "BMP grayscale -> RGB JPEG"),
+        (jpeg_bytes(200, 300), None),
+    ],
+)
 def test_each_conversion_says_what_was_done(data, conversion):
     assert prepare_image(data, (100,), 90).conversion == conversion
 
@@ -102,7 +118,9 @@ def test_jpeg_whose_sampling_libjpeg_turbo_cannot_name_is_converted_not_rejected
     """PIL's CMYK JPEG with subsampling=2 samples only C at half size: tjDecompressHeader3 fails
     ("Could not determine subsampling type"), libjpeg decodes it. Found by bench/scale.py."""
     out = io.BytesIO()
-    Image.open(io.BytesIO(jpeg_bytes(200, 300))).convert("CMYK").save(out, "JPEG", quality=80, subsampling=2)
+    Image.open(io.BytesIO(jpeg_bytes(200, 300))).convert("CMYK").save(
+        out, "JPEG", quality=80, subsampling=2
+    )
     prepared = prepare_image(out.getvalue(), (100,), 90)
     assert prepared.conversion == "JPEG CMYK -> RGB JPEG" and prepared.outputs[0].height == 100
 
@@ -117,35 +135,63 @@ def write_folder_source(root: Path, files: dict[str, bytes]) -> Path:
 
 
 def test_sz160_folders_are_stored_byte_for_byte_unless_reencode(tmp_path):
-    files = {f"n0{c}/n0{c}_{i}.JPEG": jpeg_bytes(160, 200 + 10 * i, seed=10 * c + i) for c in range(2) for i in range(4)}
+    files = {
+        f"n0{c}/n0{c}_{i}.JPEG": jpeg_bytes(160, 200 + 10 * i, seed=10 * c + i)
+        for c in range(2)
+        for i in range(4)
+    }
     files["n00/n00_big.JPEG"] = jpeg_bytes(320, 427, seed=99)  # needs a resize: re-encoded
     src = write_folder_source(tmp_path / "sz160", files)
-    summary = build(BuildConfig(src, tmp_path / "out", "train", (160,), "lmdb", workers=0, quiet=True))
+    summary = build(
+        BuildConfig(src, tmp_path / "out", "train", (160,), "lmdb", workers=0, quiet=True)
+    )
     stored, names = dataset_bytes(tmp_path / "out" / "train-160"), sorted(files)
     by_name = dict(zip(names, stored))
     assert all(by_name[n] == files[n] for n in names if "big" not in n)
     assert by_name["n00/n00_big.JPEG"] != files["n00/n00_big.JPEG"]
     manifest = summary.manifests[160]
     assert manifest.build["num_stored_as_is"] == 8 and manifest.build["reencode_all"] is False
-    again = build(BuildConfig(src, tmp_path / "again", "train", (160,), "lmdb", workers=0, quiet=True, reencode=True))
+    again = build(
+        BuildConfig(
+            src, tmp_path / "again", "train", (160,), "lmdb", workers=0, quiet=True, reencode=True
+        )
+    )
     assert again.manifests[160].build["num_stored_as_is"] == 0
     assert not set(dataset_bytes(tmp_path / "again" / "train-160")) & set(files.values())
 
 
 def test_converted_inputs_are_listed_in_manifest_summary_and_info(sample_src, tmp_path):
     src, info = sample_src
-    result = CliRunner().invoke(app, ["build-msgpack", "--src", str(src), "--out", str(tmp_path), "--size", "64",
-                                      "--workers", "0", "-q"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "build-msgpack",
+            "--src",
+            str(src),
+            "--out",
+            str(tmp_path),
+            "--size",
+            "64",
+            "--workers",
+            "0",
+            "-q",
+        ],
+    )
     assert result.exit_code == 0, result.output
     manifest = read_manifest(tmp_path / "train-64")
     listed = {c["name"]: c["conversion"] for c in manifest.conversions}
-    assert listed == {info.gray_train_name: "JPEG grayscale -> RGB JPEG",
-                      info.cmyk_train_name: "JPEG CMYK -> RGB JPEG", info.png_train_name: "PNG -> JPEG"}
+    assert listed == {
+        info.gray_train_name: "JPEG grayscale -> RGB JPEG",
+        info.cmyk_train_name: "JPEG CMYK -> RGB JPEG",
+        info.png_train_name: "PNG -> JPEG",
+    }
     assert "3 converted" in result.stdout
     assert f"converted {info.cmyk_train_name}: JPEG CMYK -> RGB JPEG" in result.stdout
     shown = CliRunner().invoke(app, ["info", str(tmp_path / "train-64")])
     assert "converted 3" in shown.stdout and info.png_train_name in shown.stdout
-    as_json = json.loads(CliRunner().invoke(app, ["info", str(tmp_path / "train-64"), "--json"]).stdout)
+    as_json = json.loads(
+        CliRunner().invoke(app, ["info", str(tmp_path / "train-64"), "--json"]).stdout
+    )
     assert as_json["conversions"] == manifest.conversions
 
 
@@ -164,15 +210,36 @@ def test_folder_source_larger_than_the_open_file_limit(tmp_path):
     """Each worker used to keep every file it read open: past `ulimit -n` files, every image
     was rejected with 'Too many open files'."""
     data = jpeg_bytes(180, 240)
-    src = write_folder_source(tmp_path / "many", {f"n0{c}/n0{c}_{i}.JPEG": data for c in range(2) for i in range(60)})
+    src = write_folder_source(
+        tmp_path / "many", {f"n0{c}/n0{c}_{i}.JPEG": data for c in range(2) for i in range(60)}
+    )
     limit = 64
 
     def lower_limit():
         resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
 
-    result = subprocess.run([sys.executable, "-m", "prep.cli", "build-lmdb", "--src", str(src), "--out",
-                             str(tmp_path / "out"), "--size", "96", "--workers", "1", "-q"],
-                            cwd=REPO, capture_output=True, text=True, preexec_fn=lower_limit, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "prep.cli",
+            "build-lmdb",
+            "--src",
+            str(src),
+            "--out",
+            str(tmp_path / "out"),
+            "--size",
+            "96",
+            "--workers",
+            "1",
+            "-q",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        preexec_fn=lower_limit,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     manifest = read_manifest(tmp_path / "out" / "train-96")
     assert manifest.count == 120 and manifest.rejects == []
@@ -186,9 +253,13 @@ def test_rejects_and_conversions_are_journalled_not_rewritten(tmp_path, monkeypa
     from prep.partial import BuildError
 
     members = {f"n01/{i:02d}_bad.JPEG": b"not an image" for i in range(30)}
-    members.update({f"n01/{i:02d}_gray.JPEG": jpeg_bytes(100, 120, mode="L", seed=i) for i in range(30)})
+    members.update(
+        {f"n01/{i:02d}_gray.JPEG": jpeg_bytes(100, 120, mode="L", seed=i) for i in range(30)}
+    )
     src = write_folder_source(tmp_path / "src", members)
-    whole = build(BuildConfig(src, tmp_path / "whole", "train", (64,), "msgpack", workers=0, quiet=True)).manifests[64]
+    whole = build(
+        BuildConfig(src, tmp_path / "whole", "train", (64,), "msgpack", workers=0, quiet=True)
+    ).manifests[64]
     assert len(whole.rejects) == 30 and len(whole.conversions) == 30
     sizes, original_commit, original_append = [], partial.PartialOutput.commit, MsgpackWriter.append
 
@@ -205,14 +276,17 @@ def test_rejects_and_conversions_are_journalled_not_rewritten(tmp_path, monkeypa
 
     monkeypatch.setattr(partial.PartialOutput, "commit", commit)
     monkeypatch.setattr(MsgpackWriter, "append", append)
-    config = BuildConfig(src, tmp_path / "out", "train", (64,), "msgpack", workers=0, quiet=True, commit_every=1)
+    config = BuildConfig(
+        src, tmp_path / "out", "train", (64,), "msgpack", workers=0, quiet=True, commit_every=1
+    )
     with pytest.raises(BuildError):
         build(config)
     monkeypatch.setattr(MsgpackWriter, "append", original_append)
     resumed = build(config)
     assert resumed.resumed_from > 0
-    assert (tmp_path / "out" / "train-64" / "manifest.json").read_bytes() == \
-        (tmp_path / "whole" / "train-64" / "manifest.json").read_bytes()
+    assert (tmp_path / "out" / "train-64" / "manifest.json").read_bytes() == (
+        tmp_path / "whole" / "train-64" / "manifest.json"
+    ).read_bytes()
     assert max(sizes) - min(sizes) < 100  # progress.json stays the same size however many entries
 
 
@@ -224,7 +298,9 @@ def test_saving_progress_does_not_copy_the_lists():
 
     from prep.partial import Progress
 
-    progress = Progress({"k": 1}, conversions=[{"name": f"n{i}", "conversion": "x"} for i in range(100_000)])
+    progress = Progress(
+        {"k": 1}, conversions=[{"name": f"n{i}", "conversion": "x"} for i in range(100_000)]
+    )
     started = time.perf_counter()
     for _ in range(10):
         saved = progress.saved_fields()

@@ -1,4 +1,5 @@
 """prep verify: clean datasets pass; each kind of damage is caught and named; exit codes follow."""
+
 from __future__ import annotations
 
 import shutil
@@ -22,13 +23,16 @@ def copy_of(built_shards, tmp_path):
         target = tmp_path / f"{store}-{split}"
         shutil.copytree(built_shards / store / f"{split}-160", target)
         return target
+
     return make
 
 
 @pytest.mark.parametrize("store", ["lmdb", "msgpack"])
 @pytest.mark.parametrize("split", ["train", "val"])
 def test_clean_dataset_passes_with_source(sample_src, built_shards, store, split):
-    report = verify(built_shards / store / f"{split}-160", workers=2, src_dir=sample_src[0], quiet=True)
+    report = verify(
+        built_shards / store / f"{split}-160", workers=2, src_dir=sample_src[0], quiet=True
+    )
     assert report.ok, report.faults
     assert report.records_checked == read_manifest(built_shards / store / f"{split}-160").count
 
@@ -66,7 +70,9 @@ def test_deleted_record(copy_of):
         assert txn.delete(encode_key(7))
     (dataset / "lock.mdb").unlink()
     faults = verify(dataset, workers=1, quiet=True).faults
-    assert any("holds 17 records, manifest says 18" in f or "record 7 is missing" in f for f in faults), faults
+    assert any(
+        "holds 17 records, manifest says 18" in f or "record 7 is missing" in f for f in faults
+    ), faults
 
 
 @pytest.mark.parametrize("store", ["lmdb", "msgpack"])
@@ -94,18 +100,27 @@ def test_missing_file_and_extra_shard(copy_of):
 def test_source_mismatch(built_shards, tmp_path):
     other = tmp_path / "other"
     write_sample(other, num_classes=3, train_per_class=7, val_per_class=4, seed=5)
-    faults = verify(built_shards / "msgpack" / "train-160", workers=1, src_dir=other, quiet=True).faults
+    faults = verify(
+        built_shards / "msgpack" / "train-160", workers=1, src_dir=other, quiet=True
+    ).faults
     assert any("source has 21 members, dataset accounts for 18" in f for f in faults), faults
 
 
 def test_cli_exit_codes(sample_src, built_shards, copy_of):
     runner = CliRunner()
-    clean = runner.invoke(app, ["verify", str(built_shards / "lmdb" / "val-160"), "-q", "--workers", "1"])
+    clean = runner.invoke(
+        app, ["verify", str(built_shards / "lmdb" / "val-160"), "-q", "--workers", "1"]
+    )
     assert clean.exit_code == 0 and clean.stdout.strip().endswith("OK")
     dataset = copy_of("msgpack")
     _flip_inside_record(dataset, 2)
     broken = runner.invoke(app, ["verify", str(dataset), "-q", "--workers", "1"])
-    assert broken.exit_code == 1 and "2 FAULTS" in broken.stdout and "shard-00000.msgpack: digest" in broken.stdout and "record 2 (" in broken.stdout
+    assert (
+        broken.exit_code == 1
+        and "2 FAULTS" in broken.stdout
+        and "shard-00000.msgpack: digest" in broken.stdout
+        and "record 2 (" in broken.stdout
+    )
 
 
 def test_verify_workers_load_the_names_only_for_a_fault(copy_of, monkeypatch):
@@ -117,7 +132,9 @@ def test_verify_workers_load_the_names_only_for_a_fault(copy_of, monkeypatch):
     manifest = read_manifest(dataset)
     loads = []
     real_load_names = verify_module.load_names
-    monkeypatch.setattr(verify_module, "load_names", lambda d, m: loads.append(d) or real_load_names(d, m))
+    monkeypatch.setattr(
+        verify_module, "load_names", lambda d, m: loads.append(d) or real_load_names(d, m)
+    )
     verify_module._init_worker(dataset, manifest)  # a worker's life, in this process
     assert verify_module._check_range(0, manifest.count) == (manifest.count, []) and loads == []
     _flip_inside_record(dataset, 5)

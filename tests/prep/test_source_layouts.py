@@ -1,5 +1,6 @@
 """Odd input layouts: every file is included or listed with its reason, loops and fifos neither
 hang nor abort, empty classes are warned about, and damaged label files give one line."""
+
 from __future__ import annotations
 
 import io
@@ -29,9 +30,16 @@ def _class_folders(root, layout):
 
 
 def test_nested_subfolders_are_included_with_their_path(tmp_path):
-    _class_folders(tmp_path / "train", ["n01/a.JPEG", "n01/extra/b.JPEG", "n01/extra/deeper/c.JPEG", "n02/d.JPEG"])
+    _class_folders(
+        tmp_path / "train",
+        ["n01/a.JPEG", "n01/extra/b.JPEG", "n01/extra/deeper/c.JPEG", "n02/d.JPEG"],
+    )
     assert listing(open_source(tmp_path, "train")) == [
-        ("a.JPEG", 0, ""), ("extra/b.JPEG", 0, ""), ("extra/deeper/c.JPEG", 0, ""), ("d.JPEG", 1, "")]
+        ("a.JPEG", 0, ""),
+        ("extra/b.JPEG", 0, ""),
+        ("extra/deeper/c.JPEG", 0, ""),
+        ("d.JPEG", 1, ""),
+    ]
 
 
 def test_links_loops_fifos_hidden_and_stray_entries_are_listed_not_fatal(tmp_path):
@@ -39,7 +47,8 @@ def test_links_loops_fifos_hidden_and_stray_entries_are_listed_not_fatal(tmp_pat
     _class_folders(train, ["n01/a.JPEG", "n02/b.JPEG"])
     (train / "n01" / "self").symlink_to("self")  # a self-looping symlink
     (train / "n01" / "up").symlink_to("..")  # a folder loop back to train/
-    (train / "n01" / "other").symlink_to(train / "n02")  # another class's folder: its images would count twice
+    # another class's folder: its images would count twice
+    (train / "n01" / "other").symlink_to(train / "n02")
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "elsewhere" / "e.JPEG").write_bytes(jpeg_bytes(40, 50))
     (train / "n01" / "linked").symlink_to(tmp_path / "elsewhere")  # a folder outside: followed
@@ -48,7 +57,9 @@ def test_links_loops_fifos_hidden_and_stray_entries_are_listed_not_fatal(tmp_pat
     (train / "n01" / ".DS_Store").write_bytes(b"junk")
     (train / "README.txt").write_text("not an image")
     (train / "loop").symlink_to("loop")  # at the split level too
-    rows = {name: (label, reason) for name, label, reason in listing(open_source(tmp_path, "train"))}
+    rows = {
+        name: (label, reason) for name, label, reason in listing(open_source(tmp_path, "train"))
+    }
     assert rows["a.JPEG"] == (0, "") and rows["b.JPEG"] == (1, "")
     assert rows["linked/e.JPEG"] == (0, "")
     assert "already included" in rows["other"][1] and "already included" in rows["up"][1]
@@ -59,23 +70,45 @@ def test_links_loops_fifos_hidden_and_stray_entries_are_listed_not_fatal(tmp_pat
     assert rows["README.txt"] == (NO_LABEL, "not inside a class folder")
     assert "Too many levels" in rows["loop"][1]
     out = tmp_path / "out"
-    manifest = build(BuildConfig(tmp_path, out, "train", (32,), "msgpack", workers=1, quiet=True)).manifests[32]
-    assert manifest.count == 3 and len(manifest.rejects) == len(rows) - 3 and {r["name"] for r in manifest.rejects} >= {"self", "pipe.JPEG", "loop", "README.txt"}
+    manifest = build(
+        BuildConfig(tmp_path, out, "train", (32,), "msgpack", workers=1, quiet=True)
+    ).manifests[32]
+    assert (
+        manifest.count == 3
+        and len(manifest.rejects) == len(rows) - 3
+        and {r["name"] for r in manifest.rejects} >= {"self", "pipe.JPEG", "loop", "README.txt"}
+    )
 
 
 def test_empty_class_tar_and_folder_are_warned_about(tmp_path):
     good = jpeg_bytes(40, 50)
     (tmp_path / "tar").mkdir()
-    write_train_tar(tmp_path / "tar" / "ILSVRC2012_img_train.tar", {"n01": [("a.JPEG", good)], "n02": []})
+    write_train_tar(
+        tmp_path / "tar" / "ILSVRC2012_img_train.tar", {"n01": [("a.JPEG", good)], "n02": []}
+    )
     _class_folders(tmp_path / "folders" / "train", ["n01/a.JPEG"])
     (tmp_path / "folders" / "train" / "n02").mkdir()
     for layout in ("tar", "folders"):
-        result = CliRunner().invoke(app, ["build-msgpack", "--src", str(tmp_path / layout), "--out",
-                                          str(tmp_path / f"out-{layout}"), "--size", "32", "--workers", "0", "-q"])
+        result = CliRunner().invoke(
+            app,
+            [
+                "build-msgpack",
+                "--src",
+                str(tmp_path / layout),
+                "--out",
+                str(tmp_path / f"out-{layout}"),
+                "--size",
+                "32",
+                "--workers",
+                "0",
+                "-q",
+            ],
+        )
         assert result.exit_code == 0, result.output
         assert result.stderr.strip().splitlines() == [
-            "prep: warning: 1 of 2 classes have no records: n02 (an empty class tar or folder, or every "
-            "image in it rejected)"]
+            "prep: warning: 1 of 2 classes have no records: n02 (an empty class tar or folder, or "
+            "every image in it rejected)"
+        ]
 
 
 def test_gnu_long_link_member_in_a_class_tar_is_fine(tmp_path):
@@ -108,13 +141,31 @@ def test_damaged_class_tar_is_one_line(tmp_path):
         info = tarfile.TarInfo("n01.tar")
         info.size = len(inner)
         outer.addfile(info, io.BytesIO(inner))
-    result = CliRunner().invoke(app, ["build-lmdb", "--src", str(tmp_path), "--out", str(tmp_path / "out"),
-                                      "--size", "32", "--workers", "0", "-q"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "build-lmdb",
+            "--src",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "out"),
+            "--size",
+            "32",
+            "--workers",
+            "0",
+            "-q",
+        ],
+    )
     lines = result.stderr.strip().splitlines()
-    assert result.exit_code == 1 and len(lines) == 1 and "n01.tar: archive is damaged (bad pax record" in lines[0]
+    assert (
+        result.exit_code == 1
+        and len(lines) == 1
+        and "n01.tar: archive is damaged (bad pax record" in lines[0]
+    )
 
 
 # ------------------------------------------------------------------------------ label files
+
 
 @pytest.fixture
 def val_with_extracted_devkit(sample_src, tmp_path):
@@ -134,18 +185,35 @@ def test_ground_truth_with_bom_and_crlf_reads(val_with_extracted_devkit):
     assert [label for _, label, _ in listing(open_source(src, "val"))] == list(info.val_labels)
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"1\n2\nthree\n", ":3: expected an ILSVRC2012_ID, got 'three'"),
-    (b"1\n\n2\n", ":2: expected an ILSVRC2012_ID, got ''"),  # a blank line would shift every later label
-    (b"1\n\xff\xfe\n", "not UTF-8"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"1\n2\nthree\n", ":3: expected an ILSVRC2012_ID, got 'three'"),
+        # a blank line would shift every later label
+        (b"1\n\n2\n", ":2: expected an ILSVRC2012_ID, got ''"),
+        (b"1\n\xff\xfe\n", "not UTF-8"),
+    ],
+)
 def test_bad_ground_truth_is_one_line(val_with_extracted_devkit, content, message):
     src, _, ground_truth = val_with_extracted_devkit
     ground_truth.write_bytes(content)
     with pytest.raises(SourceError, match=message):
         open_source(src, "val")
-    result = CliRunner().invoke(app, ["build-msgpack", "--src", str(src), "--out", str(src / "out"),
-                                      "--split", "val", "--size", "32", "-q"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "build-msgpack",
+            "--src",
+            str(src),
+            "--out",
+            str(src / "out"),
+            "--split",
+            "val",
+            "--size",
+            "32",
+            "-q",
+        ],
+    )
     assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
@@ -154,14 +222,18 @@ def _kaggle_val(sample_src, tmp_path, rows: str, bom: bool = False):
     shutil.copy(src / "ILSVRC2012_img_val.tar", tmp_path)
     shutil.copy(src / "ILSVRC2012_img_train.tar", tmp_path)
     text = "ImageId,PredictionString\r\n" + rows
-    (tmp_path / "LOC_val_solution.csv").write_bytes((b"\xef\xbb\xbf" if bom else b"") + text.encode())
+    (tmp_path / "LOC_val_solution.csv").write_bytes(
+        (b"\xef\xbb\xbf" if bom else b"") + text.encode()
+    )
     return info
 
 
 def test_kaggle_csv_with_bom_and_crlf_reads(sample_src, tmp_path):
     info = _kaggle_val(sample_src, tmp_path, "", bom=True)
-    rows = "".join(f"ILSVRC2012_val_{i:08d},{info.wnids[label]} 1 2 3 4\r\n"
-                   for i, label in enumerate(info.val_labels, start=1))
+    rows = "".join(
+        f"ILSVRC2012_val_{i:08d},{info.wnids[label]} 1 2 3 4\r\n"
+        for i, label in enumerate(info.val_labels, start=1)
+    )
     _kaggle_val(sample_src, tmp_path, rows, bom=True)
     assert [label for _, label, _ in listing(open_source(tmp_path, "val"))] == list(info.val_labels)
 
@@ -169,7 +241,13 @@ def test_kaggle_csv_with_bom_and_crlf_reads(sample_src, tmp_path):
 @pytest.mark.parametrize("prediction", ["", "   "])
 def test_kaggle_csv_blank_prediction_is_one_line(sample_src, tmp_path, prediction):
     info = _kaggle_val(sample_src, tmp_path, "")
-    _kaggle_val(sample_src, tmp_path, f"ILSVRC2012_val_00000001,{info.wnids[0]} 1 2 3 4\r\n"
-                                      f"ILSVRC2012_val_00000002,{prediction}\r\n")
-    with pytest.raises(SourceError, match=r"LOC_val_solution.csv:3: no prediction for 'ILSVRC2012_val_00000002'"):
+    _kaggle_val(
+        sample_src,
+        tmp_path,
+        f"ILSVRC2012_val_00000001,{info.wnids[0]} 1 2 3 4\r\n"
+        f"ILSVRC2012_val_00000002,{prediction}\r\n",
+    )
+    with pytest.raises(
+        SourceError, match=r"LOC_val_solution.csv:3: no prediction for 'ILSVRC2012_val_00000002'"
+    ):
         open_source(tmp_path, "val")

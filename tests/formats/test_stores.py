@@ -1,5 +1,6 @@
 """formats: every writer/reader pair round-trips; readers are zero-copy, fork- and pickle-safe,
 and refuse incomplete or unknown datasets."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -11,10 +12,10 @@ import pickle
 import numpy as np
 import pytest
 
-from formats.errors import DatasetError
+from formats import DatasetError
 from formats.lmdb_store import LmdbReader, LmdbWriter, content_digest
 from formats.manifest import read_manifest
-from formats.msgpack_store import INDEX_FILE, MsgpackReader, MsgpackWriter, iter_shard, shard_file_name
+from formats.msgpack_store import INDEX_FILE, MsgpackReader, MsgpackWriter, iter_shard
 from formats.record import MANIFEST_FILE, checksum, encode_key
 
 PAYLOADS = [os.urandom(n) for n in (1, 50, 3000, 17, 70000, 5, 999)]
@@ -36,7 +37,11 @@ def test_round_trip_zero_copy(tmp_path, store):
     writer = LmdbWriter(tmp_path) if store == "lmdb" else MsgpackWriter(tmp_path, shard_bytes=40000)
     write_all(writer, PAYLOADS)
     writer.finish()
-    reader = LmdbReader(tmp_path, len(PAYLOADS)) if store == "lmdb" else MsgpackReader(tmp_path, len(PAYLOADS))
+    reader = (
+        LmdbReader(tmp_path, len(PAYLOADS))
+        if store == "lmdb"
+        else MsgpackReader(tmp_path, len(PAYLOADS))
+    )
     for index, payload in enumerate(PAYLOADS):
         view = reader.view(index)
         assert isinstance(view, memoryview)
@@ -63,7 +68,11 @@ def test_reopen_rolls_back_to_kept_records(tmp_path, store):
     """A resumed build drops whatever got past its saved progress and rewrites it identically."""
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     full.mkdir(), resumed.mkdir()
-    make = (lambda d, keep=0: LmdbWriter(d, keep)) if store == "lmdb" else (lambda d, keep=0: MsgpackWriter(d, keep, shard_bytes=40000))
+    make = (
+        (lambda d, keep=0: LmdbWriter(d, keep))
+        if store == "lmdb"
+        else (lambda d, keep=0: MsgpackWriter(d, keep, shard_bytes=40000))
+    )
     uninterrupted = make(full)
     write_all(uninterrupted, PAYLOADS)
     first = make(resumed)
@@ -110,9 +119,14 @@ def test_reader_survives_fork_and_pickle(tmp_path, store):
     writer = LmdbWriter(tmp_path) if store == "lmdb" else MsgpackWriter(tmp_path)
     write_all(writer, PAYLOADS)
     writer.finish()
-    reader = LmdbReader(tmp_path, len(PAYLOADS)) if store == "lmdb" else MsgpackReader(tmp_path, len(PAYLOADS))
+    reader = (
+        LmdbReader(tmp_path, len(PAYLOADS))
+        if store == "lmdb"
+        else MsgpackReader(tmp_path, len(PAYLOADS))
+    )
     expected = [checksum(p) for p in PAYLOADS]
-    assert [checksum(reader.view(i)) for i in range(len(PAYLOADS))] == expected  # opened in the parent
+    # opened in the parent
+    assert [checksum(reader.view(i)) for i in range(len(PAYLOADS))] == expected
     queue = multiprocessing.get_context("fork").Queue()
     child = multiprocessing.get_context("fork").Process(target=_read_in_child, args=(reader, queue))
     child.start()
@@ -155,8 +169,19 @@ def test_manifest_required_and_versioned(built_shards, tmp_path):
 def test_manifest_fields_are_the_documented_schema(built_shards):
     manifest = read_manifest(built_shards / "lmdb" / "val-160")
     fields = dataclasses.asdict(manifest)
-    for key in ("format_version", "build", "source", "split", "prep_size", "quality", "counts_per_class",
-                "classes", "class_names", "rejects", "files"):
+    for key in (
+        "format_version",
+        "build",
+        "source",
+        "split",
+        "prep_size",
+        "quality",
+        "counts_per_class",
+        "classes",
+        "class_names",
+        "rejects",
+        "files",
+    ):
         assert key in fields
     assert manifest.classes == sorted(manifest.classes)
     assert all(manifest.class_names)  # the devkit's names
@@ -165,7 +190,7 @@ def test_manifest_fields_are_the_documented_schema(built_shards):
 
 
 def test_write_atomic_all_or_nothing(tmp_path):
-    from formats.files import write_atomic
+    from formats import write_atomic
 
     target = tmp_path / "table.bin"
     write_atomic(target, lambda f: f.write(b"old"))
@@ -176,4 +201,6 @@ def test_write_atomic_all_or_nothing(tmp_path):
 
     with pytest.raises(OSError, match="No space"):
         write_atomic(target, fails_halfway)
-    assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["table.bin"]
+    assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "table.bin"
+    ]

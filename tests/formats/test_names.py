@@ -1,5 +1,6 @@
 """Source names survive names.txt exactly (non-UTF-8 bytes, newlines, backslashes), old
 format_version 1 files still read, and odd names never reach a terminal raw."""
+
 from __future__ import annotations
 
 import io
@@ -41,15 +42,23 @@ def test_every_name_round_trips_and_the_file_is_utf8_text():
 
 def test_format_version_1_names_still_read():
     old = "plain.JPEG\n".encode() + b"caf\xe9.JPEG\n" + b"back\\slash.JPEG\n"
-    assert parse_names(old, 1) == ["plain.JPEG", b"caf\xe9.JPEG".decode("utf-8", "surrogateescape"),
-                                   "back\\slash.JPEG"]
+    assert parse_names(old, 1) == [
+        "plain.JPEG",
+        b"caf\xe9.JPEG".decode("utf-8", "surrogateescape"),
+        "back\\slash.JPEG",
+    ]
 
 
 def _train_tar_with_names(path, names):
     """A train tar whose class tar holds members with exactly these names (raw header bytes)."""
     inner = io.BytesIO()
-    with tarfile.open(fileobj=inner, mode="w", format=tarfile.GNU_FORMAT, encoding="utf-8",
-                      errors="surrogateescape") as tar:
+    with tarfile.open(
+        fileobj=inner,
+        mode="w",
+        format=tarfile.GNU_FORMAT,
+        encoding="utf-8",
+        errors="surrogateescape",
+    ) as tar:
         for index, name in enumerate(names):
             data = jpeg_bytes(40, 60, seed=index) if index % 3 else b"not an image"
             info = tarfile.TarInfo(name)
@@ -67,12 +76,19 @@ def test_odd_member_names_build_verify_and_match_the_source(tmp_path, store):
     src = tmp_path / "src"
     src.mkdir()
     _train_tar_with_names(src / "ILSVRC2012_img_train.tar", names)
-    manifest = build(BuildConfig(src, tmp_path / "out", "train", (32,), store, workers=0, quiet=True)).manifests[32]
+    manifest = build(
+        BuildConfig(src, tmp_path / "out", "train", (32,), store, workers=0, quiet=True)
+    ).manifests[32]
     dataset = tmp_path / "out" / "train-32"
     stored = load_names(dataset, read_manifest(dataset))
     rejected = [r["name"] for r in manifest.rejects]
-    assert sorted(stored + rejected) == sorted(names) and rejected  # every third one is not an image
+    # every third one is not an image
+    assert sorted(stored + rejected) == sorted(names) and rejected
     report = verify(dataset, workers=1, src_dir=src, quiet=True)
     assert report.ok, report.faults
     result = CliRunner().invoke(app, ["info", str(dataset)])
-    assert result.exit_code == 0 and "\x1b" not in result.output and "esc\\u001b[31mred.JPEG" in result.output
+    assert (
+        result.exit_code == 0
+        and "\x1b" not in result.output
+        and "esc\\u001b[31mred.JPEG" in result.output
+    )
