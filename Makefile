@@ -23,7 +23,7 @@ GPUS ?= 8
 setup: $(STAMP)
 
 # setup.py and the C source: a changed native decoder is rebuilt (pip's editable install compiles it).
-$(STAMP): pyproject.toml setup.py train/decode_native.c train/decode_resample.h
+$(STAMP): pyproject.toml setup.py train/data/native/decode_native.c train/data/native/decode_resample.h
 	@bash scripts/setup.sh "$(PYTHON)" "$(VENV)" "$(TORCH_PAIR)" "$(PILLOW_SIMD)"
 	@touch $@
 

@@ -178,7 +178,7 @@ def train_command(args, phases: Path, shards: Path, run_dir: Path, extra: list[s
 
 
 def epochs_summary(run_dir: Path) -> str:
-    from train.metrics import read_metrics
+    from train.run.metrics import read_metrics
 
     records = read_metrics(run_dir)
     return "; ".join(f"ep{r['epoch']} {r.get('img_per_s', 0):,.0f} img/s top1 {r.get('top1')}"

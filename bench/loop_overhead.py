@@ -1,4 +1,4 @@
-"""What `train.loop.train_steps` costs per step beyond the step itself: a tiny model (a step of
+"""What `train.engine.loop.train_steps` costs per step beyond the step itself: a tiny model (a step of
 about a millisecond, so overhead shows) run through `train_steps` (seeded, a host sync every
 `--sync-every` steps, as `train run` does) and through a bare `trainer.step` loop, in one
 process, interleaved over `--repeats` rounds. Prints per-step microseconds of each and the
@@ -20,10 +20,10 @@ sys.path.insert(0, str(HERE.parent))
 import torch  # noqa: E402
 
 from train.bench_loader import machine_description  # noqa: E402
-from train.config import Recipe  # noqa: E402
-from train.loop import TrainState, train_steps  # noqa: E402
-from train.model import build_optimizer  # noqa: E402
-from train.step import Trainer  # noqa: E402
+from train.plan.config import Recipe  # noqa: E402
+from train.engine.loop import TrainState, train_steps  # noqa: E402
+from train.engine.model import build_optimizer  # noqa: E402
+from train.engine.step import Trainer  # noqa: E402
 
 CPU = torch.device("cpu")
 

@@ -112,7 +112,7 @@ def format_report(results: dict, prep_bench: dict | None = None) -> str:
             f"loader epoch start: TrainLoader built in {1e3 * train['train_loader']['construct_s']:.0f} ms, "
             f"first batch {train['train_loader']['first_batch_s']:.2f} s later",
             f"train run --dry-run: {train['dry_run_s']:.2f} s (target < 5 s); `train --help` alone "
-            f"{train['python_and_imports_s']:.2f} s, `import train.run` alone {train.get('train_run_imports_s', float('nan')):.2f} s",
+            f"{train['python_and_imports_s']:.2f} s, `import train.run.main` alone {train.get('train_run_imports_s', float('nan')):.2f} s",
         ]
     parts = results.get("parts")
     if parts:

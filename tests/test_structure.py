@@ -14,15 +14,21 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("formats", "prep", "train")
 # Leading-underscore names of other libraries that our code may touch, with the reason.
 ALLOWED_PRIVATE = {
-    ("train/batches.py", "_typed_storage"): "shared-memory batch, as torch's default_collate",
-    ("train/batches.py", "_new_shared"): "shared-memory batch, as torch's default_collate",
+    ("train/data/batches.py", "_typed_storage"): "shared-memory batch, as torch's default_collate",
+    ("train/data/batches.py", "_new_shared"): "shared-memory batch, as torch's default_collate",
     ("prep/workers.py", "_exit"): "os._exit: an orphaned worker dies at once, without the parent's atexit/pool cleanup",
 }
 
 
+def module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
 def modules() -> dict[str, Path]:
-    return {".".join(p.relative_to(REPO).with_suffix("").parts): p
-            for package in PACKAGES for p in sorted((REPO / package).glob("*.py"))}
+    """Every module of our packages, subpackages included (a package by its __init__.py)."""
+    return {module_name(p): p for package in PACKAGES
+            for p in sorted((REPO / package).rglob("*.py"))}
 
 
 def imports_of(path: Path, names: set[str]) -> set[str]:
@@ -30,9 +36,10 @@ def imports_of(path: Path, names: set[str]) -> set[str]:
     found = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            if node.module in names:
-                found.add(node.module)
-            found |= {f"{node.module}.{a.name}" for a in node.names} & names
+            submodules = {f"{node.module}.{a.name}" for a in node.names} & names
+            if node.module in names and len(submodules) < len(node.names):
+                found.add(node.module)  # `from package import submodule` needs only that one
+            found |= submodules
         elif isinstance(node, ast.Import):
             found |= {a.name for a in node.names} & names
     return found
@@ -71,6 +78,41 @@ def test_no_import_cycles() -> None:
     assert find_cycle(import_graph()) is None
 
 
+# train's subpackages, lowest first: each may import only those below it (and itself).
+TRAIN_LAYERS = ("train.data", "train.plan", "train.engine", "train.run")
+PURE = ("train.plan", "train.data.crops", "train.data.samplers", "train.data.constants",
+        "train.run.report")
+
+
+def train_layer(name: str) -> int:
+    """Index in TRAIN_LAYERS; train's top-level modules (the commands) sit above them all."""
+    return next((i for i, layer in enumerate(TRAIN_LAYERS)
+                 if name == layer or name.startswith(layer + ".")), len(TRAIN_LAYERS))
+
+
+def test_train_subpackages_import_downward_only() -> None:
+    """No upward import between train's subpackages; train.data imports nothing of the trainer."""
+    graph = import_graph()
+    upward = [f"{name} -> {dep}" for name, deps in graph.items() if name.startswith("train.")
+              for dep in deps if dep.startswith("train.") and train_layer(dep) > train_layer(name)]
+    assert not upward, upward
+    data_deps = {d for name, deps in graph.items() if name.startswith("train.data")
+                 for d in deps if d.startswith("train") and not d.startswith("train.data")}
+    assert data_deps == set(), f"train.data must import nothing of the trainer: {data_deps}"
+
+
+def test_layer_order() -> None:
+    assert train_layer("train.data.crops") < train_layer("train.plan") < train_layer("train.run.main")
+    assert train_layer("train.run.main") < train_layer("train.cli")
+    assert {name for name in modules() if name.startswith("train.")} >= set(TRAIN_LAYERS)
+
+
+def test_train_top_level_is_small() -> None:
+    entries = [p.name for p in (REPO / "train").iterdir()
+               if p.name != "__pycache__" and not p.name.endswith(".so")]
+    assert len(entries) <= 12, sorted(entries)
+
+
 def test_layers_point_one_way() -> None:
     graph = import_graph()
     for name, deps in graph.items():
@@ -78,10 +120,8 @@ def test_layers_point_one_way() -> None:
         assert package != "formats" or all(d.startswith("formats") for d in deps), name
         assert not (package == "train" and any(d.startswith("prep") for d in deps)), name
         assert not (package == "prep" and any(d.startswith("train") for d in deps)), name
-    train_deps = {d for d in graph["train.config"] if d.startswith("train")}
-    assert train_deps == set(), f"train.config must import nothing of train/: {train_deps}"
-    pure = ("train.config", "train.schedule", "train.phases", "train.imagenet18",
-            "train.rebuilds", "train.dry_run", "train.augment", "train.samplers", "train.report")
+    pure = [name for name in graph if name.startswith(PURE)]
+    assert len(pure) >= 10, pure
     for name in pure:  # the pure core: neither torch nor typer at module level
         tree = ast.parse(modules()[name].read_text())
         top = {a.name.split(".")[0] for node in tree.body if isinstance(node, ast.Import)
@@ -144,9 +184,9 @@ def private_uses(source: str) -> list[tuple[int, str]]:
 
 def test_private_uses_are_found() -> None:
     source = ("import x\nx._hidden()\nself._mine()\nsuper()._base().__len__()\n"
-              "from train.loop import _Interval\nfrom torch import _C\n")
+              "from train.engine.loop import _Interval\nfrom torch import _C\n")
     assert sorted(private_uses(source)) == [(2, "_hidden"), (5, "_Interval")]
-    data = private_uses((REPO / "train" / "batches.py").read_text())
+    data = private_uses((REPO / "train" / "data" / "batches.py").read_text())
     assert {name for _, name in data} == {"_typed_storage", "_new_shared"}  # the allowed ones
 
 

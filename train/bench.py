@@ -3,7 +3,7 @@ here) against end-to-end img/s on real shards, and the share of time spent waiti
 
 If real img/s is well below synthetic and data-wait is high, the run is data-bound: more
 workers, GPU decode, or smaller shards help; a faster GPU will not (see `verdict`). Both are
-timed through `train run`'s own step loop (`train.loop.train_steps`), between two of its sync
+timed through `train run`'s own step loop (`train.engine.loop.train_steps`), between two of its sync
 points (`on_sync`), so warm-up steps (cudnn autotuning, torch.compile, loader start-up) are
 excluded and the GPU is drained at both ends of the window. Public API of train/ only.
 """
@@ -19,12 +19,12 @@ from typing import Any, Iterator
 
 import torch
 
-from train.augment import TrainCrop
-from train.dist import resolve_device
-from train.loop import DeviceBatches, SyncPoint, TrainState, train_steps
-from train.model import build_model, build_optimizer
-from train.schedule import Phase
-from train.step import Trainer, make_scaler, resolve_precision
+from train.data.crops import TrainCrop
+from train.engine.dist import resolve_device
+from train.engine.loop import DeviceBatches, SyncPoint, TrainState, train_steps
+from train.engine.model import build_model, build_optimizer
+from train.plan.schedule import Phase
+from train.engine.step import Trainer, make_scaler, resolve_precision
 
 DATA_BOUND_WAIT = 0.10  # >= 10% of step time blocked on the loader: data-bound
 SLOWDOWN_RATIO = 0.9  # real below 90% of synthetic without the wait: loading steals compute
@@ -122,9 +122,9 @@ def timed_steps(trainer: Trainer, batches: DeviceBatches, warmup: int, steps: in
 
 
 def checked_run_config(config: BenchConfig):
-    """The RunConfig whose checks (train.config.check_config) cover the options `train bench`
+    """The RunConfig whose checks (train.plan.config.check_config) cover the options `train bench`
     shares with `train run`; its own two are checked here."""
-    from train.config import RunConfig, TrainError
+    from train.plan.config import RunConfig, TrainError
 
     if config.steps < 1 or config.warmup_steps < 0:
         raise TrainError(f"--steps must be >= 1 and --warmup >= 0, got {config.steps} and "
@@ -135,8 +135,8 @@ def checked_run_config(config: BenchConfig):
 
 def bench_phases(config: BenchConfig, data: Any = None) -> list[dict[str, Any]]:
     """One row per distinct (train shards, crop, batch) of the schedule; see module doc."""
-    from train.run import load_inputs
-    from train.shards import ShardData, check_shards
+    from train.run.main import load_inputs
+    from train.run.shards import ShardData, check_shards
 
     loaded, recipe = load_inputs(checked_run_config(config))
     device = resolve_device(config.device)

@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 
 from formats import jpeg
-from train.augment import TrainCrop
-from train.config import WORKERS_PER_CORE, TrainError, available_cpus, worker_cap
-from train.data import TrainLoader, ValLoader
-from train.dist import say
+from train.data.crops import TrainCrop
+from train.plan.config import WORKERS_PER_CORE, TrainError, available_cpus, worker_cap
+from train.data.loaders import TrainLoader, ValLoader
+from train.engine.dist import say
 
 TRACE_POINTS = 8  # memory samples across the timed batches
 

@@ -32,10 +32,10 @@ def fail(message: str, code: int = EXIT_ERROR, kind: str = "error") -> NoReturn:
 # Library error classes by module. Only modules already imported can have raised one, so
 # `train report` never pays for importing torch just to name an error class.
 LIBRARY_ERRORS = {
-    "formats.errors": ("DatasetError",), "train.checkpoint": ("CheckpointError",),
-    "train.config": ("TrainError", "RecipeError"), "train.dist": ("DistError",),
-    "train.export": ("ExportError",), "train.report": ("ReportError",),
-    "train.schedule": ("ScheduleError",), "train.step": ("PrecisionError",),
+    "formats.errors": ("DatasetError",), "train.run.checkpoint": ("CheckpointError",),
+    "train.plan.config": ("TrainError", "RecipeError"), "train.engine.dist": ("DistError",),
+    "train.export": ("ExportError",), "train.run.report": ("ReportError",),
+    "train.plan.schedule": ("ScheduleError",), "train.engine.step": ("PrecisionError",),
 }
 
 
@@ -64,7 +64,7 @@ def call(fn, *args, **kwargs):
     except Exception as exc:
         if not isinstance(exc, library_errors()):
             raise
-        interrupted = getattr(sys.modules.get("train.config"), "Interrupted", ())
+        interrupted = getattr(sys.modules.get("train.plan.config"), "Interrupted", ())
         if interrupted and isinstance(exc, interrupted):  # SIGINT/SIGTERM: saved, not failed
             fail(str(exc), EXIT_INTERRUPTED, kind="interrupted")
         fail(str(exc))
@@ -104,8 +104,8 @@ def run(
     dry_run: bool = typer.Option(False, "--dry-run", help="print the per-epoch table and check shards; train nothing"),
 ) -> None:
     """Train as PHASES says; torchrun --nproc_per_node=N -m train run ... for N GPUs."""
-    from train.config import RunConfig
-    from train.run import run as run_training
+    from train.plan.config import RunConfig
+    from train.run.main import run as run_training
 
     config = RunConfig(
         phases_path=phases, data_dir=data, out_dir=out, arch=arch, device=device,
@@ -176,7 +176,7 @@ def report(
     plot: Optional[Path] = typer.Option(None, help="PNG path [default: <first run>/curves.png]"),
 ) -> None:
     """Time-to-accuracy table (with and without eval time) and a PNG of the curves."""
-    from train.report import report as make_report
+    from train.run.report import report as make_report
 
     typer.echo(call(make_report, run_dirs, dict(parse_targets(target)) or None, plot))
 
@@ -195,7 +195,7 @@ def export(
                f"{info['epoch']}{', EMA' if info['ema'] else ''}) from {info['source']}")
     if info["blurpool"]:
         typer.echo("note: trained with BlurPool: after load_state_dict, call "
-                   "train.layers.add_blurpool(model) (no weights) to compute what the run evaluated")
+                   "train.engine.layers.add_blurpool(model) (no weights) to compute what the run evaluated")
 
 
 if __name__ == "__main__":  # pragma: no cover

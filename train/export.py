@@ -2,9 +2,9 @@
 
     model = torchvision.models.get_model(arch, num_classes=N)   # timm.create_model for timm/
     model.load_state_dict(torch.load(PATH))          # strict
-    train.layers.add_blurpool(model)                 # only if the recipe had "blurpool": true
+    train.engine.layers.add_blurpool(model)                 # only if the recipe had "blurpool": true
 
-BlurPool and stochastic depth add no weights and no keys (train.layers), so the keys are
+BlurPool and stochastic depth add no weights and no keys (train.engine.layers), so the keys are
 torchvision's; a BlurPool model computes what the run evaluated only with the blur put back
 (`add_blurpool`, no weights to load), else it is a plain ResNet whose accuracy drops.
 
@@ -22,8 +22,8 @@ from typing import Any, Mapping
 
 import torch
 
-from train import checkpoint as ckpt
-from train.model import create_model
+from train.run import checkpoint as ckpt
+from train.engine.model import create_model
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 EMA_ONLY_KEYS = ("n_averaged",)  # AveragedModel's counter, not part of the model

@@ -1,0 +1,97 @@
+"""`train run`: one training run from a phases file, start to finish or to a clean stop.
+
+Orchestration only, in this order: check the arguments, schedule, recipe (train.plan.config,
+train.plan.phases), shards (train.run.shards) and the model the recipe builds at each crop (on the meta
+device, train.engine.model), all before any process group or GPU work, so a bad input costs one line
+and no time; `--dry-run` prints the table (train.plan.dry_run) and stops; join torchrun's process
+group (train.engine.dist) and lock the run directory (train.run.run_dir); then train.run.epochs builds the model and its trainer
+(train.engine.model, train.engine.step), resumes (train.run.checkpoint) and runs the epochs: the epoch's loaders
+(train.run.shards.LiveLoaders), its steps (train.engine.loop.train_steps), evaluation, metrics
+(train.run.metrics) and a checkpoint.
+
+Data comes through a `DataSource` (default: `ShardData`), the one seam tests use to train on
+tiny in-memory batches.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from train.plan.config import (Recipe, RecipeError, RunConfig, TrainError, available_cpus,
+                          cap_workers, check_config)
+from train.engine.dist import init_distributed, launch_world_size, processes_per_node, say, shutdown
+from train.plan.dry_run import dry_run_text
+from train.run.metrics import tensorboard_writer
+from train.plan.phases import LoadedSchedule, load_schedule
+from train.run.report import DEFAULT_TARGETS
+from train.run.run_dir import hold_run_dir
+from train.plan.schedule import ScheduleError
+from train.run.shards import DataSource, ShardData, check_shards
+from train.run.signals import StopFlag
+
+IMAGENET_CLASSES = 1000  # the model a dry run without --data checks
+
+
+def load_inputs(config: RunConfig) -> tuple[LoadedSchedule, Recipe]:
+    check_config(config)
+    try:
+        loaded = load_schedule(config.phases_path, full_prep_size=config.full_prep_size)
+        recipe = Recipe.from_mapping(
+            loaded.recipe, arch=config.arch, label_smoothing=config.label_smoothing,
+            mixup_alpha=config.mixup_alpha, cutmix_alpha=config.cutmix_alpha,
+            ema_decay=config.ema_decay, val_flip_tta=config.flip_tta)
+    except (ScheduleError, RecipeError) as exc:
+        raise TrainError(str(exc) if isinstance(exc, ScheduleError)
+                         else f"{config.phases_path}: {exc}") from None
+    return loaded, recipe
+
+
+def targets_of(config: RunConfig, recipe: Recipe) -> dict[str, float]:
+    """--target beats the recipe's "targets", which beat DEFAULT_TARGETS."""
+    targets = dict(recipe.targets) or dict(DEFAULT_TARGETS)
+    targets.update(dict(config.targets))
+    return targets
+
+
+def check_recipe_model(config: RunConfig, loaded: LoadedSchedule, recipe: Recipe,
+                       num_classes: int) -> None:
+    """The recipe's model builds and takes every crop size of the schedule (train.engine.model)."""
+    from train.engine.model import check_model
+
+    phases = loaded.schedule.phases  # a ramp's crops lie between its first and last
+    train_crops = [p.crop_size_at(e) for p in phases for e in (p.epochs[0], p.epochs[1] - 1)]
+    try:
+        check_model(recipe, num_classes, train_crops, [p.val_crop_size for p in phases])
+    except RecipeError as exc:
+        raise TrainError(f"{config.phases_path}: {exc}") from None
+
+
+def run(config: RunConfig, data: DataSource | None = None) -> dict[str, Any]:
+    """Train as the config says; returns the final metrics record (rank 0; {} elsewhere)."""
+    loaded, recipe = load_inputs(config)
+    config, warnings = cap_workers(config, available_cpus(), processes_per_node())
+    for warning in warnings:
+        say(warning)
+    if data is None and config.data_dir is not None:
+        data = ShardData(config.data_dir)
+    world_size = launch_world_size()
+    if config.dry_run:
+        classes = check_shards(loaded.schedule, data, world_size) if data is not None else None
+        check_recipe_model(config, loaded, recipe, len(classes) if classes else IMAGENET_CLASSES)
+        print(dry_run_text(config, loaded, recipe, classes))
+        return {}
+    if data is None:
+        raise TrainError("--data is required (the directory holding train-<N>/ and val-<N>/)")
+    classes = check_shards(loaded.schedule, data, world_size)
+    check_recipe_model(config, loaded, recipe, len(classes))
+    if config.tensorboard:
+        tensorboard_writer()
+    from train.run.epochs import Training  # torch-heavy: imported after the cheap checks
+
+    env = init_distributed(config.device)
+    try:
+        with StopFlag() as stop, hold_run_dir(config.run_dir, env):
+            training = Training(config, loaded, recipe, data, env, len(classes), stop)
+            return training.train(targets_of(config, recipe))
+    finally:
+        shutdown(env)
