@@ -165,7 +165,7 @@ def make_source(job: Job, inputs: Inputs, device: torch.device, prep_size: int) 
 def measure(job: Job, inputs: Inputs, prep_size: int, cap_seconds: float) -> dict[str, Any]:
     """Run `job` through train run's loop; img/s, data-wait share and GPU memory peak."""
     recipe = Recipe.from_mapping(inputs.recipe, arch=job.arch)
-    config = RunConfig(Path("bench/gpu.py"), out_dir=inputs.out_dir / "run", arch=job.arch,
+    config = RunConfig(Path("bench/gpu.py"), out_dir=inputs.out_dir / "run", recipe={"arch": job.arch},
                        device=inputs.device, precision=job.precision, compile=job.compile,
                        workers=inputs.workers, decode="gpu" if job.config == "c" else "cpu",
                        log_every=inputs.log_every, tensorboard=False, progress=False)

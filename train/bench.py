@@ -124,12 +124,14 @@ def timed_steps(trainer: Trainer, batches: DeviceBatches, warmup: int, steps: in
 def checked_run_config(config: BenchConfig):
     """The RunConfig whose checks (train.plan.config.check_config) cover the options `train bench`
     shares with `train run`; its own two are checked here."""
-    from train.plan.config import RunConfig, TrainError
+    from train.errors import TrainError
+    from train.plan.config import RunConfig
 
     if config.steps < 1 or config.warmup_steps < 0:
         raise TrainError(f"--steps must be >= 1 and --warmup >= 0, got {config.steps} and "
                          f"{config.warmup_steps}")
-    return RunConfig(config.phases_path, arch=config.arch, device=config.device,
+    recipe = {"arch": config.arch} if config.arch is not None else {}
+    return RunConfig(config.phases_path, recipe=recipe, device=config.device,
                      precision=config.precision, workers=config.workers, decode=config.decode)
 
 

@@ -18,7 +18,8 @@ import torch
 
 from formats import jpeg
 from train.data.crops import TrainCrop
-from train.plan.config import WORKERS_PER_CORE, TrainError, available_cpus, worker_cap
+from train.errors import TrainError
+from train.plan.config import WORKERS_PER_CORE, available_cpus, worker_cap
 from train.data.loaders import TrainLoader, ValLoader
 from train.engine.dist import say
 

@@ -24,13 +24,10 @@ import torch
 
 from train.run import checkpoint as ckpt
 from train.engine.model import create_model
+from train.errors import TrainError
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 EMA_ONLY_KEYS = ("n_averaged",)  # AveragedModel's counter, not part of the model
-
-
-class ExportError(RuntimeError):
-    pass
 
 
 def plain_state_dict(state: Mapping[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
@@ -54,18 +51,18 @@ def export(run_dir: Path, out_path: Path, *, ema: bool = False) -> dict[str, Any
     path = ckpt.find_for_export(Path(run_dir))
     state = ckpt.load(path)
     if ema and state.get("ema") is None:
-        raise ExportError(f"{path}: no EMA weights (the run had no ema_decay)")
+        raise TrainError(f"{path}: no EMA weights (the run had no ema_decay)")
     weights = plain_state_dict(state["ema"] if ema else state["model"])
     arch, num_classes = state["arch"], state["num_classes"]
     model_kwargs = dict(state.get("recipe", {}).get("model_kwargs", {}))
     try:
         model = create_model(arch, num_classes, model_kwargs)
     except (ImportError, RuntimeError, ValueError, TypeError) as exc:
-        raise ExportError(f"{path}: cannot build {arch}: {exc}") from None
+        raise TrainError(f"{path}: cannot build {arch}: {exc}") from None
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as exc:
-        raise ExportError(f"{path}: weights do not load into {arch}'s constructor: "
+        raise TrainError(f"{path}: weights do not load into {arch}'s constructor: "
                           f"{str(exc).splitlines()[0]}") from None
     out_path = Path(out_path)
     ckpt.save_atomic(weights, out_path)

@@ -83,7 +83,7 @@ def test_run_needs_data_and_valid_options(tmp_path: Path) -> None:
     assert "expected top1=<percent>" in error_line(
         invoke("run", "--phases", path, "--target", "top3=50", "--dry-run"))
     assert "no such schedule file" in error_line(invoke("run", "--phases", tmp_path / "x.json"))
-    assert "--decode must be cpu or gpu" in error_line(
+    assert "--decode must be one of cpu, gpu" in error_line(
         invoke("run", "--phases", path, "--decode", "dali", "--dry-run"))
     assert "--log-every must be >= 1" in error_line(
         invoke("run", "--phases", path, "--log-every", "0", "--dry-run"))

@@ -8,3 +8,4 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # torchvision v2 policies by the recipe's "auto_augment" name (train.data.auto_augment).
 AUTO_AUGMENT_POLICIES = ("ra", "ta_wide", "imagenet")
+DECODERS = ("cpu", "gpu")  # JPEG decode: CPU threads/processes, or nvJPEG (train.data.gpu_decode)

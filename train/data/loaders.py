@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader
 from formats.dataset import RecordDataset
 from formats.errors import DatasetError
 from train.data import decode as cpu_decode
+from train.data.constants import DECODERS
 from train.data.crops import TrainCrop
 from train.data.ring import BatchRing
 from train.data.batches import BatchBuilder, BatchError
@@ -46,7 +47,6 @@ from train.data.samplers import (TrainBatchSampler, TrainPlan, ValPlan, center_v
                             rect_val_batches, train_plans, val_plans)
 from train.data.threads import WorkerThreads
 
-DECODERS = ("cpu", "gpu")
 EXECUTORS = ("threads", "processes")
 RING_SLOTS = 5  # the consumer's batch and the one before it, one ready, two being filled
 

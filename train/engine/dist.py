@@ -22,13 +22,10 @@ from typing import Callable, TypeVar
 import torch
 import torch.distributed as torch_dist
 
-from train.plan.config import TrainError
+from train.errors import TrainError
 
 T = TypeVar("T")
 
-
-class DistError(RuntimeError):
-    """The launch environment cannot be used (bad variables, no CUDA for a GPU rank)."""
 
 
 @dataclass(frozen=True)
@@ -57,7 +54,7 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(value)
     except ValueError:
-        raise DistError(f"environment variable {name}={value!r} is not an integer") from None
+        raise TrainError(f"environment variable {name}={value!r} is not an integer") from None
 
 
 def launch_world_size() -> int:
@@ -76,16 +73,16 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         if not torch.cuda.is_available():
-            raise DistError("--device cuda, but CUDA is not available here")
+            raise TrainError("--device cuda, but CUDA is not available here")
         count = torch.cuda.device_count()
         if count == 1:  # a launcher that shows each process only its own GPU
             return torch.device("cuda", 0)
         if local_rank >= count:
-            raise DistError(f"LOCAL_RANK {local_rank} but only {count} GPUs are visible")
+            raise TrainError(f"LOCAL_RANK {local_rank} but only {count} GPUs are visible")
         return torch.device("cuda", local_rank)
     if device == "cpu":
         return torch.device("cpu")
-    raise DistError(f"unknown device {device!r}; use auto, cuda or cpu")
+    raise TrainError(f"unknown device {device!r}; use auto, cuda or cpu")
 
 
 def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> DistEnv:
@@ -94,7 +91,7 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> Dis
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
     if not 0 <= rank < world_size:
-        raise DistError(f"RANK {rank} is outside WORLD_SIZE {world_size}")
+        raise TrainError(f"RANK {rank} is outside WORLD_SIZE {world_size}")
     torch_device = resolve_device(device, local_rank)
     if torch_device.type == "cuda":
         torch.cuda.set_device(torch_device)  # before NCCL init: one GPU per process

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.plan.config import TrainError
+from train.errors import TrainError
 from train.engine.dist import DistEnv, all_reduce_sum
 from train.engine.step import Trainer, autocast, step_seed
 

@@ -16,7 +16,8 @@ import torch
 import torchvision
 from torch import nn
 
-from train.plan.config import TIMM_PREFIX, Recipe, RecipeError
+from train.errors import RecipeError
+from train.plan.config import TIMM_PREFIX, Recipe
 from train.engine.layers import LAST_BN, add_blurpool, add_drop_path, count_blurpool, zero_init_last_bn
 
 

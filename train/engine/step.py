@@ -29,22 +29,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from train.engine.model import set_lr
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
-
-class PrecisionError(ValueError):
-    pass
+from train.errors import TrainError
+from train.plan.config import PRECISIONS
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """'auto' -> bf16 on CUDA (no loss scaling needed), fp32 on CPU (exact, deterministic)."""
     if precision not in PRECISIONS:
-        raise PrecisionError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
+        raise TrainError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
     if precision == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     if precision == "fp16" and device.type != "cuda":
-        raise PrecisionError("fp16 needs CUDA; on CPU use fp32 or bf16")
+        raise TrainError("fp16 needs CUDA; on CPU use fp32 or bf16")
     return precision
 
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping, Sequence
 
-from train.plan.config import is_int, is_number
-from train.plan.schedule import DEFAULT_MIN_SCALE, Phase, Schedule, ScheduleError
+from train.errors import ScheduleError
+from train.plan.settings import is_int, is_number
+from train.plan.schedule import DEFAULT_MIN_SCALE, Phase, Schedule
 
 IMAGENET18_KEYS = ("ep", "sz", "bs", "lr", "trndir", "valdir", "min_scale", "rect_val",
                    "keep_dl")

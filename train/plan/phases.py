@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from train.plan.imagenet18 import from_imagenet18
-from train.plan.schedule import Schedule, ScheduleError
+from train.errors import ScheduleError
+from train.plan.schedule import Schedule
 
 TOP_LEVEL_KEYS = ("phases", "recipe", "note")
 

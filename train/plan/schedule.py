@@ -33,16 +33,13 @@ from dataclasses import dataclass, fields
 from typing import Any, Mapping, Sequence
 
 from formats.layout import split_dir_name
-from train.plan.config import is_int, is_number
+from train.errors import ScheduleError
+from train.plan.settings import is_int, is_number
 
 DEFAULT_MIN_SCALE = 0.08
 DEFAULT_CROP_MULTIPLE = 32
 LR_SHAPES = ("linear", "cosine", "constant", "step")
 MAX_EPOCHS = 100_000  # far above any recipe; a typo beyond it would hang the dry run's table
-
-
-class ScheduleError(ValueError):
-    """A schedule that cannot be used; the message is one line naming the phase and key."""
 
 
 def round_crop(value: float, multiple: int) -> int:

@@ -28,19 +28,16 @@ from typing import Any
 import torch
 
 from formats.files import write_atomic
-from train.plan.config import TrainError
+from train.errors import TrainError
 from train.engine.loop import TrainState, sums_from_dict
 from train.run.run_dir import run_outputs
 from train.engine.step import Trainer
+from train.errors import CheckpointError
 
 CHECKPOINT_VERSION = 2  # 2: phases gained lr_shape, accum_steps, crop_multiple
 CHECKPOINTS_DIR = "checkpoints"
 LAST_NAME = "last.pt"
 FINAL_NAME = "final.pt"
-
-
-class CheckpointError(RuntimeError):
-    """No usable checkpoint where one was asked for."""
 
 
 def checkpoint_dir(out_dir: Path) -> Path:

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from train.run import checkpoint as ckpt
-from train.plan.config import Interrupted, Recipe, RunConfig, TrainError
+from train.errors import Interrupted, TrainError
+from train.plan.config import Recipe, RunConfig
 from train.engine.dist import (DistEnv, all_reduce_max, all_reduce_sum, broadcast_buffers,
                         is_main_process, rank_zero_agreed, say)
 from train.engine.loop import EvalSums, SyncPoint, TrainState, evaluate, train_steps

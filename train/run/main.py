@@ -17,15 +17,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from train.plan.config import (Recipe, RecipeError, RunConfig, TrainError, available_cpus,
-                          cap_workers, check_config)
+from train.errors import RecipeError, ScheduleError, TrainError
+from train.plan.config import Recipe, RunConfig, available_cpus, cap_workers, check_config
 from train.engine.dist import init_distributed, launch_world_size, processes_per_node, say, shutdown
 from train.plan.dry_run import dry_run_text
 from train.run.metrics import tensorboard_writer
 from train.plan.phases import LoadedSchedule, load_schedule
 from train.run.report import DEFAULT_TARGETS
 from train.run.run_dir import hold_run_dir
-from train.plan.schedule import ScheduleError
 from train.run.shards import DataSource, ShardData, check_shards
 from train.run.signals import StopFlag
 
@@ -36,10 +35,7 @@ def load_inputs(config: RunConfig) -> tuple[LoadedSchedule, Recipe]:
     check_config(config)
     try:
         loaded = load_schedule(config.phases_path, full_prep_size=config.full_prep_size)
-        recipe = Recipe.from_mapping(
-            loaded.recipe, arch=config.arch, label_smoothing=config.label_smoothing,
-            mixup_alpha=config.mixup_alpha, cutmix_alpha=config.cutmix_alpha,
-            ema_decay=config.ema_decay, val_flip_tta=config.flip_tta)
+        recipe = Recipe.from_mapping(loaded.recipe, **config.recipe)
     except (ScheduleError, RecipeError) as exc:
         raise TrainError(str(exc) if isinstance(exc, ScheduleError)
                          else f"{config.phases_path}: {exc}") from None

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from formats.files import write_atomic
-from train.plan.config import TrainError
+from train.errors import TrainError
 
 METRICS_NAME = "metrics.jsonl"
 EVENT_LOG_NAME = "event.log"

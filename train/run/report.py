@@ -13,13 +13,10 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from train.run.metrics import CONFIG_NAME, METRICS_NAME, read_metrics
+from train.errors import TrainError
 
 PLOT_NAME = "curves.png"
 DEFAULT_TARGETS = {"top1": 75.9, "top5": 93.0}  # MLPerf's ResNet-50 top-1; DAWNBench's top-5
-
-
-class ReportError(ValueError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -77,11 +74,11 @@ def format_table(records: Sequence[Mapping[str, Any]]) -> str:
 def load_run(run_dir: Path) -> list[dict[str, Any]]:
     run_dir = Path(run_dir)
     if not (run_dir / METRICS_NAME).is_file():
-        raise ReportError(f"{run_dir}: no {METRICS_NAME} (not a run directory, or no epoch "
+        raise TrainError(f"{run_dir}: no {METRICS_NAME} (not a run directory, or no epoch "
                           "finished yet)")
     records = read_metrics(run_dir)
     if not records:
-        raise ReportError(f"{run_dir}/{METRICS_NAME}: no complete epoch records")
+        raise TrainError(f"{run_dir}/{METRICS_NAME}: no complete epoch records")
     return records
 
 
@@ -147,7 +144,7 @@ def report(run_dirs: Sequence[Path], targets: Mapping[str, float] | None = None,
     `targets` (e.g. {"top5": 93}) default to those of the first run.
     """
     if not run_dirs:
-        raise ReportError("give at least one run directory")
+        raise TrainError("give at least one run directory")
     targets = dict(targets) if targets else run_targets(Path(run_dirs[0]))
     runs = {str(Path(d)): load_run(Path(d)) for d in run_dirs}
     parts = []

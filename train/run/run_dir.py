@@ -21,7 +21,7 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-from train.plan.config import TrainError
+from train.errors import TrainError
 from train.engine.dist import DistEnv, rank_zero_agreed
 
 LOCK_NAME = ".lock"

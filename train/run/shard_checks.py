@@ -21,7 +21,7 @@ import numpy as np
 from formats.errors import DatasetError
 from formats.manifest import load_records, read_manifest
 from formats.record import MANIFEST_FILE, RECORDS_FILE
-from train.plan.config import TrainError
+from train.errors import TrainError
 from train.plan.schedule import Schedule
 
 

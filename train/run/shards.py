@@ -18,7 +18,8 @@ from typing import Protocol
 import torch
 
 from train.data.crops import TrainCrop
-from train.plan.config import RunConfig, TrainError
+from train.errors import TrainError
+from train.plan.config import RunConfig
 from train.data.contract import Augment, TrainBatches, ValBatches
 from train.engine.dist import DistEnv
 from train.engine.loop import DeviceBatches

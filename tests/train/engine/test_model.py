@@ -12,7 +12,8 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from tests.train.standin import StandInData
 from train.bench import BenchConfig, SyntheticBatches, bench_phases, format_bench, verdict
-from train.plan.config import Recipe, RecipeError
+from train.errors import RecipeError
+from train.plan.config import Recipe
 from train.engine.loop import evaluate
 from train.engine.model import build_model, build_optimizer, param_groups
 from train.engine.step import Trainer, make_mix, resolve_precision, step_seed
@@ -26,7 +27,7 @@ def test_recipe_defaults_overrides_and_errors() -> None:
     assert (recipe.arch, recipe.weight_decay, recipe.label_smoothing) == ("resnet18", 0, 0.1)
     assert Recipe.from_mapping({}).arch == "resnet50"
     for data, message in [({"lr": 1}, "recipe key 'lr': unknown"),
-                          ({"optimizer": "adam"}, "only 'sgd'"),
+                          ({"optimizer": "adam"}, "'optimizer': must be one of sgd, got 'adam'"),
                           ({"nesterov": 1}, "must be true or false"),
                           ({"ema_decay": 1.0}, "'ema_decay': must be a number in [0, 1)"),
                           ({"targets": {"top3": 1}}, "'targets'")]:

@@ -16,7 +16,8 @@ from tests.loader_shards import dataset_dir
 from tests.train.standin import StandInData
 from train.data.crops import TrainCrop
 from train.data.auto_augment import AutoAugment
-from train.plan.config import Recipe, RecipeError, RunConfig
+from train.errors import RecipeError, ScheduleError
+from train.plan.config import Recipe, RunConfig
 from train.data.loaders import TrainLoader
 from train.plan.dry_run import epoch_rows, format_table
 from train.export import export
@@ -26,7 +27,6 @@ from train.engine.model import build_model, build_optimizer
 from train.plan.phases import parse_schedule
 from train.plan.rebuilds import loader_changes
 from train.run.main import run
-from train.plan.schedule import ScheduleError
 from train.engine.step import Trainer, seeded
 
 CPU = torch.device("cpu")

@@ -13,7 +13,8 @@ from train.plan.dry_run import epoch_rows, format_table
 from train.plan.imagenet18 import from_imagenet18
 from train.plan.phases import load_schedule, parse_schedule
 from train.plan.rebuilds import loader_changes
-from train.plan.schedule import Phase, Schedule, ScheduleError
+from train.errors import ScheduleError
+from train.plan.schedule import Phase, Schedule
 
 REPO = Path(__file__).resolve().parents[3]
 PHASES_DIR = REPO / "phases"
@@ -86,8 +87,16 @@ def test_each_invalid_schedule_has_one_clear_message(data, expected: str) -> Non
     assert expected in error_of(data)
 
 
-def test_schedule_error_is_a_value_error() -> None:
-    assert issubclass(ScheduleError, ValueError)
+def test_every_train_error_has_one_base_class() -> None:
+    """cli.py catches train.errors.REPORTED: every error class of train/ is under it."""
+    import inspect
+
+    import train.errors
+
+    classes = [c for _, c in inspect.getmembers(train.errors, inspect.isclass)
+               if issubclass(c, Exception) and c.__module__ == "train.errors"]
+    assert len(classes) >= 5 and all(issubclass(c, train.errors.TrainError) for c in classes)
+    assert ScheduleError in classes
 
 
 def test_missing_file(tmp_path: Path) -> None:

@@ -10,11 +10,11 @@ import torch
 import torchvision
 
 from tests.train.standin import StandInData, quick_config
-from train.run.checkpoint import CheckpointError
 from train.export import export, plain_state_dict
 from train.run.metrics import read_metrics
 from train.run.report import report
-from train.plan.config import RunConfig, TrainError
+from train.errors import CheckpointError, TrainError
+from train.plan.config import RunConfig
 from train.run.main import run
 
 RECIPE = {"arch": "resnet18", "weight_decay": 5e-5, "label_smoothing": 0.1,
@@ -38,7 +38,7 @@ def config(tmp_path: Path, **overrides) -> RunConfig:
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory) -> tuple[Path, dict]:
     tmp_path = tmp_path_factory.mktemp("smoke")
-    last = run(config(tmp_path, ema_decay=0.9, flip_tta=True, tensorboard=True), StandInData())
+    last = run(config(tmp_path, recipe={"ema_decay": 0.9, "val_flip_tta": True}, tensorboard=True), StandInData())
     return tmp_path / "run", last
 
 
@@ -175,7 +175,7 @@ def test_non_finite_weights_are_never_saved(tmp_path: Path, monkeypatch) -> None
 def test_sync_bn_and_fp16_need_cuda(tmp_path: Path) -> None:
     with pytest.raises(TrainError, match="--sync-bn needs CUDA"):
         run(config(tmp_path, sync_bn=True), StandInData())
-    from train.engine.step import PrecisionError
+    from train.errors import TrainError as PrecisionError
 
     with pytest.raises(PrecisionError, match="fp16 needs CUDA"):
         run(config(tmp_path, precision="fp16", out_dir=tmp_path / "r2"), StandInData())

@@ -16,9 +16,10 @@ import torch
 from typer.testing import CliRunner
 
 from tests.train.standin import StandInData, quick_config
-from train.run.checkpoint import CheckpointError, changes_since, resume_path
+from train.run.checkpoint import changes_since, resume_path
 from train.cli import app
-from train.plan.config import RunConfig, TrainError
+from train.errors import CheckpointError, TrainError
+from train.plan.config import RunConfig
 from train.run.metrics import read_metrics
 from train.run.main import run
 from train.run.run_dir import LOCK_NAME, acquire, clear_outputs, release, run_outputs
@@ -271,7 +272,7 @@ def test_checkpoint_of_another_model_is_one_line(stopped_run: Path, tmp_path: Pa
     copy_of(stopped_run, tmp_path)
     with pytest.raises(TrainError, match="holds resnet18 with 3 classes, this run builds "
                                          "resnet34 with 3"):
-        run(config(tmp_path, resume="auto", arch="resnet34", allow_changed=True), StandInData())
+        run(config(tmp_path, resume="auto", recipe={"arch": "resnet34"}, allow_changed=True), StandInData())
     last = tmp_path / "run" / "checkpoints" / "last.pt"
     saved = torch.load(last, weights_only=True)
     saved["model"]["fc.weight"] = torch.zeros(3, 256)  # a narrower variant of the same arch

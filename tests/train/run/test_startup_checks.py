@@ -43,7 +43,7 @@ def error_line(*args) -> str:
     (["--eval-every", "0"], "--eval-every must be >= 1"),
     (["--checkpoint-every-steps", "-1"], "--checkpoint-every-steps must be >= 0"),
     (["--workers", "-3"], "--workers must be >= 0"),
-    (["--precision", "fp8"], "--precision must be auto, fp32, bf16 or fp16, got 'fp8'"),
+    (["--precision", "fp8"], "--precision must be one of auto, fp32, bf16, fp16, got 'fp8'"),
     (["--target", "top1=nan"], "--target top1=nan: must be a percentage in (0, 100]"),
     (["--target", "top5=101"], "--target top5=101: must be a percentage"),
     (["--overwrite", "--resume", "auto"], "--overwrite and --resume auto contradict"),
