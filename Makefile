@@ -17,7 +17,7 @@ FORMAT ?= lmdb
 DEMO ?= demo
 
 GPUS ?= 8
-.PHONY: setup demo test test-quick bench bench-peers bench-scale shards shards-160 shards-320 verify info clean-demo \
+.PHONY: setup demo test test-quick lint bench bench-peers bench-scale shards shards-160 shards-320 verify info clean-demo \
 	train-imagenet18 train-rn50 train-rn18 bench-train
 
 setup: $(STAMP)
@@ -29,6 +29,12 @@ $(STAMP): pyproject.toml setup.py train/data/native/decode_native.c train/data/n
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# ruff (line length 100, pyproject.toml): formatting and lint; train/ and its tests for now.
+LINT_PATHS ?= train tests/train tests/test_structure.py
+lint: $(STAMP)
+	$(BIN)/ruff format --check $(LINT_PATHS)
+	$(BIN)/ruff check $(LINT_PATHS)
 
 # The quick tier while editing (< ~1 min): everything but the tests marked slow.
 test-quick: $(STAMP)

@@ -1,8 +1,5 @@
-"""`train`: the command line. Parses arguments and calls one library function per command.
-
-The only module in train/ that imports typer. Library errors become one line on stderr,
-`train: error: ...`, and a non-zero exit status.
-"""
+"""`train`: the command line, the only typer user; one library call per command, each error
+as one line."""
 
 from __future__ import annotations
 
@@ -14,8 +11,11 @@ from typing import Any, List, Mapping, NoReturn, Optional
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Train torchvision models on shardtrain shards (see phases/*.json).")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Train torchvision models on shardtrain shards (see phases/*.json).",
+)
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
@@ -66,8 +66,12 @@ def option(name: str, kind: Any, default: Any, meta: Mapping[str, Any]) -> inspe
     if meta.get("choices"):
         help_text += f" ({' | '.join(meta['choices'])})"
     annotation = Optional[kind] if default is None else kind
-    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
-                             default=typer.Option(default, *names, help=help_text))
+    return inspect.Parameter(
+        name,
+        inspect.Parameter.KEYWORD_ONLY,
+        annotation=annotation,
+        default=typer.Option(default, *names, help=help_text),
+    )
 
 
 def run_options() -> list[inspect.Parameter]:
@@ -75,13 +79,22 @@ def run_options() -> list[inspect.Parameter]:
     from train.plan.config import Recipe, RunConfig
     from train.plan.settings import declared
 
-    params = [option(f.name, kind, ... if f.default is MISSING else f.default, f.metadata)
-              for f, kind, _ in declared(RunConfig) if "help" in f.metadata]
-    params += [option(f.name, kind, None, f.metadata)
-               for f, kind, _ in declared(Recipe) if f.metadata.get("cli")]
+    params = [
+        option(f.name, kind, ... if f.default is MISSING else f.default, f.metadata)
+        for f, kind, _ in declared(RunConfig)
+        if "help" in f.metadata
+    ]
+    params += [
+        option(f.name, kind, None, f.metadata)
+        for f, kind, _ in declared(Recipe)
+        if f.metadata.get("cli")
+    ]
     target = typer.Option([], help="top1=75.9 or top5=93 (repeatable)")
-    return params + [inspect.Parameter("target", inspect.Parameter.KEYWORD_ONLY,
-                                       annotation=List[str], default=target)]
+    return params + [
+        inspect.Parameter(
+            "target", inspect.Parameter.KEYWORD_ONLY, annotation=List[str], default=target
+        )
+    ]
 
 
 def run(**options: Any) -> None:
@@ -102,7 +115,9 @@ app.command()(run)
 @app.command()
 def bench(
     phases: Path = typer.Option(..., help="phases.json whose phases to measure"),
-    data: Optional[Path] = typer.Option(None, help="shards for the end-to-end numbers (else synthetic only)"),
+    data: Optional[Path] = typer.Option(
+        None, help="shards for the end-to-end numbers (else synthetic only)"
+    ),
     arch: Optional[str] = typer.Option(None),
     device: str = typer.Option("auto"),
     precision: str = typer.Option("auto"),
@@ -116,10 +131,22 @@ def bench(
     """Per phase: img/s on synthetic on-device data vs real shards, and the data-wait share."""
     from train.bench import BenchConfig, bench_phases, format_bench
 
-    rows = call(bench_phases, BenchConfig(
-        phases_path=phases, data_dir=data, arch=arch, device=device, precision=precision,
-        compile=compile, channels_last=channels_last, steps=steps, warmup_steps=warmup,
-        workers=workers, decode=decode))
+    rows = call(
+        bench_phases,
+        BenchConfig(
+            phases_path=phases,
+            data_dir=data,
+            arch=arch,
+            device=device,
+            precision=precision,
+            compile=compile,
+            channels_last=channels_last,
+            steps=steps,
+            warmup_steps=warmup,
+            workers=workers,
+            decode=decode,
+        ),
+    )
     typer.echo(format_bench(rows))
 
 
@@ -139,8 +166,19 @@ def bench_loader(
     """Loader throughput alone; the LAST line is machine-readable: img_per_s=<float>."""
     from train.bench_loader import bench_loader as run_bench
 
-    result = call(run_bench, data, crop_size, batch_size, workers, batches, decode=decode,
-                  val=val, rect=rect, warmup_batches=warmup, min_scale=min_scale)
+    result = call(
+        run_bench,
+        data,
+        crop_size,
+        batch_size,
+        workers,
+        batches,
+        decode=decode,
+        val=val,
+        rect=rect,
+        warmup_batches=warmup,
+        min_scale=min_scale,
+    )
     for key, value in result.items():
         if key != "img_per_s":
             typer.echo(f"{key}: {value}")
@@ -150,7 +188,9 @@ def bench_loader(
 @app.command()
 def report(
     run_dirs: List[Path] = typer.Argument(..., help="run directories (several: one plot)"),
-    target: List[str] = typer.Option([], help="top1=75.9 or top5=93 (repeatable) [default: the run's]"),
+    target: List[str] = typer.Option(
+        [], help="top1=75.9 or top5=93 (repeatable) [default: the run's]"
+    ),
     plot: Optional[Path] = typer.Option(None, help="PNG path [default: <first run>/curves.png]"),
 ) -> None:
     """Time-to-accuracy table (with and without eval time) and a PNG of the curves."""
@@ -169,11 +209,15 @@ def export(
     from train.export import export as run_export
 
     info = call(run_export, run_dir, out, ema=ema)
-    typer.echo(f"wrote {info['out']}: {info['arch']} ({info['num_classes']} classes, epoch "
-               f"{info['epoch']}{', EMA' if info['ema'] else ''}) from {info['source']}")
+    typer.echo(
+        f"wrote {info['out']}: {info['arch']} ({info['num_classes']} classes, epoch "
+        f"{info['epoch']}{', EMA' if info['ema'] else ''}) from {info['source']}"
+    )
     if info["blurpool"]:
-        typer.echo("note: trained with BlurPool: after load_state_dict, call "
-                   "train.engine.layers.add_blurpool(model) (no weights) to compute what the run evaluated")
+        typer.echo(
+            "note: trained with BlurPool: after load_state_dict, call "
+            "train.engine.layers.add_blurpool(model) (no weights) to compute what the run evaluated"
+        )
 
 
 if __name__ == "__main__":  # pragma: no cover

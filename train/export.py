@@ -1,18 +1,4 @@
-"""`train export RUN_DIR --out PATH`: weights that torchvision's own constructor loads as is.
-
-    model = torchvision.models.get_model(arch, num_classes=N)   # timm.create_model for timm/
-    model.load_state_dict(torch.load(PATH))          # strict
-    train.engine.layers.add_blurpool(model)                 # only if the recipe had "blurpool": true
-
-BlurPool and stochastic depth add no weights and no keys (train.engine.layers), so the keys are
-torchvision's; a BlurPool model computes what the run evaluated only with the blur put back
-(`add_blurpool`, no weights to load), else it is a plain ResNet whose accuracy drops.
-
-Checkpoints already hold the plain module's state_dict, but a state_dict saved from a wrapped
-model carries prefixes: `module.` (DDP, and AveragedModel for the EMA), `_orig_mod.`
-(torch.compile). They are stripped here, and the result is loaded strictly into a fresh
-torchvision model before it is written, so an export that would not load is never written.
-"""
+"""`train export`: a state_dict that torchvision's constructor for the arch loads strictly."""
 
 from __future__ import annotations
 
@@ -22,9 +8,9 @@ from typing import Any, Mapping
 
 import torch
 
-from train.run import checkpoint as ckpt
 from train.engine.model import create_model
 from train.errors import TrainError
+from train.run import checkpoint as ckpt
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 EMA_ONLY_KEYS = ("n_averaged",)  # AveragedModel's counter, not part of the model
@@ -41,7 +27,7 @@ def plain_state_dict(state: Mapping[str, torch.Tensor]) -> OrderedDict[str, torc
             stripped = False
             for prefix in WRAPPER_PREFIXES:
                 if key.startswith(prefix):
-                    key, stripped = key[len(prefix):], True
+                    key, stripped = key[len(prefix) :], True
         out[key] = value.detach().cpu().contiguous()
     return out
 
@@ -62,11 +48,18 @@ def export(run_dir: Path, out_path: Path, *, ema: bool = False) -> dict[str, Any
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as exc:
-        raise TrainError(f"{path}: weights do not load into {arch}'s constructor: "
-                          f"{str(exc).splitlines()[0]}") from None
+        raise TrainError(
+            f"{path}: weights do not load into {arch}'s constructor: {str(exc).splitlines()[0]}"
+        ) from None
     out_path = Path(out_path)
     ckpt.save_atomic(weights, out_path)
-    return {"source": str(path), "out": str(out_path), "arch": arch,
-            "num_classes": num_classes, "ema": ema, "epoch": state["epoch"],
-            "model_kwargs": model_kwargs,
-            "blurpool": bool(state.get("recipe", {}).get("blurpool", False))}
+    return {
+        "source": str(path),
+        "out": str(out_path),
+        "arch": arch,
+        "num_classes": num_classes,
+        "ema": ema,
+        "epoch": state["epoch"],
+        "model_kwargs": model_kwargs,
+        "blurpool": bool(state.get("recipe", {}).get("blurpool", False)),
+    }

@@ -1,4 +1,5 @@
-"""A stand-in for train.data.loaders / train.data.prefetch over tiny in-memory uint8 images, for trainer tests.
+"""A stand-in for train.data.loaders / train.data.prefetch over tiny in-memory uint8 images,
+for trainer tests.
 
 It implements the loader contract the trainer codes against (train.data.loaders.TrainBatches /
 ValBatches: set_epoch with start_batch, set_crop, close, equal len on every rank, possibly
@@ -51,8 +52,19 @@ def resize(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 class StandInTrainLoader:
-    def __init__(self, images, labels, batch_size: int, crop: TrainCrop, *, rank: int,
-                 world_size: int, seed: int, delay: float = 0.0, calls=None) -> None:
+    def __init__(
+        self,
+        images,
+        labels,
+        batch_size: int,
+        crop: TrainCrop,
+        *,
+        rank: int,
+        world_size: int,
+        seed: int,
+        delay: float = 0.0,
+        calls=None,
+    ) -> None:
         self.images, self.labels = images, labels
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.crop, self.delay = crop, delay
@@ -75,11 +87,12 @@ class StandInTrainLoader:
         return self.num_images // (self.batch_size * self.world_size)
 
     def __iter__(self):
-        order = torch.randperm(self.num_images,
-                               generator=torch.Generator().manual_seed(self.seed * 1000 + self.epoch))
+        order = torch.randperm(
+            self.num_images, generator=torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
+        )
         global_batch = self.batch_size * self.world_size
         for b in range(self.start_batch, len(self)):
-            rows = order[b * global_batch:(b + 1) * global_batch]
+            rows = order[b * global_batch : (b + 1) * global_batch]
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 1009 + b)
             flips = torch.rand(global_batch, generator=generator) < 0.5
             mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
@@ -93,8 +106,17 @@ class StandInTrainLoader:
 class StandInValLoader:
     """Rank r gets images r, r+W, ...; batches padded with EMPTY ones to equal counts."""
 
-    def __init__(self, images, labels, batch_size: int, crop_size: int, *, rank: int,
-                 world_size: int, calls=None) -> None:
+    def __init__(
+        self,
+        images,
+        labels,
+        batch_size: int,
+        crop_size: int,
+        *,
+        rank: int,
+        world_size: int,
+        calls=None,
+    ) -> None:
         self.images, self.labels, self.crop_size = images, labels, crop_size
         self.calls = calls if calls is not None else []
         self.indices = list(range(rank, len(images), world_size))
@@ -114,8 +136,9 @@ class StandInValLoader:
 
     def __iter__(self):
         for b in range(self.num_batches):
-            rows = torch.tensor(self.indices[b * self.batch_size:(b + 1) * self.batch_size],
-                                dtype=torch.long)
+            rows = torch.tensor(
+                self.indices[b * self.batch_size : (b + 1) * self.batch_size], dtype=torch.long
+            )
             if len(rows) == 0:  # padding batch: this rank has run out of images
                 size = self.crop_size
                 yield torch.empty((0, 3, size, size), dtype=torch.uint8), self.labels[rows]
@@ -150,8 +173,9 @@ class StandInPrefetcher:
 class StandInData:
     """A DataSource (train.run.shards) with shards named train-<N>/val-<N> for N in `prep_sizes`."""
 
-    def __init__(self, num_train: int = 48, num_val: int = 18, prep_sizes=(160,),
-                 delay: float = 0.0) -> None:
+    def __init__(
+        self, num_train: int = 48, num_val: int = 18, prep_sizes=(160,), delay: float = 0.0
+    ) -> None:
         self.train = make_images(num_train, seed=1)
         self.val = make_images(num_val, seed=2)
         self.dir_names = {f"{split}-{n}" for split in ("train", "val") for n in prep_sizes}
@@ -162,21 +186,56 @@ class StandInData:
         if dir_name not in self.dir_names:
             raise DatasetError(f"{dir_name}: no such dataset directory")
         split, prep_size = dir_name.split("-")
-        return ShardInfo([f"n{i:08d}" for i in range(NUM_CLASSES)], split, int(prep_size),
-                         len((self.train if split == "train" else self.val)[0]))
+        return ShardInfo(
+            [f"n{i:08d}" for i in range(NUM_CLASSES)],
+            split,
+            int(prep_size),
+            len((self.train if split == "train" else self.val)[0]),
+        )
 
-    def train_loader(self, dir_name, batch_size, crop, *, rank, world_size, seed, workers,
-                     decode, device, augment=None):
+    def train_loader(
+        self,
+        dir_name,
+        batch_size,
+        crop,
+        *,
+        rank,
+        world_size,
+        seed,
+        workers,
+        decode,
+        device,
+        augment=None,
+    ):
         self.calls.append(("train_loader", dir_name, batch_size, crop.crop_size, crop.min_scale))
-        return StandInTrainLoader(*self.train, batch_size, crop, rank=rank,
-                                  world_size=world_size, seed=seed, delay=self.delay,
-                                  calls=self.calls)
+        return StandInTrainLoader(
+            *self.train,
+            batch_size,
+            crop,
+            rank=rank,
+            world_size=world_size,
+            seed=seed,
+            delay=self.delay,
+            calls=self.calls,
+        )
 
-    def val_loader(self, dir_name, batch_size, crop_size, *, rank, world_size, workers, rect,
-                   decode, device=None):
+    def val_loader(
+        self,
+        dir_name,
+        batch_size,
+        crop_size,
+        *,
+        rank,
+        world_size,
+        workers,
+        rect,
+        decode,
+        device=None,
+    ):
         self.calls.append(("val_loader", dir_name, batch_size, crop_size, rect))
-        return StandInValLoader(*self.val, batch_size, crop_size, rank=rank,
-                                world_size=world_size, calls=self.calls)
+        return StandInValLoader(
+            *self.val, batch_size, crop_size, rank=rank, world_size=world_size, calls=self.calls
+        )
 
     def prefetcher(self, loader, device, channels_last):
         return StandInPrefetcher(loader, device, channels_last)
@@ -187,8 +246,16 @@ def quick_config(**fields):
     TensorBoard, unless `fields` (RunConfig's, phases_path among them) say otherwise."""
     from train.plan.config import RunConfig
 
-    return RunConfig(**{"device": "cpu", "progress": False, "tensorboard": False,
-                        "log_every": 2, "threads": 1, **fields})
+    return RunConfig(
+        **{
+            "device": "cpu",
+            "progress": False,
+            "tensorboard": False,
+            "log_every": 2,
+            "threads": 1,
+            **fields,
+        }
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -206,9 +273,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-val", type=int, default=18)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
-    config = RunConfig(args.phases, out_dir=args.out, device=args.device, resume=args.resume,
-                       checkpoint_every_steps=args.checkpoint_every_steps, threads=args.threads,
-                       progress=False, tensorboard=False, log_every=1)
+    config = RunConfig(
+        args.phases,
+        out_dir=args.out,
+        device=args.device,
+        resume=args.resume,
+        checkpoint_every_steps=args.checkpoint_every_steps,
+        threads=args.threads,
+        progress=False,
+        tensorboard=False,
+        log_every=1,
+    )
     run(config, StandInData(args.num_train, args.num_val, delay=args.delay))
 
 

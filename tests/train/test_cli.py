@@ -54,15 +54,18 @@ def test_dry_run_prints_the_per_epoch_table() -> None:
     assert "arch=resnet18" in result.stdout
 
 
-@pytest.mark.parametrize(("phases", "recipe", "expected"), [
-    ([dict(PHASE, size=1)], None, "phase 0, key 'size': unknown key"),
-    ([PHASE, dict(PHASE, epochs=[3, 4])], None, "phase 1, key 'epochs': gap"),
-    ([PHASE, dict(PHASE, epochs=[1, 4])], None, "phase 1, key 'epochs': overlap"),
-    ([dict(PHASE, crop_size=192)], None, "key 'crop_size': 192 > prep_size 160"),
-    ([PHASE], {"arch": "resnet18", "lr_peak": 2}, "recipe key 'lr_peak': unknown"),
-    ([PHASE], {"arch": "resnet9000"}, "recipe key 'arch': must name a torchvision"),
-    ([PHASE], {"momentum": 1.5}, "recipe key 'momentum'"),
-])
+@pytest.mark.parametrize(
+    ("phases", "recipe", "expected"),
+    [
+        ([dict(PHASE, size=1)], None, "phase 0, key 'size': unknown key"),
+        ([PHASE, dict(PHASE, epochs=[3, 4])], None, "phase 1, key 'epochs': gap"),
+        ([PHASE, dict(PHASE, epochs=[1, 4])], None, "phase 1, key 'epochs': overlap"),
+        ([dict(PHASE, crop_size=192)], None, "key 'crop_size': 192 > prep_size 160"),
+        ([PHASE], {"arch": "resnet18", "lr_peak": 2}, "recipe key 'lr_peak': unknown"),
+        ([PHASE], {"arch": "resnet9000"}, "recipe key 'arch': must name a torchvision"),
+        ([PHASE], {"momentum": 1.5}, "recipe key 'momentum'"),
+    ],
+)
 def test_bad_schedules_fail_with_one_line(tmp_path: Path, phases, recipe, expected) -> None:
     path = write_phases(tmp_path, phases, recipe)
     assert expected in error_line(invoke("run", "--phases", path, "--dry-run"))
@@ -72,8 +75,9 @@ def test_missing_shards_fail_before_training(tmp_path: Path) -> None:
     path = write_phases(tmp_path, [PHASE])
     line = error_line(invoke("run", "--phases", path, "--data", tmp_path / "shards", "--dry-run"))
     assert "phase 0 needs train shards train-160/ (prep_size 160)" in line
-    line = error_line(invoke("run", "--phases", path, "--data", tmp_path / "shards",
-                             "--out", tmp_path / "run"))
+    line = error_line(
+        invoke("run", "--phases", path, "--data", tmp_path / "shards", "--out", tmp_path / "run")
+    )
     assert "train-160" in line and not (tmp_path / "run").exists()
 
 
@@ -81,18 +85,22 @@ def test_run_needs_data_and_valid_options(tmp_path: Path) -> None:
     path = write_phases(tmp_path, [PHASE])
     assert "--data is required" in error_line(invoke("run", "--phases", path))
     assert "expected top1=<percent>" in error_line(
-        invoke("run", "--phases", path, "--target", "top3=50", "--dry-run"))
+        invoke("run", "--phases", path, "--target", "top3=50", "--dry-run")
+    )
     assert "no such schedule file" in error_line(invoke("run", "--phases", tmp_path / "x.json"))
     assert "--decode must be one of cpu, gpu" in error_line(
-        invoke("run", "--phases", path, "--decode", "dali", "--dry-run"))
+        invoke("run", "--phases", path, "--decode", "dali", "--dry-run")
+    )
     assert "--log-every must be >= 1" in error_line(
-        invoke("run", "--phases", path, "--log-every", "0", "--dry-run"))
+        invoke("run", "--phases", path, "--log-every", "0", "--dry-run")
+    )
 
 
 def test_report_and_export_errors(tmp_path: Path) -> None:
     assert "no metrics.jsonl" in error_line(invoke("report", tmp_path))
-    assert "no checkpoints/final.pt" in error_line(invoke("export", tmp_path, "--out",
-                                                          tmp_path / "w.pt"))
+    assert "no checkpoints/final.pt" in error_line(
+        invoke("export", tmp_path, "--out", tmp_path / "w.pt")
+    )
 
 
 def test_bench_loader_last_line_is_machine_readable(monkeypatch, tmp_path: Path) -> None:
@@ -105,9 +113,23 @@ def test_bench_loader_last_line_is_machine_readable(monkeypatch, tmp_path: Path)
         return {"img_per_s": 1234.5, "batches": num_batches, "data_dir": str(data_dir)}
 
     monkeypatch.setattr(train.bench_loader, "bench_loader", fake)
-    result = invoke("bench-loader", "--data", tmp_path, "--crop-size", "128", "--batch-size",
-                    "16", "--workers", "3", "--batches", "7", "--decode", "cpu", "--val",
-                    "--rect")
+    result = invoke(
+        "bench-loader",
+        "--data",
+        tmp_path,
+        "--crop-size",
+        "128",
+        "--batch-size",
+        "16",
+        "--workers",
+        "3",
+        "--batches",
+        "7",
+        "--decode",
+        "cpu",
+        "--val",
+        "--rect",
+    )
     assert result.exit_code == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "img_per_s=1234.5"
     assert calls[0][:5] == (tmp_path, 128, 16, 3, 7)
@@ -115,31 +137,64 @@ def test_bench_loader_last_line_is_machine_readable(monkeypatch, tmp_path: Path)
 
 
 def test_train_library_imports_neither_typer_nor_prep() -> None:
-    code = ("import sys, train.run.main, train.run.epochs, train.run.report, train.export, "
-            "train.bench, train.bench_loader, train.plan.imagenet18; "
-            "bad = [m for m in ('typer', 'prep') if m in sys.modules]; "
-            "print(bad); sys.exit(1 if bad else 0)")
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
-                            text=True, timeout=120)
+    code = (
+        "import sys, train.run.main, train.run.epochs, train.run.report, train.export, "
+        "train.bench, train.bench_loader, train.plan.imagenet18; "
+        "bad = [m for m in ('typer', 'prep') if m in sys.modules]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_bench_loader_bad_arguments_are_one_line(built_shards: Path) -> None:
     data = built_shards / "lmdb" / "train-160"
-    base = ["bench-loader", "--data", data, "--crop-size", "32", "--batch-size", "4", "--batches", "1",
-            "--warmup", "0", "--workers", "0"]
-    for extra, expected in ((["--workers", "-1"], "workers must be >= 0"),
-                            (["--crop-size", "0"], "crop_size must be >= 1"),
-                            (["--min-scale", "0"], "min_scale"), (["--min-scale", "2"], "min_scale"),
-                            (["--batch-size", "0"], "batch_size must be >= 1"),
-                            (["--batches", "0"], "--batches >= 1"), (["--warmup", "-1"], "--warmup >= 0"),
-                            (["--decode", "xyz"], "decode must be one of")):
+    base = [
+        "bench-loader",
+        "--data",
+        data,
+        "--crop-size",
+        "32",
+        "--batch-size",
+        "4",
+        "--batches",
+        "1",
+        "--warmup",
+        "0",
+        "--workers",
+        "0",
+    ]
+    for extra, expected in (
+        (["--workers", "-1"], "workers must be >= 0"),
+        (["--crop-size", "0"], "crop_size must be >= 1"),
+        (["--min-scale", "0"], "min_scale"),
+        (["--min-scale", "2"], "min_scale"),
+        (["--batch-size", "0"], "batch_size must be >= 1"),
+        (["--batches", "0"], "--batches >= 1"),
+        (["--warmup", "-1"], "--warmup >= 0"),
+        (["--decode", "xyz"], "decode must be one of"),
+    ):
         assert expected in error_line(invoke(*base, *extra)), extra
 
 
 def test_bench_loader_caps_workers_with_a_warning(built_shards: Path) -> None:
-    result = invoke("bench-loader", "--data", built_shards / "lmdb" / "train-160", "--crop-size", "32",
-                    "--batch-size", "4", "--batches", "1", "--warmup", "0", "--workers", "1000")
+    result = invoke(
+        "bench-loader",
+        "--data",
+        built_shards / "lmdb" / "train-160",
+        "--crop-size",
+        "32",
+        "--batch-size",
+        "4",
+        "--batches",
+        "1",
+        "--warmup",
+        "0",
+        "--workers",
+        "1000",
+    )
     assert result.exit_code == 0, result.stderr
     assert "--workers 1000 is more than 4 per core" in result.stderr
     assert result.stdout.strip().splitlines()[-1].startswith("img_per_s=")

@@ -1,12 +1,6 @@
-"""RandAugment / TrivialAugmentWide / AutoAugment (torchvision.transforms.v2) on uint8 crops.
+"""RandAugment / TrivialAugmentWide / AutoAugment (torchvision v2) per uint8 crop, seeded per
+image."""
 
-Where it runs: per image, on the final uint8 crop (after crop, resize and flip, as torchvision's
-reference recipe orders them), in the loader workers for decode="cpu" and on the device right
-after nvJPEG for decode="gpu". Not on the whole device batch: a v2 policy draws one operation
-and magnitude per call, so a batched call would give every image of a batch the same
-augmentation. Each image's draws are seeded from its sample seed (seed, epoch, position), so a
-batch stays a function of its plan: the same bits with any number of workers and after a resume.
-"""
 from __future__ import annotations
 
 import hashlib
@@ -26,8 +20,9 @@ def make_policy(name: str):
         return v2.TrivialAugmentWide()
     if name == "imagenet":
         return v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET)
-    raise ValueError(f"auto_augment must be one of {', '.join(AUTO_AUGMENT_POLICIES)}, got "
-                     f"{name!r}")
+    raise ValueError(
+        f"auto_augment must be one of {', '.join(AUTO_AUGMENT_POLICIES)}, got {name!r}"
+    )
 
 
 def torch_seed(sample_seed: int) -> int:

@@ -1,17 +1,5 @@
-"""Plan -> batch: what a loader worker (thread or process) does with one batch plan.
+"""Plan -> batch: one uint8 NHWC batch from a batch plan, in a worker thread or process."""
 
-A plan (train.data.samplers) says which records form the batch and how to crop them; the builder
-draws the boxes and flips, reads the records' bytes (memoryviews into the store, no copy) and has
-train.data.decode write each crop straight into the batch: uint8 NHWC memory, handed on as an NCHW
-view with channels_last strides, so nothing transposes on the host. decode="gpu" only gathers
-the bytes (train.data.gpu_decode). The recipe's auto-augment, if any, runs per image after the crop.
-
-Two ways in:
-- worker threads (train.data.threads): `start` a batch in its ring slot, `fill` it a chunk of
-  CHUNK_IMAGES at a time from any thread, `finish` it for the consumer;
-- worker processes (torch's DataLoader): `builder[plan]` makes the whole batch in shared memory
-  (a failure comes back as a `BatchError`, raised by the loader as one clean DatasetError).
-"""
 from __future__ import annotations
 
 import contextlib
@@ -23,10 +11,10 @@ from torch.utils.data import get_worker_info
 
 from formats.dataset import RecordDataset
 from formats.errors import DatasetError
-from train.data.ring import BatchRing
+from train.data.contract import Augment
 from train.data.decode import decode_crops_into
 from train.data.gpu_decode import encode_batch
-from train.data.contract import Augment
+from train.data.ring import BatchRing
 
 CHUNK_IMAGES = 16  # per native call: enough to amortise its Python, small enough to share a batch
 
@@ -65,7 +53,9 @@ def allocate_images(num_images: int, height: int, width: int, pin: bool) -> torc
     shape = (num_images, height, width, 3)
     if get_worker_info() is not None and num_images:
         template = torch.empty(0, dtype=torch.uint8)
-        storage = template._typed_storage()._new_shared(num_images * 3 * height * width, device="cpu")
+        storage = template._typed_storage()._new_shared(
+            num_images * 3 * height * width, device="cpu"
+        )
         return template.new(storage).view(shape)
     return torch.empty(shape, dtype=torch.uint8, pin_memory=pin)
 
@@ -84,7 +74,9 @@ def one_intra_op_thread():
 
 
 class BatchBuilder:
-    def __init__(self, records: RecordDataset, decode: str, pin: bool = False, augment: Augment | None = None):
+    def __init__(
+        self, records: RecordDataset, decode: str, pin: bool = False, augment: Augment | None = None
+    ):
         self.records, self.decode, self.pin, self.augment = records, decode, pin, augment
 
     def __len__(self) -> int:
@@ -99,18 +91,30 @@ class BatchBuilder:
         if self.decode == "gpu":
             return BatchWork(number, plan, indices, boxes, flips, labels, None, 1)
         images = ring.images(number, len(indices), *plan.out_size)
-        return BatchWork(number, plan, indices, boxes, flips, labels, images,
-                         -(-len(indices) // CHUNK_IMAGES))
+        return BatchWork(
+            number, plan, indices, boxes, flips, labels, images, -(-len(indices) // CHUNK_IMAGES)
+        )
 
     def fill(self, work: BatchWork, chunk: int) -> None:
         if self.decode == "gpu":
             seeds = work.plan.sample_seeds() if self.augment is not None else None
-            work.images = encode_batch(self.records, work.indices, work.boxes, work.flips, work.plan.out_size,
-                                       work.labels, seeds)
+            work.images = encode_batch(
+                self.records,
+                work.indices,
+                work.boxes,
+                work.flips,
+                work.plan.out_size,
+                work.labels,
+                seeds,
+            )
             return
         start = chunk * CHUNK_IMAGES
-        self.decode_into(work.images[start : start + CHUNK_IMAGES], work.indices[start : start + CHUNK_IMAGES],
-                         work.boxes[start : start + CHUNK_IMAGES], work.flips[start : start + CHUNK_IMAGES])
+        self.decode_into(
+            work.images[start : start + CHUNK_IMAGES],
+            work.indices[start : start + CHUNK_IMAGES],
+            work.boxes[start : start + CHUNK_IMAGES],
+            work.flips[start : start + CHUNK_IMAGES],
+        )
 
     def finish(self, work: BatchWork, ring: BatchRing | None):
         """In the consumer's thread: the batch as the loader yields it. An auto-augment runs here
@@ -125,12 +129,16 @@ class BatchBuilder:
                 self.augment(images, work.plan.sample_seeds())
         return images, work.labels
 
-    def decode_into(self, images: np.ndarray, indices: np.ndarray, boxes: np.ndarray, flips: np.ndarray) -> None:
+    def decode_into(
+        self, images: np.ndarray, indices: np.ndarray, boxes: np.ndarray, flips: np.ndarray
+    ) -> None:
         """Decode records `indices` into `images` (N, H, W, 3); a bad one raises a DatasetError
         naming it."""
         records = self.records
         views = [records.view(index) for index in indices.tolist()]
-        failure = decode_crops_into(images, views, records.heights[indices], records.widths[indices], boxes, flips)
+        failure = decode_crops_into(
+            images, views, records.heights[indices], records.widths[indices], boxes, flips
+        )
         if failure is not None:
             position, reason = failure
             raise records.record_error(int(indices[position]), f"cannot decode ({reason})")

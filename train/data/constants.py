@@ -1,4 +1,4 @@
-"""Constants with one home each (GUIDE: one obvious place per concept)."""
+"""Constants with one home each: ImageNet mean/std and the data enumerations."""
 
 # ImageNet RGB statistics on the 0-1 scale, as torchvision's pretrained models and every
 # reference recipe use them. Images stay uint8 until the device, so the prefetcher scales them

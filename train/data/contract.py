@@ -1,10 +1,5 @@
-"""The loader contract: what `train run` needs from a train or validation loader.
+"""The loader contract: what `train run` needs from a train or validation loader."""
 
-train.data.loaders's `TrainLoader` / `ValLoader` implement it over prep's shards; a faster loader (or
-the tests' stand-in) implements the same and nothing else in train/ changes. Train batches go
-on to a `DataSource.prefetcher` (train.run.shards), which puts them on the device as normalized
-float `x` (train.data.prefetch).
-"""
 from __future__ import annotations
 
 from typing import Callable, Iterator, Protocol, Sequence

@@ -1,15 +1,4 @@
-"""Crop-box maths: random-resized, center and rect-validation crops, and DCT scale choice.
-
-Every box is ``(top, left, height, width)`` in ints, in the pixel coordinates of the STORED image
-(the pre-resized JPEG in a shard, ``height`` x ``width``). The loader crops that box first and
-resizes it to the network input after, which lets libjpeg-turbo decode only the region it needs
-and, where the box is much larger than the output, decode at a reduced DCT scale
-(:func:`dct_scale_for_box` / :func:`scale_box`).
-
-Pure functions: no torch, no I/O, no global random state; randomness only through explicitly
-passed uniform draws (train.data.samplers draws them per sample from (seed, epoch, position), so
-batches do not depend on how many workers made them) or a :class:`random.Random`.
-"""
+"""Crop-box maths (random-resized, center, rect validation) and DCT scale choice; pure."""
 
 from __future__ import annotations
 
@@ -74,14 +63,23 @@ def random_resized_crop_boxes(
     if not 0 < ratio[0] <= ratio[1]:
         raise ValueError(f"need 0 < ratio[0] <= ratio[1], got {ratio}")
     if uniforms.shape != (len(heights), CROP_DRAWS):
-        raise ValueError(f"need uniforms of shape ({len(heights)}, {CROP_DRAWS}), got {uniforms.shape}")
+        raise ValueError(
+            f"need uniforms of shape ({len(heights)}, {CROP_DRAWS}), got {uniforms.shape}"
+        )
     area = (heights * widths).astype(np.float64)[:, None]
-    target_area = area * (min_scale + (max_scale - min_scale) * uniforms[:, 0 : 2 * CROP_ATTEMPTS : 2])
+    target_area = area * (
+        min_scale + (max_scale - min_scale) * uniforms[:, 0 : 2 * CROP_ATTEMPTS : 2]
+    )
     log_min, log_max = math.log(ratio[0]), math.log(ratio[1])
     aspect_ratio = np.exp(log_min + (log_max - log_min) * uniforms[:, 1 : 2 * CROP_ATTEMPTS : 2])
     crop_widths = np.rint(np.sqrt(target_area * aspect_ratio)).astype(np.int64)
     crop_heights = np.rint(np.sqrt(target_area / aspect_ratio)).astype(np.int64)
-    fits = (crop_widths > 0) & (crop_widths <= widths[:, None]) & (crop_heights > 0) & (crop_heights <= heights[:, None])
+    fits = (
+        (crop_widths > 0)
+        & (crop_widths <= widths[:, None])
+        & (crop_heights > 0)
+        & (crop_heights <= heights[:, None])
+    )
     rows, attempt = np.arange(len(heights)), fits.argmax(axis=1)
     box_heights, box_widths = crop_heights[rows, attempt], crop_widths[rows, attempt]
     # randint(0, n) inclusive at both ends, from one draw: floor(u * (n + 1)) <= n for u < 1
@@ -139,23 +137,29 @@ class TrainCrop:
         if self.crop_size < 1:
             raise ValueError(f"crop_size must be >= 1, got {self.crop_size}")
         if not 0 < self.min_scale <= self.max_scale:
-            raise ValueError(f"need 0 < min_scale <= max_scale, got {self.min_scale}, {self.max_scale}")
+            raise ValueError(
+                f"need 0 < min_scale <= max_scale, got {self.min_scale}, {self.max_scale}"
+            )
         if not 0 < self.ratio[0] <= self.ratio[1]:
             raise ValueError(f"need 0 < ratio[0] <= ratio[1], got {self.ratio}")
 
     def box(self, height: int, width: int, rng: random.Random) -> Box:
-        return random_resized_crop_box(height, width, rng, self.min_scale, self.max_scale, self.ratio)
+        return random_resized_crop_box(
+            height, width, rng, self.min_scale, self.max_scale, self.ratio
+        )
 
     def boxes(self, heights, widths, uniforms: np.ndarray) -> np.ndarray:
-        """(N, 4) boxes from each image's CROP_DRAWS uniforms (:func:`random_resized_crop_boxes`)."""
-        return random_resized_crop_boxes(heights, widths, uniforms, self.min_scale, self.max_scale, self.ratio)
+        """(N, 4) boxes from each image's CROP_DRAWS uniforms (random_resized_crop_boxes)."""
+        return random_resized_crop_boxes(
+            heights, widths, uniforms, self.min_scale, self.max_scale, self.ratio
+        )
 
 
 # --------------------------------------------------------------------------- resize + center crop
 
 
 def resized_size(height: int, width: int, resized_short_side: int) -> tuple[int, int]:
-    """(height, width) after torchvision's ``Resize(resized_short_side)``: the long side truncated."""
+    """(height, width) after torchvision's ``Resize(resized_short_side)``: long side truncated."""
     _check_image(height, width)
     if width <= height:
         return int(resized_short_side * height / width), resized_short_side
@@ -165,7 +169,8 @@ def resized_size(height: int, width: int, resized_short_side: int) -> tuple[int,
 def resize_center_crop_box(
     height: int, width: int, resized_short_side: int, crop_height: int, crop_width: int
 ) -> Box:
-    """Box in stored coords equal to ``Resize(resized_short_side)`` + ``CenterCrop((crop_height, crop_width))``.
+    """Box in stored coords equal to ``Resize(resized_short_side)`` +
+    ``CenterCrop((crop_height, crop_width))``.
 
     The resized size and the crop offset are computed exactly as torchvision does (long side
     truncated; offset ``int(round((resized - crop) / 2))``, half-to-even), then mapped back with
@@ -178,7 +183,9 @@ def resize_center_crop_box(
     _check_image(height, width)
     if crop_height < 1 or crop_width < 1:
         raise ValueError(f"crop must be non-empty, got {crop_height}x{crop_width}")
-    resized_short_side = max(resized_short_side, _short_side_to_cover(height, width, crop_height, crop_width))
+    resized_short_side = max(
+        resized_short_side, _short_side_to_cover(height, width, crop_height, crop_width)
+    )
     resized_height, resized_width = resized_size(height, width, resized_short_side)
     top_resized = int(round((resized_height - crop_height) / 2.0))
     left_resized = int(round((resized_width - crop_width) / 2.0))
@@ -216,7 +223,9 @@ def center_crop_box(height: int, width: int, crop_size: int, crop_ratio: float =
     """
     if not 0 < crop_ratio <= 1:
         raise ValueError(f"crop_ratio must be in (0, 1], got {crop_ratio}")
-    return resize_center_crop_box(height, width, round(crop_size / crop_ratio), crop_size, crop_size)
+    return resize_center_crop_box(
+        height, width, round(crop_size / crop_ratio), crop_size, crop_size
+    )
 
 
 # --------------------------------------------------------------------------- rect validation
@@ -242,9 +251,14 @@ def rect_target_size(crop_size: int, aspect_ratio: float) -> tuple[int, int]:
 
 
 def rect_crop_box(
-    height: int, width: int, target_height: int, target_width: int, resize_ratio: float = RECT_RESIZE_RATIO
+    height: int,
+    width: int,
+    target_height: int,
+    target_width: int,
+    resize_ratio: float = RECT_RESIZE_RATIO,
 ) -> Box:
-    """imagenet18's rect-val crop as a box: Resize(int(min(target) * resize_ratio)), center-crop target.
+    """imagenet18's rect-val crop as a box: Resize(int(min(target) * resize_ratio)), center-crop
+    target.
 
     Where an image is narrower than its batch's mean ratio allows (torchvision would pad it
     with black), the image is scaled up just enough to cover the target instead.
@@ -303,7 +317,7 @@ def scaled_image_size(height: int, width: int, num: int, den: int) -> tuple[int,
 
 
 def scale_box(box: Box, num: int, den: int, scaled_height: int, scaled_width: int) -> Box:
-    """Map a stored-coords box into the image decoded at num/den (size from :func:`scaled_image_size`).
+    """Map a stored-coords box into the image decoded at num/den (size: scaled_image_size).
 
     Start floored, end ceiled, clamped to the scaled image, so the result contains the exact
     scaled box and is never empty. It can overshoot by under one scaled pixel per side;
@@ -317,8 +331,10 @@ def scale_box(box: Box, num: int, den: int, scaled_height: int, scaled_width: in
     return scaled_top, scaled_left, scaled_bottom - scaled_top, scaled_right - scaled_left
 
 
-def box_within_scaled(box: Box, num: int, den: int, scaled_box: Box) -> tuple[float, float, float, float]:
-    """The exact scaled box as float (top, left, height, width) relative to ``scaled_box``'s corner."""
+def box_within_scaled(
+    box: Box, num: int, den: int, scaled_box: Box
+) -> tuple[float, float, float, float]:
+    """The exact scaled box as float (top, left, height, width) from ``scaled_box``'s corner."""
     top, left, height, width = box
     scale = num / den
     return top * scale - scaled_box[0], left * scale - scaled_box[1], height * scale, width * scale

@@ -1,19 +1,6 @@
-"""Stored JPEG -> resized crop, written straight into a uint8 HWC batch slot, on the CPU
-(decode="gpu": train.data.gpu_decode).
+"""Stored JPEG -> resized crop written into a uint8 batch slot on the CPU: the native C
+backend (native/decode_native.c) or the pure-Python one."""
 
-Two backends, the same contract (`decode_crops_into`):
-- "native" (train/data/native/decode_native.c, built by `make setup` when a C compiler and libjpeg-turbo's
-  headers are there): a whole chunk of a batch per call with the GIL released. Per image it
-  decodes only the crop's region (its rows and columns, at the smallest power-of-two DCT scale
-  that keeps the output's resolution), resizes the float box with PIL's antialiased bilinear
-  filter in fixed point, and folds the flip into the resize. Every libjpeg warning rejects the
-  image. Rows below the crop are never decoded, so damage there goes unseen for that sample (its
-  pixels are whole); the record's crc32 (named in the error) and `prep verify` see every byte.
-- "python" (without the extension, or with SHARDTRAIN_PY_DECODE=1): per image, libjpeg-turbo's
-  full decode at the same DCT scale (PyTurboJPEG; PIL at full size without libturbojpeg), crop,
-  torch's antialiased resize at full scale or PIL's float-box resize at a reduced one, flip.
-Both give the same crops; pixels differ by resampler rounding (tests: mean abs diff < 0.5).
-"""
 from __future__ import annotations
 
 import functools
@@ -49,8 +36,14 @@ def backend() -> str:
     return "native" if native_module() is not None else "python"
 
 
-def decode_crops_into(out: np.ndarray, views: list, heights: np.ndarray, widths: np.ndarray,
-                      boxes: np.ndarray, flips: np.ndarray) -> tuple[int, str] | None:
+def decode_crops_into(
+    out: np.ndarray,
+    views: list,
+    heights: np.ndarray,
+    widths: np.ndarray,
+    boxes: np.ndarray,
+    flips: np.ndarray,
+) -> tuple[int, str] | None:
     """Fill `out` (N x H x W x 3 uint8, C-contiguous) with image i = `views[i]` (a JPEG of the
     stored size heights[i] x widths[i]) cropped to boxes[i] (top, left, height, width), resized
     to H x W and mirrored where flips[i].
@@ -63,26 +56,44 @@ def decode_crops_into(out: np.ndarray, views: list, heights: np.ndarray, widths:
         params[:, 0], params[:, 1], params[:, 2:6], params[:, 6] = heights, widths, boxes, flips
         failure = module.decode_crops(out, out.shape[1], out.shape[2], views, params)
         if failure is not None and not failure[1].startswith(("decoded size", "crop box")):
-            failure = failure[0], f"corrupt or truncated JPEG data (libjpeg: {failure[1]})"  # as formats.jpeg
+            failure = (
+                failure[0],
+                f"corrupt or truncated JPEG data (libjpeg: {failure[1]})",
+            )  # as formats.jpeg
         return failure
     for position, data in enumerate(views):
         try:
-            decode_crop_into(out[position], data, int(heights[position]), int(widths[position]),
-                             tuple(int(v) for v in boxes[position]), bool(flips[position]))
+            decode_crop_into(
+                out[position],
+                data,
+                int(heights[position]),
+                int(widths[position]),
+                tuple(int(v) for v in boxes[position]),
+                bool(flips[position]),
+            )
         except (ValueError, OSError) as err:
             return position, str(err)
     return None
 
 
-def decode_only(views: list, heights: np.ndarray, widths: np.ndarray, boxes: np.ndarray,
-                out_height: int, out_width: int, region: bool) -> tuple[int, str] | None:
+def decode_only(
+    views: list,
+    heights: np.ndarray,
+    widths: np.ndarray,
+    boxes: np.ndarray,
+    out_height: int,
+    out_width: int,
+    region: bool,
+) -> tuple[int, str] | None:
     """The native backend's decode step alone, for each image at the DCT scale its crop gets
     (benchmarks' decode-only floors): `region` decodes only the box's rows and columns as the
     loader does; else the whole image at that scale. Nothing is resized or kept. Needs the
     native backend (RuntimeError without it); returns as `decode_crops_into`."""
     module = native_module()
     if module is None:
-        raise RuntimeError("the decode-only floor needs train.data.decode_native (not built, or switched off)")
+        raise RuntimeError(
+            "the decode-only floor needs train.data.decode_native (not built, or switched off)"
+        )
     params = np.zeros((len(views), module.NUM_PARAMS), dtype=np.int64)
     params[:, 0], params[:, 1], params[:, 2:6] = heights, widths, boxes
     mode = module.MODE_REGION_ONLY if region else module.MODE_FULL_ONLY
@@ -128,7 +139,12 @@ def decode_crop_into(out, data, height: int, width: int, box: Box, flip: bool = 
     out = torch.as_tensor(out)
     out_height, out_width = out.shape[0], out.shape[1]
     top, left, box_height, box_width = box
-    if min(top, left) < 0 or min(box_height, box_width) < 1 or top + box_height > height or left + box_width > width:
+    if (
+        min(top, left) < 0
+        or min(box_height, box_width) < 1
+        or top + box_height > height
+        or left + box_width > width
+    ):
         raise ValueError(f"crop box {tuple(box)} is outside the {height}x{width} image")
     num, den = decode_scale(box, out_height, out_width)
     pixels = decode_rgb(data, (num, den))
@@ -140,26 +156,35 @@ def decode_crop_into(out, data, height: int, width: int, box: Box, flip: bool = 
         )
     if (num, den) == (1, 1):
         top, left, box_height, box_width = box
-        crop = torch.from_numpy(pixels).permute(2, 0, 1)[None, :, top : top + box_height, left : left + box_width]
+        crop = torch.from_numpy(pixels).permute(2, 0, 1)[
+            None, :, top : top + box_height, left : left + box_width
+        ]
         if (box_height, box_width) == (out_height, out_width):
             resized = crop[0]
         else:
-            resized = F.interpolate(crop, size=(out_height, out_width), mode="bilinear", antialias=True)[0]
+            resized = F.interpolate(
+                crop, size=(out_height, out_width), mode="bilinear", antialias=True
+            )[0]
         resized = resized.permute(1, 2, 0)
     else:
         resized = _pil_resize_scaled(pixels, box, num, den, expected, out_height, out_width)
     out.copy_(resized.flip(1) if flip else resized)
 
 
-def _pil_resize_scaled(pixels: np.ndarray, box: Box, num: int, den: int, scaled_size, out_height: int,
-                       out_width: int) -> torch.Tensor:
+def _pil_resize_scaled(
+    pixels: np.ndarray, box: Box, num: int, den: int, scaled_size, out_height: int, out_width: int
+) -> torch.Tensor:
     from PIL import Image
 
     scaled_box = scale_box(box, num, den, *scaled_size)
     top, left, box_height, box_width = box_within_scaled(box, num, den, scaled_box)
-    sub = pixels[scaled_box[0] : scaled_box[0] + scaled_box[2], scaled_box[1] : scaled_box[1] + scaled_box[3]]
+    sub = pixels[
+        scaled_box[0] : scaled_box[0] + scaled_box[2], scaled_box[1] : scaled_box[1] + scaled_box[3]
+    ]
     image = Image.fromarray(np.ascontiguousarray(sub))
     resized = image.resize(
-        (out_width, out_height), Image.Resampling.BILINEAR, box=(left, top, left + box_width, top + box_height)
+        (out_width, out_height),
+        Image.Resampling.BILINEAR,
+        box=(left, top, left + box_width, top + box_height),
     )
     return torch.from_numpy(np.array(resized))

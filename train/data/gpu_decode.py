@@ -1,11 +1,5 @@
-"""decode="gpu": the workers only gather each batch's JPEG bytes (`encode_batch` ->
-`EncodedBatch`); the main process decodes them on the device with nvJPEG (`decode_on_device`):
-for machines with few CPU cores per GPU.
+"""decode="gpu": workers gather JPEG bytes; nvJPEG decodes, crops and resizes on the device."""
 
-`decode_crop_batch_gpu`: torchvision's batched `decode_jpeg` on the device, then per image a
-crop view, antialiased bilinear resize and flip, one float batch rounded to uint8 once. It also
-runs on CPU tensors, which is how the tests cover this path without a GPU.
-"""
 from __future__ import annotations
 
 import dataclasses
@@ -38,30 +32,52 @@ class EncodedBatch:
         return self
 
 
-def encode_batch(records: RecordDataset, indices: np.ndarray, boxes: list, flips: list,
-                 out_size: tuple[int, int], labels: torch.Tensor,
-                 sample_seeds: list[int] | None) -> EncodedBatch:
+def encode_batch(
+    records: RecordDataset,
+    indices: np.ndarray,
+    boxes: list,
+    flips: list,
+    out_size: tuple[int, int],
+    labels: torch.Tensor,
+    sample_seeds: list[int] | None,
+) -> EncodedBatch:
     """In a worker: copy the batch's JPEG bytes into one tensor (one transfer, one decode call)."""
     views = [records.view(index) for index in indices.tolist()]
     # int64 explicitly: an empty (padding) val batch would otherwise give float offsets.
-    offsets = np.concatenate([[0], np.cumsum([len(view) for view in views], dtype=np.int64)]
-                             ).astype(np.int64).tolist()
+    offsets = (
+        np.concatenate([[0], np.cumsum([len(view) for view in views], dtype=np.int64)])
+        .astype(np.int64)
+        .tolist()
+    )
     data = np.empty(offsets[-1], dtype=np.uint8)
     for view, start, end in zip(views, offsets, offsets[1:]):
         data[start:end] = np.frombuffer(view, dtype=np.uint8)
     sizes = [(int(records.heights[i]), int(records.widths[i])) for i in indices.tolist()]
-    return EncodedBatch(indices, torch.from_numpy(data), offsets, sizes, boxes, flips, out_size,
-                        labels, sample_seeds)
+    return EncodedBatch(
+        indices,
+        torch.from_numpy(data),
+        offsets,
+        sizes,
+        boxes,
+        flips,
+        out_size,
+        labels,
+        sample_seeds,
+    )
 
 
-def decode_on_device(batch: EncodedBatch, device: torch.device, records: RecordDataset,
-                     augment: Callable[[torch.Tensor, Sequence[int]], None] | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def decode_on_device(
+    batch: EncodedBatch,
+    device: torch.device,
+    records: RecordDataset,
+    augment: Callable[[torch.Tensor, Sequence[int]], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(images uint8 NCHW on `device`, labels); a bad image raises a DatasetError naming it."""
     jpegs = [batch.data[start:end] for start, end in zip(batch.offsets, batch.offsets[1:])]
     try:
-        images = decode_crop_batch_gpu(jpegs, batch.boxes, batch.flips, batch.out_size, device,
-                                       batch.sizes)
+        images = decode_crop_batch_gpu(
+            jpegs, batch.boxes, batch.flips, batch.out_size, device, batch.sizes
+        )
     except BatchDecodeError as err:
         raise records.record_error(int(batch.indices[err.position]), err.reason) from None
     if augment is not None and batch.sample_seeds is not None:
@@ -96,12 +112,19 @@ def decode_crop_batch_gpu(
     except RuntimeError:
         raise _first_bad_jpeg(jpegs) from None
     batch = torch.empty((len(jpegs), 3, out_height, out_width), dtype=torch.float32, device=device)
-    for position, (image, (top, left, box_height, box_width), flip) in enumerate(zip(decoded, boxes, flips)):
+    for position, (image, (top, left, box_height, box_width), flip) in enumerate(
+        zip(decoded, boxes, flips)
+    ):
         if sizes is not None and tuple(image.shape[1:]) != tuple(sizes[position]):
-            raise BatchDecodeError(position, f"decoded to {tuple(image.shape[1:])}, "
-                                   f"the record table says {tuple(sizes[position])}")
+            raise BatchDecodeError(
+                position,
+                f"decoded to {tuple(image.shape[1:])}, "
+                f"the record table says {tuple(sizes[position])}",
+            )
         crop = image[None, :, top : top + box_height, left : left + box_width].float()
-        resized = F.interpolate(crop, size=(out_height, out_width), mode="bilinear", antialias=True)[0]
+        resized = F.interpolate(
+            crop, size=(out_height, out_width), mode="bilinear", antialias=True
+        )[0]
         batch[position] = resized.flip(-1) if flip else resized
     return batch.round_().clamp_(0, 255).to(torch.uint8)
 

@@ -1,30 +1,5 @@
-"""Loaders, read top-down: sampler -> plan -> batch -> workers -> (prefetch to the device).
+"""`TrainLoader` and `ValLoader`: sampler -> plan -> batch -> worker threads or processes."""
 
-1. sampler (train.data.samplers): which records form batch b of epoch e on this rank.
-2. plan (train.data.samplers `TrainPlan`, `ValPlan`): a batch's indices plus everything that
-   decides its pixels (crop boxes and flips, drawn from per-sample counter-based uniforms).
-3. batch (train.data.batches `BatchBuilder`): a plan becomes one uint8 batch, each JPEG decoded
-   straight into its slot of NHWC memory (train.data.decode; train.data.gpu_decode for decode="gpu",
-   where workers only gather bytes), then the recipe's auto-augment per image.
-4. workers, `workers` of them, of one of two kinds (`executor`):
-   - "threads" (train.data.threads): threads in this process fill every batch together, a
-     chunk at a time, into a ring of reused buffers (train.data.ring, pinned when CUDA is
-     there): no inter-process copies, no per-batch allocation. Chosen whenever the native
-     decoder is built (its calls release the GIL) and no per-image Python runs in the
-     workers, and always for decode="gpu" (the workers only read bytes).
-   - "processes" (torch's DataLoader, persistent workers, `batch_size=None` over a sampler of
-     plans: no per-sample IPC, no collate; batches in shared memory): with auto-augment
-     (torchvision's v2 policies are Python per image, ~2-3 ms each, and seed torch's one
-     global generator: threads would run them one at a time) and with the pure-Python decoder.
-   Either way, 0 workers builds batches in the consumer's thread, and a batch's bits do not
-   depend on the executor's kind or size.
-5. prefetch (train.data.prefetch.DevicePrefetcher): the next batch's copy to the device and its
-   conversion to normalized float `x` run while the model works on the current one.
-
-`TrainLoader` and `ValLoader` implement the contract the trainer codes against
-(train.data.contract: `TrainBatches`, `ValBatches`); a faster loader, or a test stand-in,
-implements those and nothing else changes.
-"""
 from __future__ import annotations
 
 import os
@@ -37,14 +12,19 @@ from torch.utils.data import DataLoader
 from formats.dataset import RecordDataset
 from formats.errors import DatasetError
 from train.data import decode as cpu_decode
-from train.data.constants import DECODERS
-from train.data.crops import TrainCrop
-from train.data.ring import BatchRing
 from train.data.batches import BatchBuilder, BatchError
-from train.data.gpu_decode import EncodedBatch, decode_on_device
+from train.data.constants import DECODERS
 from train.data.contract import Augment
-from train.data.samplers import (TrainBatchSampler, TrainPlan, ValPlan, center_val_batches,
-                            rect_val_batches, train_plans, val_plans)
+from train.data.crops import TrainCrop
+from train.data.gpu_decode import EncodedBatch, decode_on_device
+from train.data.ring import BatchRing
+from train.data.samplers import (
+    TrainBatchSampler,
+    center_val_batches,
+    rect_val_batches,
+    train_plans,
+    val_plans,
+)
 from train.data.threads import WorkerThreads
 
 EXECUTORS = ("threads", "processes")
@@ -95,14 +75,24 @@ class _Core:
     loader's running iterations (joining their threads) and drops the DataLoader; without
     cycles, dropping the loader does the same at once."""
 
-    def setup(self, dataset_dir: Path, workers: int, decode: str, device: str | None,
-              augment: Augment | None = None, executor: str | None = None) -> None:
+    def setup(
+        self,
+        dataset_dir: Path,
+        workers: int,
+        decode: str,
+        device: str | None,
+        augment: Augment | None = None,
+        executor: str | None = None,
+    ) -> None:
         if decode not in DECODERS:
             raise ValueError(f"decode must be one of {DECODERS}, got {decode!r}")
         if workers < 0:
             raise ValueError(f"workers must be >= 0, got {workers}")
         if executor is not None and executor not in EXECUTORS:
-            raise ValueError(f"executor must be one of {EXECUTORS} or None (the loader's choice), got {executor!r}")
+            raise ValueError(
+                f"executor must be one of {EXECUTORS} or None (the loader's choice), "
+                f"got {executor!r}"
+            )
         self.records = RecordDataset(dataset_dir)
         self.dataset_dir = self.records.dataset_dir
         self.num_images, self.num_classes = len(self.records), self.records.num_classes
@@ -116,17 +106,28 @@ class _Core:
         self._iterations: weakref.WeakSet = weakref.WeakSet()
         self._loader: DataLoader | None = None
         self._threads: WorkerThreads | None = None
-        builder = BatchBuilder(self.records, decode, pin=pin and workers == 0,
-                               augment=augment if decode == "cpu" else None)
+        builder = BatchBuilder(
+            self.records,
+            decode,
+            pin=pin and workers == 0,
+            augment=augment if decode == "cpu" else None,
+        )
         if self.executor == "threads":
             ring = BatchRing(RING_SLOTS, pin) if decode == "cpu" else None
-            self._threads = WorkerThreads(builder, workers, ring, name=f"loader-{self.dataset_dir.name}")
+            self._threads = WorkerThreads(
+                builder, workers, ring, name=f"loader-{self.dataset_dir.name}"
+            )
             return
         self._pids = _WorkerPids(workers)
         self._loader = DataLoader(
-            builder, batch_size=None, sampler=_Plans(self), num_workers=workers,
-            persistent_workers=workers > 0, pin_memory=pin and workers > 0,
-            worker_init_fn=self._pids if workers > 0 else None)
+            builder,
+            batch_size=None,
+            sampler=_Plans(self),
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=pin and workers > 0,
+            worker_init_fn=self._pids if workers > 0 else None,
+        )
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -146,7 +147,9 @@ class _Core:
     def _batches(self):
         if self._loader is None and self._threads is None:
             raise RuntimeError(f"{self.dataset_dir}: the loader is closed")
-        items = self._threads.batches(self.plans()) if self._threads is not None else iter(self._loader)
+        items = (
+            self._threads.batches(self.plans()) if self._threads is not None else iter(self._loader)
+        )
         try:
             for item in items:
                 if isinstance(item, BatchError):
@@ -187,21 +190,35 @@ class TrainLoader(_Core):
     workers: threads or processes, `executor` (None: the loader's choice, see the module doc).
     """
 
-    def __init__(self, dataset_dir: Path, batch_size: int, crop: TrainCrop, *, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, workers: int = 2, decode: str = "cpu", device: str | None = None,
-                 augment: Augment | None = None, executor: str | None = None):
+    def __init__(
+        self,
+        dataset_dir: Path,
+        batch_size: int,
+        crop: TrainCrop,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        workers: int = 2,
+        decode: str = "cpu",
+        device: str | None = None,
+        augment: Augment | None = None,
+        executor: str | None = None,
+    ):
         self.setup(dataset_dir, workers, decode, device, augment, executor)
-        self.sampler = TrainBatchSampler(self.num_images, batch_size, rank=rank, world_size=world_size, seed=seed)
+        self.sampler = TrainBatchSampler(
+            self.num_images, batch_size, rank=rank, world_size=world_size, seed=seed
+        )
         self.batch_size = batch_size
         self.seed = seed
         self.set_crop(crop)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Next iterations yield epoch `epoch` from batch `start_batch` (a resume inside an epoch)."""
+        """Next iterations yield epoch `epoch` from batch `start_batch` (a resume mid-epoch)."""
         self.sampler.set_epoch(epoch, start_batch)
 
     def set_crop(self, crop: TrainCrop) -> None:
-        """New crop_size / min_scale from the next iteration on; worker processes and stores stay."""
+        """New crop_size / min_scale from the next iteration on; workers and stores stay."""
         if not isinstance(crop, TrainCrop):
             raise TypeError(f"crop must be a TrainCrop, got {type(crop).__name__}")
         self.crop = crop
@@ -214,20 +231,37 @@ class TrainLoader(_Core):
 
 
 class ValLoader(_Core):
-    """One rank's validation batches (train.data.contract.ValBatches). rect=False: resize shorter side to
-    crop_size / crop_ratio, center crop. rect=True: imagenet18's aspect-ratio batches."""
+    """One rank's validation batches (train.data.contract.ValBatches). rect=False: resize the
+    shorter side to crop_size / crop_ratio, center crop; rect=True: imagenet18's aspect-ratio
+    batches."""
 
-    def __init__(self, dataset_dir: Path, batch_size: int, crop_size: int, *, rank: int = 0, world_size: int = 1,
-                 workers: int = 2, rect: bool = False, crop_ratio: float = 0.875, decode: str = "cpu",
-                 device: str | None = None, executor: str | None = None):
+    def __init__(
+        self,
+        dataset_dir: Path,
+        batch_size: int,
+        crop_size: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        workers: int = 2,
+        rect: bool = False,
+        crop_ratio: float = 0.875,
+        decode: str = "cpu",
+        device: str | None = None,
+        executor: str | None = None,
+    ):
         if not 0 < crop_ratio <= 1:
             raise ValueError(f"crop_ratio must be in (0, 1], got {crop_ratio}")
         self.setup(dataset_dir, workers, decode, device, executor=executor)
         self.rect, self.crop_ratio, self.batch_size = rect, crop_ratio, batch_size
         if rect:
-            self.batches = rect_val_batches(self.records.aspect_ratios(), batch_size, rank=rank, world_size=world_size)
+            self.batches = rect_val_batches(
+                self.records.aspect_ratios(), batch_size, rank=rank, world_size=world_size
+            )
         else:
-            self.batches = center_val_batches(self.num_images, batch_size, rank=rank, world_size=world_size)
+            self.batches = center_val_batches(
+                self.num_images, batch_size, rank=rank, world_size=world_size
+            )
         self.set_crop_size(crop_size)
 
     def set_crop_size(self, crop_size: int) -> None:

@@ -1,25 +1,5 @@
-"""The batch buffers of the threaded loader: a ring of preallocated uint8 NHWC batches, pinned
-when CUDA is there, reused in order, and the rule that keeps a batch intact while it is in use.
+"""The threaded loader's ring of reused (pinned) uint8 batches, and when a slot may be rewritten."""
 
-Batches are numbered on across iterations; batch k is written into slot k % num_slots. The slot
-passes to batch k + num_slots only when:
-  1. the consumer has let go of batch k: the loader lets go of a batch when its consumer asks
-     for the one after next (FFCV lets go at the next one; one batch more of grace covers the
-     loop variable that still holds the last batch while the next is asked for), and of all of
-     an iteration's batches when it ends;
-  2. the device work queued by then has finished: on letting go the ring records a CUDA event
-     on the stream current at that moment (the one a DevicePrefetcher copies on, non_blocking,
-     long before), and waits for it before writing the slot again;
-  3. no tensor made from batch k is alive: a caller that keeps batches (`list(loader)`, or any
-     view of one) keeps them intact, and the slot gets new memory instead (the old memory is
-     then the caller's). Detected through the numpy array each handed-out tensor is made from
-     (torch.from_numpy keeps it alive as long as any view of the tensor lives).
-So a batch is never overwritten while anything can still read it; in the steady state (a
-training loop that drops each batch after its device copy) no memory is allocated.
-
-Not thread-safe by itself: the threaded loader (train.data.threads) calls it under its lock,
-except `wait_device`, which blocks and so runs outside it.
-"""
 from __future__ import annotations
 
 import weakref
@@ -65,9 +45,15 @@ class BatchRing:
         num_bytes = num_images * height * width * 3
         kept = self._handed_out[slot]
         memory = self._memory[slot]
-        if memory is None or memory.numel() < num_bytes or (kept is not None and kept() is not None):
+        if (
+            memory is None
+            or memory.numel() < num_bytes
+            or (kept is not None and kept() is not None)
+        ):
             capacity = _rounded_up(num_bytes)
-            memory = self._memory[slot] = torch.empty(capacity, dtype=torch.uint8, pin_memory=self.pin)
+            memory = self._memory[slot] = torch.empty(
+                capacity, dtype=torch.uint8, pin_memory=self.pin
+            )
             self.allocations += 1
         self._handed_out[slot] = None
         return memory.numpy()[:num_bytes].reshape(num_images, height, width, 3)

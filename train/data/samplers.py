@@ -1,22 +1,5 @@
-"""Which records go in which batch on which rank: the training order and the validation split.
+"""Which records go in which batch on which rank, and batch plans; pure numpy, counter-based."""
 
-Pure numpy, no torch: every answer is a function of explicit (seed, epoch, rank, world_size)
-and the dataset size, so a run resumes exactly and ranks agree without communicating.
-
-Training: one permutation per epoch (seed, epoch), cut into global batches of
-`batch_size * world_size`; rank r takes the r-th `batch_size` slice of each. The tail that fills
-no global batch is dropped (a different tail every epoch), so every rank has the same number of
-batches and no rank waits at the end of an epoch (DDP hangs on uneven batch counts). A sample's
-place in the permutation, its `position`, is what seeds its augmentation, so what a batch holds
-depends on neither the number of loader workers nor their scheduling.
-
-Plans (`TrainPlan`, `ValPlan`): a batch's indices plus everything that decides its pixels (crop
-boxes and flips, drawn from each sample's counter-based uniforms), what a loader worker turns
-into a batch.
-
-Validation: whole batches are dealt round-robin to ranks and every rank is padded to the same
-count with EMPTY batches, never with duplicates, so each image is counted exactly once.
-"""
 from __future__ import annotations
 
 import dataclasses
@@ -24,8 +7,14 @@ import math
 
 import numpy as np
 
-from train.data.crops import (CROP_DRAWS, TrainCrop, center_crop_box, rect_batches, rect_crop_box,
-                           rect_target_size)
+from train.data.crops import (
+    CROP_DRAWS,
+    TrainCrop,
+    center_crop_box,
+    rect_batches,
+    rect_crop_box,
+    rect_target_size,
+)
 
 
 def epoch_permutation(num_images: int, seed: int, epoch: int) -> np.ndarray:
@@ -54,7 +43,9 @@ def _mix64(x):
     return x ^ (x >> np.uint64(31))
 
 
-def sample_uniforms(seed: int, epoch: int, first_position: int, num_samples: int, num_draws: int) -> np.ndarray:
+def sample_uniforms(
+    seed: int, epoch: int, first_position: int, num_samples: int, num_draws: int
+) -> np.ndarray:
     """(num_samples, num_draws) float64 in [0, 1): the draws of the samples at permutation positions
     first_position, first_position + 1, ... of epoch `epoch`.
 
@@ -66,7 +57,9 @@ def sample_uniforms(seed: int, epoch: int, first_position: int, num_samples: int
         raise ValueError(f"num_draws must be in [0, {_DRAWS_PER_SAMPLE}], got {num_draws}")
     key = _mix64(((seed & 0xFFFFFFFF) << 32) | (epoch & 0xFFFFFFFF))
     positions = np.arange(first_position, first_position + num_samples, dtype=np.uint64)
-    counters = positions[:, None] * np.uint64(_DRAWS_PER_SAMPLE) + np.arange(num_draws, dtype=np.uint64)
+    counters = positions[:, None] * np.uint64(_DRAWS_PER_SAMPLE) + np.arange(
+        num_draws, dtype=np.uint64
+    )
     bits = _mix64(counters * np.uint64(_GOLDEN) + np.uint64(key))
     return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
@@ -91,11 +84,15 @@ class TrainBatchIndices:
 class TrainBatchSampler:
     """This rank's batches of one epoch, seeded per epoch, resumable inside it."""
 
-    def __init__(self, num_images: int, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0):
+    def __init__(
+        self, num_images: int, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0
+    ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
+            raise ValueError(
+                f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}"
+            )
         if num_images < batch_size * world_size:
             raise ValueError(
                 f"{num_images} images fill no global batch of {batch_size} x {world_size} ranks"
@@ -150,7 +147,9 @@ class ValBatchIndices:
     aspect_ratio: float  # mean width/height of the batch (rect validation); 1.0 otherwise
 
 
-def center_val_batches(num_images: int, batch_size: int, *, rank: int = 0, world_size: int = 1) -> list[ValBatchIndices]:
+def center_val_batches(
+    num_images: int, batch_size: int, *, rank: int = 0, world_size: int = 1
+) -> list[ValBatchIndices]:
     """Record order cut into batches, dealt to ranks (the last batch may be short)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -162,13 +161,17 @@ def center_val_batches(num_images: int, batch_size: int, *, rank: int = 0, world
     ]
 
 
-def rect_val_batches(aspect_ratios, batch_size: int, *, rank: int = 0, world_size: int = 1) -> list[ValBatchIndices]:
+def rect_val_batches(
+    aspect_ratios, batch_size: int, *, rank: int = 0, world_size: int = 1
+) -> list[ValBatchIndices]:
     """Batches of aspect-ratio neighbours (train.data.crops.rect_batches), dealt to ranks. An empty
     padding batch gets ratio 1.0 (a square crop of nothing)."""
     batches = rect_batches(aspect_ratios, batch_size)
     empty = np.zeros(0, dtype=np.int64)
     return [
-        ValBatchIndices(np.asarray(batch[0], dtype=np.int64), batch[1]) if batch is not None else ValBatchIndices(empty, 1.0)
+        ValBatchIndices(np.asarray(batch[0], dtype=np.int64), batch[1])
+        if batch is not None
+        else ValBatchIndices(empty, 1.0)
         for batch in deal_batches(batches, rank, world_size)
     ]
 
@@ -188,12 +191,18 @@ class TrainPlan:
 
     def sample_seeds(self) -> list[int]:
         first, epoch = self.batch.first_position, self.batch.epoch
-        return [sample_seed(self.seed, epoch, first + slot) for slot in range(len(self.batch.indices))]
+        return [
+            sample_seed(self.seed, epoch, first + slot) for slot in range(len(self.batch.indices))
+        ]
 
-    def boxes_and_flips(self, heights: np.ndarray, widths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def boxes_and_flips(
+        self, heights: np.ndarray, widths: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(N, 4) int64 crop boxes and (N,) bool flips, each sample's from its own draws."""
         indices, batch = self.batch.indices, self.batch
-        uniforms = sample_uniforms(self.seed, batch.epoch, batch.first_position, len(indices), CROP_DRAWS + 1)
+        uniforms = sample_uniforms(
+            self.seed, batch.epoch, batch.first_position, len(indices), CROP_DRAWS + 1
+        )
         boxes = self.crop.boxes(heights[indices], widths[indices], uniforms[:, :CROP_DRAWS])
         return boxes, uniforms[:, CROP_DRAWS] < 0.5
 
@@ -208,7 +217,9 @@ class ValPlan:
     def sample_seeds(self) -> None:
         return None  # validation is not augmented
 
-    def boxes_and_flips(self, heights: np.ndarray, widths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def boxes_and_flips(
+        self, heights: np.ndarray, widths: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         out_height, out_width = self.out_size
         boxes = np.zeros((len(self.batch.indices), 4), dtype=np.int64)
         for slot, index in enumerate(self.batch.indices.tolist()):
@@ -229,5 +240,7 @@ def train_plans(sampler: TrainBatchSampler, crop: TrainCrop, seed: int):
 
 def val_plans(batches: list[ValBatchIndices], crop_size: int, rect: bool, crop_ratio: float):
     for batch in batches:
-        out_size = rect_target_size(crop_size, batch.aspect_ratio) if rect else (crop_size, crop_size)
+        out_size = (
+            rect_target_size(crop_size, batch.aspect_ratio) if rect else (crop_size, crop_size)
+        )
         yield ValPlan(batch, out_size, rect, crop_ratio)

@@ -1,21 +1,5 @@
-"""Worker threads in the training process: batch plans in, batches out, in plan order.
+"""Worker threads in the training process: batch plans in, batches out, in plan order."""
 
-Each batch is cut into chunks of images; the threads take the next chunk in plan order, so all
-of them work on the batch at the head of the line (it is ready ~W times sooner than if one
-thread made it, a short ring serves any W) and none idles at a batch's end while work remains.
-What a chunk costs in Python is a handful of calls; the decode itself (train.data.decode's native
-backend) runs without the GIL, so threads scale like processes, with no inter-process copies,
-and the batches land in a ring of reused (pinned) buffers (train.data.ring).
-
-A `builder` says what a batch is (train.data.batches.BatchBuilder): `start(plan, number, ring)` ->
-per-batch work with `num_chunks`, `fill(work, chunk)` (any thread, no lock held),
-`finish(work, ring)` -> what the consumer gets. With 0 threads the consumer fills every chunk itself
-when it asks for a batch (nothing runs in the background).
-
-Errors (a corrupt record) are raised in the consumer, at the batch they belong to. The threads
-stop when the iteration ends, is closed (a generator's close, as when a loop breaks out and
-drops it), or raises (Ctrl-C in the consumer included); none outlives its iteration.
-"""
 from __future__ import annotations
 
 import threading
@@ -173,10 +157,16 @@ class _Iteration:
 
 
 class WorkerThreads:
-    """`num_threads` threads (0: the consumer's own) turning plans into batches through `builder`."""
+    """`num_threads` threads (0: the consumer's own) turning plans into batches via `builder`."""
 
-    def __init__(self, builder, num_threads: int, ring: BatchRing | None, max_ahead: int = 4,
-                 name: str = "loader"):
+    def __init__(
+        self,
+        builder,
+        num_threads: int,
+        ring: BatchRing | None,
+        max_ahead: int = 4,
+        name: str = "loader",
+    ):
         if num_threads < 0:
             raise ValueError(f"num_threads must be >= 0, got {num_threads}")
         self.builder, self.num_threads, self.ring = builder, num_threads, ring
@@ -187,8 +177,10 @@ class WorkerThreads:
         intact until the one after next is asked for, and for as long as anything holds it
         (train.data.ring's rules). One iteration at a time per ring."""
         iteration = _Iteration(self.builder, iter(plans), self.ring, self.max_ahead)
-        threads = [threading.Thread(target=iteration.work, name=f"{self.name}-{i}", daemon=True)
-                   for i in range(self.num_threads)]
+        threads = [
+            threading.Thread(target=iteration.work, name=f"{self.name}-{i}", daemon=True)
+            for i in range(self.num_threads)
+        ]
         number = last_taken = iteration.first_number
         try:
             for thread in threads:

@@ -1,14 +1,4 @@
-"""Process group from torchrun's environment, rank helpers, and all-reduce of metrics.
-
-torchrun (or any launcher that sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT)
-starts one process per GPU; a plain `python -m train run` is world_size 1 and never touches
-torch.distributed, so the single-process path has no collectives at all.
-
-Two rules keep DDP from hanging: every rank calls the same collectives in the same order (so
-decisions that lead to a collective are made from values every rank shares: epoch, step,
-an all-reduced flag), and side effects that only one process should perform (files, prints,
-progress bars) go through `is_main_process` / `rank_zero_only`, the one place that decides.
-"""
+"""Process group from torchrun's environment, rank helpers, and all-reduce of metrics."""
 
 from __future__ import annotations
 
@@ -25,7 +15,6 @@ import torch.distributed as torch_dist
 from train.errors import TrainError
 
 T = TypeVar("T")
-
 
 
 @dataclass(frozen=True)
@@ -100,9 +89,13 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> Dis
     backend = "nccl" if torch_device.type == "cuda" else "gloo"
     if not torch_dist.is_initialized():
         kwargs = {"device_id": torch_device} if backend == "nccl" else {}
-        torch_dist.init_process_group(backend, rank=rank, world_size=world_size,
-                                      timeout=datetime.timedelta(minutes=timeout_minutes),
-                                      **kwargs)
+        torch_dist.init_process_group(
+            backend,
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+            **kwargs,
+        )
     return DistEnv(rank, world_size, local_rank, torch_device, backend)
 
 

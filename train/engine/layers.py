@@ -1,19 +1,4 @@
-"""BlurPool and stochastic depth, added to a built model with hooks: no new parameters and no
-new state_dict keys, so the weights still load strictly into torchvision's constructor.
-
-- `add_blurpool(model)`: FFCV's anti-aliased downsampling (Zhang 2019, "Making convolutional
-  networks shift-invariant again"): every Conv2d that subsamples (stride > 1) and has at least
-  16 input channels (so not the stem) first blurs its input with the fixed 3x3 binomial
-  filter [1 2 1]^T [1 2 1] / 16, one channel at a time. The filter is a non-persistent buffer
-  (it moves with `.to()`, is not saved). A model loaded from exported weights needs
-  `add_blurpool` again to compute what the run evaluated.
-- `add_drop_path(model, rate)`: stochastic depth for torchvision ResNets (Huang 2016): in
-  training, each residual branch (the output of a block's last BatchNorm, before the identity
-  is added) is dropped per sample with probability rising linearly with depth, 0 for the
-  first block to `rate` for the last (timm's rule), and scaled by 1 / (1 - p) when kept.
-  Evaluation is unchanged. The draws come from torch's global RNG, which the trainer seeds
-  per step (train.engine.step), so they are the same after a resume.
-"""
+"""BlurPool and stochastic depth as hooks: no new parameters or state_dict keys."""
 
 from __future__ import annotations
 
@@ -29,8 +14,7 @@ LAST_BN = {Bottleneck: "bn3", BasicBlock: "bn2"}  # the residual branch's last l
 
 def _blur_then_convolve(conv: nn.Conv2d, args: tuple) -> tuple:
     (x,) = args
-    blurred = F.conv2d(x, conv.blur_filter.to(dtype=x.dtype), padding=1,
-                       groups=conv.in_channels)
+    blurred = F.conv2d(x, conv.blur_filter.to(dtype=x.dtype), padding=1, groups=conv.in_channels)
     return (blurred,)
 
 
@@ -40,9 +24,12 @@ def add_blurpool(model: nn.Module) -> int:
     kernel = torch.tensor(BLUR_KERNEL)
     square = torch.outer(kernel, kernel) / kernel.sum() ** 2
     for module in model.modules():
-        if (isinstance(module, nn.Conv2d) and max(module.stride) > 1
-                and module.in_channels >= BLUR_MIN_IN_CHANNELS
-                and not hasattr(module, "blur_filter")):
+        if (
+            isinstance(module, nn.Conv2d)
+            and max(module.stride) > 1
+            and module.in_channels >= BLUR_MIN_IN_CHANNELS
+            and not hasattr(module, "blur_filter")
+        ):
             weight = module.weight
             blur = square.to(weight.device, weight.dtype).expand(module.in_channels, 1, 3, 3)
             module.register_buffer("blur_filter", blur.contiguous(), persistent=False)

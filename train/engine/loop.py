@@ -1,17 +1,5 @@
-"""The step loop (`train_steps`) over a small `TrainState`, and one evaluation pass.
-
-    state = TrainState()                       # epoch 0, step 0 (or restored from a checkpoint)
-    train_steps(trainer, state, batches, steps=len(loader), lr_at=lambda s: ..., on_sync=show)
-
-`train_steps` runs optimizer steps `state.step .. steps - 1` of `state.epoch`, each over
-`accum_steps` batches, and every `sync_every` steps (and at a checkpoint step, the last step,
-and a stop request) makes ONE host sync: an all-reduce of a small tensor (loss sum, counts,
-data-wait seconds, stop votes) that every rank makes at the same step. It folds the reduced
-values into `state.sums` and hands them to `on_sync` as a `SyncPoint`: `train run` logs,
-draws its progress bar, checks the loss and checkpoints there; the benchmarks time there.
-Between sync points nothing waits for the device. Decisions taken from a SyncPoint are taken
-from reduced values, so every rank takes them together (DDP never hangs on them).
-"""
+"""The public step loop (`train_steps` over a `TrainState`, `on_sync` at each host sync) and one
+evaluation pass."""
 
 from __future__ import annotations
 
@@ -24,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.errors import TrainError
 from train.engine.dist import DistEnv, all_reduce_sum
 from train.engine.step import Trainer, autocast, step_seed
+from train.errors import TrainError
 
 
 class DeviceBatches(Protocol):
@@ -109,21 +97,36 @@ class _Interval:
 
     def sync(self, env: DistEnv | None, data_wait_s: float, stop: bool) -> list[float]:
         """One all-reduce: [loss, batches, images, data wait, stop votes, seconds]."""
-        values = torch.stack([self.loss_sum, *(torch.tensor(v, dtype=torch.float64,
-                                                            device=self.device)
-                                               for v in (self.batches, self.images,
-                                                         data_wait_s, float(stop)))])
+        values = torch.stack(
+            [
+                self.loss_sum,
+                *(
+                    torch.tensor(v, dtype=torch.float64, device=self.device)
+                    for v in (self.batches, self.images, data_wait_s, float(stop))
+                ),
+            ]
+        )
         reduced = all_reduce_sum(env, values).tolist()
         seconds = time.monotonic() - self.started
         self.reset()
         return [*reduced, seconds]
 
 
-def train_steps(trainer: Trainer, state: TrainState, batches: DeviceBatches, *, steps: int,
-                lr_at: Callable[[int], float], on_sync: Callable[[SyncPoint], bool | None],
-                sync_every: int = 20, accum_steps: int = 1, checkpoint_every: int = 0,
-                seed: int | None = 0, env: DistEnv | None = None,
-                stop_requested: Callable[[], bool] = lambda: False) -> float:
+def train_steps(
+    trainer: Trainer,
+    state: TrainState,
+    batches: DeviceBatches,
+    *,
+    steps: int,
+    lr_at: Callable[[int], float],
+    on_sync: Callable[[SyncPoint], bool | None],
+    sync_every: int = 20,
+    accum_steps: int = 1,
+    checkpoint_every: int = 0,
+    seed: int | None = 0,
+    env: DistEnv | None = None,
+    stop_requested: Callable[[], bool] = lambda: False,
+) -> float:
     """Optimizer steps `state.step .. steps - 1` of `state.epoch`; returns the last LR.
 
     `batches` must begin at batch `state.step * accum_steps` of the epoch. `lr_at(step)` is the
@@ -140,29 +143,53 @@ def train_steps(trainer: Trainer, state: TrainState, batches: DeviceBatches, *, 
         step = state.step
         lr = lr_at(step)
         first = step * accum_steps
-        seeds = [None if seed is None else step_seed(seed, state.epoch, first + i, rank)
-                 for i in range(accum_steps)]
+        seeds = [
+            None if seed is None else step_seed(seed, state.epoch, first + i, rank)
+            for i in range(accum_steps)
+        ]
         interval.loss_sum += trainer.accumulate(group, lr, seeds)
         interval.batches += 1
         interval.images += sum(int(batch_labels.shape[0]) for _, batch_labels in group)
         group = []
         state.step, state.global_step = step + 1, state.global_step + 1
-        due = bool(checkpoint_every) and state.global_step % checkpoint_every == 0 \
+        due = (
+            bool(checkpoint_every)
+            and state.global_step % checkpoint_every == 0
             and state.step < steps
-        if (due or state.step % sync_every == 0 or state.step == steps
-                or (not distributed and stop_requested())):
+        )
+        if (
+            due
+            or state.step % sync_every == 0
+            or state.step == steps
+            or (not distributed and stop_requested())
+        ):
             wait = batches.data_wait_seconds
             loss_sum, count, images, waited, votes, seconds = interval.sync(
-                env, wait - wait_seen, stop_requested())
+                env, wait - wait_seen, stop_requested()
+            )
             wait_seen = wait
-            sync = SyncPoint(state.epoch, state.step, state.global_step, lr, loss_sum, count,
-                             images, seconds, waited, env.world_size if env else 1, votes > 0,
-                             due, state.step == steps)
+            sync = SyncPoint(
+                state.epoch,
+                state.step,
+                state.global_step,
+                lr,
+                loss_sum,
+                count,
+                images,
+                seconds,
+                waited,
+                env.world_size if env else 1,
+                votes > 0,
+                due,
+                state.step == steps,
+            )
             _fold(state.sums, sync)
             if on_sync(sync) or state.step >= steps:
                 return lr
-    raise TrainError(f"epoch {state.epoch}: the train loader stopped after "
-                     f"{state.step * accum_steps} of its {steps * accum_steps} batches")
+    raise TrainError(
+        f"epoch {state.epoch}: the train loader stopped after "
+        f"{state.step * accum_steps} of its {steps * accum_steps} batches"
+    )
 
 
 def _fold(sums: EpochSums, sync: SyncPoint) -> None:
@@ -204,8 +231,13 @@ class EvalSums:
 
 
 @torch.no_grad()
-def evaluate(module: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-             device: torch.device, precision: str, flip: bool = False) -> torch.Tensor:
+def evaluate(
+    module: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+    precision: str,
+    flip: bool = False,
+) -> torch.Tensor:
     """Sum of top-1/top-5 hits, count and loss over this rank's batches, as a device tensor.
 
     Pass the PLAIN module (not DDP): its forward has no collectives, so a rank whose batch is

@@ -1,21 +1,4 @@
-"""One optimizer step: autocast, grad scaler, mixup/cutmix, gradient accumulation, EMA.
-
-No loaders, files or schedule here: callers hand in normalized batches `x` already on the
-device and the LR of the step, which keeps `Trainer` usable by `train run`, `train bench` and
-the tests alike; train.engine.loop runs steps over an epoch.
-
-Randomness: when a step gets a seed, every random draw inside it (mixup/cutmix, stochastic
-depth) comes from torch's CPU and device generators seeded with it, inside a forked RNG
-scope, so the step depends only on (seed, epoch, step, rank) (`step_seed`) and a resumed run
-draws exactly what the uninterrupted one drew, whatever else used the global RNG meanwhile.
-
-Gradient accumulation (`accumulate`): the micro-batches' losses are averaged, so the gradient
-is that of their union and one LR step means what it means for the large batch. Under DDP the
-inner backward passes run in `no_sync()`: gradients are all-reduced once per optimizer step.
-BatchNorm sees each micro-batch alone: its batch statistics are per micro-batch and its running
-statistics move once per micro-batch, as in every accumulating trainer; only a model without
-BatchNorm computes exactly what the large batch would.
-"""
+"""One optimizer step: autocast, grad scaler, mixup/cutmix, accumulation, EMA; seeded per step."""
 
 from __future__ import annotations
 
@@ -107,13 +90,18 @@ class Trainer:
     module: nn.Module | None = None
     ddp: nn.parallel.DistributedDataParallel | None = None
 
-    def step(self, x: torch.Tensor, labels: torch.Tensor, lr: float,
-             seed: int | None = None) -> torch.Tensor:
+    def step(
+        self, x: torch.Tensor, labels: torch.Tensor, lr: float, seed: int | None = None
+    ) -> torch.Tensor:
         """One optimizer step at `lr` on one batch; returns the detached loss (no host sync)."""
         return self.accumulate([(x, labels)], lr, [seed])
 
-    def accumulate(self, micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                   lr: float, seeds: Sequence[int | None]) -> torch.Tensor:
+    def accumulate(
+        self,
+        micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        lr: float,
+        seeds: Sequence[int | None],
+    ) -> torch.Tensor:
         """One optimizer step at `lr` over several batches (their mean loss is returned)."""
         set_lr(self.optimizer, lr)
         self.optimizer.zero_grad(set_to_none=True)
@@ -121,8 +109,10 @@ class Trainer:
         total = None
         for index, ((x, labels), seed) in enumerate(zip(micro_batches, seeds, strict=True)):
             inner = index < count - 1 and self.ddp is not None
-            with self.ddp.no_sync() if inner else contextlib.nullcontext(), \
-                    seeded(seed, self.device):
+            with (
+                self.ddp.no_sync() if inner else contextlib.nullcontext(),
+                seeded(seed, self.device),
+            ):
                 loss = self._loss(x, labels)
                 scaled = loss / count if count > 1 else loss
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
@@ -144,8 +134,12 @@ class Trainer:
             logits = self.model(x)
         return F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)
 
-    def warm_up(self, shapes: Sequence[tuple[int, int]], channels_last: bool,
-                say: Callable[[str], None] = print) -> None:
+    def warm_up(
+        self,
+        shapes: Sequence[tuple[int, int]],
+        channels_last: bool,
+        say: Callable[[str], None] = print,
+    ) -> None:
         """Compile each (batch, crop) shape before the clock starts (torch.compile).
 
         A forward and backward per shape, no optimizer step; the plain module's state (BN

@@ -37,14 +37,16 @@ class Recipe:
     label_smoothing: float = setting(0.0, "label smoothing", low=0, high=1, bounds="[)", cli=True)
     zero_init_residual: bool = setting(True, "last BN gamma of each residual block starts at 0")
     blurpool: bool = setting(False, "anti-aliased downsampling (train.engine.layers)")
-    drop_path: float = setting(0.0, "stochastic depth of the deepest block", low=0, high=1,
-                               bounds="[)")
+    drop_path: float = setting(
+        0.0, "stochastic depth of the deepest block", low=0, high=1, bounds="[)"
+    )
     auto_augment: str | None = setting(None, "torchvision v2 policy", choices=AUTO_AUGMENT_POLICIES)
     val_flip_tta: bool = setting(False, "flip-average the final eval", cli=True)
     mixup_alpha: float = setting(0.0, "mixup alpha (0 = off)", low=0, bounds="[)", cli=True)
     cutmix_alpha: float = setting(0.0, "cutmix alpha (0 = off)", low=0, bounds="[)", cli=True)
-    ema_decay: float = setting(0.0, "EMA decay of the weights (0 = off)", low=0, high=1,
-                               bounds="[)", cli=True)
+    ema_decay: float = setting(
+        0.0, "EMA decay of the weights (0 = off)", low=0, high=1, bounds="[)", cli=True
+    )
     model_kwargs: Mapping[str, Any] = setting({}, "extra model constructor arguments")
     targets: Mapping[str, float] = setting({}, 'e.g. {"top1": 75.9, "top5": 93}')
 
@@ -54,8 +56,9 @@ class Recipe:
         known = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(data) - set(known))
         if unknown:
-            raise RecipeError(f"recipe key {unknown[0]!r}: unknown; allowed: "
-                              f"{', '.join(sorted(known))}")
+            raise RecipeError(
+                f"recipe key {unknown[0]!r}: unknown; allowed: {', '.join(sorted(known))}"
+            )
         recipe = cls(**{**data, **{k: v for k, v in overrides.items() if v is not None}})
         recipe.check()
         return recipe
@@ -79,8 +82,11 @@ class Recipe:
             fail("targets", 'must be an object of percentages like {"top1": 75.9, "top5": 93.0}')
 
     def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "model_kwargs": dict(self.model_kwargs),
-                "targets": dict(self.targets)}
+        return {
+            **dataclasses.asdict(self),
+            "model_kwargs": dict(self.model_kwargs),
+            "targets": dict(self.targets),
+        }
 
 
 RECIPE_OPTIONS = tuple(f.name for f in dataclasses.fields(Recipe) if f.metadata.get("cli"))
@@ -104,20 +110,25 @@ class RunConfig:
     seed: int = setting(0, "same seed, same data order and init", low=0, high=MAX_SEED)
     resume: str | None = setting(None, "'auto' (continue OUT's run if any) or a checkpoint")
     overwrite: bool = setting(False, "clear OUT's old run outputs and start fresh")
-    allow_changed: bool = setting(False, "resume although recipe, schedule, seed or precision "
-                                  "changed (recorded in config.json)")
-    workers: int = setting(4, f"loader workers per GPU (capped at {WORKERS_PER_CORE} per core)",
-                           low=0)
+    allow_changed: bool = setting(
+        False,
+        "resume although recipe, schedule, seed or precision changed (recorded in config.json)",
+    )
+    workers: int = setting(
+        4, f"loader workers per GPU (capped at {WORKERS_PER_CORE} per core)", low=0
+    )
     decode: str = setting("cpu", "JPEG decode", choices=DECODERS)
     eval_every: int = setting(1, "evaluate every N epochs (the last always)", low=1)
-    checkpoint_every_steps: int = setting(0, "also checkpoint every N steps (0: epochs only)",
-                                          low=0)
+    checkpoint_every_steps: int = setting(
+        0, "also checkpoint every N steps (0: epochs only)", low=0
+    )
     log_every: int = setting(20, "steps between progress updates (each a host sync)", low=1)
     sync_bn: bool = setting(False, "SyncBatchNorm across GPUs (CUDA)")
     threads: int | None = setting(None, "torch CPU threads", low=1)
     deterministic: bool | None = setting(None, "deterministic kernels [default: on for CPU]")
-    full_prep_size: int | None = setting(None, "imagenet18 lists: prep_size standing in for "
-                                         "full-size images", low=1)
+    full_prep_size: int | None = setting(
+        None, "imagenet18 lists: prep_size standing in for full-size images", low=1
+    )
     tensorboard: bool = setting(True, "TensorBoard events in OUT/tb")
     progress: bool = setting(True, "progress bar")
     dry_run: bool = setting(False, "print the per-epoch table and check shards; train nothing")
@@ -137,14 +148,17 @@ def check_config(config: RunConfig) -> None:
     """The plain-value options, checked before anything is loaded or started."""
     flags = {f.name: f.metadata.get("flag") for f in dataclasses.fields(RunConfig)}
     for name, message in problems(config):
-        raise TrainError(f"{option_name(name, flags[name])} {message}, got "
-                         f"{getattr(config, name)!r}")
+        raise TrainError(
+            f"{option_name(name, flags[name])} {message}, got {getattr(config, name)!r}"
+        )
     for metric, percent in config.targets:
         if metric not in TARGET_METRICS or not is_percent(percent):
             raise TrainError(f"--target {metric}={percent:g}: must be a percentage in (0, 100]")
     if config.overwrite and config.resume == "auto":
-        raise TrainError("--overwrite and --resume auto contradict each other: --overwrite "
-                         "clears the run that --resume auto would continue; pass one")
+        raise TrainError(
+            "--overwrite and --resume auto contradict each other: --overwrite "
+            "clears the run that --resume auto would continue; pass one"
+        )
 
 
 def available_cpus() -> int:
@@ -160,8 +174,9 @@ def worker_cap(num_cpus: int, procs_per_node: int = 1) -> int:
     return max(1, WORKERS_PER_CORE * num_cpus // max(procs_per_node, 1))
 
 
-def cap_workers(config: RunConfig, num_cpus: int,
-                procs_per_node: int = 1) -> tuple[RunConfig, list[str]]:
+def cap_workers(
+    config: RunConfig, num_cpus: int, procs_per_node: int = 1
+) -> tuple[RunConfig, list[str]]:
     """--workers and --threads capped at worker_cap(), with one warning each."""
     cap = worker_cap(num_cpus, procs_per_node)
     changes, warnings = {}, []
@@ -169,9 +184,11 @@ def cap_workers(config: RunConfig, num_cpus: int,
         value = getattr(config, name)
         if value is not None and value > cap:
             changes[name] = cap
-            warnings.append(f"train: warning: --{name} {value} is more than {WORKERS_PER_CORE} "
-                            f"per core ({num_cpus} cores, {procs_per_node} process(es) per "
-                            f"node): using {cap}")
+            warnings.append(
+                f"train: warning: --{name} {value} is more than {WORKERS_PER_CORE} "
+                f"per core ({num_cpus} cores, {procs_per_node} process(es) per "
+                f"node): using {cap}"
+            )
     return dataclasses.replace(config, **changes), warnings
 
 
@@ -192,12 +209,18 @@ def check_arch(arch: str) -> None:
         try:
             import timm
         except ImportError:
-            raise RecipeError(f"recipe key 'arch': {arch!r} needs timm (pip install "
-                              "'shardtrain[timm]' or pip install timm)") from None
-        if not timm.is_model(arch[len(TIMM_PREFIX):]):
-            raise RecipeError(f"recipe key 'arch': timm has no model {arch[len(TIMM_PREFIX):]!r} "
-                              "(timm.list_models() lists them)")
+            raise RecipeError(
+                f"recipe key 'arch': {arch!r} needs timm (pip install "
+                "'shardtrain[timm]' or pip install timm)"
+            ) from None
+        if not timm.is_model(arch[len(TIMM_PREFIX) :]):
+            raise RecipeError(
+                f"recipe key 'arch': timm has no model {arch[len(TIMM_PREFIX) :]!r} "
+                "(timm.list_models() lists them)"
+            )
         return
     if arch not in torchvision_archs():
-        raise RecipeError(f"recipe key 'arch': must name a torchvision classification model "
-                          f"(resnet18, resnet50, ...) or timm/<name>, got {arch!r}")
+        raise RecipeError(
+            f"recipe key 'arch': must name a torchvision classification model "
+            f"(resnet18, resnet50, ...) or timm/<name>, got {arch!r}"
+        )

@@ -1,10 +1,4 @@
-"""imagenet18's original phase lists (diux-dev/imagenet18), translated to our `Schedule`.
-
-Kept apart from `train.plan.schedule` so the schedule module holds only our format's maths; this
-one holds imagenet18's key names and the semantics read from its training code; train.plan.phases
-tells the two formats apart. Stdlib only, like the
-schedule: no torch, no typer, nothing runs at import time.
-"""
+"""imagenet18's original phase lists (diux-dev/imagenet18), translated to our `Schedule`."""
 
 from __future__ import annotations
 
@@ -12,11 +6,10 @@ import re
 from typing import Any, Mapping, Sequence
 
 from train.errors import ScheduleError
-from train.plan.settings import is_int, is_number
 from train.plan.schedule import DEFAULT_MIN_SCALE, Phase, Schedule
+from train.plan.settings import is_int, is_number
 
-IMAGENET18_KEYS = ("ep", "sz", "bs", "lr", "trndir", "valdir", "min_scale", "rect_val",
-                   "keep_dl")
+IMAGENET18_KEYS = ("ep", "sz", "bs", "lr", "trndir", "valdir", "min_scale", "rect_val", "keep_dl")
 _IMAGENET18_DATA_KEYS = ("sz", "trndir", "valdir", "min_scale", "rect_val", "keep_dl")
 _SZ_DIR = re.compile(r"-sz/(\d+)")
 
@@ -78,8 +71,12 @@ def from_imagenet18(entries: Sequence[Any], *, full_prep_size: int | None = None
     if full_prep_size is not None and (not is_int(full_prep_size) or full_prep_size <= 0):
         raise ScheduleError(f"full_prep_size must be a positive integer, got {full_prep_size!r}")
     if full_prep_size is None:
-        sized = [int(m.group(1)) for _, d in data for key in ("trndir", "valdir")
-                 if (m := _SZ_DIR.fullmatch(d[key]))]
+        sized = [
+            int(m.group(1))
+            for _, d in data
+            for key in ("trndir", "valdir")
+            if (m := _SZ_DIR.fullmatch(d[key]))
+        ]
         full_prep_size = max(sized) if sized else None
     bounds = sorted({s for s, _ in data} | {s for s, _, _ in lrs} | {num_epochs})
     bounds = [b for b in bounds if b <= num_epochs]
@@ -87,14 +84,21 @@ def from_imagenet18(entries: Sequence[Any], *, full_prep_size: int | None = None
     for lo, hi in zip(bounds, bounds[1:]):
         d = next(d for s, d in reversed(data) if s <= lo)
         lr_phase = next(seg for seg in reversed(lrs) if seg[0] <= lo)
-        phases.append(Phase(
-            epochs=(lo, hi),
-            prep_size=_prep_size_of(d["trndir"], full_prep_size, d["index"], "trndir", d["sz"]),
-            crop_size=d["sz"], batch_size=d["bs"], lr=(_lr_of(lr_phase, lo), _lr_of(lr_phase, hi)),
-            min_scale=d["min_scale"], rect_val=d["rect_val"],
-            val_prep_size=_prep_size_of(d["valdir"], full_prep_size, d["index"], "valdir",
-                                        d["sz"]),
-            val_crop_size=d["sz"]))
+        phases.append(
+            Phase(
+                epochs=(lo, hi),
+                prep_size=_prep_size_of(d["trndir"], full_prep_size, d["index"], "trndir", d["sz"]),
+                crop_size=d["sz"],
+                batch_size=d["bs"],
+                lr=(_lr_of(lr_phase, lo), _lr_of(lr_phase, hi)),
+                min_scale=d["min_scale"],
+                rect_val=d["rect_val"],
+                val_prep_size=_prep_size_of(
+                    d["valdir"], full_prep_size, d["index"], "valdir", d["sz"]
+                ),
+                val_crop_size=d["sz"],
+            )
+        )
     return Schedule(tuple(phases))
 
 
@@ -123,8 +127,11 @@ def _read_entries(entries: Sequence[Any]) -> tuple[DataPhases, LRPhases]:
             if end is not None:
                 raise _entry_error(i, "ep", "a data phase starts at one epoch, not a range")
             if data and start <= data[-1][0]:
-                raise _entry_error(i, "ep", f"data phases must start in increasing order "
-                                   f"({start} after {data[-1][0]})")
+                raise _entry_error(
+                    i,
+                    "ep",
+                    f"data phases must start in increasing order ({start} after {data[-1][0]})",
+                )
             data.append((start, _data_settings(entry, i, data)))
         else:
             stray = [k for k in _IMAGENET18_DATA_KEYS if k in entry]
@@ -135,8 +142,11 @@ def _read_entries(entries: Sequence[Any]) -> tuple[DataPhases, LRPhases]:
             if end is None and lr[0] != lr[1]:
                 raise _entry_error(i, "ep", "a linear lr [start, end] needs ep [start, end]")
             if lrs and start <= lrs[-1][0]:
-                raise _entry_error(i, "ep", f"LR phases must start in increasing order "
-                                   f"({start} after {lrs[-1][0]})")
+                raise _entry_error(
+                    i,
+                    "ep",
+                    f"LR phases must start in increasing order ({start} after {lrs[-1][0]})",
+                )
             lrs.append((start, end, lr))
     return data, lrs
 
@@ -152,8 +162,10 @@ def _check_lr_phases(data: DataPhases, lrs: LRPhases) -> int:
         raise ScheduleError("imagenet18 list: the last LR phase needs ep [start, end]")
     for k, (s, e, (lr0, lr1)) in enumerate(lrs[:-1]):
         if e is not None and lrs[k + 1][0] > e and lr0 != lr1:
-            raise ScheduleError(f"imagenet18 list: linear LR phase {[s, e]} ends before the "
-                                f"next LR phase starts at {lrs[k + 1][0]} (gap)")
+            raise ScheduleError(
+                f"imagenet18 list: linear LR phase {[s, e]} ends before the "
+                f"next LR phase starts at {lrs[k + 1][0]} (gap)"
+            )
     return num_epochs
 
 
@@ -165,14 +177,18 @@ def _lr_of(lr_phase: tuple[int, int | None, tuple[float, float]], epoch: int) ->
     return lr1 if epoch == e else lr0 + (lr1 - lr0) * (epoch - s) / (e - s)
 
 
-def _data_settings(entry: Mapping[str, Any], i: int,
-                   data: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
-    for key, check, what in (("bs", is_int, "an integer"), ("sz", is_int, "an integer"),
-                             ("trndir", lambda v: isinstance(v, str), "a string"),
-                             ("valdir", lambda v: isinstance(v, str), "a string"),
-                             ("min_scale", is_number, "a number"),
-                             ("rect_val", lambda v: isinstance(v, bool), "true or false"),
-                             ("keep_dl", lambda v: isinstance(v, bool), "true or false")):
+def _data_settings(
+    entry: Mapping[str, Any], i: int, data: list[tuple[int, dict[str, Any]]]
+) -> dict[str, Any]:
+    for key, check, what in (
+        ("bs", is_int, "an integer"),
+        ("sz", is_int, "an integer"),
+        ("trndir", lambda v: isinstance(v, str), "a string"),
+        ("valdir", lambda v: isinstance(v, str), "a string"),
+        ("min_scale", is_number, "a number"),
+        ("rect_val", lambda v: isinstance(v, bool), "true or false"),
+        ("keep_dl", lambda v: isinstance(v, bool), "true or false"),
+    ):
         if key in entry and not check(entry[key]):
             raise _entry_error(i, key, f"must be {what}, got {entry[key]!r}")
     if entry.get("keep_dl", False):
@@ -181,31 +197,48 @@ def _data_settings(entry: Mapping[str, Any], i: int,
         settings = dict(data[-1][1])
         for key in ("sz", "trndir", "valdir", "min_scale", "rect_val"):
             if key in entry and entry[key] != settings[key]:
-                raise _entry_error(i, key, f"keep_dl keeps the loader, so {key} stays "
-                                   f"{settings[key]!r}; drop keep_dl to change it")
+                raise _entry_error(
+                    i,
+                    key,
+                    f"keep_dl keeps the loader, so {key} stays "
+                    f"{settings[key]!r}; drop keep_dl to change it",
+                )
         settings.update(bs=entry["bs"], index=i)
         return settings
     if "sz" not in entry:
         raise _entry_error(i, "sz", "missing (a data phase without keep_dl needs 'sz')")
     trndir = entry.get("trndir", "")
-    return {"sz": entry["sz"], "bs": entry["bs"], "trndir": trndir,
-            "valdir": entry.get("valdir", trndir),
-            "min_scale": float(entry.get("min_scale", DEFAULT_MIN_SCALE)),
-            "rect_val": entry.get("rect_val", False), "index": i}
+    return {
+        "sz": entry["sz"],
+        "bs": entry["bs"],
+        "trndir": trndir,
+        "valdir": entry.get("valdir", trndir),
+        "min_scale": float(entry.get("min_scale", DEFAULT_MIN_SCALE)),
+        "rect_val": entry.get("rect_val", False),
+        "index": i,
+    }
 
 
-def _prep_size_of(directory: str, full_prep_size: int | None, i: int, key: str,
-                  sz: int) -> int:
+def _prep_size_of(directory: str, full_prep_size: int | None, i: int, key: str, sz: int) -> int:
     if directory == "":
         if full_prep_size is None:
-            raise _entry_error(i, key, "'' means full-size images; pass full_prep_size "
-                               "(no '-sz/N' directory in the list to default to)")
+            raise _entry_error(
+                i,
+                key,
+                "'' means full-size images; pass full_prep_size "
+                "(no '-sz/N' directory in the list to default to)",
+            )
         if full_prep_size < sz:
-            raise _entry_error(i, key, f"'' means full-size images, here prep_size "
-                               f"{full_prep_size} < sz {sz}; pass a larger full_prep_size")
+            raise _entry_error(
+                i,
+                key,
+                f"'' means full-size images, here prep_size "
+                f"{full_prep_size} < sz {sz}; pass a larger full_prep_size",
+            )
         return full_prep_size
     match = _SZ_DIR.fullmatch(directory)
     if not match:
-        raise _entry_error(i, key, f"expected '-sz/<prep_size>' or '' (full size), got "
-                           f"{directory!r}")
+        raise _entry_error(
+            i, key, f"expected '-sz/<prep_size>' or '' (full size), got {directory!r}"
+        )
     return int(match.group(1))

@@ -1,14 +1,4 @@
-"""phases.json files: read one, tell our format from imagenet18's, return the schedule.
-
-    loaded = load_schedule("phases/rn50-16ep.json")
-    loaded.schedule   # train.plan.schedule.Schedule (the maths)
-    loaded.recipe     # the free-form "recipe" object; train.plan.config.Recipe checks it
-
-Our format is a JSON list of phases, or `{"phases": [...], "recipe": {...}, "note": "..."}`
-(train.plan.schedule documents the phase keys). Phases with `ep`/`sz` keys are imagenet18's
-original lists, translated by train.plan.imagenet18. Every failure is one ScheduleError line
-naming the file. Stdlib only, like the schedule.
-"""
+"""phases.json files: read one, tell our format from imagenet18's, return the schedule."""
 
 from __future__ import annotations
 
@@ -17,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from train.plan.imagenet18 import from_imagenet18
 from train.errors import ScheduleError
+from train.plan.imagenet18 import from_imagenet18
 from train.plan.schedule import Schedule
 
 TOP_LEVEL_KEYS = ("phases", "recipe", "note")
@@ -44,14 +34,16 @@ def parse_schedule(data: Any, *, full_prep_size: int | None = None) -> LoadedSch
     if isinstance(data, Mapping):
         unknown = sorted(set(data) - set(TOP_LEVEL_KEYS))
         if unknown:
-            raise ScheduleError(f"top-level key {unknown[0]!r}: unknown; allowed: "
-                                f"{', '.join(TOP_LEVEL_KEYS)}")
+            raise ScheduleError(
+                f"top-level key {unknown[0]!r}: unknown; allowed: {', '.join(TOP_LEVEL_KEYS)}"
+            )
         if "phases" not in data:
             raise ScheduleError("top-level key 'phases': missing")
         recipe = data.get("recipe", {})
         if not isinstance(recipe, Mapping):
-            raise ScheduleError(f"top-level key 'recipe': must be an object, got "
-                                f"{type(recipe).__name__}")
+            raise ScheduleError(
+                f"top-level key 'recipe': must be an object, got {type(recipe).__name__}"
+            )
         note = data.get("note")
         if note is not None and not isinstance(note, str):
             raise ScheduleError("top-level key 'note': must be a string")
@@ -62,8 +54,9 @@ def parse_schedule(data: Any, *, full_prep_size: int | None = None) -> LoadedSch
     if keys & {"ep", "sz"}:
         if "epochs" in keys:
             raise ScheduleError("phases mix our keys ('epochs') with imagenet18's ('ep', 'sz')")
-        return LoadedSchedule(from_imagenet18(data, full_prep_size=full_prep_size),
-                              dict(recipe), note, "imagenet18")
+        return LoadedSchedule(
+            from_imagenet18(data, full_prep_size=full_prep_size), dict(recipe), note, "imagenet18"
+        )
     return LoadedSchedule(Schedule.from_dicts(data), dict(recipe), note, "shardtrain")
 
 
@@ -79,8 +72,9 @@ def load_schedule(path: str | Path, *, full_prep_size: int | None = None) -> Loa
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ScheduleError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: "
-                            f"{exc.msg}") from None
+        raise ScheduleError(
+            f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
+        ) from None
     try:
         return parse_schedule(data, full_prep_size=full_prep_size)
     except ScheduleError as exc:

@@ -1,10 +1,4 @@
-"""When loaders are rebuilt and when they are adjusted in place: the one rule.
-
-`loader_changes(schedule, epoch)` compares what the loaders of `epoch` are built from
-(`LoaderSettings`) with the epoch before. `train run` acts on exactly its answer (train.run.shards'
-`LiveLoaders`), and `train run --dry-run` prints its `describe()` in the "loaders" column, so
-the table is what the run does. Pure: no torch, no I/O.
-"""
+"""The one rule for when loaders are rebuilt and when adjusted in place; pure."""
 
 from __future__ import annotations
 
@@ -58,15 +52,21 @@ class LoaderChanges:
     @property
     def in_place(self) -> tuple[str, ...]:
         """IN_PLACE_FIELDS to set on a live (not rebuilt) loader."""
-        kept = {"crop_size": not self.rebuild_train, "min_scale": not self.rebuild_train,
-                "val_crop_size": not self.rebuild_val}
+        kept = {
+            "crop_size": not self.rebuild_train,
+            "min_scale": not self.rebuild_train,
+            "val_crop_size": not self.rebuild_val,
+        }
         return tuple(k for k in self.changed if k in IN_PLACE_FIELDS and kept[k])
 
     def describe(self) -> str:
         if self.fresh:
             return "build train+val"
-        rebuilt = [name for name, flag in (("train", self.rebuild_train),
-                                           ("val", self.rebuild_val)) if flag]
+        rebuilt = [
+            name
+            for name, flag in (("train", self.rebuild_train), ("val", self.rebuild_val))
+            if flag
+        ]
         parts = [f"rebuild {'+'.join(rebuilt)}"] if rebuilt else []
         if self.in_place:
             parts.append(f"in place: {', '.join(self.in_place)}")
@@ -75,8 +75,15 @@ class LoaderChanges:
 
 def loader_settings(schedule: Schedule, epoch: int) -> LoaderSettings:
     p = schedule.phase_at(epoch)
-    return LoaderSettings(p.prep_size, p.crop_size_at(epoch), p.batch_size, p.min_scale,
-                          p.rect_val, p.val_prep_size, p.val_crop_size)
+    return LoaderSettings(
+        p.prep_size,
+        p.crop_size_at(epoch),
+        p.batch_size,
+        p.min_scale,
+        p.rect_val,
+        p.val_prep_size,
+        p.val_crop_size,
+    )
 
 
 def loader_changes(schedule: Schedule, epoch: int, *, fresh: bool = False) -> LoaderChanges:
@@ -89,5 +96,6 @@ def loader_changes(schedule: Schedule, epoch: int, *, fresh: bool = False) -> Lo
     if fresh or epoch == 0:
         return LoaderChanges(epoch, LOADER_KEYS, fresh=True)
     before = loader_settings(schedule, epoch - 1)
-    return LoaderChanges(epoch, tuple(k for k in LOADER_KEYS
-                                      if getattr(now, k) != getattr(before, k)))
+    return LoaderChanges(
+        epoch, tuple(k for k in LOADER_KEYS if getattr(now, k) != getattr(before, k))
+    )

@@ -1,29 +1,5 @@
-"""Training schedule maths: `Phase` / `Schedule` and the pure queries a run asks of them.
-Stdlib only (no torch); reading files and telling the formats apart is train.plan.phases.
-
-A phase is a half-open epoch range `[start, end)` and what it trains on (GUIDE.md section 4):
-
-    {"epochs": [0, 13], "prep_size": 160, "crop_size": 128, "batch_size": 512,
-     "lr": [1.0, 2.0], "min_scale": 0.08, "rect_val": false}
-
-- `prep_size`: shorter side of the stored shards the phase reads (`train-{prep_size}/`).
-- `crop_size`: side of the training input, at most `prep_size`. `[a, b]` is a ramp (FFCV's
-  progressive resizing, applied in place): `a` in the phase's first epoch, `b` in its last,
-  linear per epoch, rounded to a multiple of `crop_multiple` (default 32 as FFCV; 1 = exact).
-  FFCV's ramp from start_ramp to end_ramp is the phase [start_ramp, end_ramp + 1).
-- `batch_size`: PER GPU, per forward pass. `accum_steps` (default 1) forward/backward passes
-  make one optimizer step, so the global batch is `batch_size * world_size * accum_steps`.
-- `lr`: the optimizer LR, applied to the gradient averaged over that global batch (the meaning
-  it has in imagenet18 and FFCV). `[start, end]` follows `lr_shape` across the phase's steps:
-  "linear" (default: `start` at the first step, approaching `end` at the last, so phases join
-  without a jump: FFCV's convention), "cosine" (half a cosine from `start` to `end`),
-  "constant" (one LR: a number or [x, x]), "step" (constant within each epoch, multiplied by
-  the same factor from one epoch to the next: `start` in the first epoch, `end` in the last,
-  torch's StepLR with step_size 1; both > 0). A scalar `lr` is constant. An LR is tuned for
-  one world size (`recipe.tuned_num_gpus`).
-- `min_scale`: RandomResizedCrop's lower area bound (0.08). `rect_val`: imagenet18's rect val.
-- `val_prep_size` / `val_crop_size`: validation shards and side (default: the phase's).
-"""
+"""`Phase` / `Schedule`: the phase keys (docs/DESIGN.md lists them) and the pure queries a run
+asks (phase_at, lr_at, crop ramps); no torch."""
 
 from __future__ import annotations
 
@@ -152,8 +128,10 @@ class Phase(ShardDirs):
         if self.lr_shape == "step":
             return self.step_lr(epoch), self.step_lr(epoch)
         done = epoch - self.epochs[0]
-        return (self.lr_at_fraction(done / self.num_epochs),
-                self.lr_at_fraction((done + 1) / self.num_epochs))
+        return (
+            self.lr_at_fraction(done / self.num_epochs),
+            self.lr_at_fraction((done + 1) / self.num_epochs),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Our JSON form, every key explicit (what a run saves as its resolved schedule)."""
@@ -174,24 +152,36 @@ def phase_error(index: int, key: str, message: str) -> ScheduleError:
 def _check_crops(p: Phase, i: int) -> None:
     ramp = p.crop_ramp
     if not is_int(p.crop_multiple) or p.crop_multiple < 1:
-        raise phase_error(i, "crop_multiple", f"must be a positive integer, got "
-                          f"{p.crop_multiple!r}")
+        raise phase_error(
+            i, "crop_multiple", f"must be a positive integer, got {p.crop_multiple!r}"
+        )
     if ramp is not None:
         if not (len(ramp) == 2 and all(is_int(x) and x > 0 for x in ramp)):
-            raise phase_error(i, "crop_size", f"must be a positive integer or a ramp [first, "
-                              f"last], got {list(ramp)}")
+            raise phase_error(
+                i,
+                "crop_size",
+                f"must be a positive integer or a ramp [first, last], got {list(ramp)}",
+            )
         if p.num_epochs < 2:
-            raise phase_error(i, "crop_size", "a ramp [first, last] needs a phase of 2 or "
-                              "more epochs")
+            raise phase_error(
+                i, "crop_size", "a ramp [first, last] needs a phase of 2 or more epochs"
+            )
     crops = {p.crop_size_at(e) for e in range(*p.epochs)} if ramp else {p.crop_size}
     for crop in sorted(crops, reverse=True):
         if not is_int(crop) or crop <= 0:
-            what = f"ramp {list(ramp)} rounds to {crop} (lower crop_multiple)" if ramp else \
-                f"must be a positive integer, got {crop!r}"
+            what = (
+                f"ramp {list(ramp)} rounds to {crop} (lower crop_multiple)"
+                if ramp
+                else f"must be a positive integer, got {crop!r}"
+            )
             raise phase_error(i, "crop_size", what)
         if crop > p.prep_size:
-            raise phase_error(i, "crop_size", f"{crop} > prep_size {p.prep_size}; read "
-                              "larger shards (raise prep_size) or crop smaller")
+            raise phase_error(
+                i,
+                "crop_size",
+                f"{crop} > prep_size {p.prep_size}; read "
+                "larger shards (raise prep_size) or crop smaller",
+            )
 
 
 def _check_lr(p: Phase, i: int) -> None:
@@ -201,13 +191,18 @@ def _check_lr(p: Phase, i: int) -> None:
     if not all(math.isfinite(x) and x >= 0 for x in lr):
         raise phase_error(i, "lr", f"must be finite and >= 0, got {list(lr)}")
     if p.lr_shape not in LR_SHAPES:
-        raise phase_error(i, "lr_shape", f"must be one of {', '.join(LR_SHAPES)}, got "
-                          f"{p.lr_shape!r}")
+        raise phase_error(
+            i, "lr_shape", f"must be one of {', '.join(LR_SHAPES)}, got {p.lr_shape!r}"
+        )
     if p.lr_shape == "constant" and lr[0] != lr[1]:
         raise phase_error(i, "lr", f"lr_shape 'constant' needs one LR, got {list(lr)}")
     if p.lr_shape == "step" and min(lr) <= 0 and lr[0] != lr[1]:
-        raise phase_error(i, "lr", f"lr_shape 'step' multiplies by a constant factor per "
-                          f"epoch: start and end must be > 0, got {list(lr)}")
+        raise phase_error(
+            i,
+            "lr",
+            f"lr_shape 'step' multiplies by a constant factor per "
+            f"epoch: start and end must be > 0, got {list(lr)}",
+        )
 
 
 def _check_positive_ints(p: Phase, i: int, keys: Sequence[str]) -> None:
@@ -229,8 +224,9 @@ def check_phase(p: Phase, i: int) -> None:
     _check_crops(p, i)  # before val_crop_size, which defaults to the crop
     _check_positive_ints(p, i, ("val_prep_size", "val_crop_size"))
     if p.val_crop_size > p.val_prep_size:
-        raise phase_error(i, "val_crop_size", f"{p.val_crop_size} > val_prep_size "
-                          f"{p.val_prep_size}")
+        raise phase_error(
+            i, "val_crop_size", f"{p.val_crop_size} > val_prep_size {p.val_prep_size}"
+        )
     _check_lr(p, i)
     if not (is_number(p.min_scale) and 0 < p.min_scale <= 1):
         raise phase_error(i, "min_scale", f"must be in (0, 1], got {p.min_scale!r}")
@@ -247,8 +243,7 @@ def phase_from_dict(data: Any, index: int) -> Phase:
         raise phase_error(index, unknown[0], f"unknown key; allowed: {', '.join(PHASE_KEYS)}")
     missing = [k for k in REQUIRED_KEYS if k not in data]
     if missing:
-        raise phase_error(index, missing[0], "missing (required: "
-                          f"{', '.join(REQUIRED_KEYS)})")
+        raise phase_error(index, missing[0], f"missing (required: {', '.join(REQUIRED_KEYS)})")
     return Phase(**data)
 
 
@@ -270,11 +265,16 @@ class Schedule:
             check_phase(p, i)
             start, end = p.epochs
             if start > expected:
-                raise phase_error(i, "epochs", f"gap: epochs [{expected}, {start}) belong to "
-                                  "no phase")
+                raise phase_error(
+                    i, "epochs", f"gap: epochs [{expected}, {start}) belong to no phase"
+                )
             if start < expected:
-                raise phase_error(i, "epochs", f"overlap: starts at {start} but epochs "
-                                  f"before {expected} are taken by phase {i - 1}")
+                raise phase_error(
+                    i,
+                    "epochs",
+                    f"overlap: starts at {start} but epochs "
+                    f"before {expected} are taken by phase {i - 1}",
+                )
             expected = end
 
     @classmethod
@@ -302,8 +302,9 @@ class Schedule:
     def lr_at(self, epoch: int, step: int, steps_per_epoch: int) -> float:
         """LR for 0-based optimizer `step` of `epoch`, as the phase's lr_shape says."""
         if not is_int(steps_per_epoch) or steps_per_epoch < 1:
-            raise ScheduleError(f"steps_per_epoch must be a positive integer, got "
-                                f"{steps_per_epoch!r}")
+            raise ScheduleError(
+                f"steps_per_epoch must be a positive integer, got {steps_per_epoch!r}"
+            )
         if not is_int(step) or not 0 <= step < steps_per_epoch:
             raise ScheduleError(f"step {step!r} is outside [0, {steps_per_epoch})")
         return self.phase_at(epoch).lr_at(epoch, step, steps_per_epoch)

@@ -7,8 +7,8 @@ import dataclasses
 import math
 import types
 import typing
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 
@@ -20,9 +20,17 @@ def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def setting(default: Any = dataclasses.MISSING, help: str = "", *, choices: tuple = (),
-            low: float | None = None, high: float | None = None, bounds: str = "[]",
-            flag: str | None = None, cli: bool = False) -> Any:
+def setting(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *,
+    choices: tuple = (),
+    low: float | None = None,
+    high: float | None = None,
+    bounds: str = "[]",
+    flag: str | None = None,
+    cli: bool = False,
+) -> Any:
     """A dataclass field with its help and allowed values. `bounds` says which ends of
     [low, high] are open ("[)": high excluded); `flag` is a command-line name other than the
     field's; cli=True makes a recipe key a `train run` option too (RunConfig's all are)."""
@@ -46,18 +54,27 @@ def declared(cls: type) -> list[tuple[dataclasses.Field, Any, bool]]:
     return [(f, *kind_of(hints[f.name])) for f in dataclasses.fields(cls)]
 
 
-TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
-              Path: "a path"}
+TYPE_WORDS = {
+    bool: "true or false",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    Path: "a path",
+}
 
 
 def problem(value: Any, kind: Any, nullable: bool, meta: Mapping[str, Any]) -> str | None:
     """Why `value` is not allowed for a declared setting ("must be ..."); None if it is."""
     if value is None:
         return None if nullable else "must be set"
-    ok = {bool: lambda: isinstance(value, bool), int: lambda: is_int(value),
-          float: lambda: is_number(value) and math.isfinite(value),
-          str: lambda: isinstance(value, str), Path: lambda: isinstance(value, (str, Path)),
-          Mapping: lambda: isinstance(value, Mapping)}.get(kind, lambda: True)
+    ok = {
+        bool: lambda: isinstance(value, bool),
+        int: lambda: is_int(value),
+        float: lambda: is_number(value) and math.isfinite(value),
+        str: lambda: isinstance(value, str),
+        Path: lambda: isinstance(value, (str, Path)),
+        Mapping: lambda: isinstance(value, Mapping),
+    }.get(kind, lambda: True)
     if not ok():
         return f"must be {TYPE_WORDS.get(kind, 'an object')}"
     choices = meta.get("choices")

@@ -1,21 +1,4 @@
-"""Atomic checkpoints and exact resume: capture, resume checks, restore.
-
-A checkpoint is written to a temp file in the same directory, fsynced, then renamed over the
-old one, so a crash (even SIGKILL) at any moment leaves either the previous checkpoint or the
-new one, never half of one. `last.pt` is replaced at every save (each epoch, every
-`--checkpoint-every-steps`, on SIGINT/SIGTERM); `final.pt` is written once at the end.
-
-Resume is exact because everything a step depends on is either in the checkpoint (weights,
-optimizer momentum, grad scaler, EMA, BN statistics, the (epoch, step) position and the
-partial-epoch metric sums) or a pure function of it: the schedule gives the LR of (epoch, step),
-the loaders give batch b of epoch e from (seed, epoch, rank, world_size, b), and the per-step
-mixup/cutmix draws are seeded from (seed, epoch, step, rank). Global RNG states are saved too,
-for anything else that might draw from them.
-
-`capture(state, trainer, identity)` is what a save writes; `check_resume(saved, ...)` refuses a
-checkpoint the run cannot continue (another schedule, model or mid-epoch world size) before
-anything is restored: the home of every "can this run resume that one" rule.
-"""
+"""Atomic checkpoints and exact resume: capture, resume checks, restore."""
 
 from __future__ import annotations
 
@@ -28,11 +11,10 @@ from typing import Any
 import torch
 
 from formats.files import write_atomic
-from train.errors import TrainError
 from train.engine.loop import TrainState, sums_from_dict
-from train.run.run_dir import run_outputs
 from train.engine.step import Trainer
-from train.errors import CheckpointError
+from train.errors import CheckpointError, TrainError
+from train.run.run_dir import run_outputs
 
 CHECKPOINT_VERSION = 2  # 2: phases gained lr_shape, accum_steps, crop_multiple
 CHECKPOINTS_DIR = "checkpoints"
@@ -45,9 +27,26 @@ def checkpoint_dir(out_dir: Path) -> Path:
 
 
 # What every checkpoint of this version holds (capture()); sync_bn came later, so is optional.
-SAVED_KEYS = ("arch", "num_classes", "recipe", "schedule", "seed", "world_size", "precision",
-              "epoch", "step", "global_step", "elapsed_s", "eval_s", "partial", "model",
-              "optimizer", "scaler", "ema", "rng")
+SAVED_KEYS = (
+    "arch",
+    "num_classes",
+    "recipe",
+    "schedule",
+    "seed",
+    "world_size",
+    "precision",
+    "epoch",
+    "step",
+    "global_step",
+    "elapsed_s",
+    "eval_s",
+    "partial",
+    "model",
+    "optimizer",
+    "scaler",
+    "ema",
+    "rng",
+)
 
 
 def save_atomic(state: dict[str, Any], path: Path) -> Path:
@@ -65,18 +64,26 @@ def load(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:  # torch's text advises weights_only=False: not here
-        raise CheckpointError(f"{path}: not a checkpoint of tensors and plain data, not loaded "
-                              f"({_unpickler_reason(exc)})") from None
+        raise CheckpointError(
+            f"{path}: not a checkpoint of tensors and plain data, not loaded "
+            f"({_unpickler_reason(exc)})"
+        ) from None
     except Exception as exc:  # torch raises several types for truncated or foreign files
-        raise CheckpointError(f"{path}: unreadable checkpoint ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+        raise CheckpointError(
+            f"{path}: unreadable checkpoint ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from None
     if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path}: not a shardtrain checkpoint of version "
-                              f"{CHECKPOINT_VERSION}")
+        raise CheckpointError(
+            f"{path}: not a shardtrain checkpoint of version {CHECKPOINT_VERSION}"
+        )
     missing = [key for key in SAVED_KEYS if key not in state]
     positions = [state.get(key) for key in ("epoch", "step", "global_step")]
-    if missing or not all(isinstance(v, int) and v >= 0 for v in positions) or not (
-            isinstance(state["recipe"], dict) and isinstance(state["schedule"], list)):
+    if (
+        missing
+        or not all(isinstance(v, int) and v >= 0 for v in positions)
+        or not (isinstance(state["recipe"], dict) and isinstance(state["schedule"], list))
+    ):
         what = f"missing {', '.join(missing)}" if missing else "fields of the wrong type"
         raise CheckpointError(f"{path}: a damaged shardtrain checkpoint ({what})")
     return state
@@ -107,8 +114,10 @@ def resume_path(out_dir: Path, resume: str | None, overwrite: bool = False) -> P
     if resume is None:
         if outputs and not overwrite:
             hint = "--resume auto to continue it, " if last.is_file() else ""
-            raise CheckpointError(f"{out_dir} already holds a run ({', '.join(outputs)}); pass "
-                                  f"{hint}--overwrite to start over, or choose another --out")
+            raise CheckpointError(
+                f"{out_dir} already holds a run ({', '.join(outputs)}); pass "
+                f"{hint}--overwrite to start over, or choose another --out"
+            )
         return None
     if resume == "auto":
         if last.is_file():
@@ -116,10 +125,12 @@ def resume_path(out_dir: Path, resume: str | None, overwrite: bool = False) -> P
         trained = [name for name in outputs if name in ("metrics.jsonl", f"{CHECKPOINTS_DIR}/")]
         if trained:
             left = sorted(p.name for p in checkpoint_dir(out_dir).glob("*")) or ["nothing"]
-            raise CheckpointError(f"{out_dir}: no {last} to resume, but the run there got as "
-                                  f"far as {' and '.join(trained)} ({CHECKPOINTS_DIR}/ holds "
-                                  f"{', '.join(left)}); pass --overwrite to start over, or "
-                                  "choose another --out")
+            raise CheckpointError(
+                f"{out_dir}: no {last} to resume, but the run there got as "
+                f"far as {' and '.join(trained)} ({CHECKPOINTS_DIR}/ holds "
+                f"{', '.join(left)}); pass --overwrite to start over, or "
+                "choose another --out"
+            )
         return None
     path = Path(resume)
     if path.is_dir():
@@ -128,11 +139,15 @@ def resume_path(out_dir: Path, resume: str | None, overwrite: bool = False) -> P
         raise CheckpointError(f"--resume {resume}: no such checkpoint")
     inside = path.resolve().is_relative_to(out_dir.resolve())
     if overwrite and inside:
-        raise CheckpointError(f"--resume {resume} is inside {out_dir}, which --overwrite "
-                              "would clear; pass one of them")
+        raise CheckpointError(
+            f"--resume {resume} is inside {out_dir}, which --overwrite "
+            "would clear; pass one of them"
+        )
     if outputs and not inside and not overwrite:
-        raise CheckpointError(f"{out_dir} already holds another run ({', '.join(outputs)}); "
-                              f"continue {path} into an empty --out, or pass --overwrite")
+        raise CheckpointError(
+            f"{out_dir} already holds another run ({', '.join(outputs)}); "
+            f"continue {path} into an empty --out, or pass --overwrite"
+        )
     return path
 
 
@@ -171,25 +186,39 @@ def _as_python_state(value: Any) -> tuple:
 
 # --- capture / check / restore ------------------------------------------------------------
 
-IDENTITY_KEYS = ("arch", "num_classes", "recipe", "schedule", "seed", "world_size", "precision",
-                 "sync_bn")
+IDENTITY_KEYS = (
+    "arch",
+    "num_classes",
+    "recipe",
+    "schedule",
+    "seed",
+    "world_size",
+    "precision",
+    "sync_bn",
+)
 # Besides the recipe and schedule, identity that changes what the run computes (a resume
 # refuses a change unless allowed); sync_bn is absent from checkpoints older than it.
 RESULT_SCALARS = ("seed", "precision", "sync_bn")
 REPORTING_ONLY = ("targets",)  # recipe keys that change no number the run computes
 
 
-def capture(state: TrainState, trainer: Trainer, identity: dict[str, Any],
-            elapsed_s: float) -> dict[str, Any]:
+def capture(
+    state: TrainState, trainer: Trainer, identity: dict[str, Any], elapsed_s: float
+) -> dict[str, Any]:
     """Everything a resume needs: `identity` (IDENTITY_KEYS: what run this is), the position,
     the epoch's sums, weights, optimizer, scaler, EMA and RNG states."""
     plain = trainer.module if trainer.module is not None else trainer.model
     return {
-        "version": CHECKPOINT_VERSION, **{key: identity[key] for key in IDENTITY_KEYS},
-        "epoch": state.epoch, "step": state.step, "global_step": state.global_step,
-        "elapsed_s": elapsed_s, "eval_s": state.eval_s,
+        "version": CHECKPOINT_VERSION,
+        **{key: identity[key] for key in IDENTITY_KEYS},
+        "epoch": state.epoch,
+        "step": state.step,
+        "global_step": state.global_step,
+        "elapsed_s": elapsed_s,
+        "eval_s": state.eval_s,
         "partial": dataclasses.asdict(state.sums),
-        "model": plain.state_dict(), "optimizer": trainer.optimizer.state_dict(),
+        "model": plain.state_dict(),
+        "optimizer": trainer.optimizer.state_dict(),
         "scaler": trainer.scaler.state_dict() if trainer.scaler is not None else None,
         "ema": trainer.ema.state_dict() if trainer.ema is not None else None,
         "rng": rng_state(),
@@ -224,28 +253,35 @@ def _schedule_change(old: list[dict], new: list[dict]) -> str:
     return "changed"
 
 
-def check_resume(saved: dict[str, Any], path: Path, identity: dict[str, Any],
-                 allow_changed: bool = False) -> list[str]:
+def check_resume(
+    saved: dict[str, Any], path: Path, identity: dict[str, Any], allow_changed: bool = False
+) -> list[str]:
     """Refuse a checkpoint this run cannot continue, with one line naming the difference.
 
     A change that only alters results (recipe, schedule, seed, precision) is refused too,
     unless `allow_changed`; the changes are returned, for config.json. A model that no longer
     fits the weights (arch, classes) or a mid-epoch world-size change is never allowed."""
     if (saved["arch"], saved["num_classes"]) != (identity["arch"], identity["num_classes"]):
-        raise TrainError(f"{path}: holds {saved['arch']} with {saved['num_classes']} classes, "
-                         f"this run builds {identity['arch']} with {identity['num_classes']}")
+        raise TrainError(
+            f"{path}: holds {saved['arch']} with {saved['num_classes']} classes, "
+            f"this run builds {identity['arch']} with {identity['num_classes']}"
+        )
     if saved["step"] > 0 and saved["world_size"] != identity["world_size"]:
-        raise TrainError(f"{path}: stopped mid-epoch with world size {saved['world_size']}; "
-                         f"resume it with the same number of processes (not "
-                         f"{identity['world_size']}) or from an epoch-end checkpoint")
+        raise TrainError(
+            f"{path}: stopped mid-epoch with world size {saved['world_size']}; "
+            f"resume it with the same number of processes (not "
+            f"{identity['world_size']}) or from an epoch-end checkpoint"
+        )
     num_epochs = max(phase["epochs"][1] for phase in identity["schedule"])
     if saved["epoch"] >= num_epochs:
         return []  # nothing left to train: the run reports itself complete
     changes = changes_since(saved, identity)
     if changes and not allow_changed:
-        raise TrainError(f"{path}: changed since this checkpoint: {'; '.join(changes)}; resume "
-                         "with the settings the run started with, or pass --allow-changed to "
-                         "continue with these (recorded in config.json)")
+        raise TrainError(
+            f"{path}: changed since this checkpoint: {'; '.join(changes)}; resume "
+            "with the settings the run started with, or pass --allow-changed to "
+            "continue with these (recorded in config.json)"
+        )
     return changes
 
 
@@ -260,15 +296,15 @@ def restore(saved: dict[str, Any], state: TrainState, trainer: Trainer) -> None:
         if trainer.ema is not None and saved["ema"] is not None:
             trainer.ema.load_state_dict(saved["ema"])
     except (RuntimeError, ValueError, KeyError, TypeError) as exc:  # "size mismatch", ...
-        raise TrainError("the checkpoint's weights do not fit this run's model "
-                         f"({_first_lines(exc)})") from None
+        raise TrainError(
+            f"the checkpoint's weights do not fit this run's model ({_first_lines(exc)})"
+        ) from None
     try:
         restore_rng_state(saved["rng"])
         sums = sums_from_dict(saved["partial"])
     except (RuntimeError, ValueError, KeyError, TypeError) as exc:
         raise TrainError(f"damaged RNG or epoch-sum state ({_first_lines(exc)})") from None
-    state.epoch, state.step, state.global_step = saved["epoch"], saved["step"], \
-        saved["global_step"]
+    state.epoch, state.step, state.global_step = saved["epoch"], saved["step"], saved["global_step"]
     state.elapsed_s, state.eval_s = saved["elapsed_s"], saved["eval_s"]
     state.sums = sums
 

@@ -1,28 +1,15 @@
-"""`train run`: one training run from a phases file, start to finish or to a clean stop.
-
-Orchestration only, in this order: check the arguments, schedule, recipe (train.plan.config,
-train.plan.phases), shards (train.run.shards) and the model the recipe builds at each crop (on the meta
-device, train.engine.model), all before any process group or GPU work, so a bad input costs one line
-and no time; `--dry-run` prints the table (train.plan.dry_run) and stops; join torchrun's process
-group (train.engine.dist) and lock the run directory (train.run.run_dir); then train.run.epochs builds the model and its trainer
-(train.engine.model, train.engine.step), resumes (train.run.checkpoint) and runs the epochs: the epoch's loaders
-(train.run.shards.LiveLoaders), its steps (train.engine.loop.train_steps), evaluation, metrics
-(train.run.metrics) and a checkpoint.
-
-Data comes through a `DataSource` (default: `ShardData`), the one seam tests use to train on
-tiny in-memory batches.
-"""
+"""`train run`: check every input before any process group, then train (train.run.epochs)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from train.engine.dist import init_distributed, launch_world_size, processes_per_node, say, shutdown
 from train.errors import RecipeError, ScheduleError, TrainError
 from train.plan.config import Recipe, RunConfig, available_cpus, cap_workers, check_config
-from train.engine.dist import init_distributed, launch_world_size, processes_per_node, say, shutdown
 from train.plan.dry_run import dry_run_text
-from train.run.metrics import tensorboard_writer
 from train.plan.phases import LoadedSchedule, load_schedule
+from train.run.metrics import tensorboard_writer
 from train.run.report import DEFAULT_TARGETS
 from train.run.run_dir import hold_run_dir
 from train.run.shards import DataSource, ShardData, check_shards
@@ -37,8 +24,9 @@ def load_inputs(config: RunConfig) -> tuple[LoadedSchedule, Recipe]:
         loaded = load_schedule(config.phases_path, full_prep_size=config.full_prep_size)
         recipe = Recipe.from_mapping(loaded.recipe, **config.recipe)
     except (ScheduleError, RecipeError) as exc:
-        raise TrainError(str(exc) if isinstance(exc, ScheduleError)
-                         else f"{config.phases_path}: {exc}") from None
+        raise TrainError(
+            str(exc) if isinstance(exc, ScheduleError) else f"{config.phases_path}: {exc}"
+        ) from None
     return loaded, recipe
 
 
@@ -49,8 +37,9 @@ def targets_of(config: RunConfig, recipe: Recipe) -> dict[str, float]:
     return targets
 
 
-def check_recipe_model(config: RunConfig, loaded: LoadedSchedule, recipe: Recipe,
-                       num_classes: int) -> None:
+def check_recipe_model(
+    config: RunConfig, loaded: LoadedSchedule, recipe: Recipe, num_classes: int
+) -> None:
     """The recipe's model builds and takes every crop size of the schedule (train.engine.model)."""
     from train.engine.model import check_model
 

@@ -1,15 +1,4 @@
-"""What a run leaves in its directory: config.json, metrics.jsonl, event.log, TensorBoard events.
-
-- config.json: the resolved schedule and recipe, the arguments, git sha, library and device
-  versions: enough to tell two runs apart a year later.
-- metrics.jsonl: one JSON object per epoch (`epoch`, `hours`, `top1`, `top5` in percent,
-  `train_loss`, `lr`, `img_per_s`, `data_wait`, ...); `train report` reads it.
-- event.log: imagenet18's human log (`~~epoch<TAB>hours<TAB><TAB>top1<TAB><TAB>top5` lines
-  between free-text events), so its tools and habits carry over.
-- TensorBoard events under tb/ (tensorboard is a dependency; `--no-tensorboard` skips them).
-
-Every writer is a no-op on ranks other than 0 (`RunLog(enabled=is_main_process())`).
-"""
+"""What a run writes: config.json, metrics.jsonl, event.log, TensorBoard events (rank 0 only)."""
 
 from __future__ import annotations
 
@@ -45,21 +34,37 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return records
 
 
-def config_record(config: Any, loaded: Any, recipe: Any, env: Any, num_classes: int,
-                  precision: str, resumed: dict[str, Any] | None) -> dict[str, Any]:
+def config_record(
+    config: Any,
+    loaded: Any,
+    recipe: Any,
+    env: Any,
+    num_classes: int,
+    precision: str,
+    resumed: dict[str, Any] | None,
+) -> dict[str, Any]:
     """config.json: the resolved inputs (RunConfig, LoadedSchedule, Recipe) and the
     environment (DistEnv, versions, git sha), next to the results."""
     return {
-        "args": {k: (str(v) if isinstance(v, Path) else v)
-                 for k, v in dataclasses.asdict(config).items()},
-        "command": sys.argv, "schedule_source": str(config.phases_path),
-        "schedule_format": loaded.source_format, "note": loaded.note,
-        "schedule": loaded.schedule.to_dicts(), "recipe": recipe.to_dict(),
-        "num_classes": num_classes, "world_size": env.world_size, "backend": env.backend,
-        "device": str(env.device), "precision": precision,
-        "global_batch_sizes": [p.batch_size * p.accum_steps * env.world_size
-                               for p in loaded.schedule.phases],
-        "git_sha": git_sha(Path(__file__).resolve().parent), "environment": environment_info(),
+        "args": {
+            k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(config).items()
+        },
+        "command": sys.argv,
+        "schedule_source": str(config.phases_path),
+        "schedule_format": loaded.source_format,
+        "note": loaded.note,
+        "schedule": loaded.schedule.to_dicts(),
+        "recipe": recipe.to_dict(),
+        "num_classes": num_classes,
+        "world_size": env.world_size,
+        "backend": env.backend,
+        "device": str(env.device),
+        "precision": precision,
+        "global_batch_sizes": [
+            p.batch_size * p.accum_steps * env.world_size for p in loaded.schedule.phases
+        ],
+        "git_sha": git_sha(Path(__file__).resolve().parent),
+        "environment": environment_info(),
         "resumed_from": resumed,
     }
 
@@ -67,13 +72,20 @@ def config_record(config: Any, loaded: Any, recipe: Any, env: Any, num_classes: 
 def git_sha(repo_dir: Path) -> str | None:
     """HEAD of the checkout holding the code, with '-dirty' when it has local changes."""
     try:
-        sha = subprocess.run(["git", "-C", str(repo_dir), "rev-parse", "HEAD"],
-                             capture_output=True, text=True, timeout=10)
+        sha = subprocess.run(
+            ["git", "-C", str(repo_dir), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         if sha.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "-C", str(repo_dir), "status", "--porcelain",
-                                "--untracked-files=no"], capture_output=True, text=True,
-                               timeout=10)
+        dirty = subprocess.run(
+            ["git", "-C", str(repo_dir), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return None
@@ -87,15 +99,23 @@ def environment_info() -> dict[str, Any]:
     import torchvision
 
     info: dict[str, Any] = {
-        "python": sys.version.split()[0], "platform": platform.platform(),
-        "torch": torch.__version__, "torchvision": torchvision.__version__,
-        "numpy": numpy.__version__, "pillow": PIL.__version__,
-        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": numpy.__version__,
+        "pillow": PIL.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
     }
     if torch.cuda.is_available():
-        info.update(cudnn=torch.backends.cudnn.version(),
-                    gpu=torch.cuda.get_device_name(), gpu_count=torch.cuda.device_count())
+        info.update(
+            cudnn=torch.backends.cudnn.version(),
+            gpu=torch.cuda.get_device_name(),
+            gpu_count=torch.cuda.device_count(),
+        )
         if hasattr(torch.cuda, "nccl"):
             info["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
     return info
@@ -106,8 +126,10 @@ def tensorboard_writer() -> type:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as exc:  # a dependency: its absence is a broken install
-        raise TrainError(f"TensorBoard events need the tensorboard package ({exc}); "
-                         "pip install tensorboard, or pass --no-tensorboard") from None
+        raise TrainError(
+            f"TensorBoard events need the tensorboard package ({exc}); "
+            "pip install tensorboard, or pass --no-tensorboard"
+        ) from None
     return SummaryWriter
 
 
@@ -124,8 +146,14 @@ class RunLog:
     """Append-only run outputs; `enabled=False` (ranks > 0) turns every method into a no-op.
     Every failed write raises TrainError (`writing`)."""
 
-    def __init__(self, out_dir: Path, *, enabled: bool, tensorboard: bool = True,
-                 resume_epoch: int | None = None) -> None:
+    def __init__(
+        self,
+        out_dir: Path,
+        *,
+        enabled: bool,
+        tensorboard: bool = True,
+        resume_epoch: int | None = None,
+    ) -> None:
         self.out_dir = Path(out_dir)
         self.enabled = enabled
         self._tb = None
@@ -164,9 +192,14 @@ class RunLog:
             path.write_text(json.dumps(config, indent=1, default=str) + "\n", encoding="utf-8")
         changes = (config.get("resumed_from") or {}).get("allowed_changes")
         if original is not None and changes:
-            self._note_changes(original, {**{k: config["resumed_from"][k] for k in
-                                             ("epoch", "step")}, "changes": changes,
-                                          "config": path.name})
+            self._note_changes(
+                original,
+                {
+                    **{k: config["resumed_from"][k] for k in ("epoch", "step")},
+                    "changes": changes,
+                    "config": path.name,
+                },
+            )
 
     def _note_changes(self, path: Path, entry: dict[str, Any]) -> None:
         try:
@@ -195,8 +228,10 @@ class RunLog:
             f.flush()
             os.fsync(f.fileno())
         if record.get("top1") is not None:
-            self.event(f"~~{record['epoch']}\t{record['hours']:.5f}\t\t{record['top1']:.3f}"
-                       f"\t\t{record['top5']:.3f}\n")
+            self.event(
+                f"~~{record['epoch']}\t{record['hours']:.5f}\t\t{record['top1']:.3f}"
+                f"\t\t{record['top5']:.3f}\n"
+            )
         if self._tb is not None:
             step = record["epoch"] + 1
             for key in ("top1", "top5", "train_loss", "img_per_s", "data_wait", "hours"):

@@ -1,15 +1,4 @@
-"""The run directory (`--out`): one `train run` at a time, and what may happen to old outputs.
-
-- `hold_run_dir`: an exclusive flock on `<out>/.lock`, held for the whole run by rank 0 and
-  released by the kernel however the process ends (even `kill -9`), so a second `train run`
-  with the same `--out` refuses at once, naming the holder's PID, instead of interleaving its
-  epochs and checkpoints with the first's. Forked children (loader workers) close their copy
-  at once, so a dead run's lock is not kept alive by workers still winding down. Every rank learns rank 0's outcome from one
-  broadcast, so under torchrun all ranks fail together rather than waiting in a collective.
-- `run_outputs` / `clear_outputs`: the files a run writes (what `--overwrite` removes; nothing
-  else in the directory is touched). train.run.checkpoint.resume_path decides from them whether a
-  start is fresh, a resume or a refusal.
-"""
+"""The run directory: one `train run` at a time (flock), and which outputs --overwrite clears."""
 
 from __future__ import annotations
 
@@ -21,8 +10,8 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-from train.errors import TrainError
 from train.engine.dist import DistEnv, rank_zero_agreed
+from train.errors import TrainError
 
 LOCK_NAME = ".lock"
 _held_fds: set[int] = set()  # this process's run-dir locks, closed in forked children
@@ -37,8 +26,11 @@ def run_outputs(out_dir: Path) -> list[str]:
     """Names of the run outputs present in `out_dir` (an empty checkpoints/ or tb/ is none)."""
     out_dir = Path(out_dir)
     found = [name for name in OUTPUT_FILES if (out_dir / name).exists()]
-    found += [f"{name}/" for name in OUTPUT_DIRS
-              if (out_dir / name).is_dir() and any((out_dir / name).iterdir())]
+    found += [
+        f"{name}/"
+        for name in OUTPUT_DIRS
+        if (out_dir / name).is_dir() and any((out_dir / name).iterdir())
+    ]
     found += sorted(path.name for path in out_dir.glob(RESUME_CONFIGS))
     return found
 
@@ -69,8 +61,10 @@ def acquire(out_dir: Path) -> int:
         out_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as exc:
-        raise TrainError(f"{out_dir}: cannot write the run directory "
-                         f"({exc.strerror or exc}: {exc.filename or lock})") from None
+        raise TrainError(
+            f"{out_dir}: cannot write the run directory "
+            f"({exc.strerror or exc}: {exc.filename or lock})"
+        ) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         _held_fds.add(fd)
@@ -82,12 +76,15 @@ def acquire(out_dir: Path) -> int:
         text = os.pread(fd, 32, 0).decode("ascii", "replace").strip() if held else ""
         os.close(fd)
         if not held:  # a full disk, say: nothing else could be written there either
-            raise TrainError(f"{out_dir}: cannot write the run directory ({exc.strerror}: "
-                             f"{lock})") from None
+            raise TrainError(
+                f"{out_dir}: cannot write the run directory ({exc.strerror}: {lock})"
+            ) from None
         holder = f"PID {text}" if text.isdigit() else "another process"
-        raise TrainError(f"{out_dir} is in use by {holder}, a train run writing there (lock "
-                         f"{lock}); wait for it to finish or stop it, or choose another "
-                         "--out") from None
+        raise TrainError(
+            f"{out_dir} is in use by {holder}, a train run writing there (lock "
+            f"{lock}); wait for it to finish or stop it, or choose another "
+            "--out"
+        ) from None
     if not _fork_hook:
         os.register_at_fork(after_in_child=close_inherited_locks)
         _fork_hook.append(True)

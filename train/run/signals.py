@@ -38,8 +38,10 @@ class StopFlag:
                 raise KeyboardInterrupt
             return
         self.requested, self._first_at = True, time.monotonic()
-        say(f"{signal.Signals(signum).name}: checkpointing at the next safe point "
-            "(Ctrl-C again to abort without it)")
+        say(
+            f"{signal.Signals(signum).name}: checkpointing at the next safe point "
+            "(Ctrl-C again to abort without it)"
+        )
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():

@@ -122,7 +122,10 @@ def test_random_resized_crop_box_matches_torchvision_distribution(height, width,
     theirs = [params(image, [min_scale, 1.0], [3 / 4, 4 / 3]) for _ in range(num_samples)]
     # Two-sample KS critical value at alpha = 1e-4 is 2.23 * sqrt(2 / n) (~0.035 here).
     critical = 2.23 * math.sqrt(2 / num_samples)
-    ours_features, their_features = box_features(ours, height, width), box_features(theirs, height, width)
+    ours_features, their_features = (
+        box_features(ours, height, width),
+        box_features(theirs, height, width),
+    )
     for name in ours_features:
         statistic = ks_statistic(ours_features[name], their_features[name])
         assert statistic < critical, (name, statistic, critical)
@@ -144,14 +147,18 @@ def test_random_resized_crop_box_matches_torchvision_distribution(height, width,
 )
 def test_random_resized_crop_box_fallback_matches_torchvision_exactly(height, width, scale):
     torch.manual_seed(0)
-    theirs = transforms.RandomResizedCrop.get_params(torch.empty(1, height, width), list(scale), [3 / 4, 4 / 3])
+    theirs = transforms.RandomResizedCrop.get_params(
+        torch.empty(1, height, width), list(scale), [3 / 4, 4 / 3]
+    )
     ours = random_resized_crop_box(height, width, random.Random(0), *scale)
     assert ours == fallback_crop_box(height, width) == tuple(theirs)
 
 
 def test_train_crop_draws_its_box_and_validates():
     crop = TrainCrop(crop_size=224, min_scale=0.35)
-    assert crop.box(160, 213, random.Random(3)) == random_resized_crop_box(160, 213, random.Random(3), 0.35)
+    assert crop.box(160, 213, random.Random(3)) == random_resized_crop_box(
+        160, 213, random.Random(3), 0.35
+    )
     with pytest.raises(ValueError):
         TrainCrop(crop_size=224, min_scale=0.0)
     with pytest.raises(ValueError):
@@ -169,14 +176,18 @@ def coordinate_image(height, width):
     return torch.stack([rows, cols])
 
 
-@pytest.mark.parametrize("height,width", [(256, 341), (341, 256), (257, 300), (256, 256), (300, 259)])
+@pytest.mark.parametrize(
+    "height,width", [(256, 341), (341, 256), (257, 300), (256, 256), (300, 259)]
+)
 def test_center_crop_box_equals_torchvision_offsets_when_no_resize(height, width):
     crop_size = 224  # resize to 256: images whose short side is 256 are left as they are
     resized_short_side = min(height, width)
     assert resized_size(height, width, resized_short_side) == (height, width)
     cropped = F.center_crop(coordinate_image(height, width), [crop_size, crop_size])
     expected = (int(cropped[0, 0, 0]), int(cropped[1, 0, 0]), crop_size, crop_size)
-    assert resize_center_crop_box(height, width, resized_short_side, crop_size, crop_size) == expected
+    assert (
+        resize_center_crop_box(height, width, resized_short_side, crop_size, crop_size) == expected
+    )
     if resized_short_side == 256:
         assert center_crop_box(height, width, crop_size) == expected
 
@@ -197,7 +208,10 @@ def torchvision_region(height, width, resized_short_side, crop_height, crop_widt
     rows = torch.arange(height, dtype=torch.float64).view(1, height, 1).expand(1, height, width)
     cols = torch.arange(width, dtype=torch.float64).view(1, 1, width).expand(1, height, width)
     resized = F.resize(
-        torch.cat([rows, cols]), [resized_short_side], interpolation=F.InterpolationMode.BILINEAR, antialias=False
+        torch.cat([rows, cols]),
+        [resized_short_side],
+        interpolation=F.InterpolationMode.BILINEAR,
+        antialias=False,
     )
     crop = F.center_crop(resized, [crop_height, crop_width])
     regions = []
@@ -206,7 +220,9 @@ def torchvision_region(height, width, resized_short_side, crop_height, crop_widt
         a, b = length // 4, length // 4 + max(1, length // 2)
         step = float(line[b] - line[a]) / (b - a)
         first_center = float(line[a]) - a * step  # stored coordinate of output pixel 0's centre
-        regions.append((first_center + 0.5 - step / 2, first_center + 0.5 + step * (length - 0.5), step))
+        regions.append(
+            (first_center + 0.5 - step / 2, first_center + 0.5 + step * (length - 0.5), step)
+        )
     return regions
 
 
@@ -227,10 +243,17 @@ def test_resize_center_crop_box_within_half_pixel_of_torchvision_region():
             # torchvision's truncated long side has its own step; we keep one scale for both axes
             allowance = abs(step - scale) * end / step + 1e-6
             assert abs(box_start - start) <= 0.5 + allowance, (height, width, box, regions)
-            assert abs(box_start + box_length - end) <= 0.5 + allowance, (height, width, box, regions)
+            assert abs(box_start + box_length - end) <= 0.5 + allowance, (
+                height,
+                width,
+                box,
+                regions,
+            )
 
 
-@pytest.mark.parametrize("crop_size,crop_ratio", [(224, 0.875), (128, 0.875), (288, 1 / 1.14), (96, 1.0)])
+@pytest.mark.parametrize(
+    "crop_size,crop_ratio", [(224, 0.875), (128, 0.875), (288, 1 / 1.14), (96, 1.0)]
+)
 def test_center_crop_box_matches_torchvision_pixels(crop_size, crop_ratio):
     reference = transforms.Compose(
         [transforms.Resize(round(crop_size / crop_ratio)), transforms.CenterCrop(crop_size)]
@@ -275,9 +298,11 @@ def test_rect_target_size_multiple_of_8_and_orientation():
         else:
             assert target_width == crop_size and target_height >= crop_size
         long_side = max(target_height, target_width)
-        assert crop_size * max(aspect_ratio, 1 / aspect_ratio) - 8 < long_side <= crop_size * max(
-            aspect_ratio, 1 / aspect_ratio
-        ) + 1e-6
+        assert (
+            crop_size * max(aspect_ratio, 1 / aspect_ratio) - 8
+            < long_side
+            <= crop_size * max(aspect_ratio, 1 / aspect_ratio) + 1e-6
+        )
         expected = imagenet18_target_size(crop_size, aspect_ratio)
         exact = crop_size * max(aspect_ratio, 1 / aspect_ratio)
         if abs(exact - round(exact)) > 1e-6:  # away from float ties, identical to imagenet18
@@ -301,7 +326,9 @@ def test_rect_crop_box_matches_imagenet18_pixels(crop_size):
     for index, (height, width) in enumerate(random_sizes(8, 8, 100, 500)):
         image = smooth_image(height, width, seed=index)
         target_height, target_width = rect_target_size(crop_size, width / height)
-        reference = F.center_crop(F.resize(image, int(crop_size * 1.14)), [target_height, target_width])
+        reference = F.center_crop(
+            F.resize(image, int(crop_size * 1.14)), [target_height, target_width]
+        )
         box = rect_crop_box(height, width, target_height, target_width)
         ours = crop_then_resize(image, box, target_height, target_width)
         assert mean_abs_diff(ours, reference) < 3, (height, width, box)
@@ -319,7 +346,10 @@ def test_rect_crop_box_covers_instead_of_padding():
 
 def test_rect_batches_cover_every_index_once_sorted():
     rng = random.Random(9)
-    ratios = [rng.choice([0.75, 1.0, 4 / 3, 1.5]) if rng.random() < 0.5 else rng.uniform(0.3, 3) for _ in range(1003)]
+    ratios = [
+        rng.choice([0.75, 1.0, 4 / 3, 1.5]) if rng.random() < 0.5 else rng.uniform(0.3, 3)
+        for _ in range(1003)
+    ]
     batches = rect_batches(ratios, 64)
     flat = [index for indices, _ in batches for index in indices]
     assert sorted(flat) == list(range(len(ratios)))
@@ -365,9 +395,15 @@ def test_dct_scale_for_box(box_height, box_width, out_height, out_width, expecte
 
 
 def test_dct_scale_for_box_with_other_allowed_scales():
-    assert dct_scale_for_box(200, 200, 128, 128, allowed=LIBJPEG_SCALES) == (3, 4)  # 5/8 gives 125 < 128
+    assert dct_scale_for_box(200, 200, 128, 128, allowed=LIBJPEG_SCALES) == (
+        3,
+        4,
+    )  # 5/8 gives 125 < 128
     assert dct_scale_for_box(256, 256, 192, 192, allowed=tuple(reversed(LIBJPEG_SCALES))) == (3, 4)
-    assert dct_scale_for_box(100, 100, 128, 128, allowed=((1, 8), (1, 2))) == (1, 2)  # largest when none covers
+    assert dct_scale_for_box(100, 100, 128, 128, allowed=((1, 8), (1, 2))) == (
+        1,
+        2,
+    )  # largest when none covers
 
 
 def test_scaled_image_size_is_ceiling():
@@ -385,7 +421,9 @@ def test_scale_box_contains_exact_box_and_stays_inside():
             box = random_resized_crop_box(height, width, rng)
             scaled = scale_box(box, num, den, scaled_height, scaled_width)
             assert_inside(scaled, scaled_height, scaled_width)
-            exact_top, exact_left, exact_height, exact_width = box_within_scaled(box, num, den, scaled)
+            exact_top, exact_left, exact_height, exact_width = box_within_scaled(
+                box, num, den, scaled
+            )
             assert exact_top >= 0 and exact_left >= 0
             assert exact_top + exact_height <= scaled[2] + 1e-9
             assert exact_left + exact_width <= scaled[3] + 1e-9
@@ -414,7 +452,9 @@ def test_dct_scaled_decode_matches_full_decode():
         scaled_box = scale_box(box, num, den, *scaled.shape[:2])
         top, left, box_height, box_width = scaled_box
         region = Image.fromarray(scaled[top : top + box_height, left : left + box_width])
-        exact_top, exact_left, exact_height, exact_width = box_within_scaled(box, num, den, scaled_box)
+        exact_top, exact_left, exact_height, exact_width = box_within_scaled(
+            box, num, den, scaled_box
+        )
         ours = region.resize(
             (out_size, out_size),
             Image.BILINEAR,

@@ -3,6 +3,7 @@ processes: batch shapes and contents, independence of the workers' kind and coun
 inside an epoch, in-place crop changes, exact validation counting, and errors that name the
 record. (The threads' ring and shutdown: tests/test_loader_threads.py; the decoders:
 tests/test_loader_decode.py.)"""
+
 from __future__ import annotations
 
 import numpy as np
@@ -10,10 +11,17 @@ import pytest
 import torch
 
 from formats.errors import DatasetError
-from train.data.crops import TrainCrop, center_crop_box, dct_scale_for_box, rect_crop_box, rect_target_size
-from train.data import decode
-from train.data.loaders import TrainLoader, TrainPlan, ValLoader
 from tests.loader_shards import STORES, corrupt_record, damaged_copy, dataset_dir
+from train.data import decode
+from train.data.crops import (
+    TrainCrop,
+    center_crop_box,
+    dct_scale_for_box,
+    rect_crop_box,
+    rect_target_size,
+)
+from train.data.loaders import TrainLoader, ValLoader
+from train.data.samplers import TrainPlan
 
 # (executor, workers): every way a loader can run; 0 workers builds in the consumer's thread.
 RUNS = [("threads", 0), ("threads", 1), ("threads", 3), ("processes", 0), ("processes", 2)]
@@ -49,8 +57,14 @@ def assert_same_batches(first, second):
 def expected_image(records, index, box, out_height, out_width, flip=False):
     """Image `index` cropped to `box` by the active decode backend, on its own, as CHW."""
     out = np.empty((1, out_height, out_width, 3), dtype=np.uint8)
-    failure = decode.decode_crops_into(out, [records.view(index)], records.heights[[index]],
-                                       records.widths[[index]], np.array([box]), np.array([flip]))
+    failure = decode.decode_crops_into(
+        out,
+        [records.view(index)],
+        records.heights[[index]],
+        records.widths[[index]],
+        np.array([box]),
+        np.array([flip]),
+    )
     assert failure is None, failure
     return torch.from_numpy(out[0]).permute(2, 0, 1)
 
@@ -66,20 +80,25 @@ def test_train_batches_are_the_planned_crops(built_shards, store):
     all_flips = []
     for batch, (images, labels) in enumerate(batches):
         assert images.shape == (4, 3, 48, 48) and images.dtype == torch.uint8
-        assert images.is_contiguous(memory_format=torch.channels_last)  # NHWC memory, nothing transposed
+        assert images.is_contiguous(
+            memory_format=torch.channels_last
+        )  # NHWC memory, nothing transposed
         assert labels.dtype == torch.int64
         plan = TrainPlan(loader.sampler.batch_indices(batch), loader.crop, loader.seed)
         boxes, flips = plan.boxes_and_flips(records.heights, records.widths)
         all_flips += flips.tolist()
         for slot, index in enumerate(plan.batch.indices.tolist()):
             assert labels[slot] == records.labels[index]
-            assert torch.equal(images[slot], expected_image(records, index, boxes[slot], 48, 48, flips[slot]))
+            assert torch.equal(
+                images[slot], expected_image(records, index, boxes[slot], 48, 48, flips[slot])
+            )
     assert 0 < sum(all_flips) < len(all_flips)
 
 
 def test_both_stores_give_identical_batches(built_shards):
     lmdb_batches, msgpack_batches = (
-        batches_of(TrainLoader(dataset_dir(built_shards, store), 4, TrainCrop(32), workers=0)) for store in STORES
+        batches_of(TrainLoader(dataset_dir(built_shards, store), 4, TrainCrop(32), workers=0))
+        for store in STORES
     )
     assert_same_batches(lmdb_batches, msgpack_batches)
 
@@ -90,12 +109,24 @@ def test_workers_kind_and_count_do_not_change_a_bit(built_shards, store):
     cut into one native chunk each; batches of 17 into two, one of them a single image."""
     runs = {}
     for executor, workers in RUNS:
-        train = TrainLoader(dataset_dir(built_shards, store), 17 if workers == 3 else 5,
-                            TrainCrop(40, min_scale=0.3), workers=workers, seed=9, executor=executor)
+        train = TrainLoader(
+            dataset_dir(built_shards, store),
+            17 if workers == 3 else 5,
+            TrainCrop(40, min_scale=0.3),
+            workers=workers,
+            seed=9,
+            executor=executor,
+        )
         assert train.executor == executor
         train.set_epoch(5)
-        val = ValLoader(dataset_dir(built_shards, store, "val"), 5, 40, workers=workers, rect=True,
-                        executor=executor)
+        val = ValLoader(
+            dataset_dir(built_shards, store, "val"),
+            5,
+            40,
+            workers=workers,
+            rect=True,
+            executor=executor,
+        )
         runs[executor, workers] = (batches_of(train), batches_of(val))
         train.close()
         val.close()
@@ -105,7 +136,9 @@ def test_workers_kind_and_count_do_not_change_a_bit(built_shards, store):
             assert_same_batches(train_batches, reference[0])
         assert_same_batches(val_batches, reference[1])
     big = runs["threads", 3][0]
-    assert len(big) == 1 and torch.equal(big[0][0][:15], torch.cat([b[0] for b in reference[0]])[:15])
+    assert len(big) == 1 and torch.equal(
+        big[0][0][:15], torch.cat([b[0] for b in reference[0]])[:15]
+    )
 
 
 def test_resume_yields_exactly_the_rest_of_the_epoch(built_shards):
@@ -121,7 +154,9 @@ def test_resume_yields_exactly_the_rest_of_the_epoch(built_shards):
 
 
 def test_set_crop_keeps_workers_and_store(built_shards):
-    loader = TrainLoader(dataset_dir(built_shards), 4, TrainCrop(48), workers=1, executor="processes")
+    loader = TrainLoader(
+        dataset_dir(built_shards), 4, TrainCrop(48), workers=1, executor="processes"
+    )
     first = batches_of(loader)
     pids = loader.worker_pids()
     assert len(pids) == 1 and first[0][0].shape[-1] == 48
@@ -129,12 +164,16 @@ def test_set_crop_keeps_workers_and_store(built_shards):
     second = batches_of(loader)
     assert second[0][0].shape == (4, 3, 24, 24) and loader.worker_pids() == pids
     loader.close()
-    in_process = TrainLoader(dataset_dir(built_shards, "msgpack"), 4, TrainCrop(48), workers=2, executor="threads")
+    in_process = TrainLoader(
+        dataset_dir(built_shards, "msgpack"), 4, TrainCrop(48), workers=2, executor="threads"
+    )
     batches_of(in_process)
     maps = dict(in_process.records._reader._maps)
     in_process.set_crop(TrainCrop(24))
     batches_of(in_process)
-    assert maps and all(in_process.records._reader._maps[shard] is mapped for shard, mapped in maps.items())
+    assert maps and all(
+        in_process.records._reader._maps[shard] is mapped for shard, mapped in maps.items()
+    )
 
 
 def test_ranks_split_the_single_process_batch(built_shards):
@@ -142,7 +181,9 @@ def test_ranks_split_the_single_process_batch(built_shards):
     directory = dataset_dir(built_shards)
     single = batches_of(TrainLoader(directory, 6, TrainCrop(32), workers=0, seed=4))
     for rank in range(3):
-        ranked = batches_of(TrainLoader(directory, 2, TrainCrop(32), rank=rank, world_size=3, workers=0, seed=4))
+        ranked = batches_of(
+            TrainLoader(directory, 2, TrainCrop(32), rank=rank, world_size=3, workers=0, seed=4)
+        )
         assert len(ranked) == len(single) == 3
         for (images, labels), (all_images, all_labels) in zip(ranked, single):
             assert torch.equal(images, all_images[2 * rank : 2 * rank + 2])
@@ -199,10 +240,19 @@ def test_rect_val_batches_share_a_shape_from_their_mean_ratio(built_shards):
 
 @pytest.mark.parametrize("executor,workers", RUNS)
 def test_empty_val_batches_have_zero_images(built_shards, executor, workers):
-    loader = ValLoader(dataset_dir(built_shards, split="val"), 12, 32, rank=1, world_size=2, workers=workers,
-                       executor=executor)
-    (images, labels), = batches_of(loader)
-    assert images.shape == (0, 3, 32, 32) and labels.shape == (0,) and loader.num_images_on_rank == 0
+    loader = ValLoader(
+        dataset_dir(built_shards, split="val"),
+        12,
+        32,
+        rank=1,
+        world_size=2,
+        workers=workers,
+        executor=executor,
+    )
+    ((images, labels),) = batches_of(loader)
+    assert (
+        images.shape == (0, 3, 32, 32) and labels.shape == (0,) and loader.num_images_on_rank == 0
+    )
 
 
 def test_bad_paths_and_arguments(built_shards, tmp_path):
@@ -219,9 +269,18 @@ def test_bad_paths_and_arguments(built_shards, tmp_path):
             TrainLoader(dataset_dir(built_shards), 4, TrainCrop(32), decode="gpu")
 
 
-@pytest.mark.parametrize("store,executor,workers", [("lmdb", "threads", 0), ("msgpack", "threads", 2),
-                                                   ("lmdb", "processes", 0), ("msgpack", "processes", 1)])
-def test_corrupt_record_raises_one_error_naming_it(built_shards, tmp_path, store, executor, workers):
+@pytest.mark.parametrize(
+    "store,executor,workers",
+    [
+        ("lmdb", "threads", 0),
+        ("msgpack", "threads", 2),
+        ("lmdb", "processes", 0),
+        ("msgpack", "processes", 1),
+    ],
+)
+def test_corrupt_record_raises_one_error_naming_it(
+    built_shards, tmp_path, store, executor, workers
+):
     """The batches before the bad record's come out whole; then one DatasetError naming the
     dataset, the record and its source file."""
     source = dataset_dir(built_shards, store)
@@ -229,7 +288,9 @@ def test_corrupt_record_raises_one_error_naming_it(built_shards, tmp_path, store
     loader = TrainLoader(directory, 2, TrainCrop(32), workers=workers, executor=executor)
     corrupt_record(directory, bytes(loader.records.view(11)))
     plans = list(loader.plans())
-    bad_batch = next(number for number, plan in enumerate(plans) if 11 in plan.batch.indices.tolist())
+    bad_batch = next(
+        number for number, plan in enumerate(plans) if 11 in plan.batch.indices.tolist()
+    )
     delivered = []
     with pytest.raises(DatasetError) as raised:
         for images, _ in loader:
@@ -255,11 +316,23 @@ def test_gpu_decode_mode_on_cpu_matches_cpu_decode(built_shards, executor, worke
     """decode="gpu" with device="cpu" runs the nvJPEG code path through torchvision's CPU decoder;
     the workers (threads by default) only gather each batch's bytes."""
     cpu = batches_of(TrainLoader(dataset_dir(built_shards), 6, TrainCrop(40), workers=0))
-    loader = TrainLoader(dataset_dir(built_shards), 6, TrainCrop(40), workers=workers, decode="gpu", device="cpu",
-                         executor=executor)
+    loader = TrainLoader(
+        dataset_dir(built_shards),
+        6,
+        TrainCrop(40),
+        workers=workers,
+        decode="gpu",
+        device="cpu",
+        executor=executor,
+    )
     gpu_path = batches_of(loader)
-    assert len(cpu) == len(gpu_path) > 0 and TrainLoader(dataset_dir(built_shards), 6, TrainCrop(40),
-                                                         decode="gpu", device="cpu").executor == "threads"
+    assert (
+        len(cpu) == len(gpu_path) > 0
+        and TrainLoader(
+            dataset_dir(built_shards), 6, TrainCrop(40), decode="gpu", device="cpu"
+        ).executor
+        == "threads"
+    )
     records, full_scale = loader.records, 0
     for (images, labels), (other_images, other_labels), plan in zip(cpu, gpu_path, loader.plans()):
         assert torch.equal(labels, other_labels)
@@ -294,8 +367,13 @@ def test_cpu_batches_are_pinned_with_cuda(built_shards):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     for executor, workers in RUNS:
-        images, _ = next(iter(TrainLoader(dataset_dir(built_shards), 4, TrainCrop(32), workers=workers,
-                                          executor=executor)))
+        images, _ = next(
+            iter(
+                TrainLoader(
+                    dataset_dir(built_shards), 4, TrainCrop(32), workers=workers, executor=executor
+                )
+            )
+        )
         assert images.is_pinned(), (executor, workers)
 
 
@@ -303,13 +381,14 @@ def test_dropping_a_loader_stops_its_worker_processes_at_once(built_shards):
     """No reference cycle through the DataLoader: a phase that switches shard directories frees
     the old loader's persistent workers without waiting for the garbage collector."""
     import gc
-
     import time
 
     alive = process_alive
     gc.disable()
     try:
-        loader = TrainLoader(dataset_dir(built_shards), 2, TrainCrop(32), workers=2, executor="processes")
+        loader = TrainLoader(
+            dataset_dir(built_shards), 2, TrainCrop(32), workers=2, executor="processes"
+        )
         for _ in loader:
             break
         pids = loader.worker_pids()
@@ -325,8 +404,16 @@ def test_dropping_a_loader_stops_its_worker_processes_at_once(built_shards):
 
 def test_gpu_decode_mode_handles_empty_padding_val_batches(built_shards):
     """Under DDP some ranks get empty validation batches; the GPU-decode path must pass them on."""
-    loader = ValLoader(dataset_dir(built_shards, "lmdb", "val"), 5, 32, rank=1, world_size=2, workers=0,
-                       decode="gpu", device="cpu")
+    loader = ValLoader(
+        dataset_dir(built_shards, "lmdb", "val"),
+        5,
+        32,
+        rank=1,
+        world_size=2,
+        workers=0,
+        decode="gpu",
+        device="cpu",
+    )
     batches = batches_of(loader)
     assert len(batches) == len(loader) and batches[-1][0].shape == (0, 3, 32, 32)
     assert sum(len(labels) for _, labels in batches) == loader.num_images_on_rank

@@ -1,16 +1,17 @@
-"""train.data.prefetch (device-side normalize, one batch ahead) and train.loader_bench (img/s, worker
-memory): same API on CPU as on CUDA."""
+"""train.data.prefetch (device-side normalize, one batch ahead) and train.bench_loader (img/s,
+worker memory): same API on CPU as on CUDA."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
-from train.data.crops import TrainCrop
-from train.data.constants import IMAGENET_MEAN, IMAGENET_STD
-from train.data.loaders import TrainLoader, ValLoader
-from train.bench_loader import bench_loader, process_memory_mb
-from train.data.prefetch import DevicePrefetcher, normalize
 from tests.loader_shards import dataset_dir
+from train.bench_loader import bench_loader, process_memory_mb
+from train.data.constants import IMAGENET_MEAN, IMAGENET_STD
+from train.data.crops import TrainCrop
+from train.data.loaders import TrainLoader, ValLoader
+from train.data.prefetch import DevicePrefetcher, normalize
 
 
 def test_normalize_is_imagenet_standardization():
@@ -34,13 +35,17 @@ def test_prefetcher_on_cpu_yields_normalized_batches(built_shards, dtype):
     assert len(raw) == len(batches)
     for (x, labels), (images, raw_labels) in zip(batches, raw):
         assert x.dtype == dtype and x.is_contiguous(memory_format=torch.channels_last)
-        assert torch.allclose(x.float(), normalize(images), atol=0.05) and torch.equal(labels, raw_labels)
+        assert torch.allclose(x.float(), normalize(images), atol=0.05) and torch.equal(
+            labels, raw_labels
+        )
     assert prefetcher.data_wait_seconds > 0
 
 
 def test_prefetcher_passes_empty_val_batches(built_shards):
-    loader = ValLoader(dataset_dir(built_shards, split="val"), 12, 32, rank=1, world_size=2, workers=0)
-    (x, labels), = list(DevicePrefetcher(loader, torch.device("cpu")))
+    loader = ValLoader(
+        dataset_dir(built_shards, split="val"), 12, 32, rank=1, world_size=2, workers=0
+    )
+    ((x, labels),) = list(DevicePrefetcher(loader, torch.device("cpu")))
     assert x.shape == (0, 3, 32, 32) and labels.shape == (0,)
 
 
@@ -64,7 +69,9 @@ def test_bench_loader_reports_rate_and_worker_memory(built_shards):
     assert result["images"] == 24 and result["img_per_s"] > 0 and result["seconds"] > 0
     assert len(result["worker_rss_mb"]) == 1 and result["worker_rss_mb"][0] > 0
     assert len(result["worker_uss_mb"]) == 1 and isinstance(result["machine"], str)
-    val = bench_loader(dataset_dir(built_shards, split="val"), 32, 5, 0, 4, val=True, rect=True, warmup_batches=1)
+    val = bench_loader(
+        dataset_dir(built_shards, split="val"), 32, 5, 0, 4, val=True, rect=True, warmup_batches=1
+    )
     assert val["images"] > 0 and len(val["worker_rss_mb"]) == 1  # 0 workers: the main process
 
 

@@ -1,25 +1,35 @@
 """train.data.samplers: training partitions across ranks, determinism, resume, and validation
 batches that count every image exactly once with equal batch counts per rank."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from train.data.samplers import (
-    TrainBatchSampler, center_val_batches, deal_batches, epoch_permutation, rect_val_batches, sample_seed,
+    TrainBatchSampler,
+    center_val_batches,
+    deal_batches,
+    epoch_permutation,
+    rect_val_batches,
+    sample_seed,
 )
 
 
 def rank_batches(num_images, batch_size, world_size, seed=0, epoch=0):
     per_rank = []
     for rank in range(world_size):
-        sampler = TrainBatchSampler(num_images, batch_size, rank=rank, world_size=world_size, seed=seed)
+        sampler = TrainBatchSampler(
+            num_images, batch_size, rank=rank, world_size=world_size, seed=seed
+        )
         sampler.set_epoch(epoch)
         per_rank.append([batch.indices.tolist() for batch in sampler])
     return per_rank
 
 
-@pytest.mark.parametrize("num_images,batch_size,world_size", [(100, 8, 1), (103, 4, 3), (18, 2, 4), (64, 8, 8)])
+@pytest.mark.parametrize(
+    "num_images,batch_size,world_size", [(100, 8, 1), (103, 4, 3), (18, 2, 4), (64, 8, 8)]
+)
 def test_train_ranks_are_disjoint_equal_and_full(num_images, batch_size, world_size):
     per_rank = rank_batches(num_images, batch_size, world_size)
     expected_batches = num_images // (batch_size * world_size)
@@ -59,7 +69,9 @@ def test_resume_inside_an_epoch_replays_the_tail():
     sampler.set_epoch(2, start_batch=4)
     tail = [(batch.batch, batch.indices.tolist(), batch.first_position) for batch in sampler]
     assert tail == full[4:] and len(sampler) == 6
-    assert [(b.batch, b.indices.tolist(), b.first_position) for b in sampler] == tail  # until next set_epoch
+    assert [
+        (b.batch, b.indices.tolist(), b.first_position) for b in sampler
+    ] == tail  # until next set_epoch
     sampler.set_epoch(2, start_batch=len(sampler))
     assert list(sampler) == []
     with pytest.raises(ValueError):
@@ -67,7 +79,12 @@ def test_resume_inside_an_epoch_replays_the_tail():
 
 
 def test_sample_seeds_are_distinct():
-    seeds = {sample_seed(seed, epoch, position) for seed in (0, 1, 2**31) for epoch in range(3) for position in range(100)}
+    seeds = {
+        sample_seed(seed, epoch, position)
+        for seed in (0, 1, 2**31)
+        for epoch in range(3)
+        for position in range(100)
+    }
     assert len(seeds) == 900
 
 
@@ -85,7 +102,9 @@ def test_deal_pads_with_empty_batches():
 
 
 @pytest.mark.parametrize("rect", [False, True])
-@pytest.mark.parametrize("num_images,batch_size,world_size", [(13, 4, 2), (13, 4, 3), (13, 4, 5), (3, 4, 2), (16, 4, 4)])
+@pytest.mark.parametrize(
+    "num_images,batch_size,world_size", [(13, 4, 2), (13, 4, 3), (13, 4, 5), (3, 4, 2), (16, 4, 4)]
+)
 def test_val_counts_every_image_once(rect, num_images, batch_size, world_size):
     ratios = np.random.default_rng(0).uniform(0.5, 2.0, num_images)
     seen, lengths = [], set()

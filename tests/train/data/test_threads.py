@@ -2,10 +2,10 @@
 never overwriting a batch still in use (kept, viewed or being read), memory reused in the
 steady state, errors at the batch they belong to, and clean shutdown (break, close, an
 exception or Ctrl-C in the consumer, dropping the loader): no thread outlives its iteration."""
+
 from __future__ import annotations
 
 import gc
-import os
 import random
 import signal
 import subprocess
@@ -20,8 +20,8 @@ import torch
 
 from tests.loader_shards import dataset_dir
 from train.data.crops import TrainCrop
-from train.data.ring import BatchRing
 from train.data.loaders import RING_SLOTS, TrainLoader, ValLoader
+from train.data.ring import BatchRing
 from train.data.threads import WorkerThreads
 
 REPO = Path(__file__).resolve().parents[3]
@@ -32,10 +32,16 @@ def loader_threads() -> list[threading.Thread]:
 
 
 class SlowBuilder:
-    """A fake batch builder: plan p makes the batch [p] * 4 in a ring slot, chunks at random speeds."""
+    """A fake batch builder: plan p makes the batch [p] * 4 in a ring slot, chunks at random
+    speeds."""
 
     def __init__(self, fail_at: int | None = None, fail_in: str = "fill"):
-        self.fail_at, self.fail_in, self.rng, self.lock = fail_at, fail_in, random.Random(0), threading.Lock()
+        self.fail_at, self.fail_in, self.rng, self.lock = (
+            fail_at,
+            fail_in,
+            random.Random(0),
+            threading.Lock(),
+        )
 
     def start(self, plan, number, ring):
         if plan == self.fail_at and self.fail_in == "start":
@@ -46,7 +52,9 @@ class SlowBuilder:
 
         work = Work()
         work.plan, work.number = plan, number
-        work.images = ring.images(number, 4, 1, 1) if ring is not None else np.zeros((4, 1, 1, 3), np.uint8)
+        work.images = (
+            ring.images(number, 4, 1, 1) if ring is not None else np.zeros((4, 1, 1, 3), np.uint8)
+        )
         return work
 
     def fill(self, work, chunk):
@@ -58,7 +66,11 @@ class SlowBuilder:
         work.images[chunk * 2 : chunk * 2 + 2] = work.plan
 
     def finish(self, work, ring):
-        images = ring.hand_out(work.number, work.images) if ring is not None else torch.from_numpy(work.images)
+        images = (
+            ring.hand_out(work.number, work.images)
+            if ring is not None
+            else torch.from_numpy(work.images)
+        )
         return images, work.plan
 
 
@@ -140,20 +152,28 @@ def test_no_thread_outlives_its_iteration(built_shards, how):
 
 
 def test_threaded_loader_memory_is_flat_over_epochs(built_shards):
-    loader = TrainLoader(dataset_dir(built_shards, "msgpack"), 2, TrainCrop(48), workers=2, executor="threads")
+    loader = TrainLoader(
+        dataset_dir(built_shards, "msgpack"), 2, TrainCrop(48), workers=2, executor="threads"
+    )
     for epoch in range(6):
         loader.set_epoch(epoch)
         for images, _ in loader:
             assert images.shape == (2, 3, 48, 48)
-    assert loader._threads.ring.allocations == RING_SLOTS  # noqa: private: the test reads the ring's count
-    val = ValLoader(dataset_dir(built_shards, "msgpack", "val"), 5, 48, workers=2, rect=True, executor="threads")
+    assert (
+        loader._threads.ring.allocations == RING_SLOTS
+    )  # private: the test reads the ring's count
+    val = ValLoader(
+        dataset_dir(built_shards, "msgpack", "val"), 5, 48, workers=2, rect=True, executor="threads"
+    )
     shapes = [tuple(images.shape) for epoch in range(3) for images, _ in val]
-    assert len(set(shapes)) > 1 and val._threads.ring.allocations <= 2 * RING_SLOTS  # noqa: as above
+    assert (
+        len(set(shapes)) > 1 and val._threads.ring.allocations <= 2 * RING_SLOTS
+    )  # private, as above
 
 
 def test_ctrl_c_stops_a_threaded_loader_at_once(built_shards):
     """SIGINT in a process iterating a threaded loader: KeyboardInterrupt, exit, no hang."""
-    script = f"""
+    script = """
 import itertools, sys
 from train.data.crops import TrainCrop
 from train.data.loaders import TrainLoader
@@ -166,10 +186,16 @@ try:
             pass
 except KeyboardInterrupt:
     import threading
-    print("interrupted", [t.name for t in threading.enumerate() if t.name.startswith("loader-")], flush=True)
+    alive = [t.name for t in threading.enumerate() if t.name.startswith("loader-")]
+    print("interrupted", alive, flush=True)
 """
-    process = subprocess.Popen([sys.executable, "-c", script, str(dataset_dir(built_shards))], cwd=REPO,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", script, str(dataset_dir(built_shards))],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert process.stdout.readline().strip() == "started"
         time.sleep(0.5)
@@ -191,10 +217,13 @@ def test_pinned_ring_batches_survive_their_non_blocking_copies(built_shards):
     from train.data.prefetch import DevicePrefetcher, normalize
 
     directory = dataset_dir(built_shards)
-    reference = [normalize(images.clone()) for images, _ in TrainLoader(directory, 2, TrainCrop(64), workers=0)]
+    reference = [
+        normalize(images.clone())
+        for images, _ in TrainLoader(directory, 2, TrainCrop(64), workers=0)
+    ]
     loader = TrainLoader(directory, 2, TrainCrop(64), workers=3, executor="threads")
     images, _ = next(iter(loader))
-    assert images.is_pinned() and loader._threads.ring.pin  # noqa: private: the test checks the ring
+    assert images.is_pinned() and loader._threads.ring.pin  # private: the test checks the ring
     for _ in range(3):
         on_device = [x.cpu() for x, _ in DevicePrefetcher(loader, torch.device("cuda"))]
         assert len(on_device) == len(reference)

@@ -12,31 +12,35 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from tests.train.standin import StandInData
 from train.bench import BenchConfig, SyntheticBatches, bench_phases, format_bench, verdict
-from train.errors import RecipeError
-from train.plan.config import Recipe
 from train.engine.loop import evaluate
 from train.engine.model import build_model, build_optimizer, param_groups
 from train.engine.step import Trainer, make_mix, resolve_precision, step_seed
+from train.errors import RecipeError
+from train.plan.config import Recipe
 
 CPU = torch.device("cpu")
 
 
 def test_recipe_defaults_overrides_and_errors() -> None:
-    recipe = Recipe.from_mapping({"arch": "resnet18", "weight_decay": 0}, arch=None,
-                                 label_smoothing=0.1)
+    recipe = Recipe.from_mapping(
+        {"arch": "resnet18", "weight_decay": 0}, arch=None, label_smoothing=0.1
+    )
     assert (recipe.arch, recipe.weight_decay, recipe.label_smoothing) == ("resnet18", 0, 0.1)
     assert Recipe.from_mapping({}).arch == "resnet50"
-    for data, message in [({"lr": 1}, "recipe key 'lr': unknown"),
-                          ({"optimizer": "adam"}, "'optimizer': must be one of sgd, got 'adam'"),
-                          ({"nesterov": 1}, "must be true or false"),
-                          ({"ema_decay": 1.0}, "'ema_decay': must be a number in [0, 1)"),
-                          ({"targets": {"top3": 1}}, "'targets'")]:
+    for data, message in [
+        ({"lr": 1}, "recipe key 'lr': unknown"),
+        ({"optimizer": "adam"}, "'optimizer': must be one of sgd, got 'adam'"),
+        ({"nesterov": 1}, "must be true or false"),
+        ({"ema_decay": 1.0}, "'ema_decay': must be a number in [0, 1)"),
+        ({"targets": {"top3": 1}}, "'targets'"),
+    ]:
         with pytest.raises(RecipeError, match=re.escape(message)):
             Recipe.from_mapping(data)
 
 
-@pytest.mark.parametrize(("arch", "block", "last_bn"), [("resnet18", BasicBlock, "bn2"),
-                                                        ("resnet50", Bottleneck, "bn3")])
+@pytest.mark.parametrize(
+    ("arch", "block", "last_bn"), [("resnet18", BasicBlock, "bn2"), ("resnet50", Bottleneck, "bn3")]
+)
 def test_zero_init_of_the_last_bn_gamma_per_block(arch, block, last_bn) -> None:
     model = build_model(Recipe(arch=arch), num_classes=7)
     blocks = [m for m in model.modules() if isinstance(m, block)]
@@ -44,8 +48,11 @@ def test_zero_init_of_the_last_bn_gamma_per_block(arch, block, last_bn) -> None:
     assert all(torch.count_nonzero(b.bn1.weight) > 0 for b in blocks)
     assert model.fc.out_features == 7
     plain = build_model(Recipe(arch=arch, zero_init_residual=False), num_classes=7)
-    assert all(torch.count_nonzero(getattr(b, last_bn).weight) > 0
-               for b in plain.modules() if isinstance(b, block))
+    assert all(
+        torch.count_nonzero(getattr(b, last_bn).weight) > 0
+        for b in plain.modules()
+        if isinstance(b, block)
+    )
 
 
 def test_no_weight_decay_on_bn_and_bias() -> None:
@@ -70,8 +77,12 @@ def test_precision_resolution() -> None:
 
 def tiny_trainer(mix=None, precision="fp32") -> Trainer:
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1),
-                                torch.nn.Flatten(), torch.nn.Linear(4, 6))
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4, 6),
+    )
     return Trainer(model, build_optimizer(model, Recipe(), CPU), CPU, precision, 0.1, mix=mix)
 
 
@@ -81,8 +92,9 @@ def test_mixup_cutmix_draws_depend_only_on_the_step_seed() -> None:
     for _ in range(2):
         trainer = tiny_trainer(make_mix(0.2, 1.0, 6))
         torch.manual_seed(123)  # the global stream must not matter
-        losses.append([trainer.step(x, labels, 0.1, step_seed(0, 0, s, 0)).item()
-                       for s in range(3)])
+        losses.append(
+            [trainer.step(x, labels, 0.1, step_seed(0, 0, s, 0)).item() for s in range(3)]
+        )
         torch.randn(5)
     assert losses[0] == losses[1]
     assert step_seed(0, 1, 2, 3) != step_seed(0, 1, 2, 4)
@@ -110,13 +122,34 @@ def test_evaluate_counts_exactly_and_skips_empty_batches() -> None:
 @pytest.mark.slow
 def test_bench_compares_synthetic_and_real(tmp_path: Path) -> None:
     phases = tmp_path / "p.json"
-    phases.write_text(json.dumps({"recipe": {"arch": "resnet18"}, "phases": [
-        {"epochs": [0, 1], "prep_size": 160, "crop_size": 32, "batch_size": 8, "lr": 0.1},
-        {"epochs": [1, 2], "prep_size": 160, "crop_size": 32, "batch_size": 8, "lr": 0.05}]}))
+    phases.write_text(
+        json.dumps(
+            {
+                "recipe": {"arch": "resnet18"},
+                "phases": [
+                    {
+                        "epochs": [0, 1],
+                        "prep_size": 160,
+                        "crop_size": 32,
+                        "batch_size": 8,
+                        "lr": 0.1,
+                    },
+                    {
+                        "epochs": [1, 2],
+                        "prep_size": 160,
+                        "crop_size": 32,
+                        "batch_size": 8,
+                        "lr": 0.05,
+                    },
+                ],
+            }
+        )
+    )
     batches = SyntheticBatches(4, 16, 3, 2, CPU)
     assert len(list(batches)) == 2 and batches.x.is_contiguous(memory_format=torch.channels_last)
-    rows = bench_phases(BenchConfig(phases, device="cpu", steps=2, warmup_steps=1),
-                        data=StandInData(num_train=48))
+    rows = bench_phases(
+        BenchConfig(phases, device="cpu", steps=2, warmup_steps=1), data=StandInData(num_train=48)
+    )
     assert len(rows) == 1  # same shards, crop and batch: measured once
     (row,) = rows
     assert row["synthetic_img_per_s"] > 0 and row["real_img_per_s"] > 0

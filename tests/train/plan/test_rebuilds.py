@@ -17,28 +17,65 @@ from train.run.main import run
 
 PHASES = [
     {"epochs": [0, 2], "prep_size": 160, "crop_size": 32, "batch_size": 8, "lr": 0.05},
-    {"epochs": [2, 3], "prep_size": 160, "crop_size": 40, "batch_size": 8, "lr": 0.05,
-     "min_scale": 0.5},  # train crop and val crop in place
-    {"epochs": [3, 4], "prep_size": 160, "crop_size": 40, "batch_size": 6, "lr": 0.05,
-     "min_scale": 0.5},  # new batch sampler: both rebuilt
+    {
+        "epochs": [2, 3],
+        "prep_size": 160,
+        "crop_size": 40,
+        "batch_size": 8,
+        "lr": 0.05,
+        "min_scale": 0.5,
+    },  # train crop and val crop in place
+    {
+        "epochs": [3, 4],
+        "prep_size": 160,
+        "crop_size": 40,
+        "batch_size": 6,
+        "lr": 0.05,
+        "min_scale": 0.5,
+    },  # new batch sampler: both rebuilt
     {"epochs": [4, 5], "prep_size": 320, "crop_size": 48, "batch_size": 6, "lr": 0.05},
-    {"epochs": [5, 6], "prep_size": 320, "crop_size": 48, "batch_size": 6, "lr": 0.05,
-     "rect_val": True},  # val only
-    {"epochs": [6, 9], "prep_size": 320, "crop_size": [32, 48], "crop_multiple": 8,
-     "batch_size": 6, "lr": 0.05, "rect_val": True, "val_crop_size": 48},  # a ramp, in place
+    {
+        "epochs": [5, 6],
+        "prep_size": 320,
+        "crop_size": 48,
+        "batch_size": 6,
+        "lr": 0.05,
+        "rect_val": True,
+    },  # val only
+    {
+        "epochs": [6, 9],
+        "prep_size": 320,
+        "crop_size": [32, 48],
+        "crop_multiple": 8,
+        "batch_size": 6,
+        "lr": 0.05,
+        "rect_val": True,
+        "val_crop_size": 48,
+    },  # a ramp, in place
 ]
-ACTIONS = {"train": "train_loader", "val": "val_loader", "crop_size": "set_crop",
-           "min_scale": "set_crop", "val_crop_size": "set_crop_size"}
+ACTIONS = {
+    "train": "train_loader",
+    "val": "val_loader",
+    "crop_size": "set_crop",
+    "min_scale": "set_crop",
+    "val_crop_size": "set_crop_size",
+}
 
 
 def expected_actions(loaders: str) -> set[str]:
     """The dry-run's words -> the loader calls they promise."""
     actions = set()
     for part in filter(None, (p.strip() for p in loaders.split(";"))):
-        verb, _, what = part.partition(" ") if not part.startswith("in place") else \
-            ("in place", "", part.split(":", 1)[1])
-        names = what.split("+") if verb in ("build", "rebuild") else \
-            [name.strip() for name in what.split(",")]
+        verb, _, what = (
+            part.partition(" ")
+            if not part.startswith("in place")
+            else ("in place", "", part.split(":", 1)[1])
+        )
+        names = (
+            what.split("+")
+            if verb in ("build", "rebuild")
+            else [name.strip() for name in what.split(",")]
+        )
         actions |= {ACTIONS[name] for name in names}
     return actions
 
@@ -50,7 +87,7 @@ def dry_run_loaders(config: RunConfig) -> list[str]:
     lines = out.getvalue().splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("epoch"))
     column = lines[header].index("loaders")
-    return [line[column:].strip() for line in lines[header + 1:]]
+    return [line[column:].strip() for line in lines[header + 1 :]]
 
 
 def actions_per_epoch(calls: list[tuple]) -> list[set[str]]:
@@ -69,7 +106,9 @@ def test_expected_actions_reads_the_column() -> None:
     assert expected_actions("build train+val") == {"train_loader", "val_loader"}
     assert expected_actions("rebuild val; in place: crop_size") == {"val_loader", "set_crop"}
     assert expected_actions("in place: crop_size, min_scale, val_crop_size") == {
-        "set_crop", "set_crop_size"}
+        "set_crop",
+        "set_crop_size",
+    }
     assert expected_actions("") == set()
 
 
@@ -77,8 +116,16 @@ def test_expected_actions_reads_the_column() -> None:
 def test_a_run_rebuilds_exactly_what_the_dry_run_says(tmp_path: Path) -> None:
     phases = tmp_path / "p.json"
     phases.write_text(json.dumps({"recipe": {"arch": "resnet18"}, "phases": PHASES}))
-    config = RunConfig(phases, out_dir=tmp_path / "run", device="cpu", progress=False,
-                       tensorboard=False, eval_every=100, log_every=4, threads=1)
+    config = RunConfig(
+        phases,
+        out_dir=tmp_path / "run",
+        device="cpu",
+        progress=False,
+        tensorboard=False,
+        eval_every=100,
+        log_every=4,
+        threads=1,
+    )
     column = dry_run_loaders(config)
     assert column[0] == "build train+val" and column[1] == "" and "rebuild" not in column[7]
     data = StandInData(num_train=24, num_val=6, prep_sizes=(160, 320))

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from tests.train.standin import StandInData
-from train.plan.config import RunConfig
 from train.engine.dist import init_distributed
-from train.run.epochs import Training
+from train.plan.config import RunConfig
 from train.plan.phases import load_schedule
+from train.run.epochs import Training
 from train.run.main import load_inputs
 from train.run.signals import StopFlag
 
@@ -29,20 +29,34 @@ def tiny_copy(path: Path, out: Path) -> Path:
     phases = []
     for phase in loaded.schedule.to_dicts():
         ramp = isinstance(phase["crop_size"], list)
-        phase.update(prep_size=160, val_prep_size=160, batch_size=BATCH, val_crop_size=CROP,
-                     crop_size=[CROP, CROP + 16] if ramp else CROP)
+        phase.update(
+            prep_size=160,
+            val_prep_size=160,
+            batch_size=BATCH,
+            val_crop_size=CROP,
+            crop_size=[CROP, CROP + 16] if ramp else CROP,
+        )
         phases.append(phase)
-    out.write_text(json.dumps({"recipe": dict(loaded.recipe), "note": loaded.note,
-                               "phases": phases}))
+    out.write_text(
+        json.dumps({"recipe": dict(loaded.recipe), "note": loaded.note, "phases": phases})
+    )
     return out
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
-def test_recipe_runs_its_first_steps_with_every_key_honoured(path: Path, tmp_path: Path,
-                                                             capsys) -> None:
-    config = RunConfig(tiny_copy(path, tmp_path / path.name), out_dir=tmp_path / "run",
-                       device="cpu", progress=False, tensorboard=False, log_every=5, threads=1)
+def test_recipe_runs_its_first_steps_with_every_key_honoured(
+    path: Path, tmp_path: Path, capsys
+) -> None:
+    config = RunConfig(
+        tiny_copy(path, tmp_path / path.name),
+        out_dir=tmp_path / "run",
+        device="cpu",
+        progress=False,
+        tensorboard=False,
+        log_every=5,
+        threads=1,
+    )
     loaded, recipe = load_inputs(config)
     accum = loaded.schedule.phases[0].accum_steps
     data = StandInData(num_train=STEPS * BATCH * accum, num_val=6)

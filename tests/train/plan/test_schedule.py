@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from train.errors import ScheduleError
 from train.plan.dry_run import epoch_rows, format_table
 from train.plan.imagenet18 import from_imagenet18
 from train.plan.phases import load_schedule, parse_schedule
 from train.plan.rebuilds import loader_changes
-from train.errors import ScheduleError
 from train.plan.schedule import Phase, Schedule
 
 REPO = Path(__file__).resolve().parents[3]
@@ -21,8 +21,13 @@ PHASES_DIR = REPO / "phases"
 
 
 def phase(start, end, **overrides):
-    data = {"epochs": [start, end], "prep_size": 160, "crop_size": 128, "batch_size": 256,
-            "lr": [1.0, 2.0]}
+    data = {
+        "epochs": [start, end],
+        "prep_size": 160,
+        "crop_size": 128,
+        "batch_size": 256,
+        "lr": [1.0, 2.0],
+    }
     data.update(overrides)
     return data
 
@@ -58,8 +63,10 @@ def test_scalar_lr_is_constant_and_equals_its_pair() -> None:
     ("data", "expected"),
     [
         ([phase(0, 2, size=128)], "phase 0, key 'size': unknown key"),
-        ([phase(0, 2), {k: v for k, v in phase(2, 4).items() if k != "batch_size"}],
-         "phase 1, key 'batch_size': missing"),
+        (
+            [phase(0, 2), {k: v for k, v in phase(2, 4).items() if k != "batch_size"}],
+            "phase 1, key 'batch_size': missing",
+        ),
         ([phase(0, 2), phase(3, 5)], "phase 1, key 'epochs': gap: epochs [2, 3)"),
         ([phase(1, 2)], "phase 0, key 'epochs': gap: epochs [0, 1)"),
         ([phase(0, 3), phase(2, 5)], "phase 1, key 'epochs': overlap"),
@@ -93,8 +100,11 @@ def test_every_train_error_has_one_base_class() -> None:
 
     import train.errors
 
-    classes = [c for _, c in inspect.getmembers(train.errors, inspect.isclass)
-               if issubclass(c, Exception) and c.__module__ == "train.errors"]
+    classes = [
+        c
+        for _, c in inspect.getmembers(train.errors, inspect.isclass)
+        if issubclass(c, Exception) and c.__module__ == "train.errors"
+    ]
     assert len(classes) >= 5 and all(issubclass(c, train.errors.TrainError) for c in classes)
     assert ScheduleError in classes
 
@@ -120,8 +130,11 @@ def test_file_errors_name_the_file(tmp_path: Path) -> None:
 
 def test_recipe_and_note_come_back_unvalidated(tmp_path: Path) -> None:
     path = tmp_path / "r.json"
-    path.write_text(json.dumps({"note": "n", "recipe": {"arch": "resnet18", "anything": [1]},
-                                "phases": TWO_PHASES}))
+    path.write_text(
+        json.dumps(
+            {"note": "n", "recipe": {"arch": "resnet18", "anything": [1]}, "phases": TWO_PHASES}
+        )
+    )
     loaded = load_schedule(path)
     assert loaded.note == "n" and loaded.recipe == {"arch": "resnet18", "anything": [1]}
     assert loaded.source_format == "shardtrain"
@@ -173,13 +186,15 @@ def test_lr_at_constant_phase_and_bad_steps() -> None:
 
 
 def test_loader_changes() -> None:
-    schedule = parse_schedule([
-        phase(0, 2),
-        phase(2, 4, crop_size=144, min_scale=0.25),  # in place
-        phase(4, 5, crop_size=144, min_scale=0.25, batch_size=128),  # new batch sampler
-        phase(5, 6, prep_size=320, crop_size=224, batch_size=128),  # new shards
-        phase(6, 7, prep_size=320, crop_size=224, batch_size=128, rect_val=True),
-    ]).schedule
+    schedule = parse_schedule(
+        [
+            phase(0, 2),
+            phase(2, 4, crop_size=144, min_scale=0.25),  # in place
+            phase(4, 5, crop_size=144, min_scale=0.25, batch_size=128),  # new batch sampler
+            phase(5, 6, prep_size=320, crop_size=224, batch_size=128),  # new shards
+            phase(6, 7, prep_size=320, crop_size=224, batch_size=128, rect_val=True),
+        ]
+    ).schedule
     start = loader_changes(schedule, 0)
     assert start.fresh and start.rebuild_train and start.rebuild_val
     assert loader_changes(schedule, 1).changed == ()
@@ -237,8 +252,14 @@ ONE_MACHINE_35 = [
     {"ep": 14, "sz": 224, "bs": 224, "lr": LR * 224 / 512},
     {"ep": 16, "lr": LR / 10 * 224 / 512},
     {"ep": 27, "lr": LR / 100 * 224 / 512},
-    {"ep": 32, "sz": 288, "bs": 128, "min_scale": 0.5, "rect_val": True,
-     "lr": LR / 100 * 128 / 512},
+    {
+        "ep": 32,
+        "sz": 288,
+        "bs": 128,
+        "min_scale": 0.5,
+        "rect_val": True,
+        "lr": LR / 100 * 128 / 512,
+    },
     {"ep": [33, 35], "lr": LR / 1000 * 128 / 512},
 ]
 LR8 = 0.235 * 8
@@ -260,7 +281,14 @@ def test_imagenet18_data_phases_do_not_inherit_but_keep_dl_does() -> None:
     schedule = from_imagenet18(EIGHT_MACHINES)
     assert schedule.num_epochs == 35
     assert [p.epochs for p in schedule.phases] == [
-        (0, 6), (6, 11), (11, 14), (14, 17), (17, 23), (23, 29), (29, 35)]
+        (0, 6),
+        (6, 11),
+        (11, 14),
+        (14, 17),
+        (17, 23),
+        (23, 29),
+        (29, 35),
+    ]
     keep = schedule.phase_at(6)  # keep_dl: same data, new per-GPU batch
     assert (keep.prep_size, keep.crop_size, keep.batch_size) == (160, 128, 256)
     keep = schedule.phase_at(17)
@@ -273,8 +301,11 @@ def test_imagenet18_data_phases_do_not_inherit_but_keep_dl_does() -> None:
 
 def test_imagenet18_scalar_lr_phases_and_full_size() -> None:
     # 224 px from full-size images: the largest -sz/N in the list (160) is too small.
-    with pytest.raises(ScheduleError, match=r"entry 3, key 'trndir': '' means full-size "
-                       r"images, here prep_size 160 < sz 224; pass a larger full_prep_size"):
+    with pytest.raises(
+        ScheduleError,
+        match=r"entry 3, key 'trndir': '' means full-size "
+        r"images, here prep_size 160 < sz 224; pass a larger full_prep_size",
+    ):
         from_imagenet18(ONE_MACHINE_35)
     no_shards = [{"ep": 0, "sz": 128, "bs": 64}, {"ep": [0, 1], "lr": 0.1}]
     with pytest.raises(ScheduleError, match="entry 0, key 'trndir': '' means full-size"):
@@ -282,46 +313,85 @@ def test_imagenet18_scalar_lr_phases_and_full_size() -> None:
     assert from_imagenet18(no_shards, full_prep_size=160).phases[0].prep_size == 160
     schedule = from_imagenet18(ONE_MACHINE_35, full_prep_size=352)
     assert [p.epochs for p in schedule.phases] == [
-        (0, 5), (5, 14), (14, 16), (16, 27), (27, 32), (32, 33), (33, 35)]
+        (0, 5),
+        (5, 14),
+        (14, 16),
+        (16, 27),
+        (27, 32),
+        (32, 33),
+        (33, 35),
+    ]
     assert schedule.phase_at(14).prep_size == 352 and schedule.phase_at(14).min_scale == 0.08
     assert schedule.phase_at(5).lr == (1.0, 1.0)
     assert schedule.phase_at(33).lr == (LR / 1000 * 128 / 512,) * 2
 
 
 def test_imagenet18_splits_linear_lr_at_data_boundaries() -> None:
-    schedule = from_imagenet18([
-        {"ep": 0, "sz": 128, "bs": 256, "trndir": "-sz/160"},
-        {"ep": [0, 4], "lr": [0.0, 2.0]},
-        {"ep": 1, "sz": 128, "bs": 512, "trndir": "-sz/160"},
-    ])
+    schedule = from_imagenet18(
+        [
+            {"ep": 0, "sz": 128, "bs": 256, "trndir": "-sz/160"},
+            {"ep": [0, 4], "lr": [0.0, 2.0]},
+            {"ep": 1, "sz": 128, "bs": 512, "trndir": "-sz/160"},
+        ]
+    )
     assert [(p.epochs, p.lr, p.batch_size) for p in schedule.phases] == [
-        ((0, 1), (0.0, 0.5), 256), ((1, 4), (0.5, 2.0), 512)]
+        ((0, 1), (0.0, 0.5), 256),
+        ((1, 4), (0.5, 2.0), 512),
+    ]
     assert schedule.lr_at(0, 3, 4) == pytest.approx(0.375)
 
 
 @pytest.mark.parametrize(
     ("entries", "expected"),
     [
-        ([{"ep": 0, "sz": 128, "bs": 64, "trndir": "-sz/160", "mom": 0.9}],
-         "entry 0, key 'mom': unknown key"),
-        ([{"ep": 0, "sz": 128, "bs": 64, "trndir": "/data/160"}, {"ep": [0, 1], "lr": 1.0}],
-         "entry 0, key 'trndir': expected '-sz/<prep_size>'"),
-        ([{"ep": 0, "sz": 128, "bs": 64, "trndir": "-sz/160"}, {"ep": 0, "lr": [1.0, 2.0]}],
-         "entry 1, key 'ep': a linear lr [start, end] needs ep [start, end]"),
-        ([{"ep": 0, "sz": 128, "bs": 64, "trndir": "-sz/160"}, {"ep": [0, 2], "lr": [1.0, 2.0]},
-          {"ep": [3, 4], "lr": 0.1}], "linear LR phase [0, 2] ends before"),
-        ([{"ep": 0, "bs": 64, "keep_dl": True}, {"ep": [0, 1], "lr": 1.0}],
-         "entry 0, key 'keep_dl': needs an earlier data phase"),
-        ([{"ep": 0, "sz": 128, "bs": 64, "trndir": "-sz/160"}, {"ep": 1, "sz": 96, "bs": 64,
-          "keep_dl": True}, {"ep": [0, 2], "lr": 1.0}], "entry 1, key 'sz': keep_dl keeps"),
-        ([{"ep": 0, "sz": 128, "trndir": "-sz/160"}, {"ep": [0, 1], "lr": 1.0}],
-         "entry 0, key 'bs': missing"),
-        ([{"ep": 1, "sz": 128, "bs": 64, "trndir": "-sz/160"}, {"ep": [0, 2], "lr": 1.0}],
-         "no data phase ('bs') at epoch 0"),
-        ([{"ep": 0, "sz": 128, "bs": 64, "trndir": "-sz/160"}, {"ep": 0, "lr": 1.0}],
-         "the last LR phase needs ep [start, end]"),
-        ([{"ep": 0, "sz": 192, "bs": 64, "trndir": "-sz/160"}, {"ep": [0, 1], "lr": 1.0}],
-         "key 'crop_size': 192 > prep_size 160"),
+        (
+            [{"ep": 0, "sz": 128, "bs": 64, "trndir": "-sz/160", "mom": 0.9}],
+            "entry 0, key 'mom': unknown key",
+        ),
+        (
+            [{"ep": 0, "sz": 128, "bs": 64, "trndir": "/data/160"}, {"ep": [0, 1], "lr": 1.0}],
+            "entry 0, key 'trndir': expected '-sz/<prep_size>'",
+        ),
+        (
+            [{"ep": 0, "sz": 128, "bs": 64, "trndir": "-sz/160"}, {"ep": 0, "lr": [1.0, 2.0]}],
+            "entry 1, key 'ep': a linear lr [start, end] needs ep [start, end]",
+        ),
+        (
+            [
+                {"ep": 0, "sz": 128, "bs": 64, "trndir": "-sz/160"},
+                {"ep": [0, 2], "lr": [1.0, 2.0]},
+                {"ep": [3, 4], "lr": 0.1},
+            ],
+            "linear LR phase [0, 2] ends before",
+        ),
+        (
+            [{"ep": 0, "bs": 64, "keep_dl": True}, {"ep": [0, 1], "lr": 1.0}],
+            "entry 0, key 'keep_dl': needs an earlier data phase",
+        ),
+        (
+            [
+                {"ep": 0, "sz": 128, "bs": 64, "trndir": "-sz/160"},
+                {"ep": 1, "sz": 96, "bs": 64, "keep_dl": True},
+                {"ep": [0, 2], "lr": 1.0},
+            ],
+            "entry 1, key 'sz': keep_dl keeps",
+        ),
+        (
+            [{"ep": 0, "sz": 128, "trndir": "-sz/160"}, {"ep": [0, 1], "lr": 1.0}],
+            "entry 0, key 'bs': missing",
+        ),
+        (
+            [{"ep": 1, "sz": 128, "bs": 64, "trndir": "-sz/160"}, {"ep": [0, 2], "lr": 1.0}],
+            "no data phase ('bs') at epoch 0",
+        ),
+        (
+            [{"ep": 0, "sz": 128, "bs": 64, "trndir": "-sz/160"}, {"ep": 0, "lr": 1.0}],
+            "the last LR phase needs ep [start, end]",
+        ),
+        (
+            [{"ep": 0, "sz": 192, "bs": 64, "trndir": "-sz/160"}, {"ep": [0, 1], "lr": 1.0}],
+            "key 'crop_size': 192 > prep_size 160",
+        ),
     ],
 )
 def test_imagenet18_errors(entries, expected: str) -> None:
@@ -336,8 +406,12 @@ RECIPE_FILES = sorted(PHASES_DIR.glob("*.json"))
 
 def test_the_expected_recipes_ship() -> None:
     assert {p.name for p in RECIPE_FILES} >= {
-        "imagenet18-1x8.json", "imagenet18-original.json", "rn50-16ep.json",
-        "rn18-16ep.json", "demo.json"}
+        "imagenet18-1x8.json",
+        "imagenet18-original.json",
+        "rn50-16ep.json",
+        "rn18-16ep.json",
+        "demo.json",
+    }
 
 
 @pytest.mark.parametrize("path", RECIPE_FILES, ids=lambda p: p.name)
@@ -352,8 +426,9 @@ def test_every_recipe_loads_with_a_note_and_recipe(path: Path) -> None:
             assert before.lr[1] == pytest.approx(after.lr[0])  # no jump inside one loader
 
 
-@pytest.mark.parametrize(("name", "peak", "num_gpus"), [("rn50-16ep.json", 1.7, 8),
-                                                        ("rn18-16ep.json", 0.5, 1)])
+@pytest.mark.parametrize(
+    ("name", "peak", "num_gpus"), [("rn50-16ep.json", 1.7, 8), ("rn18-16ep.json", 0.5, 1)]
+)
 def test_ffcv_recipes_follow_ffcv(name: str, peak: float, num_gpus: int) -> None:
     loaded = load_schedule(PHASES_DIR / name)
     schedule = loaded.schedule
@@ -385,9 +460,13 @@ def test_demo_is_small_enough_for_two_cpu_cores() -> None:
 
 
 def test_import_pulls_in_neither_torch_nor_typer() -> None:
-    code = ("import sys, train.plan.schedule, train.plan.phases, train.plan.rebuilds, train.plan.dry_run; "
-            "bad = [m for m in ('torch', 'typer', 'numpy') if m in sys.modules]; "
-            "print(bad); sys.exit(1 if bad else 0)")
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
-                            text=True, timeout=60)
+    code = (
+        "import sys, train.plan.schedule, train.plan.phases, train.plan.rebuilds; "
+        "import train.plan.dry_run; "
+        "bad = [m for m in ('torch', 'typer', 'numpy') if m in sys.modules]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stdout + result.stderr

@@ -17,22 +17,41 @@ import pytest
 import torch
 
 from tests.train.standin import StandInData
-from train.run.metrics import read_metrics
 from train.plan.config import RunConfig
 from train.run.main import run
+from train.run.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[3]
-RECIPE = {"arch": "squeezenet1_1", "model_kwargs": {"dropout": 0.0},
-          "zero_init_residual": False, "label_smoothing": 0.1, "weight_decay": 5e-4}
+RECIPE = {
+    "arch": "squeezenet1_1",
+    "model_kwargs": {"dropout": 0.0},
+    "zero_init_residual": False,
+    "label_smoothing": 0.1,
+    "weight_decay": 5e-4,
+}
 NUM_TRAIN, NUM_VAL = 64, 17  # 17 val images, 2 ranks, batch 8: rank 1's 2nd batch is empty
 
 
 def phases(batch_size: int) -> dict:
-    return {"recipe": RECIPE, "phases": [
-        {"epochs": [0, 1], "prep_size": 160, "crop_size": 32, "batch_size": batch_size,
-         "lr": [0.02, 0.05]},
-        {"epochs": [1, 2], "prep_size": 160, "crop_size": 40, "batch_size": batch_size,
-         "lr": [0.05, 0.0]}]}
+    return {
+        "recipe": RECIPE,
+        "phases": [
+            {
+                "epochs": [0, 1],
+                "prep_size": 160,
+                "crop_size": 32,
+                "batch_size": batch_size,
+                "lr": [0.02, 0.05],
+            },
+            {
+                "epochs": [1, 2],
+                "prep_size": 160,
+                "crop_size": 40,
+                "batch_size": batch_size,
+                "lr": [0.05, 0.0],
+            },
+        ],
+    }
 
 
 @pytest.mark.slow
@@ -40,16 +59,37 @@ def test_two_gloo_ranks_match_one_process_with_the_global_batch(tmp_path: Path) 
     single_phases, ddp_phases = tmp_path / "single.json", tmp_path / "ddp.json"
     single_phases.write_text(json.dumps(phases(16)))
     ddp_phases.write_text(json.dumps(phases(8)))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node=2", str(REPO / "tests" / "train" / "standin.py"),
-               "--phases", str(ddp_phases), "--out", str(tmp_path / "ddp"),
-               "--num-train", str(NUM_TRAIN), "--num-val", str(NUM_VAL)]
-    ddp = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           text=True)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(REPO / "tests" / "train" / "standin.py"),
+        "--phases",
+        str(ddp_phases),
+        "--out",
+        str(tmp_path / "ddp"),
+        "--num-train",
+        str(NUM_TRAIN),
+        "--num-val",
+        str(NUM_VAL),
+    ]
+    ddp = subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:  # the single-process run overlaps the torchrun start-up
-        run(RunConfig(single_phases, out_dir=tmp_path / "single", device="cpu", log_every=1,
-                      progress=False, tensorboard=False),
-            StandInData(NUM_TRAIN, NUM_VAL))
+        run(
+            RunConfig(
+                single_phases,
+                out_dir=tmp_path / "single",
+                device="cpu",
+                log_every=1,
+                progress=False,
+                tensorboard=False,
+            ),
+            StandInData(NUM_TRAIN, NUM_VAL),
+        )
         output, _ = ddp.communicate(timeout=300)
     finally:
         if ddp.poll() is None:
@@ -68,4 +108,6 @@ def test_two_gloo_ranks_match_one_process_with_the_global_batch(tmp_path: Path) 
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
         assert b["top1"] == pytest.approx(a["top1"], abs=100 / NUM_VAL + 1e-9)  # 1 near-tie
         assert b["top5"] == a["top5"] == 100.0
-        assert b["val_images"] == a["val_images"] == NUM_VAL  # every image once, no padded duplicates
+        assert (
+            b["val_images"] == a["val_images"] == NUM_VAL
+        )  # every image once, no padded duplicates

@@ -21,15 +21,30 @@ from tests.loader_shards import corrupt_record
 from train.cli import app
 from train.run.metrics import RunLog
 
-PHASES = [{"epochs": [0, 2], "prep_size": 160, "crop_size": 32, "batch_size": 4,
-           "lr": [0.05, 0.0]}]  # conftest's shards: 18 train images, 4 steps an epoch
+PHASES = [
+    {"epochs": [0, 2], "prep_size": 160, "crop_size": 32, "batch_size": 4, "lr": [0.05, 0.0]}
+]  # conftest's shards: 18 train images, 4 steps an epoch
 
 
 def train_args(tmp_path: Path, data: Path, *extra: str) -> list[str]:
     phases = tmp_path / "phases.json"
     phases.write_text(json.dumps({"recipe": {"arch": "resnet18"}, "phases": PHASES}))
-    return ["run", "--phases", str(phases), "--data", str(data), "--out", str(tmp_path / "run"),
-            "--workers", "0", "--no-progress", "--no-tensorboard", "--threads", "1", *extra]
+    return [
+        "run",
+        "--phases",
+        str(phases),
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "run"),
+        "--workers",
+        "0",
+        "--no-progress",
+        "--no-tensorboard",
+        "--threads",
+        "1",
+        *extra,
+    ]
 
 
 def one_error_line(result) -> str:
@@ -41,8 +56,9 @@ def one_error_line(result) -> str:
     return errors[0]
 
 
-def test_full_disk_at_a_checkpoint_keeps_the_last_good_one(built_shards, tmp_path: Path,
-                                                           monkeypatch) -> None:
+def test_full_disk_at_a_checkpoint_keeps_the_last_good_one(
+    built_shards, tmp_path: Path, monkeypatch
+) -> None:
     real_save, saves = ckpt.save_atomic, []
 
     def disk_fills_up(state, path):
@@ -52,23 +68,27 @@ def test_full_disk_at_a_checkpoint_keeps_the_last_good_one(built_shards, tmp_pat
         return real_save(state, path)
 
     monkeypatch.setattr(ckpt, "save_atomic", disk_fills_up)
-    result = CliRunner().invoke(app, train_args(tmp_path, built_shards / "lmdb",
-                                                "--checkpoint-every-steps", "1"))
+    result = CliRunner().invoke(
+        app, train_args(tmp_path, built_shards / "lmdb", "--checkpoint-every-steps", "1")
+    )
     last = tmp_path / "run" / "checkpoints" / "last.pt"
     assert one_error_line(result) == (
         f"train: error: cannot save a checkpoint in {last.parent} (No space left on device); "
-        f"the last good checkpoint is {last}")
+        f"the last good checkpoint is {last}"
+    )
     assert torch.load(last, weights_only=True)["global_step"] == saves[1]
     assert sorted(p.name for p in last.parent.iterdir()) == ["last.pt"]  # no temp file left
     monkeypatch.setattr(ckpt, "save_atomic", real_save)  # space again: the run resumes
-    resumed = CliRunner().invoke(app, train_args(tmp_path, built_shards / "lmdb",
-                                                 "--resume", "auto"))
+    resumed = CliRunner().invoke(
+        app, train_args(tmp_path, built_shards / "lmdb", "--resume", "auto")
+    )
     assert resumed.exit_code == 0, resumed.stderr
     assert (last.parent / "final.pt").exists()
 
 
-def test_full_disk_at_a_metrics_write_is_one_line(built_shards, tmp_path: Path,
-                                                  monkeypatch) -> None:
+def test_full_disk_at_a_metrics_write_is_one_line(
+    built_shards, tmp_path: Path, monkeypatch
+) -> None:
     real_epoch = RunLog.epoch
 
     def disk_full_epoch(self, record):
@@ -79,8 +99,10 @@ def test_full_disk_at_a_metrics_write_is_one_line(built_shards, tmp_path: Path,
     monkeypatch.setattr(RunLog, "epoch", disk_full_epoch)
     line = one_error_line(CliRunner().invoke(app, train_args(tmp_path, built_shards / "lmdb")))
     metrics = tmp_path / "run" / "metrics.jsonl"
-    assert line == (f"train: error: cannot write {metrics} (No space left on device); no "
-                    "checkpoint was written yet")
+    assert line == (
+        f"train: error: cannot write {metrics} (No space left on device); no "
+        "checkpoint was written yet"
+    )
 
 
 def test_read_only_out_is_one_line(built_shards, tmp_path: Path, read_only_dir) -> None:
@@ -88,14 +110,19 @@ def test_read_only_out_is_one_line(built_shards, tmp_path: Path, read_only_dir) 
     out.mkdir()
     read_only_dir(out)
     line = one_error_line(CliRunner().invoke(app, train_args(tmp_path, built_shards / "lmdb")))
-    assert line == (f"train: error: {out}: cannot write the run directory (Read-only file "
-                    f"system: {out / '.lock'})")
+    assert line == (
+        f"train: error: {out}: cannot write the run directory (Read-only file "
+        f"system: {out / '.lock'})"
+    )
 
 
-@pytest.mark.parametrize(("store", "split", "workers"), [
-    ("lmdb", "train", "0"), ("msgpack", "train", "2"), ("lmdb", "val", "2")])
+@pytest.mark.parametrize(
+    ("store", "split", "workers"),
+    [("lmdb", "train", "0"), ("msgpack", "train", "2"), ("lmdb", "val", "2")],
+)
 def test_corrupt_jpeg_in_the_shards_is_one_line_naming_the_record(
-        built_shards, tmp_path: Path, store: str, split: str, workers: str) -> None:
+    built_shards, tmp_path: Path, store: str, split: str, workers: str
+) -> None:
     data = tmp_path / "shards"
     for name in ("train-160", "val-160"):
         shutil.copytree(built_shards / store / name, data / name)
@@ -106,8 +133,9 @@ def test_corrupt_jpeg_in_the_shards_is_one_line_naming_the_record(
     dataset.close()
     result = CliRunner().invoke(app, [*train_args(tmp_path, data), "--workers", workers])
     line = one_error_line(result)
-    assert line.startswith(f"train: error: {data / f'{split}-160'}: record {index} ({name}): "
-                           "cannot decode ("), line
+    assert line.startswith(
+        f"train: error: {data / f'{split}-160'}: record {index} ({name}): cannot decode ("
+    ), line
 
 
 def cut_in_place(dataset_dir: Path, index: int, value: bytes) -> None:
@@ -129,8 +157,9 @@ def cut_in_place(dataset_dir: Path, index: int, value: bytes) -> None:
 
 @pytest.mark.skipif(jpeg.turbo() is None, reason="PIL does not surface libjpeg's warnings")
 @pytest.mark.parametrize(("store", "workers"), [("lmdb", "0"), ("msgpack", "2")])
-def test_stored_jpeg_cut_short_is_one_line_not_grey_training(built_shards, tmp_path: Path,
-                                                             store: str, workers: str) -> None:
+def test_stored_jpeg_cut_short_is_one_line_not_grey_training(
+    built_shards, tmp_path: Path, store: str, workers: str
+) -> None:
     data = tmp_path / "shards"
     for name in ("train-160", "val-160"):
         shutil.copytree(built_shards / store / name, data / name)
@@ -141,6 +170,8 @@ def test_stored_jpeg_cut_short_is_one_line_not_grey_training(built_shards, tmp_p
     cut_in_place(data / "train-160", index, value)
     result = CliRunner().invoke(app, [*train_args(tmp_path, data), "--workers", workers])
     line = one_error_line(result)
-    assert line.startswith(f"train: error: {data / 'train-160'}: record {index} ({name}): "
-                           "cannot decode (corrupt or truncated JPEG data (libjpeg: "), line
+    assert line.startswith(
+        f"train: error: {data / 'train-160'}: record {index} ({name}): "
+        "cannot decode (corrupt or truncated JPEG data (libjpeg: "
+    ), line
     assert "crc32 differs" not in line  # the stored bytes are as prep wrote them

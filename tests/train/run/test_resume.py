@@ -64,13 +64,21 @@ def assert_bit_identical(a, b, where: str = "") -> None:
 
 
 def test_assert_bit_identical_sees_non_tensor_state() -> None:
-    state = {"epoch": 2, "optimizer": {"param_groups": [{"lr": 0.1, "momentum": 0.9}]},
-             "rng": {"python": (3, (1, 2), None), "torch": torch.arange(4)}, "scaler": None,
-             "elapsed_s": 1.0}
+    state = {
+        "epoch": 2,
+        "optimizer": {"param_groups": [{"lr": 0.1, "momentum": 0.9}]},
+        "rng": {"python": (3, (1, 2), None), "torch": torch.arange(4)},
+        "scaler": None,
+        "elapsed_s": 1.0,
+    }
     assert_bit_identical(state, {**state, "elapsed_s": 2.0})  # timing may differ
-    for changed in ({"epoch": 3}, {"optimizer": {"param_groups": [{"lr": 0.2, "momentum": 0.9}]}},
-                    {"rng": {"python": (3, (1, 3), None), "torch": torch.arange(4)}},
-                    {"scaler": {"scale": 65536.0}}, {"epoch": 2.0}):
+    for changed in (
+        {"epoch": 3},
+        {"optimizer": {"param_groups": [{"lr": 0.2, "momentum": 0.9}]}},
+        {"rng": {"python": (3, (1, 3), None), "torch": torch.arange(4)}},
+        {"scaler": {"scale": 65536.0}},
+        {"epoch": 2.0},
+    ):
         with pytest.raises(AssertionError):
             assert_bit_identical(state, {**state, **changed})
 
@@ -89,9 +97,14 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path: Path) -> None:
     killed = tmp_path / "killed"
     last = killed / "checkpoints" / "last.pt"
     env = {**os.environ, "PYTHONHASHSEED": "0"}
-    process = subprocess.Popen(standin("--phases", phases, "--out", killed, "--delay", "0.3",
-                                       "--checkpoint-every-steps", "3"),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    process = subprocess.Popen(
+        standin(
+            "--phases", phases, "--out", killed, "--delay", "0.3", "--checkpoint-every-steps", "3"
+        ),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
     try:
         deadline = time.monotonic() + 120
         while not last.exists():
@@ -105,8 +118,13 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path: Path) -> None:
     stopped_at = torch.load(last, weights_only=True)
     assert stopped_at["step"] > 0 and not (killed / "checkpoints" / "final.pt").exists()
 
-    resumed = subprocess.run(standin("--phases", phases, "--out", killed, "--resume", "auto"),
-                             capture_output=True, text=True, timeout=300, env=env)
+    resumed = subprocess.run(
+        standin("--phases", phases, "--out", killed, "--resume", "auto"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert resumed.returncode == 0, resumed.stderr
 
     reference, result = load(tmp_path / "ref"), load(killed)

@@ -10,15 +10,19 @@ import torch
 import torchvision
 
 from tests.train.standin import StandInData, quick_config
-from train.export import export, plain_state_dict
-from train.run.metrics import read_metrics
-from train.run.report import report
 from train.errors import CheckpointError, TrainError
+from train.export import export, plain_state_dict
 from train.plan.config import RunConfig
 from train.run.main import run
+from train.run.metrics import read_metrics
+from train.run.report import report
 
-RECIPE = {"arch": "resnet18", "weight_decay": 5e-5, "label_smoothing": 0.1,
-          "targets": {"top1": 50.0}}
+RECIPE = {
+    "arch": "resnet18",
+    "weight_decay": 5e-5,
+    "label_smoothing": 0.1,
+    "targets": {"top1": 50.0},
+}
 PHASES = [
     {"epochs": [0, 1], "prep_size": 160, "crop_size": 32, "batch_size": 8, "lr": [0.05, 0.2]},
     {"epochs": [1, 2], "prep_size": 160, "crop_size": 40, "batch_size": 6, "lr": [0.2, 0.0]},
@@ -31,14 +35,22 @@ def write_phases(path: Path, phases=PHASES, recipe=RECIPE) -> Path:
 
 
 def config(tmp_path: Path, **overrides) -> RunConfig:
-    return quick_config(**{"phases_path": write_phases(tmp_path / "phases.json"),
-                           "out_dir": tmp_path / "run", **overrides})
+    return quick_config(
+        **{
+            "phases_path": write_phases(tmp_path / "phases.json"),
+            "out_dir": tmp_path / "run",
+            **overrides,
+        }
+    )
 
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory) -> tuple[Path, dict]:
     tmp_path = tmp_path_factory.mktemp("smoke")
-    last = run(config(tmp_path, recipe={"ema_decay": 0.9, "val_flip_tta": True}, tensorboard=True), StandInData())
+    last = run(
+        config(tmp_path, recipe={"ema_decay": 0.9, "val_flip_tta": True}, tensorboard=True),
+        StandInData(),
+    )
     return tmp_path / "run", last
 
 
@@ -62,8 +74,11 @@ def test_missing_tensorboard_is_one_clear_error(tmp_path: Path, monkeypatch) -> 
     import sys
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if not installed
-    with pytest.raises(TrainError, match=r"TensorBoard events need the tensorboard package .*"
-                                         r"--no-tensorboard"):
+    with pytest.raises(
+        TrainError,
+        match=r"TensorBoard events need the tensorboard package .*"
+        r"--no-tensorboard",
+    ):
         run(config(tmp_path, tensorboard=True), StandInData())
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
@@ -73,8 +88,18 @@ def test_smoke_run_writes_metrics_config_and_event_log(smoke_run) -> None:
     records = read_metrics(run_dir)
     assert [r["epoch"] for r in records] == [0, 1]
     for record in records:
-        for key in ("epoch", "hours", "top1", "top5", "train_loss", "lr", "img_per_s",
-                    "data_wait", "train_hours", "ema_top1"):
+        for key in (
+            "epoch",
+            "hours",
+            "top1",
+            "top5",
+            "train_loss",
+            "lr",
+            "img_per_s",
+            "data_wait",
+            "train_hours",
+            "ema_top1",
+        ):
             assert key in record, key
         assert 0 <= record["top1"] <= 100 and record["top5"] == 100.0  # 3 classes
         assert record["img_per_s"] > 0 and 0 <= record["data_wait"] <= 1
@@ -123,8 +148,11 @@ def test_export_loads_strictly_into_torchvision(smoke_run, tmp_path: Path, ema: 
 
 def test_plain_state_dict_strips_wrapper_prefixes() -> None:
     weight = torch.ones(2)
-    state = {"module._orig_mod.fc.weight": weight, "_orig_mod.module.fc.bias": weight,
-             "n_averaged": torch.tensor(3)}
+    state = {
+        "module._orig_mod.fc.weight": weight,
+        "_orig_mod.module.fc.bias": weight,
+        "n_averaged": torch.tensor(3),
+    }
     assert list(plain_state_dict(state)) == ["fc.weight", "fc.bias"]
 
 
@@ -140,10 +168,16 @@ def test_rerun_into_a_finished_run_is_refused_or_a_no_op(smoke_run, tmp_path: Pa
 
 def test_nan_loss_stops_with_a_clear_message(tmp_path: Path) -> None:
     phases = [dict(PHASES[0], lr=[1e30, 1e30]), PHASES[1]]
-    cfg = config(tmp_path, phases_path=write_phases(tmp_path / "nan.json", phases),
-                 checkpoint_every_steps=100)
-    with pytest.raises(TrainError, match=r"loss is (nan|inf) at epoch 0 step \d+ .*no "
-                                         r"checkpoint was written yet"):
+    cfg = config(
+        tmp_path,
+        phases_path=write_phases(tmp_path / "nan.json", phases),
+        checkpoint_every_steps=100,
+    )
+    with pytest.raises(
+        TrainError,
+        match=r"loss is (nan|inf) at epoch 0 step \d+ .*no "
+        r"checkpoint was written yet",
+    ):
         run(cfg, StandInData())
     assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
 
@@ -164,12 +198,19 @@ def test_non_finite_weights_are_never_saved(tmp_path: Path, monkeypatch) -> None
         return loss
 
     monkeypatch.setattr(Trainer, "accumulate", poisoning_step)
-    with pytest.raises(TrainError, match=r"weights are no longer finite at epoch 0 step 4; .*"
-                                         r"the last good checkpoint is"):
+    with pytest.raises(
+        TrainError,
+        match=r"weights are no longer finite at epoch 0 step 4; .*"
+        r"the last good checkpoint is",
+    ):
         run(config(tmp_path, checkpoint_every_steps=2), StandInData())
     saved = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
     assert saved["step"] == 2
-    assert all(torch.isfinite(value).all() for value in saved["model"].values() if value.is_floating_point())
+    assert all(
+        torch.isfinite(value).all()
+        for value in saved["model"].values()
+        if value.is_floating_point()
+    )
 
 
 def test_sync_bn_and_fp16_need_cuda(tmp_path: Path) -> None:
@@ -184,6 +225,12 @@ def test_sync_bn_and_fp16_need_cuda(tmp_path: Path) -> None:
 def test_report_uses_the_targets_the_run_was_started_with(tmp_path: Path) -> None:
     from train.run.report import run_targets
 
-    (tmp_path / "config.json").write_text(json.dumps(
-        {"recipe": {"targets": {"top1": 50.0, "top5": 80.0}}, "args": {"targets": [["top1", 70.0]]}}))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "recipe": {"targets": {"top1": 50.0, "top5": 80.0}},
+                "args": {"targets": [["top1", 70.0]]},
+            }
+        )
+    )
     assert run_targets(tmp_path) == {"top1": 70.0, "top5": 80.0}

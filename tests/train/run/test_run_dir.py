@@ -16,19 +16,20 @@ import torch
 from typer.testing import CliRunner
 
 from tests.train.standin import StandInData, quick_config
-from train.run.checkpoint import changes_since, resume_path
 from train.cli import app
 from train.errors import CheckpointError, TrainError
 from train.plan.config import RunConfig
-from train.run.metrics import read_metrics
+from train.run.checkpoint import changes_since, resume_path
 from train.run.main import run
+from train.run.metrics import read_metrics
 from train.run.run_dir import LOCK_NAME, acquire, clear_outputs, release, run_outputs
 
 REPO = Path(__file__).resolve().parents[3]
 STANDIN = REPO / "tests" / "train" / "standin.py"
 RECIPE = {"arch": "resnet18", "weight_decay": 5e-5}
-PHASES = [{"epochs": [0, 2], "prep_size": 160, "crop_size": 32, "batch_size": 12,
-           "lr": [0.05, 0.0]}]  # 48 stand-in images: 4 steps an epoch
+PHASES = [
+    {"epochs": [0, 2], "prep_size": 160, "crop_size": 32, "batch_size": 12, "lr": [0.05, 0.0]}
+]  # 48 stand-in images: 4 steps an epoch
 
 
 def write_phases(path: Path, recipe=RECIPE, phases=PHASES) -> Path:
@@ -37,8 +38,13 @@ def write_phases(path: Path, recipe=RECIPE, phases=PHASES) -> Path:
 
 
 def config(tmp_path: Path, **overrides) -> RunConfig:
-    return quick_config(**{"phases_path": write_phases(tmp_path / "phases.json"),
-                           "out_dir": tmp_path / "run", **overrides})
+    return quick_config(
+        **{
+            "phases_path": write_phases(tmp_path / "phases.json"),
+            "out_dir": tmp_path / "run",
+            **overrides,
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +81,11 @@ def test_a_second_run_on_a_locked_out_refuses_naming_the_holder(tmp_path: Path) 
     out = tmp_path / "run"
     fd = hold_lock(out)
     try:
-        with pytest.raises(TrainError, match=rf"{out} is in use by PID 4242, a train run .*"
-                                             r"choose another --out"):
+        with pytest.raises(
+            TrainError,
+            match=rf"{out} is in use by PID 4242, a train run .*"
+            r"choose another --out",
+        ):
             run(config(tmp_path), StandInData())
         assert run_outputs(out) == []  # nothing written by the refused run
     finally:
@@ -111,10 +120,17 @@ def test_concurrent_runs_one_refuses_and_a_killed_holder_frees_the_lock(tmp_path
     """Through real processes: the lock is held while the first run trains, and the kernel
     drops it when that process is killed with SIGKILL (no stale-lock cleanup needed)."""
     phases = write_phases(tmp_path / "phases.json")
-    args = [sys.executable, str(STANDIN), "--phases", str(phases), "--out", str(tmp_path / "run"),
-            "--threads", "1"]
-    first = subprocess.Popen([*args, "--delay", "0.5"], cwd=REPO, stderr=subprocess.PIPE,
-                             text=True)
+    args = [
+        sys.executable,
+        str(STANDIN),
+        "--phases",
+        str(phases),
+        "--out",
+        str(tmp_path / "run"),
+        "--threads",
+        "1",
+    ]
+    first = subprocess.Popen([*args, "--delay", "0.5"], cwd=REPO, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
         while not (tmp_path / "run" / "config.json").exists():  # the first run is training
@@ -126,8 +142,9 @@ def test_concurrent_runs_one_refuses_and_a_killed_holder_frees_the_lock(tmp_path
     finally:
         first.kill()
         first.communicate()
-    resumed = subprocess.run([*args, "--resume", "auto"], cwd=REPO, capture_output=True,
-                             text=True, timeout=300)
+    resumed = subprocess.run(
+        [*args, "--resume", "auto"], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert resumed.returncode == 0, resumed.stderr
 
 
@@ -136,10 +153,30 @@ def test_torchrun_ranks_fail_together_when_the_lock_is_held(built_shards, tmp_pa
     out = tmp_path / "run"
     fd = hold_lock(out)
     phases = write_phases(tmp_path / "phases.json", phases=[dict(PHASES[0], batch_size=4)])
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node=2", "-m", "train", "run", "--phases", str(phases), "--data",
-               str(built_shards / "lmdb"), "--out", str(out), "--workers", "0",
-               "--device", "cpu", "--no-progress", "--no-tensorboard", "--threads", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "train",
+        "run",
+        "--phases",
+        str(phases),
+        "--data",
+        str(built_shards / "lmdb"),
+        "--out",
+        str(out),
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--no-tensorboard",
+        "--threads",
+        "1",
+    ]
     try:
         result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=240)
     finally:
@@ -158,9 +195,12 @@ def test_torchrun_ranks_fail_together_when_the_lock_is_held(built_shards, tmp_pa
 def test_resume_path_rules(stopped_run: Path, tmp_path: Path) -> None:
     out = copy_of(stopped_run, tmp_path)
     last = out / "checkpoints" / "last.pt"
-    with pytest.raises(CheckpointError, match=r"already holds a run \(config.json, "
-                                              r"metrics.jsonl, event.log, checkpoints/\); pass "
-                                              r"--resume auto to continue it, --overwrite"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"already holds a run \(config.json, "
+        r"metrics.jsonl, event.log, checkpoints/\); pass "
+        r"--resume auto to continue it, --overwrite",
+    ):
         resume_path(out, None)
     assert resume_path(out, "auto") == last
     assert resume_path(out, None, overwrite=True) is None
@@ -174,8 +214,9 @@ def test_resume_path_rules(stopped_run: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("left", [[], ["last.pt.tmp"]])
-def test_deleted_checkpoint_is_never_a_silent_fresh_start(stopped_run: Path, tmp_path: Path,
-                                                          left) -> None:
+def test_deleted_checkpoint_is_never_a_silent_fresh_start(
+    stopped_run: Path, tmp_path: Path, left
+) -> None:
     out = copy_of(stopped_run, tmp_path)
     for path in (out / "checkpoints").iterdir():
         path.unlink()
@@ -184,8 +225,11 @@ def test_deleted_checkpoint_is_never_a_silent_fresh_start(stopped_run: Path, tmp
     before = {name: (out / name).read_bytes() for name in ("config.json", "metrics.jsonl")}
     with pytest.raises(CheckpointError, match=r"already holds a run .* pass --overwrite"):
         run(config(tmp_path), StandInData())
-    with pytest.raises(CheckpointError, match=r"no .*last.pt to resume, but the run there got "
-                                              r"as far as metrics.jsonl.* --overwrite"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"no .*last.pt to resume, but the run there got "
+        r"as far as metrics.jsonl.* --overwrite",
+    ):
         run(config(tmp_path, resume="auto"), StandInData())
     assert {name: (out / name).read_bytes() for name in before} == before  # untouched
 
@@ -226,8 +270,12 @@ def test_clear_outputs_lists_and_removes_run_files(tmp_path: Path) -> None:
 
 
 def saved_identity(**changes) -> tuple[dict, dict]:
-    recipe = {"arch": "resnet18", "weight_decay": 5e-5, "label_smoothing": 0.0,
-              "targets": {"top1": 70.0}}
+    recipe = {
+        "arch": "resnet18",
+        "weight_decay": 5e-5,
+        "label_smoothing": 0.0,
+        "targets": {"top1": 70.0},
+    }
     saved = {"recipe": recipe, "schedule": [dict(PHASES[0])], "seed": 0, "precision": "fp32"}
     new = json.loads(json.dumps(saved))
     for key, value in changes.items():
@@ -238,31 +286,46 @@ def saved_identity(**changes) -> tuple[dict, dict]:
 
 
 def test_changes_since_lists_what_affects_results() -> None:
-    saved, new = saved_identity(weight_decay=1e-4, label_smoothing=0.1, seed=3,
-                                targets={"top1": 75.0})
+    saved, new = saved_identity(
+        weight_decay=1e-4, label_smoothing=0.1, seed=3, targets={"top1": 75.0}
+    )
     new["schedule"][0]["lr"] = [0.1, 0.0]
     assert changes_since(saved, new) == [
-        "label_smoothing 0.0 -> 0.1", "weight_decay 5e-05 -> 0.0001",
-        "schedule (phase 0: lr [0.05, 0.0] -> [0.1, 0.0])", "seed 0 -> 3"]
+        "label_smoothing 0.0 -> 0.1",
+        "weight_decay 5e-05 -> 0.0001",
+        "schedule (phase 0: lr [0.05, 0.0] -> [0.1, 0.0])",
+        "seed 0 -> 3",
+    ]
     assert changes_since(*saved_identity(targets={"top5": 90.0})) == []  # reporting only
 
 
-def test_changed_recipe_on_resume_is_refused_unless_allowed(stopped_run: Path,
-                                                            tmp_path: Path) -> None:
+def test_changed_recipe_on_resume_is_refused_unless_allowed(
+    stopped_run: Path, tmp_path: Path
+) -> None:
     out = copy_of(stopped_run, tmp_path)
-    changed = write_phases(tmp_path / "changed.json", dict(RECIPE, weight_decay=1e-3,
-                                                           label_smoothing=0.1))
+    changed = write_phases(
+        tmp_path / "changed.json", dict(RECIPE, weight_decay=1e-3, label_smoothing=0.1)
+    )
     args = dict(phases_path=changed, resume="auto", seed=7)
-    with pytest.raises(TrainError, match=r"last.pt: changed since this checkpoint: "
-                                         r"label_smoothing 0.0 -> 0.1; weight_decay 5e-05 -> "
-                                         r"0.001; seed 0 -> 7; .*--allow-changed"):
+    with pytest.raises(
+        TrainError,
+        match=r"last.pt: changed since this checkpoint: "
+        r"label_smoothing 0.0 -> 0.1; weight_decay 5e-05 -> "
+        r"0.001; seed 0 -> 7; .*--allow-changed",
+    ):
         run(config(tmp_path, **args), StandInData())
     assert not (out / "config.resume-1.json").exists()
     run(config(tmp_path, allow_changed=True, **args), StandInData())
     assert [r["epoch"] for r in read_metrics(out)] == [0, 1]
     noted = json.loads((out / "config.json").read_text())["changed_on_resume"]
-    assert noted == [{"epoch": 1, "step": 0, "config": "config.resume-1.json", "changes": [
-        "label_smoothing 0.0 -> 0.1", "weight_decay 5e-05 -> 0.001", "seed 0 -> 7"]}]
+    assert noted == [
+        {
+            "epoch": 1,
+            "step": 0,
+            "config": "config.resume-1.json",
+            "changes": ["label_smoothing 0.0 -> 0.1", "weight_decay 5e-05 -> 0.001", "seed 0 -> 7"],
+        }
+    ]
     resume_config = json.loads((out / "config.resume-1.json").read_text())
     assert resume_config["args"]["allow_changed"] is True
     assert "--allow-changed: label_smoothing" in (out / "event.log").read_text()
@@ -270,39 +333,66 @@ def test_changed_recipe_on_resume_is_refused_unless_allowed(stopped_run: Path,
 
 def test_checkpoint_of_another_model_is_one_line(stopped_run: Path, tmp_path: Path) -> None:
     copy_of(stopped_run, tmp_path)
-    with pytest.raises(TrainError, match="holds resnet18 with 3 classes, this run builds "
-                                         "resnet34 with 3"):
-        run(config(tmp_path, resume="auto", recipe={"arch": "resnet34"}, allow_changed=True), StandInData())
+    with pytest.raises(
+        TrainError, match="holds resnet18 with 3 classes, this run builds resnet34 with 3"
+    ):
+        run(
+            config(tmp_path, resume="auto", recipe={"arch": "resnet34"}, allow_changed=True),
+            StandInData(),
+        )
     last = tmp_path / "run" / "checkpoints" / "last.pt"
     saved = torch.load(last, weights_only=True)
     saved["model"]["fc.weight"] = torch.zeros(3, 256)  # a narrower variant of the same arch
     torch.save(saved, last)
-    with pytest.raises(TrainError, match=r"last.pt: the checkpoint's weights do not fit this "
-                                         r"run's model \(RuntimeError: Error\(s\) in loading"):
+    with pytest.raises(
+        TrainError,
+        match=r"last.pt: the checkpoint's weights do not fit this "
+        r"run's model \(RuntimeError: Error\(s\) in loading",
+    ):
         run(config(tmp_path, resume="auto"), StandInData())
 
 
-def test_resume_refusals_are_one_line_at_the_cli(stopped_run: Path, built_shards,
-                                                 tmp_path: Path) -> None:
+def test_resume_refusals_are_one_line_at_the_cli(
+    stopped_run: Path, built_shards, tmp_path: Path
+) -> None:
     """The same refusal, through `train run` (the stand-in's run has 3 classes, as the shards)."""
     out = copy_of(stopped_run, tmp_path)
     phases = write_phases(tmp_path / "phases.json", dict(RECIPE, weight_decay=0.01))
-    result = CliRunner().invoke(app, [
-        "run", "--phases", str(phases), "--data", str(built_shards / "lmdb"), "--out", str(out),
-        "--resume", "auto", "--workers", "0", "--no-progress", "--no-tensorboard"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "run",
+            "--phases",
+            str(phases),
+            "--data",
+            str(built_shards / "lmdb"),
+            "--out",
+            str(out),
+            "--resume",
+            "auto",
+            "--workers",
+            "0",
+            "--no-progress",
+            "--no-tensorboard",
+        ],
+    )
     assert result.exit_code == 1
     assert result.stderr.strip().splitlines() == [
         f"train: error: {out}/checkpoints/last.pt: changed since this checkpoint: weight_decay "
         "5e-05 -> 0.01; resume with the settings the run started with, or pass "
-        "--allow-changed to continue with these (recorded in config.json)"]
+        "--allow-changed to continue with these (recorded in config.json)"
+    ]
 
 
 def test_damaged_checkpoint_fields_are_one_line(stopped_run: Path, tmp_path: Path) -> None:
     last = copy_of(stopped_run, tmp_path) / "checkpoints" / "last.pt"
     saved = torch.load(last, weights_only=True)
     torch.save({k: v for k, v in saved.items() if k not in ("rng", "recipe")}, last)
-    with pytest.raises(CheckpointError, match=r"last.pt: a damaged shardtrain checkpoint "
-                                              r"\(missing recipe, rng\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"last.pt: a damaged shardtrain checkpoint "
+        r"\(missing recipe, rng\)",
+    ):
         run(config(tmp_path, resume="auto"), StandInData())
     torch.save({**saved, "rng": {"torch": 3, "python": [1]}}, last)
     with pytest.raises(TrainError, match=r"last.pt: damaged RNG or epoch-sum state"):
@@ -323,8 +413,10 @@ def test_checkpoint_that_is_not_plain_data_is_one_line_without_bad_advice(tmp_pa
     last = tmp_path / "run" / "checkpoints" / "last.pt"
     last.parent.mkdir(parents=True)
     marker = tmp_path / "ran"
-    for content, reason in ((RunsCode(marker), "unsupported GLOBAL posix.system"),
-                            (None, "Unsupported operand")):
+    for content, reason in (
+        (RunsCode(marker), "unsupported GLOBAL posix.system"),
+        (None, "Unsupported operand"),
+    ):
         if content is None:
             last.write_bytes(b"not a checkpoint\n")
         else:
@@ -332,7 +424,9 @@ def test_checkpoint_that_is_not_plain_data_is_one_line_without_bad_advice(tmp_pa
         with pytest.raises(CheckpointError) as raised:
             run(config(tmp_path, resume="auto"), StandInData())
         message = str(raised.value)
-        assert message.startswith(f"{last}: not a checkpoint of tensors and plain data, not "
-                                  "loaded (") and reason in message, message
+        assert (
+            message.startswith(f"{last}: not a checkpoint of tensors and plain data, not loaded (")
+            and reason in message
+        ), message
         assert "weights_only" not in message and "\n" not in message  # torch's advice: not ours
     assert not marker.exists()

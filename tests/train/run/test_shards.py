@@ -22,22 +22,41 @@ from train.run.metrics import read_metrics
 REPO = Path(__file__).resolve().parents[3]
 PHASES = [  # conftest's shards: 3 classes x 6 train / 4 val images at prep_size 160
     {"epochs": [0, 1], "prep_size": 160, "crop_size": 32, "batch_size": 4, "lr": [0.05, 0.1]},
-    {"epochs": [1, 3], "prep_size": 160, "crop_size": 48, "batch_size": 4, "lr": [0.1, 0.0],
-     "min_scale": 0.35},
+    {
+        "epochs": [1, 3],
+        "prep_size": 160,
+        "crop_size": 48,
+        "batch_size": 4,
+        "lr": [0.1, 0.0],
+        "min_scale": 0.35,
+    },
 ]
 
 
 def write_phases(tmp_path: Path) -> Path:
     path = tmp_path / "phases.json"
-    path.write_text(json.dumps({"recipe": {"arch": "resnet18", "label_smoothing": 0.1},
-                                "phases": PHASES}))
+    path.write_text(
+        json.dumps({"recipe": {"arch": "resnet18", "label_smoothing": 0.1}, "phases": PHASES})
+    )
     return path
 
 
 def train_args(tmp_path: Path, shards: Path, out: Path) -> list[str]:
-    return ["run", "--phases", str(write_phases(tmp_path)), "--data", str(shards),
-            "--out", str(out), "--workers", "0", "--no-progress", "--no-tensorboard",
-            "--log-every", "1"]
+    return [
+        "run",
+        "--phases",
+        str(write_phases(tmp_path)),
+        "--data",
+        str(shards),
+        "--out",
+        str(out),
+        "--workers",
+        "0",
+        "--no-progress",
+        "--no-tensorboard",
+        "--log-every",
+        "1",
+    ]
 
 
 @pytest.mark.parametrize("store", ["lmdb", "msgpack"])
@@ -74,8 +93,9 @@ def test_sigterm_saves_a_checkpoint_and_resume_auto_finishes(built_shards, tmp_p
     assert "train: interrupted: stopped" in rest and "--resume auto" in rest
     assert (out / "checkpoints" / "last.pt").exists()
     assert not (out / "checkpoints" / "final.pt").exists()
-    resumed = subprocess.run([*command, "--resume", "auto"], cwd=REPO, capture_output=True,
-                             text=True, timeout=300)
+    resumed = subprocess.run(
+        [*command, "--resume", "auto"], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert [r["epoch"] for r in read_metrics(out)] == [0, 1, 2]
     assert (out / "checkpoints" / "final.pt").exists()
