@@ -255,3 +255,15 @@ def test_benchmarks_and_library_use_public_api_only() -> None:
             if (relative, name) not in ALLOWED_PRIVATE:
                 found.append(f"{relative}:{line} {name}")
     assert not found, found
+
+
+def test_train_run_and_its_checks_import_no_torch() -> None:
+    """`train run --dry-run` prints its table before torch loads (seconds of import)."""
+    code = (
+        "import sys, train.cli, train.run.main, train.run.shards, train.plan.config as c; "
+        "c.Recipe.from_mapping({'arch': 'resnet18', 'drop_path': 0.1}); "
+        "loaded = [m for m in ('torch', 'torchvision') if m in sys.modules]; "
+        "sys.exit(f'imported {loaded}' if loaded else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

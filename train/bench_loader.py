@@ -12,7 +12,7 @@ import torch
 from formats import jpeg
 from train.data.crops import TrainCrop
 from train.data.loaders import TrainLoader, ValLoader
-from train.engine.dist import say
+from train.engine.launch import say
 from train.errors import TrainError
 from train.plan.config import WORKERS_PER_CORE, available_cpus, worker_cap
 

@@ -50,7 +50,8 @@ def test_dry_run_prints_the_per_epoch_table() -> None:
     lines = result.stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("epoch"))
     assert lines[header].split()[:3] == ["epoch", "phase", "train_dir"]
-    assert len(lines) - header - 1 == 8  # demo: 8 epochs
+    assert len(lines) - header - 2 == 8  # demo: 8 epochs, then the model check's line
+    assert lines[-1] == "model: resnet18 builds and takes every crop of the schedule"
     assert "arch=resnet18" in result.stdout
 
 

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import datetime
-import functools
-import os
-import sys
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as torch_dist
 
+from train.engine.launch import env_int
 from train.errors import TrainError
 
 T = TypeVar("T")
@@ -36,26 +34,6 @@ class DistEnv:
         return self.backend is not None
 
 
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    if value is None or value == "":
-        return default
-    try:
-        return int(value)
-    except ValueError:
-        raise TrainError(f"environment variable {name}={value!r} is not an integer") from None
-
-
-def launch_world_size() -> int:
-    """WORLD_SIZE as the launcher set it (1 without one): known before any process group."""
-    return max(_env_int("WORLD_SIZE", 1), 1)
-
-
-def processes_per_node() -> int:
-    """How many ranks share this machine's cores (torchrun's LOCAL_WORLD_SIZE; 1 without)."""
-    return max(_env_int("LOCAL_WORLD_SIZE", 1), 1)
-
-
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     """'auto' -> this rank's GPU when CUDA is there, else CPU; 'cuda' pins the local rank's GPU."""
     if device == "auto":
@@ -76,9 +54,9 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
 
 def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> DistEnv:
     """Join torchrun's process group when WORLD_SIZE > 1 (nccl on GPU, gloo on CPU)."""
-    world_size = _env_int("WORLD_SIZE", 1)
-    rank = _env_int("RANK", 0)
-    local_rank = _env_int("LOCAL_RANK", 0)
+    world_size = env_int("WORLD_SIZE", 1)
+    rank = env_int("RANK", 0)
+    local_rank = env_int("LOCAL_RANK", 0)
     if not 0 <= rank < world_size:
         raise TrainError(f"RANK {rank} is outside WORLD_SIZE {world_size}")
     torch_device = resolve_device(device, local_rank)
@@ -102,31 +80,6 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> Dis
 def shutdown(env: DistEnv) -> None:
     if env.distributed and torch_dist.is_initialized():
         torch_dist.destroy_process_group()
-
-
-def is_main_process() -> bool:
-    """Rank 0 of the process group, or of the launcher's environment before one exists."""
-    if torch_dist.is_available() and torch_dist.is_initialized():
-        return torch_dist.get_rank() == 0
-    return os.environ.get("RANK", "0") in ("", "0")
-
-
-def rank_zero_only(fn: Callable[..., T]) -> Callable[..., T | None]:
-    """Decorator: the call happens on rank 0 only; other ranks get None."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        return fn(*args, **kwargs) if is_main_process() else None
-
-    return wrapper
-
-
-@rank_zero_only
-def say(text: str) -> None:
-    """One line on stderr from rank 0, above any progress bar."""
-    from tqdm import tqdm
-
-    tqdm.write(text, file=sys.stderr)
 
 
 def rank_zero_agreed(env: DistEnv, effect: Callable[[], T]) -> T | None:

@@ -3,7 +3,10 @@ each setting declared once (train.plan.settings) and checked here, at the bounda
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import importlib.util
 import math
 import os
 from dataclasses import dataclass
@@ -192,10 +195,19 @@ def cap_workers(
     return dataclasses.replace(config, **changes), warnings
 
 
-def torchvision_archs() -> list[str]:
-    import torchvision
-
-    return torchvision.models.list_models(module=torchvision.models)
+@functools.lru_cache(maxsize=1)
+def torchvision_archs() -> frozenset[str]:
+    """torchvision's classification models (list_models' answer), read from its source with ast:
+    importing torchvision costs seconds, and the dry run needs no torch (tests compare both)."""
+    spec = importlib.util.find_spec("torchvision")
+    names = set()
+    for path in (Path(spec.origin).parent / "models").glob("*.py") if spec else ():
+        for node in ast.parse(path.read_text()).body:
+            for deco in getattr(node, "decorator_list", []):
+                if isinstance(deco, ast.Call) and getattr(deco.func, "id", "") == "register_model":
+                    named = [k.value.value for k in deco.keywords if k.arg == "name"]
+                    names.add(named[0] if named else node.name)
+    return frozenset(names)
 
 
 def is_torchvision_resnet(arch: str) -> bool:

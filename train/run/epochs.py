@@ -16,10 +16,9 @@ from train.engine.dist import (
     all_reduce_max,
     all_reduce_sum,
     broadcast_buffers,
-    is_main_process,
     rank_zero_agreed,
-    say,
 )
+from train.engine.launch import is_main_process, say
 from train.engine.loop import EvalSums, SyncPoint, TrainState, evaluate, train_steps
 from train.engine.model import build_model, build_optimizer, model_notes
 from train.engine.step import Trainer, make_mix, make_scaler, resolve_precision

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from train.engine.dist import init_distributed, launch_world_size, processes_per_node, say, shutdown
+from train.engine.launch import launch_world_size, processes_per_node, say
 from train.errors import RecipeError, ScheduleError, TrainError
 from train.plan.config import Recipe, RunConfig, available_cpus, cap_workers, check_config
 from train.plan.dry_run import dry_run_text
 from train.plan.phases import LoadedSchedule, load_schedule
 from train.run.metrics import tensorboard_writer
 from train.run.report import DEFAULT_TARGETS
-from train.run.run_dir import hold_run_dir
 from train.run.shards import DataSource, ShardData, check_shards
 from train.run.signals import StopFlag
 
@@ -62,8 +61,9 @@ def run(config: RunConfig, data: DataSource | None = None) -> dict[str, Any]:
     world_size = launch_world_size()
     if config.dry_run:
         classes = check_shards(loaded.schedule, data, world_size) if data is not None else None
+        print(dry_run_text(config, loaded, recipe, classes), flush=True)  # before torch loads
         check_recipe_model(config, loaded, recipe, len(classes) if classes else IMAGENET_CLASSES)
-        print(dry_run_text(config, loaded, recipe, classes))
+        print(f"model: {recipe.arch} builds and takes every crop of the schedule")
         return {}
     if data is None:
         raise TrainError("--data is required (the directory holding train-<N>/ and val-<N>/)")
@@ -71,7 +71,9 @@ def run(config: RunConfig, data: DataSource | None = None) -> dict[str, Any]:
     check_recipe_model(config, loaded, recipe, len(classes))
     if config.tensorboard:
         tensorboard_writer()
-    from train.run.epochs import Training  # torch-heavy: imported after the cheap checks
+    from train.engine.dist import init_distributed, shutdown  # torch: after the cheap checks
+    from train.run.epochs import Training
+    from train.run.run_dir import hold_run_dir
 
     env = init_distributed(config.device)
     try:

@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import torch
-
-from train.data.contract import Augment, TrainBatches, ValBatches
 from train.data.crops import TrainCrop
-from train.engine.dist import DistEnv
-from train.engine.loop import DeviceBatches
 from train.errors import TrainError
 from train.plan.config import RunConfig
 from train.plan.rebuilds import loader_changes, loader_settings
@@ -22,6 +17,13 @@ from train.run.shard_checks import (
     check_shard_info,
     read_shard_info,
 )
+
+if TYPE_CHECKING:  # annotations only: the dry run reads shards without importing torch
+    import torch
+
+    from train.data.contract import Augment, TrainBatches, ValBatches
+    from train.engine.dist import DistEnv
+    from train.engine.loop import DeviceBatches
 
 
 class DataSource(Protocol):

@@ -6,7 +6,7 @@ import signal
 import time
 from typing import Any
 
-from train.engine.dist import say
+from train.engine.launch import say
 
 
 class StopFlag:

@@ -69,3 +69,11 @@ def test_recipe_runs_its_first_steps_with_every_key_honoured(
     assert training.state.step == STEPS and record["train_loss"] > 0
     said = capsys.readouterr().err.lower()
     assert not [word for word in IGNORED if word in said], said
+
+
+def test_torchvision_archs_read_from_source_equal_list_models() -> None:
+    import torchvision
+
+    from train.plan.config import torchvision_archs
+
+    assert torchvision_archs() == set(torchvision.models.list_models(module=torchvision.models))
