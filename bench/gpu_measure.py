@@ -4,7 +4,7 @@ Public API only. Each measurement sets torch up and builds the trainer with the 
 `train run` uses (`train.run.epochs.configure_torch` and `build_trainer`: model, channels_last,
 fused SGD, autocast, GradScaler for fp16, torch.compile, cudnn.benchmark, TF32) and drives
 `train.engine.loop.train_steps`, the loop `train run` runs every epoch: per step the LR, the step
-seed, `Trainer.accumulate`, the loss summed on the device, and one host sync every
+seed, `ModelStep.accumulate`, the loss summed on the device, and one host sync every
 `log_every` steps. Only the batches differ between configs. Its `on_sync` callback
 timestamps each sync point, so a window between two of them is wall time with the GPU
 drained at both ends: warm-up intervals (cudnn autotuning, loader start) are left out, and the

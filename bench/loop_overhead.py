@@ -23,7 +23,7 @@ from train.bench_loader import machine_description  # noqa: E402
 from train.plan.config import Recipe  # noqa: E402
 from train.engine.loop import TrainState, train_steps  # noqa: E402
 from train.engine.model import build_optimizer  # noqa: E402
-from train.engine.step import Trainer  # noqa: E402
+from train.engine.step import ModelStep  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -41,14 +41,14 @@ class Repeat:
             yield self.batch
 
 
-def tiny_trainer() -> Trainer:
+def tiny_trainer() -> ModelStep:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.AdaptiveAvgPool2d(1),
                                 torch.nn.Flatten(), torch.nn.Linear(8, 10))
-    return Trainer(model, build_optimizer(model, Recipe(), CPU), CPU, "fp32", 0.1)
+    return ModelStep(model, build_optimizer(model, Recipe(), CPU), CPU, "fp32", 0.1)
 
 
-def bare(trainer: Trainer, batch, steps: int) -> float:
+def bare(trainer: ModelStep, batch, steps: int) -> float:
     started = time.perf_counter()
     total = torch.zeros((), dtype=torch.float64)
     for _ in range(steps):
@@ -57,7 +57,7 @@ def bare(trainer: Trainer, batch, steps: int) -> float:
     return (time.perf_counter() - started) / steps
 
 
-def looped(trainer: Trainer, batch, steps: int, sync_every: int) -> float:
+def looped(trainer: ModelStep, batch, steps: int, sync_every: int) -> float:
     started = time.perf_counter()
     train_steps(trainer, TrainState(), Repeat(batch, steps), steps=steps, lr_at=lambda s: 0.01,
                 on_sync=lambda sync: None, sync_every=sync_every, seed=0)

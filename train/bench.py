@@ -16,7 +16,7 @@ from train.data.crops import TrainCrop
 from train.engine.dist import resolve_device
 from train.engine.loop import DeviceBatches, SyncPoint, TrainState, train_steps
 from train.engine.model import build_model, build_optimizer
-from train.engine.step import Trainer, make_scaler, resolve_precision
+from train.engine.step import ModelStep, make_scaler, resolve_precision
 from train.plan.schedule import Phase
 
 DATA_BOUND_WAIT = 0.10  # >= 10% of step time blocked on the loader: data-bound
@@ -103,7 +103,7 @@ class EndlessEpochs:
             yield from self.batches
 
 
-def timed_steps(trainer: Trainer, batches: DeviceBatches, warmup: int, steps: int) -> dict:
+def timed_steps(trainer: ModelStep, batches: DeviceBatches, warmup: int, steps: int) -> dict:
     """img/s and data-wait share of `steps` steps after `warmup` untimed ones, timed between
     train_steps' sync points (one every gcd(warmup, steps) steps)."""
     marks: list[tuple[float, SyncPoint]] = []
@@ -185,7 +185,7 @@ def bench_phases(config: BenchConfig, data: Any = None) -> list[dict[str, Any]]:
             memory_format=torch.channels_last if config.channels_last else torch.contiguous_format,
         )
         model = torch.compile(module, dynamic=False) if config.compile else module
-        trainer = Trainer(
+        trainer = ModelStep(
             model,
             build_optimizer(module, recipe, device),
             device,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -91,21 +90,6 @@ def random_resized_crop_boxes(
     return boxes
 
 
-def random_resized_crop_box(
-    height: int,
-    width: int,
-    rng: random.Random,
-    min_scale: float = 0.08,
-    max_scale: float = 1.0,
-    ratio: tuple[float, float] = DEFAULT_RATIO,
-) -> Box:
-    """One image's :func:`random_resized_crop_boxes`, its CROP_DRAWS uniforms drawn from ``rng``."""
-    _check_image(height, width)
-    uniforms = np.array([[rng.random() for _ in range(CROP_DRAWS)]])
-    box = random_resized_crop_boxes([height], [width], uniforms, min_scale, max_scale, ratio)[0]
-    return tuple(int(value) for value in box)
-
-
 def fallback_crop_box(height: int, width: int, ratio: tuple[float, float] = DEFAULT_RATIO) -> Box:
     """RandomResizedCrop's fallback: the whole image, trimmed centrally to the ratio range."""
     _check_image(height, width)
@@ -142,11 +126,6 @@ class TrainCrop:
             )
         if not 0 < self.ratio[0] <= self.ratio[1]:
             raise ValueError(f"need 0 < ratio[0] <= ratio[1], got {self.ratio}")
-
-    def box(self, height: int, width: int, rng: random.Random) -> Box:
-        return random_resized_crop_box(
-            height, width, rng, self.min_scale, self.max_scale, self.ratio
-        )
 
     def boxes(self, heights, widths, uniforms: np.ndarray) -> np.ndarray:
         """(N, 4) boxes from each image's CROP_DRAWS uniforms (random_resized_crop_boxes)."""

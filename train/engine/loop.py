@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from train.engine.dist import DistEnv, all_reduce_sum
-from train.engine.step import Trainer, autocast, step_seed
+from train.engine.step import ModelStep, autocast, step_seed
 from train.errors import TrainError
 
 
@@ -113,7 +113,7 @@ class _Interval:
 
 
 def train_steps(
-    trainer: Trainer,
+    trainer: ModelStep,
     state: TrainState,
     batches: DeviceBatches,
     *,

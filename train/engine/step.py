@@ -75,7 +75,7 @@ def seeded(seed: int | None, device: torch.device) -> Iterator[None]:
 
 
 @dataclass
-class Trainer:
+class ModelStep:
     """What a training step needs; `model` may be DDP- and/or compile-wrapped, `module` is
     the plain model under it (None: `model` is plain) and `ddp` the DDP wrapper, if any."""
 

@@ -12,7 +12,7 @@ import torch
 
 from formats.files import write_atomic
 from train.engine.loop import TrainState, sums_from_dict
-from train.engine.step import Trainer
+from train.engine.step import ModelStep
 from train.errors import CheckpointError, TrainError
 from train.run.run_dir import run_outputs
 
@@ -203,7 +203,7 @@ REPORTING_ONLY = ("targets",)  # recipe keys that change no number the run compu
 
 
 def capture(
-    state: TrainState, trainer: Trainer, identity: dict[str, Any], elapsed_s: float
+    state: TrainState, trainer: ModelStep, identity: dict[str, Any], elapsed_s: float
 ) -> dict[str, Any]:
     """Everything a resume needs: `identity` (IDENTITY_KEYS: what run this is), the position,
     the epoch's sums, weights, optimizer, scaler, EMA and RNG states."""
@@ -285,7 +285,7 @@ def check_resume(
     return changes
 
 
-def restore(saved: dict[str, Any], state: TrainState, trainer: Trainer) -> None:
+def restore(saved: dict[str, Any], state: TrainState, trainer: ModelStep) -> None:
     """Load weights, optimizer, scaler, EMA, RNG and position into a freshly built run."""
     plain = trainer.module if trainer.module is not None else trainer.model
     try:

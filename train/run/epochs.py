@@ -21,7 +21,7 @@ from train.engine.dist import (
 from train.engine.launch import is_main_process, say
 from train.engine.loop import EvalSums, SyncPoint, TrainState, evaluate, train_steps
 from train.engine.model import build_model, build_optimizer, model_notes
-from train.engine.step import Trainer, make_mix, make_scaler, resolve_precision
+from train.engine.step import ModelStep, make_mix, make_scaler, resolve_precision
 from train.errors import Interrupted, TrainError
 from train.plan.config import Recipe, RunConfig
 from train.plan.phases import LoadedSchedule
@@ -49,7 +49,7 @@ def configure_torch(config: RunConfig, device: torch.device) -> None:
 
 def build_trainer(
     config: RunConfig, recipe: Recipe, env: DistEnv, num_classes: int, precision: str
-) -> Trainer:
+) -> ModelStep:
     """Model (same initial weights on every rank), EMA, optimizer, scaler, DDP, compile."""
     torch.manual_seed(config.seed)
     random.seed(config.seed)  # nothing draws from it; seeded, its saved state is the same too
@@ -82,7 +82,7 @@ def build_trainer(
         # Static shapes: one graph per (batch, crop), all warmed before timing, rather than
         # a slower dynamic-shape graph after the second shape.
         model = torch.compile(model, dynamic=False)
-    return Trainer(
+    return ModelStep(
         model,
         optimizer,
         env.device,
@@ -111,7 +111,7 @@ def check_ranks_agree(env: DistEnv, resuming: bool, state: TrainState) -> None:
         )
 
 
-class Training:
+class EpochLoop:
     """A run in progress: the epoch loop around train_steps, evaluation and checkpoints."""
 
     def __init__(

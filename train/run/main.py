@@ -72,13 +72,13 @@ def run(config: RunConfig, data: DataSource | None = None) -> dict[str, Any]:
     if config.tensorboard:
         tensorboard_writer()
     from train.engine.dist import init_distributed, shutdown  # torch: after the cheap checks
-    from train.run.epochs import Training
+    from train.run.epochs import EpochLoop
     from train.run.run_dir import hold_run_dir
 
     env = init_distributed(config.device)
     try:
         with StopFlag() as stop, hold_run_dir(config.run_dir, env):
-            training = Training(config, loaded, recipe, data, env, len(classes), stop)
+            training = EpochLoop(config, loaded, recipe, data, env, len(classes), stop)
             return training.train(targets_of(config, recipe))
     finally:
         shutdown(env)

@@ -24,6 +24,7 @@ from formats import jpeg
 from formats.dataset import RecordDataset
 from tests.conftest import jpeg_bytes
 from tests.loader_shards import dataset_dir
+from tests.train.data import one_box
 from train.data.crops import TrainCrop, center_crop_box
 
 REPO = Path(__file__).resolve().parents[3]
@@ -81,7 +82,7 @@ def test_crops_match_pil(records, backend):
     for index in range(len(records)):
         height, width = int(records.heights[index]), int(records.widths[index])
         for crop_size in (48, 64, 128, 224):
-            box = TrainCrop(crop_size).box(height, width, rng)
+            box = one_box(TrainCrop(crop_size), height, width, rng)
             ours = decoded(records, index, box, crop_size, crop_size).astype(np.int16)
             difference = np.abs(
                 ours - pil_reference(records.view(index), box, crop_size, crop_size)
@@ -120,7 +121,7 @@ def test_native_and_python_backends_agree(records, monkeypatch):
     for index in range(len(records)):
         height, width = int(records.heights[index]), int(records.widths[index])
         for crop_size in (32, 64, 128, 224):
-            box = TrainCrop(crop_size).box(height, width, rng)
+            box = one_box(TrainCrop(crop_size), height, width, rng)
             # without libturbojpeg the python backend decodes in full: compare full-scale crops only
             if jpeg.turbo() is not None or decode.dct_scale_for_box(
                 box[2], box[3], crop_size, crop_size
@@ -335,7 +336,8 @@ def gpu_batch(records, device):
     rng = random.Random(1)
     indices = list(range(len(records)))
     boxes = [
-        TrainCrop(64).box(int(records.heights[i]), int(records.widths[i]), rng) for i in indices
+        one_box(TrainCrop(64), int(records.heights[i]), int(records.widths[i]), rng)
+        for i in indices
     ]
     flips = [i % 2 == 1 for i in indices]
     jpegs = [torch.frombuffer(bytearray(records.view(i)), dtype=torch.uint8) for i in indices]

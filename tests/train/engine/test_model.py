@@ -14,7 +14,7 @@ from tests.train.standin import StandInData
 from train.bench import BenchConfig, SyntheticBatches, bench_phases, format_bench, verdict
 from train.engine.loop import evaluate
 from train.engine.model import build_model, build_optimizer, param_groups
-from train.engine.step import Trainer, make_mix, resolve_precision, step_seed
+from train.engine.step import ModelStep, make_mix, resolve_precision, step_seed
 from train.errors import RecipeError
 from train.plan.config import Recipe
 
@@ -75,7 +75,7 @@ def test_precision_resolution() -> None:
     assert resolve_precision("auto", torch.device("cuda", 0)) == "bf16"
 
 
-def tiny_trainer(mix=None, precision="fp32") -> Trainer:
+def tiny_trainer(mix=None, precision="fp32") -> ModelStep:
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         torch.nn.Conv2d(3, 4, 3),
@@ -83,7 +83,7 @@ def tiny_trainer(mix=None, precision="fp32") -> Trainer:
         torch.nn.Flatten(),
         torch.nn.Linear(4, 6),
     )
-    return Trainer(model, build_optimizer(model, Recipe(), CPU), CPU, precision, 0.1, mix=mix)
+    return ModelStep(model, build_optimizer(model, Recipe(), CPU), CPU, precision, 0.1, mix=mix)
 
 
 def test_mixup_cutmix_draws_depend_only_on_the_step_seed() -> None:

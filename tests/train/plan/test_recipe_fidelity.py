@@ -20,7 +20,7 @@ from train.data.loaders import TrainLoader
 from train.engine.layers import add_blurpool, add_drop_path, count_blurpool
 from train.engine.loop import TrainState, train_steps
 from train.engine.model import build_model, build_optimizer
-from train.engine.step import Trainer, seeded
+from train.engine.step import ModelStep, seeded
 from train.errors import RecipeError, ScheduleError
 from train.export import export
 from train.plan.config import Recipe, RunConfig
@@ -223,7 +223,7 @@ def test_crop_ramp_errors() -> None:
 # --- gradient accumulation --------------------------------------------------------------
 
 
-def bn_free_trainer(seed: int = 0) -> Trainer:
+def bn_free_trainer(seed: int = 0) -> ModelStep:
     torch.manual_seed(seed)
     model = torch.nn.Sequential(
         torch.nn.Conv2d(3, 8, 3),
@@ -233,7 +233,7 @@ def bn_free_trainer(seed: int = 0) -> Trainer:
         torch.nn.Linear(8, 5),
     )
     recipe = Recipe(arch="resnet18", weight_decay=1e-3, momentum=0.9, nesterov=True)
-    return Trainer(model, build_optimizer(model, recipe, CPU), CPU, "fp32", 0.1)
+    return ModelStep(model, build_optimizer(model, recipe, CPU), CPU, "fp32", 0.1)
 
 
 class Batches:

@@ -13,7 +13,7 @@ from tests.train.standin import StandInData
 from train.engine.dist import init_distributed
 from train.plan.config import RunConfig
 from train.plan.phases import load_schedule
-from train.run.epochs import Training
+from train.run.epochs import EpochLoop
 from train.run.main import load_inputs
 from train.run.signals import StopFlag
 
@@ -60,7 +60,7 @@ def test_recipe_runs_its_first_steps_with_every_key_honoured(
     loaded, recipe = load_inputs(config)
     accum = loaded.schedule.phases[0].accum_steps
     data = StandInData(num_train=STEPS * BATCH * accum, num_val=6)
-    training = Training(config, loaded, recipe, data, init_distributed("cpu"), 3, StopFlag())
+    training = EpochLoop(config, loaded, recipe, data, init_distributed("cpu"), 3, StopFlag())
     try:
         record = training.train_epoch()
     finally:

@@ -185,9 +185,9 @@ def test_nan_loss_stops_with_a_clear_message(tmp_path: Path) -> None:
 def test_non_finite_weights_are_never_saved(tmp_path: Path, monkeypatch) -> None:
     """A step can turn the weights to inf from a finite loss; the next save must refuse them
     and leave the last good checkpoint in place."""
-    from train.engine.step import Trainer
+    from train.engine.step import ModelStep
 
-    real_step, steps_done = Trainer.accumulate, []
+    real_step, steps_done = ModelStep.accumulate, []
 
     def poisoning_step(self, micro_batches, lr, seeds):
         loss = real_step(self, micro_batches, lr, seeds)
@@ -197,7 +197,7 @@ def test_non_finite_weights_are_never_saved(tmp_path: Path, monkeypatch) -> None
                 next(self.model.parameters()).fill_(float("inf"))
         return loss
 
-    monkeypatch.setattr(Trainer, "accumulate", poisoning_step)
+    monkeypatch.setattr(ModelStep, "accumulate", poisoning_step)
     with pytest.raises(
         TrainError,
         match=r"weights are no longer finite at epoch 0 step 4; .*"
