@@ -1,7 +1,7 @@
 """One row of bench/gpu.py: `train run`'s own step loop, timed at its own sync points.
 
 Public API only. Each measurement sets torch up and builds the trainer with the functions
-`train run` uses (`train.run.epochs.configure_torch` and `build_trainer`: model, channels_last,
+`train run` uses (`train.engine.build.configure_torch` and `build_trainer`: model, channels_last,
 fused SGD, autocast, GradScaler for fp16, torch.compile, cudnn.benchmark, TF32) and drives
 `train.engine.loop.train_steps`, the loop `train run` runs every epoch: per step the LR, the step
 seed, `ModelStep.accumulate`, the loss summed on the device, and one host sync every
@@ -28,7 +28,7 @@ from train.plan.config import Recipe, RunConfig
 from train.data.constants import IMAGENET_MEAN, IMAGENET_STD
 from train.data.loaders import TrainLoader
 from train.engine.dist import init_distributed
-from train.run.epochs import build_trainer, configure_torch
+from train.engine.build import build_trainer, configure_torch
 from train.engine.loop import SyncPoint, TrainState, train_steps
 from train.data.prefetch import DevicePrefetcher
 from train.engine.step import resolve_precision

@@ -14,7 +14,6 @@ from formats.files import write_atomic
 from train.engine.loop import TrainState, sums_from_dict
 from train.engine.step import ModelStep
 from train.errors import CheckpointError, TrainError
-from train.run.run_dir import run_outputs
 
 CHECKPOINT_VERSION = 2  # 2: phases gained lr_shape, accum_steps, crop_multiple
 CHECKPOINTS_DIR = "checkpoints"
@@ -97,60 +96,6 @@ def _unpickler_reason(exc: pickle.UnpicklingError) -> str:
     return (detail[0] if detail else lines[0] if lines else "UnpicklingError")[:200]
 
 
-def resume_path(out_dir: Path, resume: str | None, overwrite: bool = False) -> Path | None:
-    """What to resume from: None (a fresh start) or a checkpoint; refuses what would mix runs.
-
-    A fresh start into a directory that holds a run's outputs is refused unless `overwrite`
-    (the caller then clears them), so a rerun never silently overwrites config.json or appends
-    a second epoch 0 to metrics.jsonl. `--resume auto` without checkpoints/last.pt starts fresh
-    only when nothing was trained there (no epoch records, no checkpoint files: a run stopped
-    before its first save); a deleted checkpoint, or only an interrupted `last.pt.tmp`, is
-    refused. `--resume PATH` (a checkpoint or run directory) continues that checkpoint, into
-    `out_dir` when that holds no other run.
-    """
-    out_dir = Path(out_dir)
-    last = checkpoint_dir(out_dir) / LAST_NAME
-    outputs = run_outputs(out_dir)
-    if resume is None:
-        if outputs and not overwrite:
-            hint = "--resume auto to continue it, " if last.is_file() else ""
-            raise CheckpointError(
-                f"{out_dir} already holds a run ({', '.join(outputs)}); pass "
-                f"{hint}--overwrite to start over, or choose another --out"
-            )
-        return None
-    if resume == "auto":
-        if last.is_file():
-            return last
-        trained = [name for name in outputs if name in ("metrics.jsonl", f"{CHECKPOINTS_DIR}/")]
-        if trained:
-            left = sorted(p.name for p in checkpoint_dir(out_dir).glob("*")) or ["nothing"]
-            raise CheckpointError(
-                f"{out_dir}: no {last} to resume, but the run there got as "
-                f"far as {' and '.join(trained)} ({CHECKPOINTS_DIR}/ holds "
-                f"{', '.join(left)}); pass --overwrite to start over, or "
-                "choose another --out"
-            )
-        return None
-    path = Path(resume)
-    if path.is_dir():
-        path = checkpoint_dir(path) / LAST_NAME
-    if not path.is_file():
-        raise CheckpointError(f"--resume {resume}: no such checkpoint")
-    inside = path.resolve().is_relative_to(out_dir.resolve())
-    if overwrite and inside:
-        raise CheckpointError(
-            f"--resume {resume} is inside {out_dir}, which --overwrite "
-            "would clear; pass one of them"
-        )
-    if outputs and not inside and not overwrite:
-        raise CheckpointError(
-            f"{out_dir} already holds another run ({', '.join(outputs)}); "
-            f"continue {path} into an empty --out, or pass --overwrite"
-        )
-    return path
-
-
 def find_for_export(run_dir: Path) -> Path:
     """final.pt when the run finished, else last.pt; a .pt path is taken as it is."""
     run_dir = Path(run_dir)
@@ -196,10 +141,6 @@ IDENTITY_KEYS = (
     "precision",
     "sync_bn",
 )
-# Besides the recipe and schedule, identity that changes what the run computes (a resume
-# refuses a change unless allowed); sync_bn is absent from checkpoints older than it.
-RESULT_SCALARS = ("seed", "precision", "sync_bn")
-REPORTING_ONLY = ("targets",)  # recipe keys that change no number the run computes
 
 
 def capture(
@@ -223,66 +164,6 @@ def capture(
         "ema": trainer.ema.state_dict() if trainer.ema is not None else None,
         "rng": rng_state(),
     }
-
-
-def changes_since(saved: dict[str, Any], identity: dict[str, Any]) -> list[str]:
-    """What differs in RESULT_KEYS between a checkpoint and this run, one short item each
-    (`weight_decay 5e-05 -> 0.001`, `schedule (phase 1: lr [0.1, 0.0] -> [0.2, 0.0])`).
-    Keys an older checkpoint did not record are not compared."""
-    changes = []
-    old_recipe, new_recipe = saved.get("recipe") or {}, identity["recipe"]
-    for key in sorted(set(old_recipe) | set(new_recipe)):
-        if key not in REPORTING_ONLY and old_recipe.get(key) != new_recipe.get(key):
-            changes.append(f"{key} {old_recipe.get(key)!r} -> {new_recipe.get(key)!r}")
-    old_phases, new_phases = saved.get("schedule"), identity["schedule"]
-    if old_phases != new_phases:
-        changes.append(f"schedule ({_schedule_change(old_phases, new_phases)})")
-    for key in RESULT_SCALARS:
-        if key in saved and saved[key] != identity[key]:
-            changes.append(f"{key} {saved[key]!r} -> {identity[key]!r}")
-    return changes
-
-
-def _schedule_change(old: list[dict], new: list[dict]) -> str:
-    if len(old) != len(new):
-        return f"{len(old)} phases -> {len(new)}"
-    for index, (a, b) in enumerate(zip(old, new)):
-        for key in sorted(set(a) | set(b)):
-            if a.get(key) != b.get(key):
-                return f"phase {index}: {key} {a.get(key)!r} -> {b.get(key)!r}"
-    return "changed"
-
-
-def check_resume(
-    saved: dict[str, Any], path: Path, identity: dict[str, Any], allow_changed: bool = False
-) -> list[str]:
-    """Refuse a checkpoint this run cannot continue, with one line naming the difference.
-
-    A change that only alters results (recipe, schedule, seed, precision) is refused too,
-    unless `allow_changed`; the changes are returned, for config.json. A model that no longer
-    fits the weights (arch, classes) or a mid-epoch world-size change is never allowed."""
-    if (saved["arch"], saved["num_classes"]) != (identity["arch"], identity["num_classes"]):
-        raise TrainError(
-            f"{path}: holds {saved['arch']} with {saved['num_classes']} classes, "
-            f"this run builds {identity['arch']} with {identity['num_classes']}"
-        )
-    if saved["step"] > 0 and saved["world_size"] != identity["world_size"]:
-        raise TrainError(
-            f"{path}: stopped mid-epoch with world size {saved['world_size']}; "
-            f"resume it with the same number of processes (not "
-            f"{identity['world_size']}) or from an epoch-end checkpoint"
-        )
-    num_epochs = max(phase["epochs"][1] for phase in identity["schedule"])
-    if saved["epoch"] >= num_epochs:
-        return []  # nothing left to train: the run reports itself complete
-    changes = changes_since(saved, identity)
-    if changes and not allow_changed:
-        raise TrainError(
-            f"{path}: changed since this checkpoint: {'; '.join(changes)}; resume "
-            "with the settings the run started with, or pass --allow-changed to "
-            "continue with these (recorded in config.json)"
-        )
-    return changes
 
 
 def restore(saved: dict[str, Any], state: TrainState, trainer: ModelStep) -> None:
@@ -312,3 +193,27 @@ def restore(saved: dict[str, Any], state: TrainState, trainer: ModelStep) -> Non
 def _first_lines(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).strip().splitlines()[:2]]
     return f"{type(exc).__name__}: {' '.join(lines)[:300]}"
+
+
+def last_kept(out_dir: Path) -> str:
+    """What a failed run leaves to resume from, for its one-line error."""
+    last = checkpoint_dir(out_dir) / LAST_NAME
+    return (
+        f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
+    )
+
+
+def save_run(saved: dict[str, Any], out_dir: Path, final: bool) -> None:
+    """last.pt (and final.pt at the end); a failed write (full disk, read-only --out) is one
+    line, the previous last.pt kept whole (save_atomic replaces it only when complete)."""
+    directory = checkpoint_dir(out_dir)
+    try:
+        save_atomic(saved, directory / LAST_NAME)
+        if final:
+            save_atomic(saved, directory / FINAL_NAME)
+    except (OSError, RuntimeError) as exc:  # torch's zip writer wraps some OSErrors
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        reason = " ".join(reason.split())[:200]
+        raise TrainError(
+            f"cannot save a checkpoint in {directory} ({reason}); {last_kept(out_dir)}"
+        ) from None

@@ -4,13 +4,13 @@ metrics and a checkpoint."""
 from __future__ import annotations
 
 import math
-import random
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from train.engine.build import build_trainer, configure_torch
 from train.engine.dist import (
     DistEnv,
     all_reduce_max,
@@ -20,95 +20,18 @@ from train.engine.dist import (
 )
 from train.engine.launch import is_main_process, say
 from train.engine.loop import EvalSums, SyncPoint, TrainState, evaluate, train_steps
-from train.engine.model import build_model, build_optimizer, model_notes
-from train.engine.step import ModelStep, make_mix, make_scaler, resolve_precision
+from train.engine.step import resolve_precision
 from train.errors import Interrupted, TrainError
 from train.plan.config import Recipe, RunConfig
 from train.plan.phases import LoadedSchedule
 from train.plan.rebuilds import loader_settings
 from train.run import checkpoint as ckpt
-from train.run.metrics import RunLog, config_record, now, read_metrics
+from train.run.metrics import RunLog, config_record, epoch_record, now, read_metrics
 from train.run.report import format_targets, time_to_targets
+from train.run.resume import check_ranks_agree, check_resume, resume_path
 from train.run.run_dir import clear_outputs
 from train.run.shards import DataSource, LiveLoaders
 from train.run.signals import StopFlag
-
-
-def configure_torch(config: RunConfig, device: torch.device) -> None:
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    deterministic = (
-        config.deterministic if config.deterministic is not None else device.type == "cpu"
-    )
-    torch.use_deterministic_algorithms(deterministic, warn_only=True)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = not deterministic
-        torch.set_float32_matmul_precision("high")  # TF32 for any fp32 matmul left
-        torch.backends.cudnn.allow_tf32 = True
-
-
-def build_trainer(
-    config: RunConfig, recipe: Recipe, env: DistEnv, num_classes: int, precision: str
-) -> ModelStep:
-    """Model (same initial weights on every rank), EMA, optimizer, scaler, DDP, compile."""
-    torch.manual_seed(config.seed)
-    random.seed(config.seed)  # nothing draws from it; seeded, its saved state is the same too
-    module = build_model(recipe, num_classes)
-    for note in model_notes(recipe, module):
-        say(note)
-    if config.sync_bn:
-        if env.device.type != "cuda":
-            raise TrainError("--sync-bn needs CUDA (torch's SyncBatchNorm is GPU-only)")
-        module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
-    module = module.to(env.device, memory_format=memory_format)
-    ema = None
-    if recipe.ema_decay:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-        ema = AveragedModel(
-            module, use_buffers=True, multi_avg_fn=get_ema_multi_avg_fn(recipe.ema_decay)
-        )
-    optimizer = build_optimizer(module, recipe, env.device)
-    model, ddp = module, None
-    if env.distributed:
-        # Buffers (BN statistics) stay per rank while training; rank 0's are broadcast
-        # before each evaluation and are what checkpoints hold.
-        ids = [env.device.index] if env.device.type == "cuda" else None
-        model = ddp = nn.parallel.DistributedDataParallel(
-            module, device_ids=ids, broadcast_buffers=False, gradient_as_bucket_view=True
-        )
-    if config.compile:
-        # Static shapes: one graph per (batch, crop), all warmed before timing, rather than
-        # a slower dynamic-shape graph after the second shape.
-        model = torch.compile(model, dynamic=False)
-    return ModelStep(
-        model,
-        optimizer,
-        env.device,
-        precision,
-        recipe.label_smoothing,
-        make_scaler(env.device, precision),
-        make_mix(recipe.mixup_alpha, recipe.cutmix_alpha, num_classes),
-        ema,
-        module,
-        ddp,
-    )
-
-
-def check_ranks_agree(env: DistEnv, resuming: bool, state: TrainState) -> None:
-    """Every rank resumes from the same position, or none does (one min and one max)."""
-    if not env.distributed:
-        return
-    position = [float(resuming), float(state.epoch), float(state.step)]
-    high = all_reduce_max(env, torch.tensor(position, device=env.device))
-    low = -all_reduce_max(env, -torch.tensor(position, device=env.device))
-    if not torch.equal(high, low):
-        mine = f"epoch {state.epoch} step {state.step}" if resuming else "a fresh start"
-        raise TrainError(
-            f"ranks disagree on the resume point (rank {env.rank} sees {mine}); "
-            "put --out on storage that every node shares"
-        )
 
 
 class EpochLoop:
@@ -130,7 +53,7 @@ class EpochLoop:
         self.schedule, self.out_dir = loaded.schedule, config.run_dir
         self.precision = resolve_precision(config.precision, env.device)
         configure_torch(config, env.device)
-        resume_from = ckpt.resume_path(self.out_dir, config.resume, config.overwrite)
+        resume_from = resume_path(self.out_dir, config.resume, config.overwrite)
         if config.overwrite or resume_from is None:  # nothing there that resume_path keeps
             cleared = rank_zero_agreed(env, lambda: clear_outputs(self.out_dir))
             if cleared:
@@ -162,20 +85,13 @@ class EpochLoop:
         self.log = rank_zero_agreed(env, lambda: self.open_log(record, resumed)) or RunLog(
             self.out_dir, enabled=False
         )
-        tuned = recipe.tuned_num_gpus
-        if tuned is not None and tuned != env.world_size:
-            say(
-                f"note: this schedule's LRs were tuned for {tuned} GPU(s); this run has "
-                f"{env.world_size}, so its global batch is {env.world_size}/{tuned} of the "
-                "tuned one at the same LR (batch_size is per GPU)"
-            )
         self.clock: float | None = None  # when this process started timing
 
     def resume(self, path: Path) -> dict[str, Any]:
-        """Load, check (train.run.checkpoint.check_resume) and restore `path`; what config.json
+        """Load, check (train.run.resume.check_resume) and restore `path`; what config.json
         records about it."""
         saved = ckpt.load(path)
-        changes = ckpt.check_resume(saved, path, self.identity, self.config.allow_changed)
+        changes = check_resume(saved, path, self.identity, self.config.allow_changed)
         try:
             ckpt.restore(saved, self.state, self.trainer)
         except TrainError as exc:
@@ -209,15 +125,8 @@ class EpochLoop:
         return self.state.elapsed_s + (now() - self.clock if self.clock is not None else 0.0)
 
     def save(self, *, final: bool = False, record: dict[str, Any] | None = None) -> None:
-        """All ranks call this (same point); rank 0 writes `record` (an epoch's metrics) and
-        the checkpoint, then everyone learns how that went (train.engine.dist.rank_zero_agreed).
-
-        Refuses weights that are no longer finite: a step can turn them to inf/NaN from a
-        finite loss (checked only before the step), and saving them would overwrite the last
-        good checkpoint. DDP keeps parameters identical on every rank, so every rank reaches
-        the same decision without a collective; one host sync per save. A write that fails
-        (a full disk, a read-only --out) stops every rank with one line, the last good
-        checkpoint kept (train.run.checkpoint.save_atomic replaces it only when complete)."""
+        """All ranks, same point: rank 0 writes `record` and the checkpoint, every rank learns
+        how that went; non-finite weights are never saved (docs/DESIGN.md, Saving)."""
         parameters = [p.detach() for p in self.trainer.module.parameters()]
         if not bool(torch.stack([torch.isfinite(p).all() for p in parameters]).all()):
             raise TrainError(
@@ -227,33 +136,16 @@ class EpochLoop:
         rank_zero_agreed(self.env, lambda: self.write_outputs(final, record))
 
     def write_outputs(self, final: bool, record: dict[str, Any] | None) -> None:
-        directory = ckpt.checkpoint_dir(self.out_dir)
         try:
             if record is not None:
                 self.log.epoch(record)
-            saved = ckpt.capture(self.state, self.trainer, self.identity, self.elapsed_now())
-            ckpt.save_atomic(saved, directory / ckpt.LAST_NAME)
-            if final:
-                ckpt.save_atomic(saved, directory / ckpt.FINAL_NAME)
         except TrainError as exc:  # the metrics line (train.run.metrics says which file)
             raise TrainError(f"{exc}; {self.kept()}") from None
-        except (OSError, RuntimeError) as exc:  # torch's zip writer wraps some OSErrors
-            reason = (
-                exc.strerror
-                if isinstance(exc, OSError) and exc.strerror
-                else " ".join(str(exc).split())[:200]
-            )
-            raise TrainError(
-                f"cannot save a checkpoint in {directory} ({reason}); {self.kept()}"
-            ) from None
+        saved = ckpt.capture(self.state, self.trainer, self.identity, self.elapsed_now())
+        ckpt.save_run(saved, self.out_dir, final)
 
     def kept(self) -> str:
-        last = ckpt.checkpoint_dir(self.out_dir) / ckpt.LAST_NAME
-        return (
-            f"the last good checkpoint is {last}"
-            if last.exists()
-            else "no checkpoint was written yet"
-        )
+        return ckpt.last_kept(self.out_dir)
 
     def train(self, targets: dict[str, float]) -> dict[str, Any]:
         schedule, state = self.schedule, self.state
@@ -382,24 +274,8 @@ class EpochLoop:
                 ema_top = self.evaluate(self.trainer.ema.module, flip)
                 top.update(ema_top1=ema_top["top1"], ema_top5=ema_top["top5"])
             state.eval_s += now() - started
-        phase = self.schedule.phases[phase_index]
-        sums, hours = state.sums, self.elapsed_now() / 3600
-        record = {
-            "epoch": epoch,
-            **top,
-            "hours": hours,
-            "train_hours": hours - state.eval_s / 3600,
-            "train_loss": sums.loss_sum / max(sums.batches, 1),
-            "lr": lr,
-            "img_per_s": sums.images / sums.train_s if sums.train_s > 0 else 0.0,
-            "data_wait": sums.data_wait_s / max(sums.train_s * self.env.world_size, 1e-9),
-            "phase": phase_index,
-            "crop_size": phase.crop_size_at(epoch),
-            "batch_size": phase.batch_size,
-            "accum_steps": phase.accum_steps,
-            "global_batch_size": phase.batch_size * phase.accum_steps * self.env.world_size,
-            "world_size": self.env.world_size,
-        }
+        phase, world_size = self.schedule.phases[phase_index], self.env.world_size
+        record = epoch_record(state, self.elapsed_now(), top, lr, phase_index, phase, world_size)
         if record["top1"] is not None:
             say(
                 f"epoch {epoch}: top-1 {record['top1']:.2f}%  top-5 {record['top5']:.2f}%  "

@@ -76,6 +76,13 @@ def run(config: RunConfig, data: DataSource | None = None) -> dict[str, Any]:
     from train.run.run_dir import hold_run_dir
 
     env = init_distributed(config.device)
+    tuned = recipe.tuned_num_gpus
+    if tuned is not None and tuned != env.world_size:
+        say(
+            f"note: this schedule's LRs were tuned for {tuned} GPU(s); this run has "
+            f"{env.world_size}, so its global batch is {env.world_size}/{tuned} of the "
+            "tuned one at the same LR (batch_size is per GPU)"
+        )
     try:
         with StopFlag() as stop, hold_run_dir(config.run_dir, env):
             training = EpochLoop(config, loaded, recipe, data, env, len(classes), stop)

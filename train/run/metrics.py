@@ -259,3 +259,33 @@ def _write_lines(path: Path, lines: list[str]) -> None:
 def now() -> float:
     """Wall clock for run timing (monotonic: a clock change mid-run cannot bend the curve)."""
     return time.monotonic()
+
+
+def epoch_record(
+    state: Any,
+    elapsed_s: float,
+    top: dict,
+    lr: float,
+    phase_index: int,
+    phase: Any,
+    world_size: int,
+) -> dict[str, Any]:
+    """One metrics.jsonl line: accuracy, time (with and without eval), loss, speed, shape."""
+    sums, hours = state.sums, elapsed_s / 3600
+    batch, accum = phase.batch_size, phase.accum_steps
+    return {
+        "epoch": state.epoch,
+        **top,
+        "hours": hours,
+        "train_hours": hours - state.eval_s / 3600,
+        "train_loss": sums.loss_sum / max(sums.batches, 1),
+        "lr": lr,
+        "img_per_s": sums.images / sums.train_s if sums.train_s > 0 else 0.0,
+        "data_wait": sums.data_wait_s / max(sums.train_s * world_size, 1e-9),
+        "phase": phase_index,
+        "crop_size": phase.crop_size_at(state.epoch),
+        "batch_size": batch,
+        "accum_steps": accum,
+        "global_batch_size": batch * accum * world_size,
+        "world_size": world_size,
+    }

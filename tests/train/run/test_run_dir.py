@@ -19,9 +19,9 @@ from tests.train.standin import StandInData, quick_config
 from train.cli import app
 from train.errors import CheckpointError, TrainError
 from train.plan.config import RunConfig
-from train.run.checkpoint import changes_since, resume_path
 from train.run.main import run
 from train.run.metrics import read_metrics
+from train.run.resume import changes_since, resume_path
 from train.run.run_dir import LOCK_NAME, acquire, clear_outputs, release, run_outputs
 
 REPO = Path(__file__).resolve().parents[3]
