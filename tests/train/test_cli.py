@@ -92,7 +92,7 @@ def test_run_needs_data_and_valid_options(tmp_path: Path) -> None:
     assert "--decode must be one of cpu, gpu" in error_line(
         invoke("run", "--phases", path, "--decode", "dali", "--dry-run")
     )
-    assert "--log-every must be >= 1" in error_line(
+    assert "--log-every must be a positive integer" in error_line(
         invoke("run", "--phases", path, "--log-every", "0", "--dry-run")
     )
 

@@ -10,7 +10,7 @@ from typing import Any, Mapping, Sequence
 
 from formats.layout import split_dir_name
 from train.errors import ScheduleError
-from train.plan.settings import is_int, is_number
+from train.plan.settings import is_int, is_number, problems, setting
 
 DEFAULT_MIN_SCALE = 0.08
 DEFAULT_CROP_MULTIPLE = 32
@@ -44,18 +44,20 @@ class Phase(ShardDirs):
     `Schedule`, which knows the phase's index for the message.
     """
 
-    epochs: tuple[int, int]
-    prep_size: int
-    crop_size: int | tuple[int, int]
-    batch_size: int
-    lr: tuple[float, float]
-    min_scale: float = DEFAULT_MIN_SCALE
-    rect_val: bool = False
-    val_prep_size: int | None = None  # None -> prep_size
-    val_crop_size: int | None = None  # None -> crop_size (a ramp's last crop)
-    lr_shape: str = "linear"
-    accum_steps: int = 1
-    crop_multiple: int = DEFAULT_CROP_MULTIPLE  # rounding of a crop ramp
+    epochs: tuple[int, int]  # [start, end), half-open
+    prep_size: int = setting(help="shorter side of the shards read: train-{prep_size}/", low=1)
+    crop_size: int | tuple[int, int] = setting(help="training crop, or a ramp [first, last]")
+    batch_size: int = setting(help="per GPU, per forward pass", low=1)
+    lr: tuple[float, float] = setting(help="LR, or [start, end] following lr_shape")
+    min_scale: float = setting(
+        DEFAULT_MIN_SCALE, "RandomResizedCrop's lower area bound", low=0, high=1, bounds="(]"
+    )
+    rect_val: bool = setting(False, "imagenet18's aspect-ratio validation batches")
+    val_prep_size: int | None = setting(None, "validation shards [default: prep_size]", low=1)
+    val_crop_size: int | None = setting(None, "validation side [default: the last crop]", low=1)
+    lr_shape: str = setting("linear", "how lr moves across the phase's steps", choices=LR_SHAPES)
+    accum_steps: int = setting(1, "forward/backward passes per optimizer step", low=1)
+    crop_multiple: int = setting(DEFAULT_CROP_MULTIPLE, "rounding of a crop ramp", low=1)
 
     def __post_init__(self) -> None:
         put = object.__setattr__
@@ -151,10 +153,6 @@ def phase_error(index: int, key: str, message: str) -> ScheduleError:
 
 def _check_crops(p: Phase, i: int) -> None:
     ramp = p.crop_ramp
-    if not is_int(p.crop_multiple) or p.crop_multiple < 1:
-        raise phase_error(
-            i, "crop_multiple", f"must be a positive integer, got {p.crop_multiple!r}"
-        )
     if ramp is not None:
         if not (len(ramp) == 2 and all(is_int(x) and x > 0 for x in ramp)):
             raise phase_error(
@@ -169,18 +167,14 @@ def _check_crops(p: Phase, i: int) -> None:
     crops = {p.crop_size_at(e) for e in range(*p.epochs)} if ramp else {p.crop_size}
     for crop in sorted(crops, reverse=True):
         if not is_int(crop) or crop <= 0:
-            what = (
-                f"ramp {list(ramp)} rounds to {crop} (lower crop_multiple)"
-                if ramp
-                else f"must be a positive integer, got {crop!r}"
-            )
-            raise phase_error(i, "crop_size", what)
+            what = f"ramp {list(ramp)} rounds to {crop} (lower crop_multiple)" if ramp else None
+            raise phase_error(i, "crop_size", what or f"must be a positive integer, got {crop!r}")
         if crop > p.prep_size:
             raise phase_error(
                 i,
                 "crop_size",
-                f"{crop} > prep_size {p.prep_size}; read "
-                "larger shards (raise prep_size) or crop smaller",
+                f"{crop} > prep_size {p.prep_size}; read larger shards (raise "
+                "prep_size) or crop smaller",
             )
 
 
@@ -190,29 +184,19 @@ def _check_lr(p: Phase, i: int) -> None:
         raise phase_error(i, "lr", f"must be a number or [start, end], got {lr!r}")
     if not all(math.isfinite(x) and x >= 0 for x in lr):
         raise phase_error(i, "lr", f"must be finite and >= 0, got {list(lr)}")
-    if p.lr_shape not in LR_SHAPES:
-        raise phase_error(
-            i, "lr_shape", f"must be one of {', '.join(LR_SHAPES)}, got {p.lr_shape!r}"
-        )
     if p.lr_shape == "constant" and lr[0] != lr[1]:
         raise phase_error(i, "lr", f"lr_shape 'constant' needs one LR, got {list(lr)}")
     if p.lr_shape == "step" and min(lr) <= 0 and lr[0] != lr[1]:
         raise phase_error(
             i,
             "lr",
-            f"lr_shape 'step' multiplies by a constant factor per "
-            f"epoch: start and end must be > 0, got {list(lr)}",
+            "lr_shape 'step' multiplies by a constant factor per epoch: start and end "
+            f"must be > 0, got {list(lr)}",
         )
 
 
-def _check_positive_ints(p: Phase, i: int, keys: Sequence[str]) -> None:
-    for key in keys:
-        value = getattr(p, key)
-        if not is_int(value) or value <= 0:
-            raise phase_error(i, key, f"must be a positive integer, got {value!r}")
-
-
 def check_phase(p: Phase, i: int) -> None:
+    """The declared keys (train.plan.settings), then what only this module knows."""
     ep = p.epochs
     if not (isinstance(ep, tuple) and len(ep) == 2 and all(is_int(x) for x in ep)):
         raise phase_error(i, "epochs", f"must be [start, end] integers, got {ep!r}")
@@ -220,18 +204,17 @@ def check_phase(p: Phase, i: int) -> None:
         raise phase_error(i, "epochs", f"needs 0 <= start < end (half-open), got {list(ep)}")
     if ep[1] > MAX_EPOCHS:
         raise phase_error(i, "epochs", f"at most {MAX_EPOCHS:,} epochs, got {list(ep)}")
-    _check_positive_ints(p, i, ("prep_size", "batch_size", "accum_steps"))
-    _check_crops(p, i)  # before val_crop_size, which defaults to the crop
-    _check_positive_ints(p, i, ("val_prep_size", "val_crop_size"))
+    found = problems(p)  # the val_ keys default to the crop: checked after it
+    for key, message in sorted(found, key=lambda item: item[0].startswith("val_")):
+        if key.startswith("val_"):
+            _check_crops(p, i)
+        raise phase_error(i, key, f"{message}, got {getattr(p, key)!r}")
+    _check_crops(p, i)
     if p.val_crop_size > p.val_prep_size:
         raise phase_error(
             i, "val_crop_size", f"{p.val_crop_size} > val_prep_size {p.val_prep_size}"
         )
     _check_lr(p, i)
-    if not (is_number(p.min_scale) and 0 < p.min_scale <= 1):
-        raise phase_error(i, "min_scale", f"must be in (0, 1], got {p.min_scale!r}")
-    if not isinstance(p.rect_val, bool):
-        raise phase_error(i, "rect_val", f"must be true or false, got {p.rect_val!r}")
 
 
 def phase_from_dict(data: Any, index: int) -> Phase:

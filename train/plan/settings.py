@@ -44,7 +44,8 @@ def kind_of(hint: Any) -> tuple[Any, bool]:
     """(base type, None allowed) of a resolved annotation such as `int | None`."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
-        return args[0], len(args) < len(typing.get_args(hint))
+        kind = args[0] if len(args) == 1 else object  # several types: the owner checks it
+        return kind, len(args) < len(typing.get_args(hint))
     return typing.get_origin(hint) or hint, False
 
 
@@ -75,8 +76,13 @@ def problem(value: Any, kind: Any, nullable: bool, meta: Mapping[str, Any]) -> s
         Path: lambda: isinstance(value, (str, Path)),
         Mapping: lambda: isinstance(value, Mapping),
     }.get(kind, lambda: True)
+    positive = kind is int and meta.get("low") == 1 and meta.get("high") is None
     if not ok():
-        return f"must be {TYPE_WORDS.get(kind, 'an object')}"
+        return (
+            "must be a positive integer"
+            if positive
+            else f"must be {TYPE_WORDS.get(kind, 'an object')}"
+        )
     choices = meta.get("choices")
     if choices and value not in choices:
         return f"must be one of {', '.join(map(str, choices))}" + (" or null" if nullable else "")
@@ -84,7 +90,13 @@ def problem(value: Any, kind: Any, nullable: bool, meta: Mapping[str, Any]) -> s
     below = low is not None and (value <= low if bounds[0] == "(" else value < low)
     above = high is not None and (value >= high if bounds[1] == ")" else value > high)
     if kind is int and (below or above):
-        return f"must be >= {low}" if below else f"must be <= {high}"
+        return (
+            "must be a positive integer"
+            if positive
+            else f"must be >= {low}"
+            if below
+            else f"must be <= {high}"
+        )
     if below or above:
         low, high = -math.inf if low is None else low, math.inf if high is None else high
         return f"must be a number in {bounds[0]}{low:g}, {high:g}{bounds[1]}"

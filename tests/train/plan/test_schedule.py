@@ -80,7 +80,7 @@ def test_scalar_lr_is_constant_and_equals_its_pair() -> None:
         ([phase(0, 2, batch_size=True)], "phase 0, key 'batch_size': must be a positive integer"),
         ([phase(0, 2, lr=[1.0, 2.0, 3.0])], "phase 0, key 'lr': must be a number or [start, end]"),
         ([phase(0, 2, lr=-0.1)], "phase 0, key 'lr': must be finite and >= 0"),
-        ([phase(0, 2, min_scale=0)], "phase 0, key 'min_scale': must be in (0, 1]"),
+        ([phase(0, 2, min_scale=0)], "phase 0, key 'min_scale': must be a number in (0, 1]"),
         ([phase(0, 2, rect_val=1)], "phase 0, key 'rect_val': must be true or false"),
         ([phase(0, 2), "x"], "phase 1: must be an object"),
         ([], "phases must be a non-empty list"),
