@@ -45,11 +45,7 @@ class BatchWork:
 
 
 def allocate_images(num_images: int, height: int, width: int, pin: bool) -> torch.Tensor:
-    """uint8 NHWC: in shared memory inside a DataLoader worker, else pinned if asked.
-
-    Inside a worker the storage is allocated in shared memory directly, the one private torch
-    call in train/ (`_new_shared`, exactly what default_collate does): a plain tensor would be
-    copied into shared memory again when the worker sends it."""
+    """uint8 NHWC: in shared memory inside a DataLoader worker, else pinned if asked."""
     shape = (num_images, height, width, 3)
     if get_worker_info() is not None and num_images:
         template = torch.empty(0, dtype=torch.uint8)

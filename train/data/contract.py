@@ -14,22 +14,7 @@ Augment = Callable[[torch.Tensor, Sequence[int]], None]
 
 
 class TrainBatches(Protocol):
-    """One rank's training batches, the contract `train run` relies on.
-
-    - `iter(loader)` yields `(images, labels)`: images uint8 of shape (N, 3, H, W) with
-      N = batch_size and H = W = the crop's side, in either memory format (NCHW or
-      channels_last strides); labels int64 (N,). On the CPU (pinned when CUDA is there), or
-      on the device for decode="gpu". A loader may reuse batch buffers (train.data.loaders's
-      threads do, train.data.ring): a batch stays intact at least until the one after next
-      is asked for, until device work queued on the current stream by then (a non_blocking
-      copy) is done, and for as long as the caller holds any view of it.
-    - `len(loader)` batches per epoch, equal on every rank.
-    - `set_epoch(e, start_batch=k)`: the next iteration yields batches k..len-1 of epoch e;
-      what batch b holds depends only on (seed, e, rank, world_size, b) and the crop, so any
-      number of workers gives the same bits and a resumed epoch replays exactly.
-    - `set_crop(crop)`: from the next iteration on, without restarting workers.
-    - `close()`: stop the workers now.
-    """
+    """One rank's training batches, the contract `train run` relies on. (more: docs/DESIGN.md)"""
 
     batch_size: int
 

@@ -42,25 +42,14 @@ def random_resized_crop_boxes(
     max_scale: float = 1.0,
     ratio: tuple[float, float] = DEFAULT_RATIO,
 ) -> np.ndarray:
-    """torchvision's ``RandomResizedCrop.get_params`` for many images at once: (N, 4) int64 boxes.
-
-    ``uniforms`` (N, CROP_DRAWS) in [0, 1) are each image's random draws, so an image's box
-    depends on its own draws and size only (not on the batch it is computed in). Ten attempts:
-    area fraction uniform in [min_scale, max_scale], aspect ratio (w/h) log-uniform in
-    ``ratio``, sides rounded half-to-even like torchvision's ``int(round(...))``, the first that
-    fits wins; position uniform over every placement that fits. If none fits, the central crop
-    of the whole image clamped to the ratio range. Same distribution as torchvision, not the
-    same stream. Vectorised: the loader draws a batch's boxes in one call.
-    """
+    """torchvision's ``RandomResizedCrop.get_params`` for many images at once: (N, 4) int64
+    boxes, each from its image's own CROP_DRAWS ``uniforms`` (docs/DESIGN.md, crops).
+    Arguments are TrainCrop's, checked there."""
     heights = np.asarray(heights, dtype=np.int64).reshape(-1)
     widths = np.asarray(widths, dtype=np.int64).reshape(-1)
     uniforms = np.asarray(uniforms, dtype=np.float64)
     if len(heights) and (heights.min() < 1 or widths.min() < 1):
         raise ValueError("images must be non-empty")
-    if not 0 < min_scale <= max_scale:
-        raise ValueError(f"need 0 < min_scale <= max_scale, got {min_scale}, {max_scale}")
-    if not 0 < ratio[0] <= ratio[1]:
-        raise ValueError(f"need 0 < ratio[0] <= ratio[1], got {ratio}")
     if uniforms.shape != (len(heights), CROP_DRAWS):
         raise ValueError(
             f"need uniforms of shape ({len(heights)}, {CROP_DRAWS}), got {uniforms.shape}"
@@ -107,10 +96,8 @@ def fallback_crop_box(height: int, width: int, ratio: tuple[float, float] = DEFA
 
 @dataclass(frozen=True)
 class TrainCrop:
-    """Per-phase training crop: RandomResizedCrop(crop_size, scale=(min_scale, max_scale), ratio).
-
-    Small and immutable: the loader puts it in every batch plan, so a phase can change it
-    without respawning workers."""
+    """Per-phase training crop: RandomResizedCrop(crop_size, scale=(min_scale, max_scale), ratio);
+    small and immutable, in every batch plan, so a phase changes it without new workers."""
 
     crop_size: int
     min_scale: float = 0.08
@@ -149,16 +136,7 @@ def resize_center_crop_box(
     height: int, width: int, resized_short_side: int, crop_height: int, crop_width: int
 ) -> Box:
     """Box in stored coords equal to ``Resize(resized_short_side)`` +
-    ``CenterCrop((crop_height, crop_width))``.
-
-    The resized size and the crop offset are computed exactly as torchvision does (long side
-    truncated; offset ``int(round((resized - crop) / 2))``, half-to-even), then mapped back with
-    the one scale min(height, width) / resized_short_side and rounded edge by edge. One scale for
-    both axes keeps the box the crop's shape (torchvision's truncated long side stretches by up to
-    one resized pixel; we do not copy that), within a resized pixel of torchvision's region.
-    Where the crop would not fit in the resized image (torchvision pads with black), the resized
-    short side is raised to the smallest that fits instead: the box never leaves the image.
-    """
+    ``CenterCrop((crop_height, crop_width))``. (more: docs/DESIGN.md)"""
     _check_image(height, width)
     if crop_height < 1 or crop_width < 1:
         raise ValueError(f"crop must be non-empty, got {crop_height}x{crop_width}")
@@ -194,12 +172,7 @@ def _map_span(start: int, length: int, scale: float, limit: int) -> tuple[int, i
 
 
 def center_crop_box(height: int, width: int, crop_size: int, crop_ratio: float = 0.875) -> Box:
-    """``Resize(round(crop_size / crop_ratio))`` + ``CenterCrop(crop_size)`` as a stored-coords box.
-
-    The box is a square of side ~ crop_size * min(height, width) / round(crop_size / crop_ratio)
-    (224 at ratio 0.875 -> resize 256). imagenet18's plain validation is ``int(crop_size * 1.14)``
-    instead; call :func:`resize_center_crop_box` with that for its exact numbers.
-    """
+    """``Resize(round(crop_size / crop_ratio))`` + ``CenterCrop(crop_size)``, a stored box."""
     if not 0 < crop_ratio <= 1:
         raise ValueError(f"crop_ratio must be in (0, 1], got {crop_ratio}")
     return resize_center_crop_box(
@@ -211,14 +184,7 @@ def center_crop_box(height: int, width: int, crop_size: int, crop_ratio: float =
 
 
 def rect_target_size(crop_size: int, aspect_ratio: float) -> tuple[int, int]:
-    """(target_height, target_width) of a rect-val batch whose mean ratio is ``aspect_ratio`` (w/h).
-
-    imagenet18's ``CropArTfm``: the short side is crop_size; the long side is crop_size * ratio
-    (landscape, ratio >= 1) or crop_size / ratio (portrait), truncated, then rounded down to a
-    multiple of 8. Two deliberate differences: a 1e-9 tolerance before truncating (imagenet18
-    rounds ratios to 5 decimals, so an all-4:3 batch at 288 gets 288x376, not 288x384), and the
-    long side is never below crop_size (only matters when crop_size is not a multiple of 8).
-    """
+    """(target_height, target_width) of a rect-val batch of mean ratio ``aspect_ratio`` (w/h)."""
     if crop_size < 1:
         raise ValueError(f"crop_size must be >= 1, got {crop_size}")
     if not aspect_ratio > 0:
@@ -247,14 +213,7 @@ def rect_crop_box(
 
 
 def rect_batches(aspect_ratios, batch_size: int) -> list[tuple[list[int], float]]:
-    """Sort indices by aspect ratio (w/h; ties by index) and cut into batches with their mean ratio.
-
-    Every index appears exactly once; the last batch may be short. Split across ranks by whole
-    batches, never by images, so each batch keeps one shape: give rank r the batches
-    ``batches[r::world_size]`` (round-robin spreads the extreme, larger shapes evenly) and pad
-    every rank to ``ceil(len(batches) / world_size)`` steps with EMPTY batches (skip the forward,
-    all-reduce zeros), never with duplicate images, so each image is counted exactly once.
-    """
+    """Indices sorted by aspect ratio (w/h; ties by index), cut into batches with mean ratios."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     ratios = [float(r) for r in aspect_ratios]
@@ -276,12 +235,7 @@ def dct_scale_for_box(
     out_width: int,
     allowed: tuple[tuple[int, int], ...] = POWER_OF_TWO_SCALES,
 ) -> tuple[int, int]:
-    """Smallest allowed (num, den) with box_height*num/den >= out_height and same for width.
-
-    So the decoded box still has at least the output's resolution: DCT scaling never makes
-    the final resize an upscale. When no allowed scale covers (the crop is upscaled anyway) the
-    largest allowed scale is returned, (1, 1) by default.
-    """
+    """Smallest allowed (num, den) with box_height*num/den >= out_height and same for width."""
     scales = sorted(allowed, key=lambda scale: Fraction(*scale))
     for num, den in scales:
         if box_height * num >= out_height * den and box_width * num >= out_width * den:
@@ -296,12 +250,7 @@ def scaled_image_size(height: int, width: int, num: int, den: int) -> tuple[int,
 
 
 def scale_box(box: Box, num: int, den: int, scaled_height: int, scaled_width: int) -> Box:
-    """Map a stored-coords box into the image decoded at num/den (size: scaled_image_size).
-
-    Start floored, end ceiled, clamped to the scaled image, so the result contains the exact
-    scaled box and is never empty. It can overshoot by under one scaled pixel per side;
-    :func:`box_within_scaled` gives the exact sub-pixel box inside it for a resize that takes one.
-    """
+    """Map a stored-coords box into the image decoded at num/den (size: scaled_image_size)."""
     top, left, height, width = box
     scaled_top = min((top * num) // den, scaled_height - 1)
     scaled_left = min((left * num) // den, scaled_width - 1)

@@ -130,12 +130,7 @@ def decode_scale(box: Box, out_height: int, out_width: int) -> tuple[int, int]:
 
 def decode_crop_into(out, data, height: int, width: int, box: Box, flip: bool = False) -> None:
     """Decode `data` (stored `height` x `width`), resize `box` to fill `out` (uint8 HWC, a numpy
-    array or tensor), mirror it if `flip`.
-
-    At full scale the box is whole pixels and torch's uint8 antialiased bilinear kernel does the
-    resize (~= PIL's filter to +-1); at a reduced DCT scale the box falls between decoded
-    pixels, and PIL's `resize(box=...)` takes that float box exactly. Raises ValueError/OSError
-    for undecodable data, ValueError when the decoded size is not the record table's."""
+    array or tensor), mirror it if `flip`. (more: docs/DESIGN.md)"""
     out = torch.as_tensor(out)
     out_height, out_width = out.shape[0], out.shape[1]
     top, left, box_height, box_width = box

@@ -93,14 +93,7 @@ def decode_crop_batch_gpu(
     device: torch.device | str,
     sizes: Sequence[tuple[int, int]] | None = None,
 ) -> torch.Tensor:
-    """uint8 NCHW batch on `device` from CPU uint8 tensors of JPEG bytes.
-
-    One batched `torchvision.io.decode_jpeg` call (nvJPEG on CUDA; also runs on CPU, which is how
-    the tests cover this path), then per image: crop view, float, antialiased bilinear resize,
-    flip, into one float batch that is rounded to uint8 once. `sizes` (stored height, width per
-    image) are checked against what was decoded. On a decode error, raises a ValueError naming
-    the batch position of the first bad image (BatchDecodeError; the caller maps it to a record).
-    """
+    """uint8 NCHW batch on `device` from CPU uint8 tensors of JPEG bytes. (more: docs/DESIGN.md)"""
     from torchvision.io import ImageReadMode, decode_jpeg
 
     out_height, out_width = out_size

@@ -68,12 +68,7 @@ class _WorkerPids:
 
 
 class _Core:
-    """What both loaders share: the store, the workers, GPU decode and error surfacing.
-
-    Worker threads live for one iteration; worker processes persist and stop when the DataLoader
-    and its iterator are freed (torch's iterator stops them in its finalizer). `close()` ends this
-    loader's running iterations (joining their threads) and drops the DataLoader; without
-    cycles, dropping the loader does the same at once."""
+    """What both loaders share: the store, the workers, GPU decode and error surfacing."""
 
     def setup(
         self,
@@ -180,15 +175,7 @@ class _Core:
 
 
 class TrainLoader(_Core):
-    """One rank's training batches (train.data.contract.TrainBatches).
-
-    decode="cpu": images are uint8 CPU tensors (N, 3, H, W) with channels_last strides (NHWC
-    memory), pinned when CUDA is available; from worker threads, a batch stays intact until the
-    next one is asked for, or for as long as you keep it (train.data.ring). decode="gpu": images
-    come back on `device` (default "cuda"), decoded by nvJPEG; workers only read bytes.
-    `augment` (train.data.auto_augment.AutoAugment) runs per image after the crop. `workers` decode
-    workers: threads or processes, `executor` (None: the loader's choice, see the module doc).
-    """
+    """One rank's training batches (train.data.contract.TrainBatches). (more: docs/DESIGN.md)"""
 
     def __init__(
         self,

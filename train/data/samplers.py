@@ -47,12 +47,7 @@ def sample_uniforms(
     seed: int, epoch: int, first_position: int, num_samples: int, num_draws: int
 ) -> np.ndarray:
     """(num_samples, num_draws) float64 in [0, 1): the draws of the samples at permutation positions
-    first_position, first_position + 1, ... of epoch `epoch`.
-
-    Counter-based (SplitMix64 of a (seed, epoch) key plus (position, draw)): a sample's draws
-    depend on (seed, epoch, position) only, so any split of an epoch into batches, ranks or
-    workers draws the same numbers, and a batch's are computed in a few vectorised numpy ops
-    (a Python RNG seeded per sample cost ~20 us per image, under the GIL)."""
+    first_position, first_position + 1, ... of epoch `epoch`. (more: docs/DESIGN.md)"""
     if not 0 <= num_draws <= _DRAWS_PER_SAMPLE:
         raise ValueError(f"num_draws must be in [0, {_DRAWS_PER_SAMPLE}], got {num_draws}")
     key = _mix64(((seed & 0xFFFFFFFF) << 32) | (epoch & 0xFFFFFFFF))

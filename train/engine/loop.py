@@ -127,12 +127,7 @@ def train_steps(
     env: DistEnv | None = None,
     stop_requested: Callable[[], bool] = lambda: False,
 ) -> float:
-    """Optimizer steps `state.step .. steps - 1` of `state.epoch`; returns the last LR.
-
-    `batches` must begin at batch `state.step * accum_steps` of the epoch. `lr_at(step)` is the
-    LR of optimizer step `step`; `seed` (None: unseeded) seeds each batch's random draws with
-    `step_seed(seed, epoch, batch, rank)`. Returns early when `on_sync` returns True.
-    """
+    """Optimizer steps `state.step .. steps - 1` of `state.epoch`; returns the last LR."""
     interval, rank = _Interval(trainer.device), env.rank if env is not None else 0
     distributed = env is not None and env.distributed
     wait_seen, lr, group = batches.data_wait_seconds, 0.0, []
@@ -238,12 +233,7 @@ def evaluate(
     precision: str,
     flip: bool = False,
 ) -> torch.Tensor:
-    """Sum of top-1/top-5 hits, count and loss over this rank's batches, as a device tensor.
-
-    Pass the PLAIN module (not DDP): its forward has no collectives, so a rank whose batch is
-    empty simply skips it, and the caller all-reduces the sums once. `flip` averages the
-    logits of each image and its mirror image (test-time augmentation).
-    """
+    """Sum of top-1/top-5 hits, count and loss over this rank's batches, as a device tensor."""
     was_training = module.training
     module.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)

@@ -37,35 +37,7 @@ def _lr_pair(value: Any, i: int) -> tuple[float, float]:
 
 
 def from_imagenet18(entries: Sequence[Any], *, full_prep_size: int | None = None) -> Schedule:
-    """Translate an imagenet18 phase list (diux-dev/imagenet18 train.py) into a Schedule.
-
-    Semantics, read from imagenet18's train_imagenet_nv.py and dataloader.py:
-
-    - Entries with `bs` are data phases, entries with `lr` LR phases (one entry can be
-      both).  Each data phase starts at an int `ep`; a non-`keep_dl` data phase builds new
-      loaders from ITS OWN keys only (missing `trndir` = full-size images, `min_scale` =
-      0.08, `rect_val` = false): settings are not inherited from earlier data phases.
-      `keep_dl: true` kept the live loader and only changed its batch size, so such a phase
-      inherits the previous data phase's settings and takes its `bs`.  As a loader hint
-      `keep_dl` is ignored: `train.plan.rebuilds.loader_changes` derives rebuilds from what changed.
-    - `sz` -> crop_size, validated at the same size; `trndir` '-sz/160' -> prep_size 160;
-      `valdir` defaults to `trndir`.  `trndir` '' (full-size images) -> `full_prep_size`,
-      by default the largest '-sz/N' in the list (the largest shards we keep); with none
-      there, pass `full_prep_size`.
-    - An LR phase lasts until the next LR phase starts (the last one until the largest `ep`
-      of any LR phase, imagenet18's `tot_epochs`).  `ep` [a, b] with `lr` [s, e] is linear
-      in (fractional) epoch from s at a to e at b; a scalar `lr` is constant.
-    - `bs` is PER GPU: every process's DataLoader takes `bs` images from a
-      DistributedSampler, so the global batch is bs x world_size (8 x 512 = 4096 at 128 px
-      on one 8-GPU machine).  `lr` is the optimizer LR applied to DDP's gradient, averaged
-      over that global batch: it is tuned for one world size (8 GPUs for `one_machine`) and
-      is not a per-GPU-batch LR to be multiplied by the GPU count; the recipes rescale it
-      by bs only (`bs_scale = bs / 512`).  Our `batch_size` and `lr` mean the same, so the
-      numbers carry over unchanged and the run is the same on the same number of GPUs.
-    - imagenet18 set the LR with a 1-based step (`batch_curr = i + 1`), reaching `e` on the
-      phase's last step; we count from 0 (FFCV), starting exactly at `s`.  The two differ
-      by one step's increment.
-    """
+    """Translate an imagenet18 phase list (diux-dev/imagenet18 train.py) into a Schedule."""
     data, lrs = _read_entries(entries)
     num_epochs = _check_lr_phases(data, lrs)
     if full_prep_size is not None and (not is_int(full_prep_size) or full_prep_size <= 0):

@@ -37,12 +37,7 @@ class ShardDirs:
 
 @dataclass(frozen=True)
 class Phase(ShardDirs):
-    """One contiguous run of epochs; field names equal the JSON keys.
-
-    JSON lists become tuples, a scalar `lr` becomes `(lr, lr)`, and the `val_*` defaults are
-    resolved, so two phases that train the same compare equal. Values are checked by
-    `Schedule`, which knows the phase's index for the message.
-    """
+    """One contiguous run of epochs; field names equal the JSON keys. (more: docs/DESIGN.md)"""
 
     epochs: tuple[int, int]  # [start, end), half-open
     prep_size: int = setting(help="shorter side of the shards read: train-{prep_size}/", low=1)

@@ -16,16 +16,7 @@ from train.run.run_dir import run_outputs
 
 
 def resume_path(out_dir: Path, resume: str | None, overwrite: bool = False) -> Path | None:
-    """What to resume from: None (a fresh start) or a checkpoint; refuses what would mix runs.
-
-    A fresh start into a directory that holds a run's outputs is refused unless `overwrite`
-    (the caller then clears them), so a rerun never silently overwrites config.json or appends
-    a second epoch 0 to metrics.jsonl. `--resume auto` without checkpoints/last.pt starts fresh
-    only when nothing was trained there (no epoch records, no checkpoint files: a run stopped
-    before its first save); a deleted checkpoint, or only an interrupted `last.pt.tmp`, is
-    refused. `--resume PATH` (a checkpoint or run directory) continues that checkpoint, into
-    `out_dir` when that holds no other run.
-    """
+    """What to resume from: None (a fresh start) or a checkpoint; refuses what would mix runs."""
     out_dir = Path(out_dir)
     last = checkpoint_dir(out_dir) / LAST_NAME
     outputs = run_outputs(out_dir)
@@ -108,11 +99,7 @@ def _schedule_change(old: list[dict], new: list[dict]) -> str:
 def check_resume(
     saved: dict[str, Any], path: Path, identity: dict[str, Any], allow_changed: bool = False
 ) -> list[str]:
-    """Refuse a checkpoint this run cannot continue, with one line naming the difference.
-
-    A change that only alters results (recipe, schedule, seed, precision) is refused too,
-    unless `allow_changed`; the changes are returned, for config.json. A model that no longer
-    fits the weights (arch, classes) or a mid-epoch world-size change is never allowed."""
+    """Refuse a checkpoint this run cannot continue, with one line naming the difference."""
     if (saved["arch"], saved["num_classes"]) != (identity["arch"], identity["num_classes"]):
         raise TrainError(
             f"{path}: holds {saved['arch']} with {saved['num_classes']} classes, "

@@ -10,12 +10,7 @@ from train.engine.launch import say
 
 
 class StopFlag:
-    """SIGINT/SIGTERM ask for a checkpoint and a clean exit at the next safe point.
-
-    A second SIGINT aborts at once (KeyboardInterrupt) for the impatient, unless it comes
-    within DUPLICATE_S of the first: Ctrl-C under torchrun reaches a worker twice, from the
-    terminal and forwarded by torchrun.
-    """
+    """SIGINT/SIGTERM ask for a checkpoint and a clean exit at the next safe point."""
 
     DUPLICATE_S = 2.0
 

@@ -1,25 +1,13 @@
 /* train.data.decode_native: stored JPEGs -> resized crops, a whole chunk of a batch per call.
 
-Hand-written C because this IS the loader's hot path: per image, Python around the codec
-(a resize call, a tobytes, a flip, a copy, a few objects) cost as much as the decode itself and
-serialised the worker threads on the GIL (docs/BENCHMARKS.md, issue 10). One call here fills
-many batch slots with the GIL released, so worker threads scale like processes. train/data/decode.py
-owns it, picks it or its pure-Python fallback, and documents the contract.
-
-Per image, with libjpeg (-ljpeg; libjpeg-turbo's jpeglib.h):
-  1. header; its size must equal the record table's (else the bytes are not that record);
-  2. the smallest power-of-two DCT scale (1/8, 1/4, 1/2) whose decoded box still has at
-     least the output's resolution (train.data.crops.dct_scale_for_box's rule);
-  3. decode ONLY the crop's region: jpeg_crop_scanline for its columns (widened by libjpeg to
-     iMCU edges), jpeg_skip_scanlines above it, stop (jpeg_abort_decompress) below it;
-  4. antialiased bilinear resize of the float box (decode_resample.h: PIL's triangle filter,
-     support widened by the downscale factor, per-axis fixed-point weights, horizontal pass to
-     uint8, then vertical, as Pillow rounds), taps limited to the box's whole pixels (crop,
-     then resize, as torchvision's RandomResizedCrop), the flip folded into the horizontal
-     weights, written straight into the uint8 HWC slot.
-Every libjpeg warning (corrupt data, which libjpeg would paper over with grey) and every error
-stops the chunk and names the image's position; train/data/decode.py turns that into an error naming
-the record. Modes 1 and 2 decode without resizing (the benchmark's region and full floors).
+Hand-written C because this IS the loader's hot path: per image, Python around the codec cost
+as much as the decode itself and serialised the worker threads on the GIL (docs/BENCHMARKS.md,
+issue 10). One call fills many batch slots with the GIL released, so threads scale like
+processes. Per image: header (its size must equal the record table's), the smallest
+power-of-two DCT scale that keeps the output's resolution, decode ONLY the crop's region, then
+PIL's antialiased bilinear resize in fixed point (decode_resample.h) with the flip folded in,
+straight into the uint8 HWC slot. Every libjpeg warning rejects the image. docs/DESIGN.md has
+the details; train/data/decode.py owns this module and its pure-Python fallback.
 */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
