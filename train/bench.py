@@ -155,6 +155,51 @@ def checked_run_config(config: BenchConfig):
     )
 
 
+def distinct_phases(schedule: Any) -> list[tuple[Phase, int]]:
+    """(phase, crop) per distinct (train shards, crop, batch, min_scale): every crop of a ramp."""
+    seen: dict[tuple, tuple[Phase, int]] = {}
+    for epoch in range(schedule.num_epochs):
+        phase = schedule.phase_at(epoch)
+        crop_size = phase.crop_size_at(epoch)
+        key = (phase.train_dir_name, crop_size, phase.batch_size, phase.min_scale)
+        seen.setdefault(key, (phase, crop_size))
+    return list(seen.values())
+
+
+def bench_step(config: BenchConfig, recipe: Any, num_classes: int, device, precision) -> ModelStep:
+    """A fresh model (same init each time) and its step, as `train run` builds them."""
+    torch.manual_seed(0)
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    module = build_model(recipe, num_classes).to(device, memory_format=memory_format)
+    model = torch.compile(module, dynamic=False) if config.compile else module
+    optimizer = build_optimizer(module, recipe, device)
+    scaler = make_scaler(device, precision)
+    return ModelStep(model, optimizer, device, precision, recipe.label_smoothing, scaler)
+
+
+def real_rates(
+    config: BenchConfig, trainer: ModelStep, data: Any, phase: Phase, crop_size: int, device
+) -> dict[str, float]:
+    """img/s and data-wait share of `trainer` fed from the phase's shards."""
+    loader = data.train_loader(
+        phase.train_dir_name,
+        phase.batch_size,
+        TrainCrop(crop_size, phase.min_scale),
+        rank=0,
+        world_size=1,
+        seed=0,
+        workers=config.workers,
+        decode=config.decode,
+        device=str(device) if config.decode == "gpu" else None,
+        augment=None,
+    )
+    try:
+        batches = EndlessEpochs(loader, data.prefetcher(loader, device, config.channels_last))
+        return timed_steps(trainer, batches, config.warmup_steps, config.steps)
+    finally:
+        loader.close()
+
+
 def bench_phases(config: BenchConfig, data: Any = None) -> list[dict[str, Any]]:
     """One row per distinct (train shards, crop, batch) of the schedule; see module doc."""
     from train.run.main import load_inputs
@@ -170,72 +215,34 @@ def bench_phases(config: BenchConfig, data: Any = None) -> list[dict[str, Any]]:
     )
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    seen: dict[tuple, tuple[Phase, int]] = {}
-    for epoch in range(loaded.schedule.num_epochs):  # every crop of a ramp too
-        phase = loaded.schedule.phase_at(epoch)
-        crop_size = phase.crop_size_at(epoch)
-        seen.setdefault(
-            (phase.train_dir_name, crop_size, phase.batch_size, phase.min_scale), (phase, crop_size)
-        )
     rows = []
-    for phase, crop_size in seen.values():
-        torch.manual_seed(0)
-        module = build_model(recipe, num_classes).to(
+    for phase, crop_size in distinct_phases(loaded.schedule):
+        trainer = bench_step(config, recipe, num_classes, device, precision)
+        synthetic = SyntheticBatches(
+            phase.batch_size,
+            crop_size,
+            num_classes,
+            config.warmup_steps + config.steps,
             device,
-            memory_format=torch.channels_last if config.channels_last else torch.contiguous_format,
+            config.channels_last,
         )
-        model = torch.compile(module, dynamic=False) if config.compile else module
-        trainer = ModelStep(
-            model,
-            build_optimizer(module, recipe, device),
-            device,
-            precision,
-            recipe.label_smoothing,
-            make_scaler(device, precision),
-        )
-        total = config.warmup_steps + config.steps
-        synthetic = timed_steps(
-            trainer,
-            SyntheticBatches(
-                phase.batch_size, crop_size, num_classes, total, device, config.channels_last
-            ),
-            config.warmup_steps,
-            config.steps,
-        )
+        rate = timed_steps(trainer, synthetic, config.warmup_steps, config.steps)["img_per_s"]
         row = {
             "phase_epochs": list(phase.epochs),
             "train_dir": phase.train_dir_name,
             "crop_size": crop_size,
             "batch_size": phase.batch_size,
-            "synthetic_img_per_s": synthetic["img_per_s"],
+            "synthetic_img_per_s": rate,
             "real_img_per_s": None,
             "data_wait": None,
             "verdict": "synthetic only",
         }
         if data is not None:
-            loader = data.train_loader(
-                phase.train_dir_name,
-                phase.batch_size,
-                TrainCrop(crop_size, phase.min_scale),
-                rank=0,
-                world_size=1,
-                seed=0,
-                workers=config.workers,
-                decode=config.decode,
-                device=str(device) if config.decode == "gpu" else None,
-                augment=None,
-            )
-            try:
-                batches = EndlessEpochs(
-                    loader, data.prefetcher(loader, device, config.channels_last)
-                )
-                real = timed_steps(trainer, batches, config.warmup_steps, config.steps)
-            finally:
-                loader.close()
+            real = real_rates(config, trainer, data, phase, crop_size, device)
             row.update(
                 real_img_per_s=real["img_per_s"],
                 data_wait=real["data_wait"],
-                verdict=verdict(synthetic["img_per_s"], real["img_per_s"], real["data_wait"]),
+                verdict=verdict(rate, real["img_per_s"], real["data_wait"]),
             )
         rows.append(row)
     return rows

@@ -82,6 +82,40 @@ def _batches_forever(loader):
         epoch += 1
 
 
+def timed_batches(loader, num_batches: int, warmup_batches: int, decode: str):
+    """(images, seconds, memory trace) of `num_batches` batches after the warm-up ones."""
+    batches = _batches_forever(loader)
+    for _ in range(warmup_batches):
+        next(batches)
+    pids = loader.worker_pids() or [os.getpid()]  # 0 workers: the main process decodes
+    trace = [(0, [process_memory_mb(pid) for pid in pids])]
+    images, every = 0, max(1, num_batches // TRACE_POINTS)
+    started = time.perf_counter()
+    for step in range(1, num_batches + 1):
+        images += len(next(batches)[0])
+        if step % every == 0 or step == num_batches:
+            trace.append((images, [process_memory_mb(pid) for pid in pids]))
+    if decode == "gpu" and torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return images, time.perf_counter() - started, trace
+
+
+def memory_fields(trace: list) -> dict:
+    """Worker memory at the start and end of the timed batches, and private_dirty's trace."""
+    first, last = trace[0][1], trace[-1][1]
+    return {
+        "worker_rss_mb": [memory["rss"] for memory in last],
+        "worker_rss_start_mb": [memory["rss"] for memory in first],
+        "worker_uss_mb": [memory["uss"] for memory in last],
+        "worker_private_dirty_mb": [memory["private_dirty"] for memory in last],
+        "worker_private_dirty_start_mb": [memory["private_dirty"] for memory in first],
+        "worker_private_dirty_trace_mb": [
+            (seen, [round(memory["private_dirty"], 1) for memory in sample])
+            for seen, sample in trace
+        ],
+    }
+
+
 def bench_loader(
     data_dir: Path,
     crop_size: int,
@@ -118,21 +152,7 @@ def bench_loader(
     except ValueError as exc:  # the loaders' argument checks: one line at the CLI, as train run's
         raise TrainError(f"bench-loader: {exc}") from None
     try:
-        batches = _batches_forever(loader)
-        for _ in range(warmup_batches):
-            next(batches)
-        pids = loader.worker_pids() or [os.getpid()]  # 0 workers: the main process decodes
-        trace = [(0, [process_memory_mb(pid) for pid in pids])]
-        images = 0
-        every = max(1, num_batches // TRACE_POINTS)
-        started = time.perf_counter()
-        for step in range(1, num_batches + 1):
-            images += len(next(batches)[0])
-            if step % every == 0 or step == num_batches:
-                trace.append((images, [process_memory_mb(pid) for pid in pids]))
-        if decode == "gpu" and torch.cuda.is_available():
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - started
+        images, seconds, trace = timed_batches(loader, num_batches, warmup_batches, decode)
     finally:
         loader.close()
     img_per_s = images / max(seconds, 1e-9)
@@ -144,15 +164,7 @@ def bench_loader(
         "data_wait_seconds": seconds,  # no model: all of it is waiting for data
         "batches": num_batches,
         "batches_per_epoch": len(loader),
-        "worker_rss_mb": [memory["rss"] for memory in trace[-1][1]],
-        "worker_rss_start_mb": [memory["rss"] for memory in trace[0][1]],
-        "worker_uss_mb": [memory["uss"] for memory in trace[-1][1]],
-        "worker_private_dirty_mb": [memory["private_dirty"] for memory in trace[-1][1]],
-        "worker_private_dirty_start_mb": [memory["private_dirty"] for memory in trace[0][1]],
-        "worker_private_dirty_trace_mb": [
-            (seen, [round(memory["private_dirty"], 1) for memory in sample])
-            for seen, sample in trace
-        ],
+        **memory_fields(trace),
         "workers": workers,
         "decode": decode,
         "crop_size": crop_size,

@@ -67,6 +67,17 @@ class _WorkerPids:
         self.pids[worker_id] = os.getpid()
 
 
+def check_loader_args(decode: str, workers: int, executor: str | None) -> None:
+    if decode not in DECODERS:
+        raise ValueError(f"decode must be one of {DECODERS}, got {decode!r}")
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0, got {workers}")
+    if executor is not None and executor not in EXECUTORS:
+        raise ValueError(
+            f"executor must be one of {EXECUTORS} or None (the loader's choice), got {executor!r}"
+        )
+
+
 class _Core:
     """What both loaders share: the store, the workers, GPU decode and error surfacing."""
 
@@ -79,15 +90,7 @@ class _Core:
         augment: Augment | None = None,
         executor: str | None = None,
     ) -> None:
-        if decode not in DECODERS:
-            raise ValueError(f"decode must be one of {DECODERS}, got {decode!r}")
-        if workers < 0:
-            raise ValueError(f"workers must be >= 0, got {workers}")
-        if executor is not None and executor not in EXECUTORS:
-            raise ValueError(
-                f"executor must be one of {EXECUTORS} or None (the loader's choice), "
-                f"got {executor!r}"
-            )
+        check_loader_args(decode, workers, executor)
         self.records = RecordDataset(dataset_dir)
         self.dataset_dir = self.records.dataset_dir
         self.num_images, self.num_classes = len(self.records), self.records.num_classes

@@ -152,39 +152,49 @@ def train_steps(
             and state.global_step % checkpoint_every == 0
             and state.step < steps
         )
-        if (
-            due
-            or state.step % sync_every == 0
-            or state.step == steps
-            or (not distributed and stop_requested())
-        ):
-            wait = batches.data_wait_seconds
-            loss_sum, count, images, waited, votes, seconds = interval.sync(
-                env, wait - wait_seen, stop_requested()
-            )
+        stop = not distributed and stop_requested()
+        if due or stop or state.step % sync_every == 0 or state.step == steps:
+            wait, waited = batches.data_wait_seconds, batches.data_wait_seconds - wait_seen
+            sync = _sync_point(interval, env, state, lr, waited, stop_requested(), due, steps)
             wait_seen = wait
-            sync = SyncPoint(
-                state.epoch,
-                state.step,
-                state.global_step,
-                lr,
-                loss_sum,
-                count,
-                images,
-                seconds,
-                waited,
-                env.world_size if env else 1,
-                votes > 0,
-                due,
-                state.step == steps,
-            )
-            _fold(state.sums, sync)
             if on_sync(sync) or state.step >= steps:
                 return lr
     raise TrainError(
         f"epoch {state.epoch}: the train loader stopped after "
         f"{state.step * accum_steps} of its {steps * accum_steps} batches"
     )
+
+
+def _sync_point(
+    interval: _Interval,
+    env: DistEnv | None,
+    state: TrainState,
+    lr: float,
+    waited: float,
+    stop: bool,
+    due: bool,
+    steps: int,
+) -> SyncPoint:
+    """The one host sync: all-reduce the interval's sums, fold them into the epoch's."""
+    loss_sum, count, images, waited, votes, seconds = interval.sync(env, waited, stop)
+    world_size = env.world_size if env else 1
+    sync = SyncPoint(
+        state.epoch,
+        state.step,
+        state.global_step,
+        lr,
+        loss_sum,
+        count,
+        images,
+        seconds,
+        waited,
+        world_size,
+        votes > 0,
+        due,
+        state.step == steps,
+    )
+    _fold(state.sums, sync)
+    return sync
 
 
 def _fold(sums: EpochSums, sync: SyncPoint) -> None:
