@@ -25,5 +25,11 @@ class CheckpointError(TrainError):
     """A checkpoint or run directory that cannot be resumed, written or cleared."""
 
 
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """`Type: message` of a library's exception on one line (whitespace collapsed, cut)."""
+    text = " ".join(str(exc).split())[:limit]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 # What the command line turns into one line: ours, and the shards' own (formats, shared with prep).
 REPORTED = (TrainError, DatasetError)

@@ -9,7 +9,7 @@ from typing import Any, Mapping
 import torch
 
 from train.engine.model import create_model
-from train.errors import TrainError
+from train.errors import TrainError, one_line
 from train.run import checkpoint as ckpt
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -49,7 +49,7 @@ def export(run_dir: Path, out_path: Path, *, ema: bool = False) -> dict[str, Any
         model.load_state_dict(weights, strict=True)
     except RuntimeError as exc:
         raise TrainError(
-            f"{path}: weights do not load into {arch}'s constructor: {str(exc).splitlines()[0]}"
+            f"{path}: weights do not load into {arch}'s constructor ({one_line(exc)})"
         ) from None
     out_path = Path(out_path)
     ckpt.save_atomic(weights, out_path)

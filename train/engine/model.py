@@ -16,7 +16,7 @@ from train.engine.layers import (
     count_blurpool,
     zero_init_last_bn,
 )
-from train.errors import RecipeError
+from train.errors import RecipeError, one_line
 from train.plan.config import TIMM_PREFIX, Recipe
 
 
@@ -71,7 +71,7 @@ def check_model(
     except Exception as exc:  # a constructor says TypeError, ValueError, AssertionError, ...
         raise RecipeError(
             f"recipe: cannot build {recipe.arch} with model_kwargs "
-            f"{dict(recipe.model_kwargs)} ({_one_line(exc)})"
+            f"{dict(recipe.model_kwargs)} ({one_line(exc)})"
         ) from None
     for training, crops in ((True, sorted(set(train_crops))), (False, sorted(set(val_crops)))):
         model.train(training)
@@ -82,7 +82,7 @@ def check_model(
                 return
             except Exception as exc:
                 raise RecipeError(
-                    f"recipe: {recipe.arch} cannot take {crop_size} px crops ({_one_line(exc)})"
+                    f"recipe: {recipe.arch} cannot take {crop_size} px crops ({one_line(exc)})"
                 ) from None
             if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (2, num_classes):
                 kind = (
@@ -96,11 +96,6 @@ def check_model(
                     f"(batch, {num_classes}) logits (an auxiliary head? see "
                     "its model_kwargs)"
                 )
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
 
 
 def model_notes(recipe: Recipe, model: nn.Module) -> list[str]:

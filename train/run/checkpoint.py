@@ -13,7 +13,7 @@ import torch
 from formats.files import write_atomic
 from train.engine.loop import TrainState, sums_from_dict
 from train.engine.step import ModelStep
-from train.errors import CheckpointError, TrainError
+from train.errors import CheckpointError, TrainError, one_line
 
 CHECKPOINT_VERSION = 2  # 2: phases gained lr_shape, accum_steps, crop_multiple
 CHECKPOINTS_DIR = "checkpoints"
@@ -68,10 +68,7 @@ def load(path: Path) -> dict[str, Any]:
             f"({_unpickler_reason(exc)})"
         ) from None
     except Exception as exc:  # torch raises several types for truncated or foreign files
-        raise CheckpointError(
-            f"{path}: unreadable checkpoint ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''})"
-        ) from None
+        raise CheckpointError(f"{path}: unreadable checkpoint ({one_line(exc)})") from None
     if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
         raise CheckpointError(
             f"{path}: not a shardtrain checkpoint of version {CHECKPOINT_VERSION}"
@@ -178,21 +175,16 @@ def restore(saved: dict[str, Any], state: TrainState, trainer: ModelStep) -> Non
             trainer.ema.load_state_dict(saved["ema"])
     except (RuntimeError, ValueError, KeyError, TypeError) as exc:  # "size mismatch", ...
         raise TrainError(
-            f"the checkpoint's weights do not fit this run's model ({_first_lines(exc)})"
+            f"the checkpoint's weights do not fit this run's model ({one_line(exc)})"
         ) from None
     try:
         restore_rng_state(saved["rng"])
         sums = sums_from_dict(saved["partial"])
     except (RuntimeError, ValueError, KeyError, TypeError) as exc:
-        raise TrainError(f"damaged RNG or epoch-sum state ({_first_lines(exc)})") from None
+        raise TrainError(f"damaged RNG or epoch-sum state ({one_line(exc)})") from None
     state.epoch, state.step, state.global_step = saved["epoch"], saved["step"], saved["global_step"]
     state.elapsed_s, state.eval_s = saved["elapsed_s"], saved["eval_s"]
     state.sums = sums
-
-
-def _first_lines(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).strip().splitlines()[:2]]
-    return f"{type(exc).__name__}: {' '.join(lines)[:300]}"
 
 
 def last_kept(out_dir: Path) -> str:
@@ -212,8 +204,7 @@ def save_run(saved: dict[str, Any], out_dir: Path, final: bool) -> None:
         if final:
             save_atomic(saved, directory / FINAL_NAME)
     except (OSError, RuntimeError) as exc:  # torch's zip writer wraps some OSErrors
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        reason = " ".join(reason.split())[:200]
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else one_line(exc, 200)
         raise TrainError(
             f"cannot save a checkpoint in {directory} ({reason}); {last_kept(out_dir)}"
         ) from None
