@@ -42,7 +42,7 @@ PREP_SIZES = (160, 320)
 NEEDS_SECONDS = {False: 10.0, True: 150.0}  # least budget left to start an eager / compiled row
 TINY = {"archs": "resnet18", "sizes": "32,64", "arch_sizes": "", "compile_sizes": "32,64", "steps": 2,
         "warmup": 1, "log_every": 1, "batch_size": 8, "fixture_images": 64, "fixture_classes": 4,
-        "workers": 1, "budget_seconds": 240.0, "config_seconds": 20.0}
+        "workers": 1, "budget_seconds": 240.0, "config_seconds": 20.0, "photos": "synthetic"}
 
 
 def usable_cores() -> int:
@@ -68,6 +68,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--fixture-classes", type=int, default=20)
     add("--fixture-dir", type=Path, help="use this fixture (bench/fixture.py layout) instead of building one")
     add("--wallpaper-dir", type=Path, help="the fixture's source photos, where /usr/share/wallpapers is missing")
+    add("--photos", choices=("real", "synthetic"), default="real",
+        help="fixture images: real photos (bench/fixture.py) or prep sample's generated ones (--tiny's)")
     add("--export-sources", type=Path, help="copy the fixture's source photos to this folder and exit")
     add("--workers", type=int, help="loader processes of (b), (c), (d) (default: all usable cores)")
     add("--budget-seconds", type=float, default=450.0, help="whole run, inputs included; rows past it are skipped")
@@ -157,9 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.fixture_dir:
         fixture_dir, record = args.fixture_dir, gpu_inputs.existing_fixture(args.fixture_dir)
     else:
-        fixture_dir = args.cache / f"fixture-{args.fixture_images}"
-        record = gpu_inputs.build_fixture(fixture_dir, args.fixture_images, args.fixture_classes,
-                                          args.wallpaper_dir)
+        fixture_dir = args.cache / f"fixture-{args.photos}-{args.fixture_images}"
+        record = gpu_inputs.build_inputs_fixture(fixture_dir, args.fixture_images, args.fixture_classes,
+                                                 args.wallpaper_dir, args.photos)
     num_images = record["stats"]["count"]
     shard_dirs = gpu_inputs.build_shards(fixture_dir, args.cache / f"shards-{fixture_dir.name}", sizes,
                                          num_images, 0 if args.tiny else args.workers) if sizes else {}

@@ -38,13 +38,13 @@ import gpu_inputs  # noqa: E402  (bench/gpu_inputs.py)
 
 PREP_SIZES = (160, 320)
 FULL = {"arch": "resnet50", "crops": (128, 224), "batch_sizes": (256, 192), "images": 2000,
-        "classes": 20, "val_per_class": 25, "workers": None, "budget_seconds": 540.0}
+        "classes": 20, "val_per_class": 25, "workers": None, "budget_seconds": 540.0, "photos": "real"}
 # step 3's rows (name, extra `train run` flags, epochs) and step 4's flags
 RUN_ROWS = (("run-decode-cpu", ("--decode", "cpu"), 2), ("run-decode-gpu", ("--decode", "gpu"), 2),
             ("run-fp16", ("--precision", "fp16"), 2), ("run-compile", ("--compile",), 1))
 RESUME_FLAGS = ("--deterministic", "--checkpoint-every-steps", "3", "--seed", "1")
 TINY = {"arch": "resnet18", "crops": (32, 48), "batch_sizes": (8, 8), "images": 64,
-        "classes": 4, "val_per_class": 4, "workers": 1, "budget_seconds": 600.0}
+        "classes": 4, "val_per_class": 4, "workers": 1, "budget_seconds": 600.0, "photos": "synthetic"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -53,6 +53,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "/tmp/gpu-check"))
     parser.add_argument("--cache", type=Path, help="inputs cache [default: OUT/cache]")
     parser.add_argument("--wallpaper-dir", type=Path, help="fixture photos where /usr/share/wallpapers is missing")
+    parser.add_argument("--photos", choices=("real", "synthetic"),
+                        help="fixture images: real photos, or prep sample's generated ones [--tiny's default]")
     parser.add_argument("--budget-seconds", type=float, help="whole call; later steps get what is left")
     parser.add_argument("--skip", default="", help="comma list of steps to leave out: tests,runs,resume,bench")
     args = parser.parse_args(argv)
@@ -113,8 +115,9 @@ def build_inputs(args: argparse.Namespace, steps: Steps) -> Path | None:
     """Fixture (the one bench/gpu.py reuses), a val split of hard links, train+val shards."""
     started = time.monotonic()
     try:
-        fixture_dir = args.cache / f"fixture-{args.images}"
-        record = gpu_inputs.build_fixture(fixture_dir, args.images, args.classes, args.wallpaper_dir)
+        fixture_dir = args.cache / f"fixture-{args.photos}-{args.images}"
+        record = gpu_inputs.build_inputs_fixture(fixture_dir, args.images, args.classes, args.wallpaper_dir,
+                                                 args.photos)
         shards_dir = args.cache / f"shards-{fixture_dir.name}"
         gpu_inputs.build_shards(fixture_dir, shards_dir, list(PREP_SIZES), record["stats"]["count"],
                                 args.workers)
@@ -260,6 +263,7 @@ def gpu_table(args: argparse.Namespace, steps: Steps) -> None:
                str(args.out / "gpu.json"), "--budget-seconds", str(max(30, steps.left() - 25))]
     if args.wallpaper_dir:
         command += ["--wallpaper-dir", str(args.wallpaper_dir)]
+    command += ["--photos", args.photos]
     if args.tiny:
         command += ["--tiny", "--configs", "a,b,d", "--variants", ""]
     else:

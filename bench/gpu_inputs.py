@@ -3,11 +3,14 @@ where the benchmark runs (a device machine starts bare) and reused when already 
 
 The fixture draws its photos from Debian's wallpapers (/usr/share/wallpapers); a machine
 without them gets the same photos carried in a folder (`export_sources` writes one:
-~6 MB), named with --wallpaper-dir.
+~6 MB), named with --wallpaper-dir. `--photos synthetic` lays out `prep sample`'s generated
+images instead (CPU rehearsals and their tests: no photo package needed).
 """
 from __future__ import annotations
 
+import json
 import shutil
+import tarfile
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +45,39 @@ def build_fixture(fixture_dir: Path, num_images: int, num_classes: int,
             raise SystemExit(f"--wallpaper-dir {wallpaper_dir}: no such directory")
         fixture.WALLPAPER_DIR = Path(wallpaper_dir)
     return fixture.build_fixture(fixture_dir, num_images, num_classes, 0, quiet=True)
+
+
+def build_inputs_fixture(fixture_dir: Path, num_images: int, num_classes: int,
+                         wallpaper_dir: Path | None, photos: str) -> dict:
+    """The fixture `photos` names: "real" (bench/fixture.py) or "synthetic" (prep sample's)."""
+    if photos == "synthetic":
+        return synthetic_fixture(fixture_dir, num_images, num_classes)
+    return build_fixture(fixture_dir, num_images, num_classes, wallpaper_dir)
+
+
+def synthetic_fixture(fixture_dir: Path, num_images: int, num_classes: int) -> dict:
+    """bench/fixture.py's layout (archives/<train tar>, folders/train/<wnid>/) holding
+    `prep sample`'s generated images; reused when its parameters match."""
+    from prep.sample import write_sample
+
+    fixture_dir = Path(fixture_dir)
+    record_path = fixture_dir / "fixture.json"
+    params = {"photos": "synthetic", "num_images": num_images, "num_classes": num_classes}
+    if record_path.is_file() and json.loads(record_path.read_text()).get("params") == params:
+        return json.loads(record_path.read_text())
+    per_class = max(1, num_images // num_classes)
+    info = write_sample(fixture_dir / "archives", num_classes=num_classes, train_per_class=per_class,
+                        val_per_class=1)
+    with tarfile.open(info.train_tar_path) as outer:
+        for class_member in outer:
+            folder = fixture_dir / "folders" / "train" / Path(class_member.name).stem
+            folder.mkdir(parents=True, exist_ok=True)
+            with tarfile.open(fileobj=outer.extractfile(class_member)) as inner:
+                for member in inner:
+                    (folder / member.name).write_bytes(inner.extractfile(member).read())
+    record = {"params": params, "stats": {"count": per_class * num_classes, "photos": "synthetic"}}
+    record_path.write_text(json.dumps(record))
+    return record
 
 
 def existing_fixture(fixture_dir: Path) -> dict:

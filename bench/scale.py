@@ -3,7 +3,7 @@ ImageNet's exact counts and layout (bench/scale_archive.py: 1,000 class tars, 1,
 50,000 val members, devkit) of small real-photo crops.
 
     python bench/scale.py --data /work/data/h3/scale STEP [STEP ...]
-    python bench/scale.py --data /tmp/tiny --scale 0.001 all     # seconds: the tests' tiny mode
+    python bench/scale.py --data /tmp/tiny --scale 0.001 --photos synthetic all   # the tests' tiny mode
 
 Steps (each saves its results in DATA/results.json, so they can run as separate commands):
   generate    write the archives (reused when they match --scale and --seed)
@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quality", type=int, default=75,
                         help="--quality of the rehearsal builds (75: the shards of ~7 KB crops fit the disk twice)")
     parser.add_argument("--workers", type=int, default=None, help="prep workers (default: all cores)")
+    parser.add_argument("--photos", choices=("real", "synthetic"), default="real",
+                        help="real: the wallpaper photos (`make bench` installs them); synthetic: generated gradients")
     parser.add_argument("--prep-json", type=Path, help="bench/prep.py --json-out results: per-core rates for the projection")
     args = parser.parse_args(argv)
     steps = STEPS if "all" in args.steps else args.steps
@@ -57,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     for step in steps:
         started = time.perf_counter()
         if step == "generate":
-            results["generate"] = scale_archive.generate(rehearsal.src_dir, args.scale, args.seed)
+            results["generate"] = scale_archive.generate(rehearsal.src_dir, args.scale, args.seed,
+                                                         photos=args.photos)
         elif step == "report":
             print(format_report(results, json.loads(args.prep_json.read_text()) if args.prep_json else None))
         else:

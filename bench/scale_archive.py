@@ -77,15 +77,25 @@ def image_modes(num_images: int, seed: int, split: str) -> dict[int, str]:
 _photos: list[Image.Image] = []  # per worker process, set by _load_photos
 
 
-def _load_photos() -> None:
-    """The bench fixture's colour wallpaper photos, halved; smooth synthetic images where none
-    are installed (the tests' tiny mode on a bare machine), so the layout can still be checked."""
+def photo_paths(photos: str) -> list[str]:
+    """The bench fixture's colour wallpaper photos ("real"; one line naming the package when they
+    are missing), or none ("synthetic": smooth generated images, for the tests' tiny mode)."""
+    if photos == "synthetic":
+        return []
     try:
-        sources = [s for s in fixture.find_sources() if s.name.startswith("wallpaper:")]
-    except RuntimeError:
-        sources = []
-    for source in sources:
-        with Image.open(source.origin) as image:
+        sources = [s.origin for s in fixture.find_sources() if s.name.startswith("wallpaper:")]
+    except RuntimeError as error:
+        raise SystemExit(f"scale: {error} (or pass --photos synthetic)") from None
+    if not sources:
+        raise SystemExit("scale: needs Debian's plasma-workspace-wallpapers (`make bench` installs them "
+                         "as root) or --photos synthetic")
+    return sources
+
+
+def _load_photos(paths: list[str]) -> None:
+    """Per worker: the photos named by photo_paths, halved; a generated gradient where none."""
+    for path in paths:
+        with Image.open(path) as image:
             photo = image.convert("RGB")
         _photos.append(photo.reduce(SOURCE_REDUCE) if photo.width > 1600 else photo)
     if not _photos:
@@ -144,13 +154,15 @@ def _write_atomic(path: Path, write) -> None:
     os.replace(partial, path)
 
 
-def generate(src_dir: Path, scale: float = 1.0, seed: int = 0, workers: int | None = None) -> dict:
+def generate(src_dir: Path, scale: float = 1.0, seed: int = 0, workers: int | None = None,
+             photos: str = "real") -> dict:
     """Write the three archives into src_dir (reused when facts.json matches); return the facts."""
     src_dir = Path(src_dir)
     facts_path = src_dir / "facts.json"
-    params = {"scale": scale, "seed": seed, "version": 1}
+    params = {"scale": scale, "seed": seed, "version": 1, "photos": photos}
     if facts_path.is_file() and json.loads(facts_path.read_text()).get("params") == params:
         return json.loads(facts_path.read_text())
+    paths = photo_paths(photos)
     src_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     words = class_words(NUM_CLASSES)
@@ -168,7 +180,7 @@ def generate(src_dir: Path, scale: float = 1.0, seed: int = 0, workers: int | No
     val_tasks = [(seed, a, min(a + step, len(labels)), {i: m for i, m in val_modes.items() if a <= i < a + step})
                  for a in range(0, len(labels), step)]
     image_bytes = 0
-    with get_context("fork").Pool(workers, initializer=_load_photos) as pool:
+    with get_context("fork").Pool(workers, initializer=_load_photos, initargs=(paths,)) as pool:
         def write_train(f):
             nonlocal image_bytes
             with tarfile.open(fileobj=f, mode="w", format=tarfile.GNU_FORMAT) as outer:

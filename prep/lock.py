@@ -11,6 +11,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -28,8 +29,13 @@ def lock_path(out_dir: Path, dataset_name: str) -> Path:
 
 
 def _holder(fd: int) -> str:
-    text = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
-    return f"PID {text}" if text.isdigit() else "another process"
+    # The holder writes its PID just after locking: a refusal in between waits briefly for it.
+    for _ in range(50):
+        text = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
+        if text.isdigit():
+            return f"PID {text}"
+        time.sleep(0.01)
+    return "another process"
 
 
 def acquire(path: Path, what: str) -> int:

@@ -223,16 +223,22 @@ def prepare_image(data, prep_sizes: tuple[int, ...], quality: int, upscale: bool
 
 def _reusable_dims(data) -> tuple[int, int] | None:
     """(height, width) of a JPEG worth keeping byte for byte where no resize is needed: RGB or
-    YCbCr (nothing to convert), baseline (what training decodes fastest). Else None."""
-    tj = jpeg.turbo()
-    if tj is None or len(data) == 0 or jpeg.sniff(data) != "jpeg" or not jpeg.is_sequential_8bit(data):
+    YCbCr (nothing to convert), baseline (what training decodes fastest). Else None. The same
+    answer with or without libturbojpeg, so a build's stored bytes do not depend on it."""
+    if len(data) == 0 or jpeg.sniff(data) != "jpeg" or not jpeg.is_sequential_8bit(data):
         return None
+    tj = jpeg.turbo()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            width, height, _, colorspace = tj.decode_header(data)
-    except OSError:
-        return None  # _decode rejects it with the reason
+            if tj is None:  # PIL reads the header only: "RGB" is a 3-component YCbCr/RGB JPEG
+                with Image.open(io.BytesIO(data)) as image:
+                    (width, height), three_components = image.size, image.mode == "RGB"
+            else:
+                width, height, _, colorspace = tj.decode_header(data)
+                three_components = colorspace in (jpeg.TJCS_RGB, jpeg.TJCS_YCBCR)
+    except Exception:  # noqa: BLE001  (_decode rejects it with the reason)
+        return None
     if height <= 0 or width <= 0:
         return None  # _decode rejects it with the reason
-    return (height, width) if colorspace in (jpeg.TJCS_RGB, jpeg.TJCS_YCBCR) else None
+    return (height, width) if three_components else None

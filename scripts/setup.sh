@@ -15,6 +15,18 @@ if ! ldconfig -p 2>/dev/null | grep -q libturbojpeg.so.0; then
   fi
 fi
 
+# Benchmarks decode real photos (noise and flat shapes decode at unrealistic speeds): Debian's
+# wallpapers are the fixture's source (bench/fixture.py). Tests never need them.
+if [[ ",$extras," == *",bench,"* ]] && ! dpkg -s plasma-workspace-wallpapers >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    say "installing plasma-workspace-wallpapers (the benchmarks' real photos, ~90 MB)"
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      plasma-workspace-wallpapers >/dev/null || echo "setup: plasma-workspace-wallpapers did not install; the benchmarks will say what they miss" >&2
+  else
+    echo "setup: the benchmarks need real photos: install Debian's plasma-workspace-wallpapers (sudo apt-get install plasma-workspace-wallpapers) or rely on scikit-image's few" >&2
+  fi
+fi
+
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 pip=("$venv/bin/python" -m pip)
 # --isolated: ignore machine-wide pip config (e.g. a find-links dir holding a CPU-only torch wheel

@@ -22,32 +22,12 @@ report = importlib.import_module("gpu_report")
 SIZES = (32, 64)
 
 
-def fake_fixture(root: Path) -> Path:
-    """bench/fixture.py's layout with generated images, where its source photos are missing."""
-    from tests.conftest import jpeg_bytes, write_train_tar
-
-    classes = {}
-    for label in range(4):
-        wnid = f"n9000{label:04d}"
-        folder = root / "folders" / "train" / wnid
-        folder.mkdir(parents=True)
-        classes[wnid] = [(f"{wnid}_{i}.JPEG", jpeg_bytes(375, 500, seed=16 * label + i)) for i in range(16)]
-        for name, data in classes[wnid]:
-            (folder / name).write_bytes(data)
-    (root / "archives").mkdir()
-    write_train_tar(root / "archives" / "ILSVRC2012_img_train.tar", classes)
-    return root
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(json result, printed text, cache dir) of `bench/gpu.py --tiny --device cpu`."""
     tmp = tmp_path_factory.mktemp("bench_gpu")
+    # --tiny builds its fixture from prep sample's generated images: no photo package needed
     argv = ["--tiny", "--device", "cpu", "--cache", str(tmp / "cache"), "--json-out", str(tmp / "r.json")]
-    try:
-        importlib.import_module("fixture").find_sources()
-    except RuntimeError:  # no wallpapers, no scikit-image: same pipeline on generated images
-        argv += ["--fixture-dir", str(fake_fixture(tmp / "fixture"))]
     text = io.StringIO()
     with contextlib.redirect_stdout(text):
         assert gpu.main(argv) == 0

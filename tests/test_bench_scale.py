@@ -23,8 +23,9 @@ if str(BENCH) not in sys.path:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     data = tmp_path_factory.mktemp("scale")
+    # synthetic photos: the test needs the layout and the steps, not realistic decode costs
     result = subprocess.run([sys.executable, str(BENCH / "scale.py"), "--data", str(data), "--scale", "0.001",
-                             "--workers", "1", "all"], cwd=REPO, capture_output=True, text=True, timeout=600)
+                             "--photos", "synthetic", "--workers", "1", "all"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return data, json.loads((data / "results.json").read_text()), result.stdout
 

@@ -3,6 +3,7 @@ the library in this process and every process it starts). The whole suite runs t
 `SHARDTRAIN_NO_TURBOJPEG=1 make test`."""
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import subprocess
@@ -70,3 +71,25 @@ def test_verify_refuses_a_tampered_header_before_decoding(built_shards, tmp_path
     result = _prep("verify", str(copy), "--workers", "1", "-q", env=os.environ)
     assert result.returncode == 1 and "record 0" in result.stdout, result.stdout + result.stderr
     assert "header says 40000x40000" in result.stdout or "decompression bomb" in result.stdout  # (PIL)
+
+
+def test_pass_through_keeps_the_same_jpegs_without_turbojpeg(monkeypatch):
+    """Which JPEGs are stored byte for byte must not depend on libturbojpeg being installed."""
+    from PIL import Image
+
+    from prep.resize import prepare_image
+    from tests.conftest import jpeg_bytes
+
+    gray = io.BytesIO()
+    Image.open(io.BytesIO(jpeg_bytes(160, 213, seed=2))).convert("L").save(gray, "JPEG")
+    inputs = [jpeg_bytes(160, 213, seed=1), jpeg_bytes(100, 140, seed=3), gray.getvalue()]
+    with_turbo = [prepare_image(data, (160,), 90).outputs[0] for data in inputs]
+    monkeypatch.setenv(jpeg.HIDE_TURBOJPEG_ENV, "1")
+    jpeg.turbo.cache_clear()
+    try:
+        without = [prepare_image(data, (160,), 90).outputs[0] for data in inputs]
+    finally:
+        monkeypatch.delenv(jpeg.HIDE_TURBOJPEG_ENV)
+        jpeg.turbo.cache_clear()
+    assert [o.stored_as_is for o in without] == [o.stored_as_is for o in with_turbo] == [True, True, False]
+    assert without[0].jpeg == inputs[0] and without[1].jpeg == inputs[1]
