@@ -60,7 +60,9 @@ def call(fn, *args, **kwargs):
 
 def option(name: str, kind: Any, default: Any, meta: Mapping[str, Any]) -> inspect.Parameter:
     """A typer option from a declared setting (train.plan.settings): name, help, default."""
-    flag = "--" + (meta.get("flag") or name).replace("_", "-")
+    from train.plan.config import option_name
+
+    flag = option_name(name, meta.get("flag"))
     names = [f"{flag}/--no-{flag[2:]}"] if kind is bool else [flag]
     help_text = meta.get("help", "")
     if meta.get("choices"):

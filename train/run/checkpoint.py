@@ -25,8 +25,7 @@ def checkpoint_dir(out_dir: Path) -> Path:
     return Path(out_dir) / CHECKPOINTS_DIR
 
 
-# What every checkpoint of this version holds (capture()); sync_bn came later, so is optional.
-SAVED_KEYS = (
+IDENTITY_KEYS = (
     "arch",
     "num_classes",
     "recipe",
@@ -34,6 +33,10 @@ SAVED_KEYS = (
     "seed",
     "world_size",
     "precision",
+    "sync_bn",
+)
+# What every checkpoint of this version holds (capture()); sync_bn came later, so is optional.
+SAVED_KEYS = tuple(key for key in IDENTITY_KEYS if key != "sync_bn") + (
     "epoch",
     "step",
     "global_step",
@@ -127,17 +130,6 @@ def _as_python_state(value: Any) -> tuple:
 
 
 # --- capture / check / restore ------------------------------------------------------------
-
-IDENTITY_KEYS = (
-    "arch",
-    "num_classes",
-    "recipe",
-    "schedule",
-    "seed",
-    "world_size",
-    "precision",
-    "sync_bn",
-)
 
 
 def capture(
