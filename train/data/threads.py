@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import threading
 from typing import Iterator
 
@@ -183,8 +185,9 @@ class WorkerThreads:
         ]
         number = last_taken = iteration.first_number
         try:
-            for thread in threads:
-                thread.start()
+            with sigint_held():  # Ctrl-C inside start() would leave a thread running, unjoined
+                for thread in threads:
+                    thread.start()
             while (job := iteration.wait_for(number, help_out=not threads)) is not None:
                 if job.error is not None:
                     raise job.error
@@ -196,8 +199,21 @@ class WorkerThreads:
                 iteration.asked_past(number)
                 number += 1
         finally:
-            iteration.close()
-            for thread in threads:
-                if thread.is_alive():
-                    thread.join()
+            # A Ctrl-C inside join() would leave a running thread marked as stopped (CPython's
+            # bpo-45274 handling): it waits until every thread of this iteration has ended.
+            with sigint_held():
+                iteration.close()
+                for thread in threads:
+                    if thread.is_alive():
+                        thread.join()
             iteration.release_all(last_taken)
+
+
+@contextlib.contextmanager
+def sigint_held() -> Iterator[None]:
+    """SIGINT waits (blocked for this thread, and so for the threads it starts) until the end."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)

@@ -87,7 +87,8 @@ def dry_run_loaders(config: RunConfig) -> list[str]:
     lines = out.getvalue().splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("epoch"))
     column = lines[header].index("loaders")
-    return [line[column:].strip() for line in lines[header + 1 :]]
+    rows = [line for line in lines[header + 1 :] if not line.startswith("model: ")]
+    return [line[column:].strip() for line in rows]
 
 
 def actions_per_epoch(calls: list[tuple]) -> list[set[str]]:
