@@ -11,11 +11,11 @@ from torch.utils.data import DataLoader
 
 from formats.dataset import RecordDataset
 from formats.errors import DatasetError
-from train.data import decode as cpu_decode
 from train.data.batches import BatchBuilder, BatchError
 from train.data.constants import DECODERS
 from train.data.contract import Augment
 from train.data.crops import TrainCrop
+from train.data.decode import backend as decode_backend
 from train.data.gpu_decode import EncodedBatch, decode_on_device
 from train.data.ring import BatchRing
 from train.data.samplers import (
@@ -33,7 +33,7 @@ RING_SLOTS = 5  # the consumer's batch and the one before it, one ready, two bei
 
 def choose_executor(decode: str, augment: Augment | None) -> str:
     """Threads where the workers' per-image work runs without the GIL (see the module doc)."""
-    if decode == "gpu" or (augment is None and cpu_decode.backend() == "native"):
+    if decode == "gpu" or (augment is None and decode_backend() == "native"):
         return "threads"
     return "processes"
 
