@@ -17,18 +17,24 @@ FORMAT ?= lmdb
 DEMO ?= demo
 
 GPUS ?= 8
-.PHONY: setup demo test test-quick bench bench-peers bench-scale shards shards-160 shards-320 verify info clean-demo \
+.PHONY: setup demo test test-quick lint bench bench-peers bench-scale shards shards-160 shards-320 verify info clean-demo \
 	train-imagenet18 train-rn50 train-rn18 bench-train
 
 setup: $(STAMP)
 
 # setup.py and the C source: a changed native decoder is rebuilt (pip's editable install compiles it).
-$(STAMP): pyproject.toml setup.py train/decode_native.c train/decode_resample.h
+$(STAMP): pyproject.toml setup.py train/data/native/decode_native.c train/data/native/decode_resample.h
 	@bash scripts/setup.sh "$(PYTHON)" "$(VENV)" "$(TORCH_PAIR)" "$(PILLOW_SIMD)"
 	@touch $@
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# ruff (line length 100, pyproject.toml): formatting and lint, the whole repository.
+LINT_PATHS ?= .
+lint: $(STAMP)
+	$(BIN)/ruff format --check $(LINT_PATHS)
+	$(BIN)/ruff check $(LINT_PATHS)
 
 # The quick tier while editing (< ~1 min): everything but the tests marked slow.
 test-quick: $(STAMP)

@@ -1,8 +1,8 @@
 """The decode-only floor of a training crop: libjpeg-turbo decoding every stored record at the DCT
-scale our loader picks for that crop (train.augment.dct_scale_for_box of a RandomResizedCrop box
+scale our loader picks for that crop (train.data.crops.dct_scale_for_box of a RandomResizedCrop box
 drawn as the loader draws it), nothing else: no resize, flip or copy, one thread.
 
-Three kinds (train.decode.decode_only for the first two: libjpeg's own API in C, one decoder
+Three kinds (train.data.decode.decode_only for the first two: libjpeg's own API in C, one decoder
 reused, rows into a reused buffer; the loader's own decode step):
   "full":        the whole image at that DCT scale (the issue's floor definition);
   "region":      only the crop's rows and columns, as the loader decodes them (so the loader
@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from formats import jpeg
-from train.augment import CROP_DRAWS, TrainCrop, dct_scale_for_box
-from train.decode import decode_only
-from train.samplers import sample_uniforms
+from train.data.crops import CROP_DRAWS, TrainCrop, dct_scale_for_box
+from train.data.decode import decode_only
+from train.data.samplers import sample_uniforms
 
 KINDS = ("full", "region", "pyturbojpeg")
 

@@ -237,8 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from gpu_measure import Inputs
 
-    from train.dist import resolve_device
-    from train.phases import load_schedule
+    from train.engine.dist import resolve_device
+    from train.plan.phases import load_schedule
 
     device = resolve_device(args.device)
     cuda = device.type == "cuda"

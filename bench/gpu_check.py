@@ -278,7 +278,7 @@ def train_command(args, phases: Path, shards: Path, run_dir: Path, extra: list[s
 
 
 def epochs_summary(run_dir: Path) -> str:
-    from train.metrics import read_metrics
+    from train.run.metrics import read_metrics
 
     records = read_metrics(run_dir)
     return "; ".join(

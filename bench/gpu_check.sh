@@ -24,10 +24,10 @@ if [ -n "$missing" ]; then
 fi
 [ -d .whl/lib ] && export LD_LIBRARY_PATH=$PWD/.whl/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export PYTHONUNBUFFERED=1
-# train's native decoder (train/decode_native.c) is a build output, not carried: build it here when a C
+# train's native decoder (train/data/native/decode_native.c) is a build output, not carried: build it here when a C
 # compiler and libjpeg's headers exist (optional: train falls back to its pure-Python decoder).
 "$py" setup.py -q build_ext --inplace >"$out/build_ext.log" 2>&1 || true
-"$py" -c "from train.decode import backend; print('gpu_check: train decode backend:', backend())" 2>&1 \
+"$py" -c "from train.data.decode import backend; print('gpu_check: train decode backend:', backend())" 2>&1 \
   | tee "$out/decode_backend.txt"
 if command -v nvidia-smi >/dev/null; then
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.draw,power.limit,temperature.gpu \

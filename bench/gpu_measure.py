@@ -1,10 +1,10 @@
 """One row of bench/gpu.py: `train run`'s own step loop, timed at its own sync points.
 
 Public API only. Each measurement sets torch up and builds the trainer with the functions
-`train run` uses (`train.epochs.configure_torch` and `build_trainer`: model, channels_last,
+`train run` uses (`train.engine.build.configure_torch` and `build_trainer`: model, channels_last,
 fused SGD, autocast, GradScaler for fp16, torch.compile, cudnn.benchmark, TF32) and drives
-`train.loop.train_steps`, the loop `train run` runs every epoch: per step the LR, the step
-seed, `Trainer.accumulate`, the loss summed on the device, and one host sync every
+`train.engine.loop.train_steps`, the loop `train run` runs every epoch: per step the LR, the step
+seed, `ModelStep.accumulate`, the loss summed on the device, and one host sync every
 `log_every` steps. Only the batches differ between configs. Its `on_sync` callback
 timestamps each sync point, so a window between two of them is wall time with the GPU
 drained at both ends: warm-up intervals (cudnn autotuning, loader start) are left out, and the
@@ -23,16 +23,16 @@ from typing import Any
 import torch
 from gpu_report import Mark, window_rate  # bench/ is on sys.path (bench/gpu.py puts it there)
 
-from train.augment import TrainCrop
 from train.bench import SyntheticBatches
-from train.config import Recipe, RunConfig
-from train.constants import IMAGENET_MEAN, IMAGENET_STD
 from train.data import TrainLoader
-from train.dist import init_distributed
-from train.epochs import build_trainer, configure_torch
-from train.loop import SyncPoint, TrainState, train_steps
-from train.prefetch import DevicePrefetcher
-from train.step import resolve_precision
+from train.data.constants import IMAGENET_MEAN, IMAGENET_STD
+from train.data.crops import TrainCrop
+from train.data.prefetch import DevicePrefetcher
+from train.engine.build import build_trainer, configure_torch
+from train.engine.dist import init_distributed
+from train.engine.loop import SyncPoint, TrainState, train_steps
+from train.engine.step import resolve_precision
+from train.plan.config import Recipe, RunConfig
 
 NUM_CLASSES = 1000  # the ImageNet head, whatever the fixture's class count
 LR = 0.01  # constant: random labels at a small LR keep every precision finite
@@ -190,7 +190,7 @@ def measure(job: Job, inputs: Inputs, prep_size: int, cap_seconds: float) -> dic
     config = RunConfig(
         Path("bench/gpu.py"),
         out_dir=inputs.out_dir / "run",
-        arch=job.arch,
+        recipe={"arch": job.arch},
         device=inputs.device,
         precision=job.precision,
         compile=job.compile,

@@ -173,7 +173,7 @@ def project(
     """Hours of the schedule's training steps on one GPU, per config, from bf16 eager rows of
     the schedule's arch (or, if none was measured, of the first measured arch, flagged).
     A relative `schedule_path` is read under `root` (default: the working directory)."""
-    from train.phases import load_schedule
+    from train.plan.phases import load_schedule
 
     loaded = load_schedule(schedule_path if root is None else Path(root) / schedule_path)
     arch = loaded.recipe.get("arch", "resnet50")

@@ -1,6 +1,6 @@
-"""What `train.loop.train_steps` costs per step beyond the step itself: a tiny model (a step of
-about a millisecond, so overhead shows) run through `train_steps` (seeded, a host sync every
-`--sync-every` steps, as `train run` does) and through a bare `trainer.step` loop, in one
+"""What `train.engine.loop.train_steps` costs per step beyond the step itself: a tiny model
+(a step of about a millisecond, so overhead shows) run through `train_steps` (seeded, a host
+sync every `--sync-every` steps, as `train run` does) and through a bare `trainer.step` loop, in one
 process, interleaved over `--repeats` rounds. Prints per-step microseconds of each and the
 difference, plus the machine.
 
@@ -21,10 +21,10 @@ sys.path.insert(0, str(HERE.parent))
 import torch  # noqa: E402
 
 from train.bench_loader import machine_description  # noqa: E402
-from train.config import Recipe  # noqa: E402
-from train.loop import TrainState, train_steps  # noqa: E402
-from train.model import build_optimizer  # noqa: E402
-from train.step import Trainer  # noqa: E402
+from train.engine.loop import TrainState, train_steps  # noqa: E402
+from train.engine.model import build_optimizer  # noqa: E402
+from train.engine.step import ModelStep  # noqa: E402
+from train.plan.config import Recipe  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -42,7 +42,7 @@ class Repeat:
             yield self.batch
 
 
-def tiny_trainer() -> Trainer:
+def tiny_trainer() -> ModelStep:
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         torch.nn.Conv2d(3, 8, 3),
@@ -50,10 +50,10 @@ def tiny_trainer() -> Trainer:
         torch.nn.Flatten(),
         torch.nn.Linear(8, 10),
     )
-    return Trainer(model, build_optimizer(model, Recipe(), CPU), CPU, "fp32", 0.1)
+    return ModelStep(model, build_optimizer(model, Recipe(), CPU), CPU, "fp32", 0.1)
 
 
-def bare(trainer: Trainer, batch, steps: int) -> float:
+def bare(trainer: ModelStep, batch, steps: int) -> float:
     started = time.perf_counter()
     total = torch.zeros((), dtype=torch.float64)
     for _ in range(steps):
@@ -62,7 +62,7 @@ def bare(trainer: Trainer, batch, steps: int) -> float:
     return (time.perf_counter() - started) / steps
 
 
-def looped(trainer: Trainer, batch, steps: int, sync_every: int) -> float:
+def looped(trainer: ModelStep, batch, steps: int, sync_every: int) -> float:
     started = time.perf_counter()
     train_steps(
         trainer,

@@ -219,8 +219,8 @@ OUR_VARIANTS = {  # loader name: (TrainLoader's executor, pure-Python decode)
 
 def _ours_batches(args, executor: str):
     """Our TrainLoader through its public API, epoch after epoch as a training loop runs it."""
-    from train.augment import TrainCrop
-    from train.data import TrainLoader
+    from train.data.crops import TrainCrop
+    from train.data.loaders import TrainLoader
 
     loader = TrainLoader(
         args.data,
@@ -246,7 +246,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)
-    from train.decode import PYTHON_DECODE_ENV, backend
+    from train.data.decode import PYTHON_DECODE_ENV, backend
 
     executor, python_decode = OUR_VARIANTS[args.loader]
     if python_decode:

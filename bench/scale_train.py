@@ -42,7 +42,7 @@ DRY_RUN_PHASES = {  # imagenet18's epochs and batches, on the rehearsal's 160 px
 
 
 def _sampler_plan_seconds(num_images: int, world_size: int) -> float:
-    from train.samplers import TrainBatchSampler
+    from train.data.samplers import TrainBatchSampler
 
     # tiny mode: fewer images than ranks x batch
     batch_size = max(1, min(TRAIN_BATCH, num_images // world_size))
@@ -58,8 +58,8 @@ def _sampler_plan_seconds(num_images: int, world_size: int) -> float:
 
 
 def _first_batch_seconds(train_dir: Path) -> dict:
-    from train.augment import TrainCrop
     from train.data import TrainLoader
+    from train.data.crops import TrainCrop
 
     started = time.perf_counter()
     loader = TrainLoader(train_dir, TRAIN_BATCH, TrainCrop(CROP, min_scale=0.35), workers=2, seed=0)
@@ -79,11 +79,11 @@ def _dry_run_seconds(data_dir: Path, work_dir: Path) -> dict:
     phases = work_dir / "phases-160.json"
     phases.write_text(json.dumps(DRY_RUN_PHASES))
     timings = {}
-    # what any `train run` pays before reading its data: python, typer, then train.run's imports
-    # (torch and torchvision among them)
+    # what any `train run` pays before reading its data: python, typer, then the imports of
+    # train.run.main (torch and torchvision among them)
     for name, args in (
         ("python_and_imports_s", ["-m", "train.cli", "--help"]),
-        ("train_run_imports_s", ["-c", "import train.run"]),
+        ("train_run_imports_s", ["-c", "import train.run.main"]),
         (
             "dry_run_s",
             [
@@ -110,7 +110,7 @@ def measure_train_side(train_dir: Path, val_dir: Path, work_dir: Path) -> dict:
     from formats.dataset import RecordDataset
     from formats.manifest import read_manifest
     from train.data import ValLoader
-    from train.samplers import rect_val_batches
+    from train.data.samplers import rect_val_batches
 
     results = {
         "manifest_read_s": median_seconds(lambda: read_manifest(train_dir)),

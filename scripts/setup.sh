@@ -47,9 +47,9 @@ if ! "$venv/bin/python" -c "import sys; from formats.jpeg import pil_variant; sy
     echo "setup: pillow-simd did not build (see /tmp/pillow-simd-build.log); keeping Pillow (slower resize)" >&2
   fi
 fi
-# The editable install compiles train/decode_native.c (setup.py, optional): without a C compiler
+# The editable install compiles train/data/native/decode_native.c (setup.py, optional): without a C compiler
 # or libjpeg's headers train runs its slower pure-Python decoder instead.
-if ! "$venv/bin/python" -c "import sys; from train.decode import backend; sys.exit(backend() != 'native')"; then
+if ! "$venv/bin/python" -c "import sys; from train.data.decode import backend; sys.exit(backend() != 'native')"; then
   echo "setup: train's native decoder did not build (needs a C compiler and libjpeg-turbo's headers: sudo apt-get install gcc libjpeg62-turbo-dev, or libjpeg-turbo8-dev on Ubuntu); the loader falls back to its pure-Python decoder (~2-3x slower)" >&2
 fi
 "$venv/bin/python" -c "from formats.jpeg import codec_report; import torch, torchvision; \

@@ -1,4 +1,5 @@
 """Shared fixtures: tiny ImageNet-format archives and shards, generated per test session."""
+
 from __future__ import annotations
 
 import errno
@@ -18,16 +19,24 @@ from prep.build import BuildConfig, build
 from prep.sample import write_sample
 
 
-def jpeg_bytes(height: int, width: int, seed: int = 0, mode: str = "RGB", quality: int = 90) -> bytes:
+def jpeg_bytes(
+    height: int, width: int, seed: int = 0, mode: str = "RGB", quality: int = 90
+) -> bytes:
     """A smooth-but-not-flat test image (gradients + a little noise), encoded."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:height, 0:width]
-    pixels = np.stack([(xx * 255 // max(width - 1, 1)), (yy * 255 // max(height - 1, 1)),
-                       ((xx + yy) * 3) % 256], axis=-1).astype(np.int16)
+    pixels = np.stack(
+        [(xx * 255 // max(width - 1, 1)), (yy * 255 // max(height - 1, 1)), ((xx + yy) * 3) % 256],
+        axis=-1,
+    ).astype(np.int16)
     pixels = np.clip(pixels + rng.integers(-8, 9, pixels.shape), 0, 255).astype(np.uint8)
     image = Image.fromarray(pixels).convert(mode)
     out = io.BytesIO()
-    image.save(out, "PNG" if mode in ("RGBA", "P", "LA") else "JPEG", **({} if mode in ("RGBA", "P", "LA") else {"quality": quality}))
+    image.save(
+        out,
+        "PNG" if mode in ("RGBA", "P", "LA") else "JPEG",
+        **({} if mode in ("RGBA", "P", "LA") else {"quality": quality}),
+    )
     return out.getvalue()
 
 

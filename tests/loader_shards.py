@@ -1,6 +1,7 @@
 """Helpers for the loader tests over conftest's session `built_shards` (3 classes x 6 train,
 x 4 val, prep_size 160, both stores: sizes from 48x66 to 213x160, the sample's odd shapes).
 Tests that damage a dataset copy it first."""
+
 from __future__ import annotations
 
 import shutil

@@ -1,12 +1,5 @@
-"""Loader throughput and worker memory, with no model attached: can the input pipeline keep up?
+"""`train bench-loader`: loader throughput and worker memory, no model attached."""
 
-`bench_loader` pulls batches as fast as the loader gives them (warm-up excluded: worker
-start, first store open, page cache), cycling epochs as needed, and samples each worker's
-memory as it goes. RSS counts the store's mmapped pages a worker has touched (shared page
-cache, which grows as the epoch reads the data) and the parent's pages a forked worker
-shares; `private_dirty` is memory the worker wrote and owns alone, the number that must stay
-flat (a per-worker copy of the dataset, or copy-on-write of the parent's objects, shows there).
-"""
 from __future__ import annotations
 
 import os
@@ -17,10 +10,11 @@ from pathlib import Path
 import torch
 
 from formats import jpeg
-from train.augment import TrainCrop
-from train.config import WORKERS_PER_CORE, TrainError, available_cpus, worker_cap
-from train.data import TrainLoader, ValLoader
-from train.dist import say
+from train.data.crops import TrainCrop
+from train.data.loaders import TrainLoader, ValLoader
+from train.engine.launch import say
+from train.errors import TrainError
+from train.plan.config import WORKERS_PER_CORE, available_cpus, worker_cap
 
 TRACE_POINTS = 8  # memory samples across the timed batches
 
@@ -34,9 +28,16 @@ def process_memory_mb(pid: int) -> dict[str, float]:
     parent's objects): the number that grows if a worker copies the dataset or leaks."""
     try:
         with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as rollup:
-            kib = {parts[0].rstrip(":"): int(parts[1]) for parts in map(str.split, rollup) if len(parts) == 3}
-        return {"rss": kib["Rss"] / 1024, "uss": (kib["Private_Clean"] + kib["Private_Dirty"]) / 1024,
-                "private_dirty": kib["Private_Dirty"] / 1024}
+            kib = {
+                parts[0].rstrip(":"): int(parts[1])
+                for parts in map(str.split, rollup)
+                if len(parts) == 3
+            }
+        return {
+            "rss": kib["Rss"] / 1024,
+            "uss": (kib["Private_Clean"] + kib["Private_Dirty"]) / 1024,
+            "private_dirty": kib["Private_Dirty"] / 1024,
+        }
     except (OSError, KeyError, ValueError):
         import psutil
 
@@ -48,20 +49,27 @@ def machine_description() -> str:
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as info:
-            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+            cpu = next(
+                line.split(":", 1)[1].strip() for line in info if line.startswith("model name")
+            )
     except (OSError, StopIteration):
         pass
     usable = available_cpus()
     codecs = jpeg.codec_report()
-    return (f"{cpu}, {usable} usable cores, load {os.getloadavg()[0]:.1f}; torch {torch.__version__}; "
-            f"{codecs['pil']}; {codecs['turbojpeg']}")
+    return (
+        f"{cpu}, {usable} usable cores, load {os.getloadavg()[0]:.1f}; torch {torch.__version__}; "
+        f"{codecs['pil']}; {codecs['turbojpeg']}"
+    )
 
 
 def capped_workers(workers: int) -> int:
     """At most worker_cap() workers, with one warning (as `train run` caps them)."""
     cap = worker_cap(available_cpus())
     if workers > cap:
-        say(f"train: warning: --workers {workers} is more than {WORKERS_PER_CORE} per core: using {cap}")
+        say(
+            f"train: warning: --workers {workers} is more than {WORKERS_PER_CORE} per core: "
+            f"using {cap}"
+        )
     return min(workers, cap)
 
 
@@ -74,38 +82,77 @@ def _batches_forever(loader):
         epoch += 1
 
 
-def bench_loader(data_dir: Path, crop_size: int, batch_size: int, workers: int, num_batches: int, *,
-                 decode: str = "cpu", val: bool = False, rect: bool = False, warmup_batches: int = 5,
-                 min_scale: float = 0.08) -> dict:
+def timed_batches(loader, num_batches: int, warmup_batches: int, decode: str):
+    """(images, seconds, memory trace) of `num_batches` batches after the warm-up ones."""
+    batches = _batches_forever(loader)
+    for _ in range(warmup_batches):
+        next(batches)
+    pids = loader.worker_pids() or [os.getpid()]  # 0 workers: the main process decodes
+    trace = [(0, [process_memory_mb(pid) for pid in pids])]
+    images, every = 0, max(1, num_batches // TRACE_POINTS)
+    started = time.perf_counter()
+    for step in range(1, num_batches + 1):
+        images += len(next(batches)[0])
+        if step % every == 0 or step == num_batches:
+            trace.append((images, [process_memory_mb(pid) for pid in pids]))
+    if decode == "gpu" and torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return images, time.perf_counter() - started, trace
+
+
+def memory_fields(trace: list) -> dict:
+    """Worker memory at the start and end of the timed batches, and private_dirty's trace."""
+    first, last = trace[0][1], trace[-1][1]
+    return {
+        "worker_rss_mb": [memory["rss"] for memory in last],
+        "worker_rss_start_mb": [memory["rss"] for memory in first],
+        "worker_uss_mb": [memory["uss"] for memory in last],
+        "worker_private_dirty_mb": [memory["private_dirty"] for memory in last],
+        "worker_private_dirty_start_mb": [memory["private_dirty"] for memory in first],
+        "worker_private_dirty_trace_mb": [
+            (seen, [round(memory["private_dirty"], 1) for memory in sample])
+            for seen, sample in trace
+        ],
+    }
+
+
+def bench_loader(
+    data_dir: Path,
+    crop_size: int,
+    batch_size: int,
+    workers: int,
+    num_batches: int,
+    *,
+    decode: str = "cpu",
+    val: bool = False,
+    rect: bool = False,
+    warmup_batches: int = 5,
+    min_scale: float = 0.08,
+) -> dict:
     """img/s of `num_batches` batches after `warmup_batches`, worker memory at start and end."""
     if num_batches < 1 or warmup_batches < 0:
-        raise TrainError(f"bench-loader: need --batches >= 1 and --warmup >= 0, got {num_batches} "
-                         f"and {warmup_batches}")
+        raise TrainError(
+            f"bench-loader: need --batches >= 1 and --warmup >= 0, got {num_batches} "
+            f"and {warmup_batches}"
+        )
     workers = capped_workers(workers)
     try:
         if val:
-            loader = ValLoader(data_dir, batch_size, crop_size, workers=workers, rect=rect, decode=decode)
+            loader = ValLoader(
+                data_dir, batch_size, crop_size, workers=workers, rect=rect, decode=decode
+            )
         else:
-            loader = TrainLoader(data_dir, batch_size, TrainCrop(crop_size, min_scale), workers=workers,
-                                 decode=decode)
+            loader = TrainLoader(
+                data_dir,
+                batch_size,
+                TrainCrop(crop_size, min_scale),
+                workers=workers,
+                decode=decode,
+            )
     except ValueError as exc:  # the loaders' argument checks: one line at the CLI, as train run's
         raise TrainError(f"bench-loader: {exc}") from None
     try:
-        batches = _batches_forever(loader)
-        for _ in range(warmup_batches):
-            next(batches)
-        pids = loader.worker_pids() or [os.getpid()]  # 0 workers: the main process decodes
-        trace = [(0, [process_memory_mb(pid) for pid in pids])]
-        images = 0
-        every = max(1, num_batches // TRACE_POINTS)
-        started = time.perf_counter()
-        for step in range(1, num_batches + 1):
-            images += len(next(batches)[0])
-            if step % every == 0 or step == num_batches:
-                trace.append((images, [process_memory_mb(pid) for pid in pids]))
-        if decode == "gpu" and torch.cuda.is_available():
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - started
+        images, seconds, trace = timed_batches(loader, num_batches, warmup_batches, decode)
     finally:
         loader.close()
     img_per_s = images / max(seconds, 1e-9)
@@ -117,14 +164,14 @@ def bench_loader(data_dir: Path, crop_size: int, batch_size: int, workers: int, 
         "data_wait_seconds": seconds,  # no model: all of it is waiting for data
         "batches": num_batches,
         "batches_per_epoch": len(loader),
-        "worker_rss_mb": [memory["rss"] for memory in trace[-1][1]],
-        "worker_rss_start_mb": [memory["rss"] for memory in trace[0][1]],
-        "worker_uss_mb": [memory["uss"] for memory in trace[-1][1]],
-        "worker_private_dirty_mb": [memory["private_dirty"] for memory in trace[-1][1]],
-        "worker_private_dirty_start_mb": [memory["private_dirty"] for memory in trace[0][1]],
-        "worker_private_dirty_trace_mb": [(seen, [round(memory["private_dirty"], 1) for memory in sample])
-                                          for seen, sample in trace],
-        "workers": workers, "decode": decode, "crop_size": crop_size, "batch_size": batch_size,
-        "val": val, "rect": rect, "min_scale": min_scale, "data_dir": str(data_dir),
+        **memory_fields(trace),
+        "workers": workers,
+        "decode": decode,
+        "crop_size": crop_size,
+        "batch_size": batch_size,
+        "val": val,
+        "rect": rect,
+        "min_scale": min_scale,
+        "data_dir": str(data_dir),
         "machine": machine_description(),
     }

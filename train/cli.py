@@ -1,19 +1,21 @@
-"""`train`: the command line. Parses arguments and calls one library function per command.
-
-The only module in train/ that imports typer. Library errors become one line on stderr,
-`train: error: ...`, and a non-zero exit status.
-"""
+"""`train`: the command line, the only typer user; one library call per command, each error
+as one line."""
 
 from __future__ import annotations
 
+import inspect
 import sys
+from dataclasses import MISSING
 from pathlib import Path
-from typing import List, NoReturn, Optional
+from typing import Any, List, Mapping, NoReturn, Optional
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Train torchvision models on shardtrain shards (see phases/*.json).")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Train torchvision models on shardtrain shards (see phases/*.json).",
+)
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
@@ -29,27 +31,14 @@ def fail(message: str, code: int = EXIT_ERROR, kind: str = "error") -> NoReturn:
     raise typer.Exit(code)
 
 
-# Library error classes by module. Only modules already imported can have raised one, so
-# `train report` never pays for importing torch just to name an error class.
-LIBRARY_ERRORS = {
-    "formats": ("DatasetError",), "train.checkpoint": ("CheckpointError",),
-    "train.config": ("TrainError", "RecipeError"), "train.dist": ("DistError",),
-    "train.export": ("ExportError",), "train.report": ("ReportError",),
-    "train.schedule": ("ScheduleError",), "train.step": ("PrecisionError",),
-}
-
-
-def library_errors() -> tuple[type[BaseException], ...]:
-    return tuple(getattr(sys.modules[module], name) for module, names in LIBRARY_ERRORS.items()
-                 if module in sys.modules for name in names)
-
-
 def parse_targets(values: List[str]) -> tuple[tuple[str, float], ...]:
+    from train.plan.config import TARGET_METRICS
+
     targets = []
     for value in values:
         metric, _, number = value.partition("=")
         try:
-            if metric not in ("top1", "top5"):
+            if metric not in TARGET_METRICS:
                 raise ValueError
             targets.append((metric, float(number)))
         except ValueError:
@@ -59,72 +48,78 @@ def parse_targets(values: List[str]) -> tuple[tuple[str, float], ...]:
 
 def call(fn, *args, **kwargs):
     """Run a library function; its errors exit with one line instead of a traceback."""
+    from train.errors import REPORTED, Interrupted
+
     try:
         return fn(*args, **kwargs)
-    except Exception as exc:
-        if not isinstance(exc, library_errors()):
-            raise
-        interrupted = getattr(sys.modules.get("train.config"), "Interrupted", ())
-        if interrupted and isinstance(exc, interrupted):  # SIGINT/SIGTERM: saved, not failed
-            fail(str(exc), EXIT_INTERRUPTED, kind="interrupted")
+    except Interrupted as exc:  # SIGINT/SIGTERM: saved, not failed
+        fail(str(exc), EXIT_INTERRUPTED, kind="interrupted")
+    except REPORTED as exc:
         fail(str(exc))
 
 
-@app.command()
-def run(
-    phases: Path = typer.Option(..., help="phases.json (ours or imagenet18's format)"),
-    data: Optional[Path] = typer.Option(None, help="directory holding train-<N>/ and val-<N>/"),
-    out: Optional[Path] = typer.Option(None, help="run directory [default: runs/<phases stem>]"),
-    arch: Optional[str] = typer.Option(None, help="torchvision model or timm/<name> [default: recipe's, else resnet50]"),
-    device: str = typer.Option("auto", help="auto | cuda | cpu"),
-    precision: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16"),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile, each phase's shape warmed first"),
-    channels_last: bool = typer.Option(True, "--channels-last/--no-channels-last"),
-    seed: int = typer.Option(0, help="same seed, same data order and init (bit-exact on CPU)"),
-    resume: Optional[str] = typer.Option(None, help="'auto' (continue OUT's run if any) or a checkpoint"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="clear OUT's old run outputs and start fresh"),
-    allow_changed: bool = typer.Option(False, "--allow-changed", help="resume although recipe, schedule, seed or precision changed (recorded in config.json)"),
-    workers: int = typer.Option(4, help="loader workers per GPU: decode threads in the training process (worker processes with auto_augment or without the native decoder); capped at 4 per core, with a warning"),
-    decode: str = typer.Option("cpu", help="JPEG decode: cpu | gpu"),
-    eval_every: int = typer.Option(1, help="evaluate every N epochs (the last always)"),
-    checkpoint_every_steps: int = typer.Option(0, help="also checkpoint every N steps (0: epochs only)"),
-    log_every: int = typer.Option(20, help="steps between progress updates"),
-    label_smoothing: Optional[float] = typer.Option(None, help="override the recipe's"),
-    mixup: Optional[float] = typer.Option(None, help="mixup alpha (0 = off)"),
-    cutmix: Optional[float] = typer.Option(None, help="cutmix alpha (0 = off)"),
-    ema: Optional[float] = typer.Option(None, help="EMA decay of the weights, e.g. 0.9999 (0 = off)"),
-    flip_tta: Optional[bool] = typer.Option(None, "--flip-tta/--no-flip-tta", help="flip-average the final eval"),
-    sync_bn: bool = typer.Option(False, "--sync-bn", help="SyncBatchNorm across GPUs (CUDA)"),
-    threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
-    deterministic: Optional[bool] = typer.Option(None, "--deterministic/--no-deterministic", help="deterministic kernels [default: on for CPU, off for CUDA]"),
-    full_prep_size: Optional[int] = typer.Option(None, help="imagenet18 lists: prep_size standing in for full-size images"),
-    target: List[str] = typer.Option([], help="top1=75.9 or top5=93 (repeatable)"),
-    tensorboard: bool = typer.Option(True, "--tensorboard/--no-tensorboard"),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
-    dry_run: bool = typer.Option(False, "--dry-run", help="print the per-epoch table and check shards; train nothing"),
-) -> None:
-    """Train as PHASES says; torchrun --nproc_per_node=N -m train run ... for N GPUs."""
-    from train.config import RunConfig
-    from train.run import run as run_training
+def option(name: str, kind: Any, default: Any, meta: Mapping[str, Any]) -> inspect.Parameter:
+    """A typer option from a declared setting (train.plan.settings): name, help, default."""
+    from train.plan.config import option_name
 
-    config = RunConfig(
-        phases_path=phases, data_dir=data, out_dir=out, arch=arch, device=device,
-        precision=precision, compile=compile, channels_last=channels_last, seed=seed,
-        resume=resume, overwrite=overwrite, allow_changed=allow_changed, workers=workers,
-        decode=decode, eval_every=eval_every,
-        checkpoint_every_steps=checkpoint_every_steps, log_every=log_every,
-        label_smoothing=label_smoothing, mixup_alpha=mixup, cutmix_alpha=cutmix,
-        ema_decay=ema, flip_tta=flip_tta, sync_bn=sync_bn, threads=threads,
-        deterministic=deterministic,
-        full_prep_size=full_prep_size, targets=parse_targets(target),
-        tensorboard=tensorboard, progress=progress, dry_run=dry_run)
-    call(run_training, config)
+    flag = option_name(name, meta.get("flag"))
+    names = [f"{flag}/--no-{flag[2:]}"] if kind is bool else [flag]
+    help_text = meta.get("help", "")
+    if meta.get("choices"):
+        help_text += f" ({' | '.join(meta['choices'])})"
+    annotation = Optional[kind] if default is None else kind
+    return inspect.Parameter(
+        name,
+        inspect.Parameter.KEYWORD_ONLY,
+        annotation=annotation,
+        default=typer.Option(default, *names, help=help_text),
+    )
+
+
+def run_options() -> list[inspect.Parameter]:
+    """RunConfig's settings, then the recipe's cli=True ones (default None: the recipe's)."""
+    from train.plan.config import Recipe, RunConfig
+    from train.plan.settings import declared
+
+    params = [
+        option(f.name, kind, ... if f.default is MISSING else f.default, f.metadata)
+        for f, kind, _ in declared(RunConfig)
+        if "help" in f.metadata
+    ]
+    params += [
+        option(f.name, kind, None, f.metadata)
+        for f, kind, _ in declared(Recipe)
+        if f.metadata.get("cli")
+    ]
+    target = typer.Option([], help="top1=75.9 or top5=93 (repeatable)")
+    return params + [
+        inspect.Parameter(
+            "target", inspect.Parameter.KEYWORD_ONLY, annotation=List[str], default=target
+        )
+    ]
+
+
+def run(**options: Any) -> None:
+    """Train as PHASES says; torchrun --nproc_per_node=N -m train run ... for N GPUs."""
+    from train.plan.config import RECIPE_OPTIONS, RunConfig
+    from train.run.main import run as run_training
+
+    recipe = {name: options.pop(name) for name in RECIPE_OPTIONS}
+    recipe = {name: value for name, value in recipe.items() if value is not None}
+    targets = parse_targets(options.pop("target"))
+    call(run_training, RunConfig(**options, targets=targets, recipe=recipe))
+
+
+run.__signature__ = inspect.Signature(run_options())
+app.command()(run)
 
 
 @app.command()
 def bench(
     phases: Path = typer.Option(..., help="phases.json whose phases to measure"),
-    data: Optional[Path] = typer.Option(None, help="shards for the end-to-end numbers (else synthetic only)"),
+    data: Optional[Path] = typer.Option(
+        None, help="shards for the end-to-end numbers (else synthetic only)"
+    ),
     arch: Optional[str] = typer.Option(None),
     device: str = typer.Option("auto"),
     precision: str = typer.Option("auto"),
@@ -138,10 +133,22 @@ def bench(
     """Per phase: img/s on synthetic on-device data vs real shards, and the data-wait share."""
     from train.bench import BenchConfig, bench_phases, format_bench
 
-    rows = call(bench_phases, BenchConfig(
-        phases_path=phases, data_dir=data, arch=arch, device=device, precision=precision,
-        compile=compile, channels_last=channels_last, steps=steps, warmup_steps=warmup,
-        workers=workers, decode=decode))
+    rows = call(
+        bench_phases,
+        BenchConfig(
+            phases_path=phases,
+            data_dir=data,
+            arch=arch,
+            device=device,
+            precision=precision,
+            compile=compile,
+            channels_last=channels_last,
+            steps=steps,
+            warmup_steps=warmup,
+            workers=workers,
+            decode=decode,
+        ),
+    )
     typer.echo(format_bench(rows))
 
 
@@ -161,8 +168,19 @@ def bench_loader(
     """Loader throughput alone; the LAST line is machine-readable: img_per_s=<float>."""
     from train.bench_loader import bench_loader as run_bench
 
-    result = call(run_bench, data, crop_size, batch_size, workers, batches, decode=decode,
-                  val=val, rect=rect, warmup_batches=warmup, min_scale=min_scale)
+    result = call(
+        run_bench,
+        data,
+        crop_size,
+        batch_size,
+        workers,
+        batches,
+        decode=decode,
+        val=val,
+        rect=rect,
+        warmup_batches=warmup,
+        min_scale=min_scale,
+    )
     for key, value in result.items():
         if key != "img_per_s":
             typer.echo(f"{key}: {value}")
@@ -172,11 +190,13 @@ def bench_loader(
 @app.command()
 def report(
     run_dirs: List[Path] = typer.Argument(..., help="run directories (several: one plot)"),
-    target: List[str] = typer.Option([], help="top1=75.9 or top5=93 (repeatable) [default: the run's]"),
+    target: List[str] = typer.Option(
+        [], help="top1=75.9 or top5=93 (repeatable) [default: the run's]"
+    ),
     plot: Optional[Path] = typer.Option(None, help="PNG path [default: <first run>/curves.png]"),
 ) -> None:
     """Time-to-accuracy table (with and without eval time) and a PNG of the curves."""
-    from train.report import report as make_report
+    from train.run.report import report as make_report
 
     typer.echo(call(make_report, run_dirs, dict(parse_targets(target)) or None, plot))
 
@@ -191,11 +211,15 @@ def export(
     from train.export import export as run_export
 
     info = call(run_export, run_dir, out, ema=ema)
-    typer.echo(f"wrote {info['out']}: {info['arch']} ({info['num_classes']} classes, epoch "
-               f"{info['epoch']}{', EMA' if info['ema'] else ''}) from {info['source']}")
+    typer.echo(
+        f"wrote {info['out']}: {info['arch']} ({info['num_classes']} classes, epoch "
+        f"{info['epoch']}{', EMA' if info['ema'] else ''}) from {info['source']}"
+    )
     if info["blurpool"]:
-        typer.echo("note: trained with BlurPool: after load_state_dict, call "
-                   "train.layers.add_blurpool(model) (no weights) to compute what the run evaluated")
+        typer.echo(
+            "note: trained with BlurPool: after load_state_dict, call "
+            "train.engine.layers.add_blurpool(model) (no weights) to compute what the run evaluated"
+        )
 
 
 if __name__ == "__main__":  # pragma: no cover

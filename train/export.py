@@ -1,18 +1,4 @@
-"""`train export RUN_DIR --out PATH`: weights that torchvision's own constructor loads as is.
-
-    model = torchvision.models.get_model(arch, num_classes=N)   # timm.create_model for timm/
-    model.load_state_dict(torch.load(PATH))          # strict
-    train.layers.add_blurpool(model)                 # only if the recipe had "blurpool": true
-
-BlurPool and stochastic depth add no weights and no keys (train.layers), so the keys are
-torchvision's; a BlurPool model computes what the run evaluated only with the blur put back
-(`add_blurpool`, no weights to load), else it is a plain ResNet whose accuracy drops.
-
-Checkpoints already hold the plain module's state_dict, but a state_dict saved from a wrapped
-model carries prefixes: `module.` (DDP, and AveragedModel for the EMA), `_orig_mod.`
-(torch.compile). They are stripped here, and the result is loaded strictly into a fresh
-torchvision model before it is written, so an export that would not load is never written.
-"""
+"""`train export`: a state_dict that torchvision's constructor for the arch loads strictly."""
 
 from __future__ import annotations
 
@@ -22,15 +8,12 @@ from typing import Any, Mapping
 
 import torch
 
-from train import checkpoint as ckpt
-from train.model import create_model
+from train.engine.model import create_model
+from train.errors import TrainError, one_line
+from train.run import checkpoint as ckpt
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 EMA_ONLY_KEYS = ("n_averaged",)  # AveragedModel's counter, not part of the model
-
-
-class ExportError(RuntimeError):
-    pass
 
 
 def plain_state_dict(state: Mapping[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
@@ -44,7 +27,7 @@ def plain_state_dict(state: Mapping[str, torch.Tensor]) -> OrderedDict[str, torc
             stripped = False
             for prefix in WRAPPER_PREFIXES:
                 if key.startswith(prefix):
-                    key, stripped = key[len(prefix):], True
+                    key, stripped = key[len(prefix) :], True
         out[key] = value.detach().cpu().contiguous()
     return out
 
@@ -54,22 +37,29 @@ def export(run_dir: Path, out_path: Path, *, ema: bool = False) -> dict[str, Any
     path = ckpt.find_for_export(Path(run_dir))
     state = ckpt.load(path)
     if ema and state.get("ema") is None:
-        raise ExportError(f"{path}: no EMA weights (the run had no ema_decay)")
+        raise TrainError(f"{path}: no EMA weights (the run had no ema_decay)")
     weights = plain_state_dict(state["ema"] if ema else state["model"])
     arch, num_classes = state["arch"], state["num_classes"]
     model_kwargs = dict(state.get("recipe", {}).get("model_kwargs", {}))
     try:
         model = create_model(arch, num_classes, model_kwargs)
     except (ImportError, RuntimeError, ValueError, TypeError) as exc:
-        raise ExportError(f"{path}: cannot build {arch}: {exc}") from None
+        raise TrainError(f"{path}: cannot build {arch}: {exc}") from None
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as exc:
-        raise ExportError(f"{path}: weights do not load into {arch}'s constructor: "
-                          f"{str(exc).splitlines()[0]}") from None
+        raise TrainError(
+            f"{path}: weights do not load into {arch}'s constructor ({one_line(exc)})"
+        ) from None
     out_path = Path(out_path)
     ckpt.save_atomic(weights, out_path)
-    return {"source": str(path), "out": str(out_path), "arch": arch,
-            "num_classes": num_classes, "ema": ema, "epoch": state["epoch"],
-            "model_kwargs": model_kwargs,
-            "blurpool": bool(state.get("recipe", {}).get("blurpool", False))}
+    return {
+        "source": str(path),
+        "out": str(out_path),
+        "arch": arch,
+        "num_classes": num_classes,
+        "ema": ema,
+        "epoch": state["epoch"],
+        "model_kwargs": model_kwargs,
+        "blurpool": bool(state.get("recipe", {}).get("blurpool", False)),
+    }

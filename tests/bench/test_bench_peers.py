@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import jpeg_bytes
 from tests.loader_shards import dataset_dir
-from train.decode import native_module
+from train.data.decode import native_module
 
 REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "bench"
@@ -26,7 +26,7 @@ window_server = importlib.import_module("window_server")
 peer_servers = importlib.import_module("peer_servers")
 
 needs_native = pytest.mark.skipif(
-    native_module() is None, reason="train.decode_native is not built"
+    native_module() is None, reason="train.data.decode_native is not built"
 )
 
 
@@ -52,7 +52,7 @@ def test_decode_floor_decodes_every_record_at_the_loaders_scale(built_shards, ki
 @needs_native
 def test_decode_only_reports_a_corrupt_record(built_shards):
     """The floor must not time a failed decode as a fast one."""
-    from train.decode import decode_only
+    from train.data.decode import decode_only
 
     data = jpeg_bytes(64, 64, seed=2)
     for region in (True, False):

@@ -1,7 +1,0 @@
-"""Constants with one home each (GUIDE: one obvious place per concept)."""
-
-# ImageNet RGB statistics on the 0-1 scale, as torchvision's pretrained models and every
-# reference recipe use them. Images stay uint8 until the device, so the prefetcher scales them
-# by 255 there.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)

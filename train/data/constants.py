@@ -1,0 +1,11 @@
+"""Constants with one home each: ImageNet mean/std and the data enumerations."""
+
+# ImageNet RGB statistics on the 0-1 scale, as torchvision's pretrained models and every
+# reference recipe use them. Images stay uint8 until the device, so the prefetcher scales them
+# by 255 there.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# torchvision v2 policies by the recipe's "auto_augment" name (train.data.auto_augment).
+AUTO_AUGMENT_POLICIES = ("ra", "ta_wide", "imagenet")
+DECODERS = ("cpu", "gpu")  # JPEG decode: CPU threads/processes, or nvJPEG (train.data.gpu_decode)

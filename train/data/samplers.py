@@ -1,0 +1,241 @@
+"""Which records go in which batch on which rank, and batch plans; pure numpy, counter-based."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from train.data.crops import (
+    CROP_DRAWS,
+    TrainCrop,
+    center_crop_box,
+    rect_batches,
+    rect_crop_box,
+    rect_target_size,
+)
+
+
+def epoch_permutation(num_images: int, seed: int, epoch: int) -> np.ndarray:
+    """The epoch's order of record indices; identical in every process for (seed, epoch)."""
+    generator = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch])))
+    return generator.permutation(num_images).astype(np.int64)
+
+
+_GOLDEN = 0x9E3779B97F4A7C15  # 2**64 / golden ratio: SplitMix64's increment
+_MASK64 = (1 << 64) - 1
+_DRAWS_PER_SAMPLE = 64  # room in each sample's counter range
+
+
+def _mix64(x):
+    """SplitMix64's finalizer, on Python ints (masked) or uint64 arrays (wrapping)."""
+    if isinstance(x, int):
+        x ^= x >> 30
+        x = (x * 0xBF58476D1CE4E5B9) & _MASK64
+        x ^= x >> 27
+        x = (x * 0x94D049BB133111EB) & _MASK64
+        return x ^ (x >> 31)
+    x = x ^ (x >> np.uint64(30))
+    x = x * np.uint64(0xBF58476D1CE4E5B9)
+    x = x ^ (x >> np.uint64(27))
+    x = x * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def sample_uniforms(
+    seed: int, epoch: int, first_position: int, num_samples: int, num_draws: int
+) -> np.ndarray:
+    """(num_samples, num_draws) float64 in [0, 1): the draws of the samples at permutation positions
+    first_position, first_position + 1, ... of epoch `epoch`. (more: docs/DESIGN.md)"""
+    if not 0 <= num_draws <= _DRAWS_PER_SAMPLE:
+        raise ValueError(f"num_draws must be in [0, {_DRAWS_PER_SAMPLE}], got {num_draws}")
+    key = _mix64(((seed & 0xFFFFFFFF) << 32) | (epoch & 0xFFFFFFFF))
+    positions = np.arange(first_position, first_position + num_samples, dtype=np.uint64)
+    counters = positions[:, None] * np.uint64(_DRAWS_PER_SAMPLE) + np.arange(
+        num_draws, dtype=np.uint64
+    )
+    bits = _mix64(counters * np.uint64(_GOLDEN) + np.uint64(key))
+    return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def sample_seed(seed: int, epoch: int, position: int) -> int:
+    """Seed of one sample's augmentation RNG: distinct for every (seed, epoch, position) with
+    32-bit seed and epoch, stable across processes (no str hashing, no PYTHONHASHSEED)."""
+    return ((seed & 0xFFFFFFFF) << 80) | ((epoch & 0xFFFFFFFF) << 48) | position
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainBatchIndices:
+    """One rank's batch: record indices, and the permutation position of the first of them
+    (sample i sits at `first_position + i`)."""
+
+    epoch: int
+    batch: int  # index of this batch within the rank's epoch
+    indices: np.ndarray  # int64 record indices
+    first_position: int
+
+
+class TrainBatchSampler:
+    """This rank's batches of one epoch, seeded per epoch, resumable inside it."""
+
+    def __init__(
+        self, num_images: int, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(
+                f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}"
+            )
+        if num_images < batch_size * world_size:
+            raise ValueError(
+                f"{num_images} images fill no global batch of {batch_size} x {world_size} ranks"
+            )
+        self.num_images = num_images
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.epoch = 0
+        self.start_batch = 0
+        self._cached: tuple[int, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank, equal on every rank."""
+        return self.num_images // (self.batch_size * self.world_size)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Iterate `epoch` from batch `start_batch` (resume), until the next set_epoch."""
+        if not 0 <= start_batch <= len(self):
+            raise ValueError(f"start_batch must be in [0, {len(self)}], got {start_batch}")
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def permutation(self) -> np.ndarray:
+        if self._cached is None or self._cached[0] != self.epoch:
+            self._cached = (self.epoch, epoch_permutation(self.num_images, self.seed, self.epoch))
+        return self._cached[1]
+
+    def batch_indices(self, batch: int) -> TrainBatchIndices:
+        first_position = (batch * self.world_size + self.rank) * self.batch_size
+        indices = self.permutation()[first_position : first_position + self.batch_size]
+        return TrainBatchIndices(self.epoch, batch, indices, first_position)
+
+    def __iter__(self):
+        for batch in range(self.start_batch, len(self)):
+            yield self.batch_indices(batch)
+
+
+def deal_batches(batches: list, rank: int, world_size: int) -> list:
+    """Rank r's share of whole batches, `batches[r::world_size]`, padded with empty batches to
+    ceil(len / world_size) so every rank steps the same number of times."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
+    share = list(batches[rank::world_size])
+    steps = math.ceil(len(batches) / world_size)
+    return share + [None] * (steps - len(share))
+
+
+@dataclasses.dataclass(frozen=True)
+class ValBatchIndices:
+    indices: np.ndarray  # int64 record indices; empty for a padding batch
+    aspect_ratio: float  # mean width/height of the batch (rect validation); 1.0 otherwise
+
+
+def center_val_batches(
+    num_images: int, batch_size: int, *, rank: int = 0, world_size: int = 1
+) -> list[ValBatchIndices]:
+    """Record order cut into batches, dealt to ranks (the last batch may be short)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = np.arange(num_images, dtype=np.int64)
+    batches = [order[start : start + batch_size] for start in range(0, num_images, batch_size)]
+    return [
+        ValBatchIndices(indices if indices is not None else order[:0], 1.0)
+        for indices in deal_batches(batches, rank, world_size)
+    ]
+
+
+def rect_val_batches(
+    aspect_ratios, batch_size: int, *, rank: int = 0, world_size: int = 1
+) -> list[ValBatchIndices]:
+    """Batches of aspect-ratio neighbours (train.data.crops.rect_batches), dealt to ranks. An empty
+    padding batch gets ratio 1.0 (a square crop of nothing)."""
+    batches = rect_batches(aspect_ratios, batch_size)
+    empty = np.zeros(0, dtype=np.int64)
+    return [
+        ValBatchIndices(np.asarray(batch[0], dtype=np.int64), batch[1])
+        if batch is not None
+        else ValBatchIndices(empty, 1.0)
+        for batch in deal_batches(batches, rank, world_size)
+    ]
+
+
+# --- plans: a batch's indices and how to crop them ------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainPlan:
+    batch: TrainBatchIndices
+    crop: TrainCrop
+    seed: int
+
+    @property
+    def out_size(self) -> tuple[int, int]:
+        return self.crop.crop_size, self.crop.crop_size
+
+    def sample_seeds(self) -> list[int]:
+        first, epoch = self.batch.first_position, self.batch.epoch
+        return [
+            sample_seed(self.seed, epoch, first + slot) for slot in range(len(self.batch.indices))
+        ]
+
+    def boxes_and_flips(
+        self, heights: np.ndarray, widths: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(N, 4) int64 crop boxes and (N,) bool flips, each sample's from its own draws."""
+        indices, batch = self.batch.indices, self.batch
+        uniforms = sample_uniforms(
+            self.seed, batch.epoch, batch.first_position, len(indices), CROP_DRAWS + 1
+        )
+        boxes = self.crop.boxes(heights[indices], widths[indices], uniforms[:, :CROP_DRAWS])
+        return boxes, uniforms[:, CROP_DRAWS] < 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class ValPlan:
+    batch: ValBatchIndices
+    out_size: tuple[int, int]
+    rect: bool
+    crop_ratio: float
+
+    def sample_seeds(self) -> None:
+        return None  # validation is not augmented
+
+    def boxes_and_flips(
+        self, heights: np.ndarray, widths: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        out_height, out_width = self.out_size
+        boxes = np.zeros((len(self.batch.indices), 4), dtype=np.int64)
+        for slot, index in enumerate(self.batch.indices.tolist()):
+            height, width = int(heights[index]), int(widths[index])
+            if self.rect:
+                boxes[slot] = rect_crop_box(height, width, out_height, out_width)
+            else:
+                boxes[slot] = center_crop_box(height, width, out_height, self.crop_ratio)
+        return boxes, np.zeros(len(boxes), dtype=bool)
+
+
+# Plan generators are free functions of the loader's settings at the start of an iteration:
+# the DataLoader's iterator keeps one alive, and a method would keep the loader alive with it.
+def train_plans(sampler: TrainBatchSampler, crop: TrainCrop, seed: int):
+    for batch in sampler:
+        yield TrainPlan(batch, crop, seed)
+
+
+def val_plans(batches: list[ValBatchIndices], crop_size: int, rect: bool, crop_ratio: float):
+    for batch in batches:
+        out_size = (
+            rect_target_size(crop_size, batch.aspect_ratio) if rect else (crop_size, crop_size)
+        )
+        yield ValPlan(batch, out_size, rect, crop_ratio)

@@ -1,0 +1,135 @@
+"""`train run --dry-run`: the resolved per-epoch table, from the same queries a run makes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from train.plan.config import Recipe, RunConfig
+from train.plan.phases import LoadedSchedule
+from train.plan.rebuilds import loader_changes, loader_settings
+from train.plan.schedule import Schedule
+
+
+@dataclass(frozen=True)
+class EpochRow:
+    """One row of `epoch_rows()`: what epoch `epoch` trains on and how."""
+
+    epoch: int
+    phase_index: int
+    train_dir_name: str
+    prep_size: int
+    crop_size: int
+    min_scale: float
+    batch_size: int
+    accum_steps: int
+    lr_start: float  # at the epoch's first step
+    lr_end: float  # approached at its last step
+    lr_shape: str
+    val_dir_name: str
+    val_crop_size: int
+    rect_val: bool
+    loaders: str  # LoaderChanges.describe() for this epoch
+
+
+def epoch_rows(schedule: Schedule) -> list[EpochRow]:
+    """One row per epoch, for `train run --dry-run`."""
+    rows = []
+    for epoch in range(schedule.num_epochs):
+        index = schedule.phase_index_at(epoch)
+        phase, settings = schedule.phases[index], loader_settings(schedule, epoch)
+        lr_start, lr_end = phase.epoch_lr_range(epoch)
+        rows.append(
+            EpochRow(
+                epoch=epoch,
+                phase_index=index,
+                train_dir_name=settings.train_dir_name,
+                prep_size=settings.prep_size,
+                crop_size=settings.crop_size,
+                min_scale=settings.min_scale,
+                batch_size=settings.batch_size,
+                accum_steps=phase.accum_steps,
+                lr_start=lr_start,
+                lr_end=lr_end,
+                lr_shape=phase.lr_shape,
+                val_dir_name=settings.val_dir_name,
+                val_crop_size=settings.val_crop_size,
+                rect_val=settings.rect_val,
+                loaders=loader_changes(schedule, epoch).describe(),
+            )
+        )
+    return rows
+
+
+def _format_lr(start: float, end: float) -> str:
+    return f"{start:.4g}" if start == end else f"{start:.4g} -> {end:.4g}"
+
+
+def format_table(rows: Sequence[EpochRow]) -> str:
+    """Render `epoch_rows()` as aligned text (batch is per GPU)."""
+    header = (
+        "epoch",
+        "phase",
+        "train_dir",
+        "crop",
+        "min_scale",
+        "batch/gpu",
+        "lr",
+        "lr_shape",
+        "val_dir",
+        "val_crop",
+        "rect_val",
+        "loaders",
+    )
+    body = [
+        (
+            str(r.epoch),
+            str(r.phase_index),
+            r.train_dir_name,
+            str(r.crop_size),
+            f"{r.min_scale:g}",
+            str(r.batch_size) + (f"x{r.accum_steps}" if r.accum_steps > 1 else ""),
+            _format_lr(r.lr_start, r.lr_end),
+            r.lr_shape,
+            r.val_dir_name,
+            str(r.val_crop_size),
+            "yes" if r.rect_val else "no",
+            r.loaders,
+        )
+        for r in rows
+    ]
+    widths = [max(len(row[c]) for row in [header, *body]) for c in range(len(header))]
+    text_columns = {2, 6, 7, 8, 11}
+    lines = []
+    for row in [header, *body]:
+        cells = [
+            cell.ljust(w) if c in text_columns else cell.rjust(w)
+            for c, (cell, w) in enumerate(zip(row, widths))
+        ]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def dry_run_text(
+    config: RunConfig, loaded: LoadedSchedule, recipe: Recipe, classes: list[str] | None
+) -> str:
+    schedule = loaded.schedule
+    lines = [
+        f"{config.phases_path}: {schedule.num_epochs} epochs in {len(schedule.phases)} "
+        f"phases ({loaded.source_format} format); batch is per GPU",
+        f"recipe: {', '.join(f'{k}={v}' for k, v in recipe.to_dict().items())}",
+    ]
+    if recipe.tuned_num_gpus is not None:
+        sizes = sorted(
+            {p.batch_size * p.accum_steps * recipe.tuned_num_gpus for p in schedule.phases}
+        )
+        lines.append(
+            f"LRs tuned for {recipe.tuned_num_gpus} GPU(s): global batch "
+            f"{', '.join(map(str, sizes))} there; on N GPUs it is batch/gpu x N"
+        )
+    if loaded.note:
+        lines.append(f"note: {loaded.note}")
+    if classes is not None:
+        lines.append(f"shards: all present under {config.data_dir} ({len(classes)} classes)")
+    lines += ["", format_table(epoch_rows(schedule))]
+    return "\n".join(lines)

@@ -1,0 +1,202 @@
+"""Atomic checkpoints and exact resume: capture, resume checks, restore."""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from formats import write_atomic
+from train.engine.loop import TrainState, sums_from_dict
+from train.engine.step import ModelStep
+from train.errors import CheckpointError, TrainError, one_line
+
+CHECKPOINT_VERSION = 2  # 2: phases gained lr_shape, accum_steps, crop_multiple
+CHECKPOINTS_DIR = "checkpoints"
+LAST_NAME = "last.pt"
+FINAL_NAME = "final.pt"
+
+
+def checkpoint_dir(out_dir: Path) -> Path:
+    return Path(out_dir) / CHECKPOINTS_DIR
+
+
+IDENTITY_KEYS = (
+    "arch",
+    "num_classes",
+    "recipe",
+    "schedule",
+    "seed",
+    "world_size",
+    "precision",
+    "sync_bn",
+)
+# What every checkpoint of this version holds (capture()); sync_bn came later, so is optional.
+SAVED_KEYS = tuple(key for key in IDENTITY_KEYS if key != "sync_bn") + (
+    "epoch",
+    "step",
+    "global_step",
+    "elapsed_s",
+    "eval_s",
+    "partial",
+    "model",
+    "optimizer",
+    "scaler",
+    "ema",
+    "rng",
+)
+
+
+def save_atomic(state: dict[str, Any], path: Path) -> Path:
+    """torch.save to `<path>.tmp`, fsync, rename over `path`, fsync the directory."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_atomic(path, lambda f: torch.save(state, f))
+
+
+def load(path: Path) -> dict[str, Any]:
+    """Read a checkpoint onto the CPU; tensors only (weights_only), no arbitrary pickles."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # torch's text advises weights_only=False: not here
+        raise CheckpointError(
+            f"{path}: not a checkpoint of tensors and plain data, not loaded "
+            f"({_unpickler_reason(exc)})"
+        ) from None
+    except Exception as exc:  # torch raises several types for truncated or foreign files
+        raise CheckpointError(f"{path}: unreadable checkpoint ({one_line(exc)})") from None
+    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"{path}: not a shardtrain checkpoint of version {CHECKPOINT_VERSION}"
+        )
+    missing = [key for key in SAVED_KEYS if key not in state]
+    positions = [state.get(key) for key in ("epoch", "step", "global_step")]
+    if (
+        missing
+        or not all(isinstance(v, int) and v >= 0 for v in positions)
+        or not (isinstance(state["recipe"], dict) and isinstance(state["schedule"], list))
+    ):
+        what = f"missing {', '.join(missing)}" if missing else "fields of the wrong type"
+        raise CheckpointError(f"{path}: a damaged shardtrain checkpoint ({what})")
+    return state
+
+
+def _unpickler_reason(exc: pickle.UnpicklingError) -> str:
+    """The line of torch's weights-only refusal that says what it met ("Unsupported operand
+    103", "Trying to load unsupported GLOBAL posix.system ...")."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    detail = [line for line in lines[1:] if not line.startswith(("Please file", "Check the"))]
+    return (detail[0] if detail else lines[0] if lines else "UnpicklingError")[:200]
+
+
+def find_for_export(run_dir: Path) -> Path:
+    """final.pt when the run finished, else last.pt; a .pt path is taken as it is."""
+    run_dir = Path(run_dir)
+    if run_dir.is_file():
+        return run_dir
+    for name in (FINAL_NAME, LAST_NAME):
+        path = checkpoint_dir(run_dir) / name
+        if path.is_file():
+            return path
+    raise CheckpointError(f"{run_dir}: no checkpoints/{FINAL_NAME} or checkpoints/{LAST_NAME}")
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_as_python_state(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = state["cuda"][: torch.cuda.device_count()]
+        torch.cuda.set_rng_state_all(cuda_states)
+
+
+def _as_python_state(value: Any) -> tuple:
+    """random.getstate() is (version, tuple of ints, gauss); pickling may turn tuples to lists."""
+    version, internal, gauss = value
+    return version, tuple(internal), gauss
+
+
+# --- capture / check / restore ------------------------------------------------------------
+
+
+def capture(
+    state: TrainState, trainer: ModelStep, identity: dict[str, Any], elapsed_s: float
+) -> dict[str, Any]:
+    """Everything a resume needs: `identity` (IDENTITY_KEYS: what run this is), the position,
+    the epoch's sums, weights, optimizer, scaler, EMA and RNG states."""
+    plain = trainer.module if trainer.module is not None else trainer.model
+    return {
+        "version": CHECKPOINT_VERSION,
+        **{key: identity[key] for key in IDENTITY_KEYS},
+        "epoch": state.epoch,
+        "step": state.step,
+        "global_step": state.global_step,
+        "elapsed_s": elapsed_s,
+        "eval_s": state.eval_s,
+        "partial": dataclasses.asdict(state.sums),
+        "model": plain.state_dict(),
+        "optimizer": trainer.optimizer.state_dict(),
+        "scaler": trainer.scaler.state_dict() if trainer.scaler is not None else None,
+        "ema": trainer.ema.state_dict() if trainer.ema is not None else None,
+        "rng": rng_state(),
+    }
+
+
+def restore(saved: dict[str, Any], state: TrainState, trainer: ModelStep) -> None:
+    """Load weights, optimizer, scaler, EMA, RNG and position into a freshly built run."""
+    plain = trainer.module if trainer.module is not None else trainer.model
+    try:
+        plain.load_state_dict(saved["model"])
+        trainer.optimizer.load_state_dict(saved["optimizer"])
+        if trainer.scaler is not None and saved["scaler"] is not None:
+            trainer.scaler.load_state_dict(saved["scaler"])
+        if trainer.ema is not None and saved["ema"] is not None:
+            trainer.ema.load_state_dict(saved["ema"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:  # "size mismatch", ...
+        raise TrainError(
+            f"the checkpoint's weights do not fit this run's model ({one_line(exc)})"
+        ) from None
+    try:
+        restore_rng_state(saved["rng"])
+        sums = sums_from_dict(saved["partial"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+        raise TrainError(f"damaged RNG or epoch-sum state ({one_line(exc)})") from None
+    state.epoch, state.step, state.global_step = saved["epoch"], saved["step"], saved["global_step"]
+    state.elapsed_s, state.eval_s = saved["elapsed_s"], saved["eval_s"]
+    state.sums = sums
+
+
+def last_kept(out_dir: Path) -> str:
+    """What a failed run leaves to resume from, for its one-line error."""
+    last = checkpoint_dir(out_dir) / LAST_NAME
+    return (
+        f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
+    )
+
+
+def save_run(saved: dict[str, Any], out_dir: Path, final: bool) -> None:
+    """last.pt (and final.pt at the end); a failed write (full disk, read-only --out) is one
+    line, the previous last.pt kept whole (save_atomic replaces it only when complete)."""
+    directory = checkpoint_dir(out_dir)
+    try:
+        save_atomic(saved, directory / LAST_NAME)
+        if final:
+            save_atomic(saved, directory / FINAL_NAME)
+    except (OSError, RuntimeError) as exc:  # torch's zip writer wraps some OSErrors
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else one_line(exc, 200)
+        raise TrainError(
+            f"cannot save a checkpoint in {directory} ({reason}); {last_kept(out_dir)}"
+        ) from None
