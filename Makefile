@@ -27,8 +27,13 @@ $(STAMP): pyproject.toml setup.py train/data/native/decode_native.c train/data/n
 	@bash scripts/setup.sh "$(PYTHON)" "$(VENV)" "$(TORCH_PAIR)" "$(PILLOW_SIMD)"
 	@touch $@
 
+# pytest-xdist: one worker per core (at most 4); --dist loadfile keeps a file's tests (and its
+# module-scoped fixtures) on one worker. Plain `pytest` still runs everything in one process.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 # ruff (line length 100, pyproject.toml): formatting and lint, the whole repository.
 LINT_PATHS ?= .
@@ -38,7 +43,7 @@ lint: $(STAMP)
 
 # The quick tier while editing (< ~1 min): everything but the tests marked slow.
 test-quick: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 # The main job on the embedded sample data, on CPU in a few minutes: ImageNet-format archives ->
 # shards at 2 sizes in both formats -> verify -> train ResNet-18 (phases/demo.json) -> report.

@@ -59,7 +59,7 @@ def train_args(tmp_path: Path, shards: Path, out: Path) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("store", ["lmdb", "msgpack"])
+@pytest.mark.parametrize("store", ["lmdb", pytest.param("msgpack", marks=pytest.mark.slow)])
 def test_run_report_export_through_the_cli(built_shards, tmp_path: Path, store: str) -> None:
     runner = CliRunner()
     out = tmp_path / "run"
