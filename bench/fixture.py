@@ -106,9 +106,11 @@ def find_sources() -> list[Source]:
     try:
         import skimage.data  # noqa: F401  (bench-only dependency)
     except ImportError:
-        warnings.warn(
-            "scikit-image is not installed: fixture uses the wallpaper photos only", stacklevel=2
-        )
+        if sources:  # with neither, the one line below says what to install
+            warnings.warn(
+                "scikit-image is not installed: fixture uses the wallpaper photos only",
+                stacklevel=2,
+            )
     else:
         for name in SKIMAGE_COLOR + SKIMAGE_GRAY:
             try:
@@ -120,9 +122,9 @@ def find_sources() -> list[Source]:
             height, width = pixels.shape[:2]
             sources.append(Source(f"skimage:{name}", name, width, height, pixels.ndim == 2))
     if not any(not s.gray for s in sources):
-        raise RuntimeError(
-            "no colour source photos: install Debian's plasma-workspace-wallpapers "
-            f"({WALLPAPER_DIR}) or scikit-image"
+        raise SystemExit(  # one line for whoever runs a benchmark on a bare machine
+            "bench: no colour source photos: `make bench` installs them (as root), or install "
+            f"Debian's plasma-workspace-wallpapers ({WALLPAPER_DIR}) and scikit-image"
         )
     return sources
 
