@@ -130,7 +130,9 @@ def test_concurrent_runs_one_refuses_and_a_killed_holder_frees_the_lock(tmp_path
         "--threads",
         "1",
     ]
-    first = subprocess.Popen([*args, "--delay", "0.5"], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    # slow enough per batch that it is still training (and holding the lock) however long the
+    # second run takes to start on a loaded machine; it is killed below, never waited for
+    first = subprocess.Popen([*args, "--delay", "5"], cwd=REPO, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
         while not (tmp_path / "run" / "config.json").exists():  # the first run is training
