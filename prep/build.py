@@ -433,6 +433,10 @@ def _run(
         rate = state["done_here"] / max(now - state["started"], 1e-9)
         bar.set_postfix_str(f"{rate:,.0f} img/s, {len(progress.rejects)} rejected", refresh=False)
 
+    def submit(chunk: list, spans: list) -> None:
+        options = (prep_sizes, config.quality, config.upscale, config.reencode)
+        pending.append((chunk, pool.submit(_prepare_chunk, spans, *options)))
+
     try:
         chunk: list = []
         spans: list = []
@@ -449,36 +453,12 @@ def _run(
                 )
             chunk.append((member.name, member.label, member.nbytes, skip_reason))
             if len(chunk) == CHUNK_IMAGES:
-                pending.append(
-                    (
-                        chunk,
-                        pool.submit(
-                            _prepare_chunk,
-                            spans,
-                            prep_sizes,
-                            config.quality,
-                            config.upscale,
-                            config.reencode,
-                        ),
-                    )
-                )
+                submit(chunk, spans)
                 chunk, spans = [], []
                 while len(pending) >= max_in_flight:
                     handle(*pending.popleft())
         if chunk:
-            pending.append(
-                (
-                    chunk,
-                    pool.submit(
-                        _prepare_chunk,
-                        spans,
-                        prep_sizes,
-                        config.quality,
-                        config.upscale,
-                        config.reencode,
-                    ),
-                )
-            )
+            submit(chunk, spans)
         while pending:
             handle(*pending.popleft())
         if progress.num_records == 0 and config.part is None:  # a part may hold only rejects
