@@ -76,7 +76,7 @@ def test_kill_9_and_resume_gives_identical_output(tmp_path, layout):
     assert dataset_bytes(whole) == dataset_bytes(again)
 
 
-@pytest.mark.slow  # the quick tier's torchrun build: tests/prep/test_parts.py (tar source)
+@pytest.mark.slow  # quick tier: parquet parts + merge in test_mirrors.py; torchrun: test_parts.py
 def test_torchrun_two_ranks_on_parquet_equal_a_single_build(tmp_path):
     src = tmp_path / "src"
     layouts.write_hf_parquet(src, many_images(30), num_files=2, row_group_rows=4)
