@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import datetime
+import faulthandler
+import gc
+import time
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
@@ -13,6 +16,9 @@ from train.engine.launch import env_int
 from train.errors import TrainError
 
 T = TypeVar("T")
+
+TEARDOWN_SECONDS = 60.0  # destroying the process group takes well under a second when healthy
+WORKER_DRAIN_SECONDS = 0.2
 
 
 @dataclass(frozen=True)
@@ -77,9 +83,21 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> Dis
     return DistEnv(rank, world_size, local_rank, torch_device, backend)
 
 
-def shutdown(env: DistEnv) -> None:
-    if env.distributed and torch_dist.is_initialized():
+def shutdown(env: DistEnv, seconds: float = TEARDOWN_SECONDS) -> None:
+    """Destroy the process group, after the DDP model is dropped (its reducer holds the group).
+    The group's destructor joins gloo's worker threads holding the GIL; a worker still freeing
+    a finished collective's tensors needs the GIL once more, and then both wait forever
+    (docs/DESIGN.md, dist.py). So: collect, let the workers take the GIL, and bound
+    the wait: faulthandler's watchdog needs no GIL, prints each thread's stack and exits."""
+    if not (env.distributed and torch_dist.is_initialized()):
+        return
+    gc.collect()
+    time.sleep(WORKER_DRAIN_SECONDS)  # releases the GIL
+    faulthandler.dump_traceback_later(seconds, exit=True)
+    try:
         torch_dist.destroy_process_group()
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 def rank_zero_agreed(env: DistEnv, effect: Callable[[], T]) -> T | None:

@@ -10,14 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from train.engine import dist
 from train.engine.build import build_trainer, configure_torch
-from train.engine.dist import (
-    DistEnv,
-    all_reduce_max,
-    all_reduce_sum,
-    broadcast_buffers,
-    rank_zero_agreed,
-)
+from train.engine.dist import DistEnv, all_reduce_max, all_reduce_sum, rank_zero_agreed
 from train.engine.launch import is_main_process, say
 from train.engine.loop import EvalSums, SyncPoint, TrainState, evaluate, train_steps
 from train.engine.step import resolve_precision
@@ -143,6 +138,9 @@ class EpochLoop:
             raise TrainError(f"{exc}; {self.kept()}") from None
         saved = ckpt.capture(self.state, self.trainer, self.identity, self.elapsed_now())
         ckpt.save_run(saved, self.out_dir, final)
+
+    def release(self) -> None:  # the DDP model must go before its process group (dist.shutdown)
+        self.trainer = None
 
     def kept(self) -> str:
         return ckpt.last_kept(self.out_dir)
@@ -285,7 +283,7 @@ class EpochLoop:
         return record
 
     def evaluate(self, module: nn.Module, flip: bool) -> dict[str, Any]:
-        broadcast_buffers(self.env, module)
+        dist.broadcast_buffers(self.env, module)
         batches = self.data.prefetcher(self.loaders.val, self.env.device, self.config.channels_last)
         sums = evaluate(module, batches, self.env.device, self.precision, flip)
         result = EvalSums.from_tensor(all_reduce_sum(self.env, sums))
