@@ -23,7 +23,7 @@ from train.plan.rebuilds import loader_settings
 from train.run import checkpoint as ckpt
 from train.run.metrics import RunLog, config_record, epoch_record, now, read_metrics
 from train.run.report import format_targets, time_to_targets
-from train.run.resume import check_ranks_agree, check_resume, resume_path
+from train.run.resume import check_ranks_agree, check_resume, check_step_in_epoch, resume_path
 from train.run.run_dir import clear_outputs
 from train.run.shards import DataSource, LiveLoaders
 from train.run.signals import StopFlag
@@ -68,6 +68,7 @@ class EpochLoop:
             "sync_bn": config.sync_bn,
         }
         self.state = TrainState()
+        self.resumed_from = resume_from
         resumed = self.resume(resume_from) if resume_from is not None else None
         check_ranks_agree(env, resumed is not None, self.state)
         augment = None
@@ -199,6 +200,7 @@ class EpochLoop:
                 f"{phase.batch_size} x {self.env.world_size} ranks x accum_steps "
                 f"{phase.accum_steps} > images?)"
             )
+        check_step_in_epoch(self.resumed_from, state, steps)
         bar = tqdm(
             total=steps,
             initial=state.step,
