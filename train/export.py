@@ -52,7 +52,12 @@ def export(run_dir: Path, out_path: Path, *, ema: bool = False) -> dict[str, Any
             f"{path}: weights do not load into {arch}'s constructor ({one_line(exc)})"
         ) from None
     out_path = Path(out_path)
-    ckpt.save_atomic(weights, out_path)
+    if out_path.is_dir():
+        raise TrainError(f"--out {out_path} is a directory; name the .pt file to write")
+    try:
+        ckpt.save_atomic(weights, out_path)
+    except (OSError, RuntimeError) as exc:  # a read-only mount, a full disk
+        raise TrainError(f"cannot write {out_path} ({ckpt.write_reason(exc)})") from None
     return {
         "source": str(path),
         "out": str(out_path),

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import datetime
+import faulthandler
+import gc
+import os
+import time
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
@@ -13,6 +17,12 @@ from train.engine.launch import env_int
 from train.errors import TrainError
 
 T = TypeVar("T")
+
+TEARDOWN_SECONDS = 60.0  # destroying the process group takes well under a second when healthy
+WORKER_DRAIN_SECONDS = 0.2
+RENDEZVOUS_SECONDS_ENV = "TRAIN_RENDEZVOUS_SECONDS"
+DEFAULT_RENDEZVOUS_SECONDS = 120.0
+LAUNCH_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 @dataclass(frozen=True)
@@ -66,9 +76,11 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> Dis
         return DistEnv(0, 1, local_rank, torch_device, None)
     backend = "nccl" if torch_device.type == "cuda" else "gloo"
     if not torch_dist.is_initialized():
+        store = rendezvous(rank, world_size)
         kwargs = {"device_id": torch_device} if backend == "nccl" else {}
         torch_dist.init_process_group(
             backend,
+            store=store,
             rank=rank,
             world_size=world_size,
             timeout=datetime.timedelta(minutes=timeout_minutes),
@@ -77,9 +89,53 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> Dis
     return DistEnv(rank, world_size, local_rank, torch_device, backend)
 
 
-def shutdown(env: DistEnv) -> None:
-    if env.distributed and torch_dist.is_initialized():
+def rendezvous(rank: int, world_size: int) -> torch_dist.Store:
+    """The ranks meet within TRAIN_RENDEZVOUS_SECONDS, not the collectives' 30 min: variables
+    left over in a shell (no torchrun) are one line, not a silent wait. As init_process_group
+    does it itself (env://, then a PrefixStore), only with its own timeout."""
+    seconds = rendezvous_seconds()
+    try:
+        meeting = torch_dist.rendezvous(
+            "env://", rank, world_size, timeout=datetime.timedelta(seconds=seconds)
+        )
+        store, _, _ = next(meeting)
+    except (RuntimeError, ValueError, TimeoutError) as exc:  # DistStoreError is a RuntimeError
+        names = " ".join(f"{n}={os.environ[n]}" for n in LAUNCH_VARIABLES if n in os.environ)
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise TrainError(
+            f"{names} are set, but the ranks did not meet within {seconds:g} s ({reason}): "
+            f"left over from another job? unset them for a single-process run, or start the "
+            f"ranks with torchrun ({RENDEZVOUS_SECONDS_ENV} sets the wait)"
+        ) from None
+    return torch_dist.PrefixStore("default_pg", store)
+
+
+def rendezvous_seconds() -> float:
+    value = os.environ.get(RENDEZVOUS_SECONDS_ENV, "")
+    try:
+        seconds = float(value) if value else DEFAULT_RENDEZVOUS_SECONDS
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < float("inf"):
+        raise TrainError(f"{RENDEZVOUS_SECONDS_ENV}={value!r}: need a number of seconds > 0")
+    return seconds
+
+
+def shutdown(env: DistEnv, seconds: float = TEARDOWN_SECONDS) -> None:
+    """Destroy the process group, after the DDP model is dropped (its reducer holds the group).
+    The group's destructor joins gloo's worker threads holding the GIL; a worker still freeing
+    a finished collective's tensors needs the GIL once more, and then both wait forever
+    (docs/DESIGN.md, dist.py). So: collect, let the workers take the GIL, and bound
+    the wait: faulthandler's watchdog needs no GIL, prints each thread's stack and exits."""
+    if not (env.distributed and torch_dist.is_initialized()):
+        return
+    gc.collect()
+    time.sleep(WORKER_DRAIN_SECONDS)  # releases the GIL
+    faulthandler.dump_traceback_later(seconds, exit=True)
+    try:
         torch_dist.destroy_process_group()
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 def rank_zero_agreed(env: DistEnv, effect: Callable[[], T]) -> T | None:

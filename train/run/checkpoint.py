@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import pickle
 import random
 from pathlib import Path
@@ -52,10 +53,19 @@ SAVED_KEYS = tuple(key for key in IDENTITY_KEYS if key != "sync_bn") + (
 
 
 def save_atomic(state: dict[str, Any], path: Path) -> Path:
-    """torch.save to `<path>.tmp`, fsync, rename over `path`, fsync the directory."""
+    """torch.save to `<path>.tmp`, fsync, rename over `path`, fsync the directory. Serialized
+    in memory first: torch's zip writer reports a short write on a full disk as "enforce fail
+    ... unexpected pos", while a plain write raises the OS's own error (ENOSPC)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return write_atomic(path, lambda f: torch.save(state, f))
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return write_atomic(path, lambda f: f.write(buffer.getbuffer()))
+
+
+def write_reason(exc: BaseException) -> str:
+    """An OSError's own words (`No space left on device`), else the exception on one line."""
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else one_line(exc, 200)
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -196,7 +206,6 @@ def save_run(saved: dict[str, Any], out_dir: Path, final: bool) -> None:
         if final:
             save_atomic(saved, directory / FINAL_NAME)
     except (OSError, RuntimeError) as exc:  # torch's zip writer wraps some OSErrors
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else one_line(exc, 200)
         raise TrainError(
-            f"cannot save a checkpoint in {directory} ({reason}); {last_kept(out_dir)}"
+            f"cannot save a checkpoint in {directory} ({write_reason(exc)}); {last_kept(out_dir)}"
         ) from None

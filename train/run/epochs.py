@@ -10,14 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from train.engine import dist
 from train.engine.build import build_trainer, configure_torch
-from train.engine.dist import (
-    DistEnv,
-    all_reduce_max,
-    all_reduce_sum,
-    broadcast_buffers,
-    rank_zero_agreed,
-)
+from train.engine.dist import DistEnv, all_reduce_max, all_reduce_sum, rank_zero_agreed
 from train.engine.launch import is_main_process, say
 from train.engine.loop import EvalSums, SyncPoint, TrainState, evaluate, train_steps
 from train.engine.step import resolve_precision
@@ -28,7 +23,7 @@ from train.plan.rebuilds import loader_settings
 from train.run import checkpoint as ckpt
 from train.run.metrics import RunLog, config_record, epoch_record, now, read_metrics
 from train.run.report import format_targets, time_to_targets
-from train.run.resume import check_ranks_agree, check_resume, resume_path
+from train.run.resume import check_ranks_agree, check_resume, check_step_in_epoch, resume_path
 from train.run.run_dir import clear_outputs
 from train.run.shards import DataSource, LiveLoaders
 from train.run.signals import StopFlag
@@ -73,6 +68,7 @@ class EpochLoop:
             "sync_bn": config.sync_bn,
         }
         self.state = TrainState()
+        self.resumed_from = resume_from
         resumed = self.resume(resume_from) if resume_from is not None else None
         check_ranks_agree(env, resumed is not None, self.state)
         augment = None
@@ -144,6 +140,9 @@ class EpochLoop:
         saved = ckpt.capture(self.state, self.trainer, self.identity, self.elapsed_now())
         ckpt.save_run(saved, self.out_dir, final)
 
+    def release(self) -> None:  # the DDP model must go before its process group (dist.shutdown)
+        self.trainer = None
+
     def kept(self) -> str:
         return ckpt.last_kept(self.out_dir)
 
@@ -201,6 +200,7 @@ class EpochLoop:
                 f"{phase.batch_size} x {self.env.world_size} ranks x accum_steps "
                 f"{phase.accum_steps} > images?)"
             )
+        check_step_in_epoch(self.resumed_from, state, steps)
         bar = tqdm(
             total=steps,
             initial=state.step,
@@ -285,7 +285,7 @@ class EpochLoop:
         return record
 
     def evaluate(self, module: nn.Module, flip: bool) -> dict[str, Any]:
-        broadcast_buffers(self.env, module)
+        dist.broadcast_buffers(self.env, module)
         batches = self.data.prefetcher(self.loaders.val, self.env.device, self.config.channels_last)
         sums = evaluate(module, batches, self.env.device, self.precision, flip)
         result = EvalSums.from_tensor(all_reduce_sum(self.env, sums))

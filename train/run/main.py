@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import traceback
 from typing import Any
 
 from train.engine.launch import launch_world_size, processes_per_node, say
@@ -83,9 +84,18 @@ def run(config: RunConfig, data: DataSource | None = None) -> dict[str, Any]:
             f"{env.world_size}, so its global batch is {env.world_size}/{tuned} of the "
             "tuned one at the same LR (batch_size is per GPU)"
         )
+    training = None
     try:
         with StopFlag() as stop, hold_run_dir(config.run_dir, env):
             training = EpochLoop(config, loaded, recipe, data, env, len(classes), stop)
             return training.train(targets_of(config, recipe))
+    except BaseException as exc:
+        # The frames it passed through hold the EpochLoop (and its DDP model): free them, so
+        # nothing holds the process group when shutdown() destroys it.
+        traceback.clear_frames(exc.__traceback__)
+        raise
     finally:
+        if training is not None:
+            training.release()
+        del training
         shutdown(env)

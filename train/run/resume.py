@@ -111,9 +111,6 @@ def check_resume(
             f"resume it with the same number of processes (not "
             f"{identity['world_size']}) or from an epoch-end checkpoint"
         )
-    num_epochs = max(phase["epochs"][1] for phase in identity["schedule"])
-    if saved["epoch"] >= num_epochs:
-        return []  # nothing left to train: the run reports itself complete
     changes = changes_since(saved, identity)
     if changes and not allow_changed:
         raise TrainError(
@@ -121,7 +118,22 @@ def check_resume(
             "with the settings the run started with, or pass --allow-changed to "
             "continue with these (recorded in config.json)"
         )
-    return changes
+    num_epochs = max(phase["epochs"][1] for phase in identity["schedule"])
+    if saved["epoch"] > num_epochs or (saved["epoch"] == num_epochs and saved["step"] > 0):
+        raise TrainError(
+            f"{path}: epoch {saved['epoch']} step {saved['step']} lies beyond this "
+            f"schedule's {num_epochs} epochs; nothing to resume"
+        )
+    return changes  # saved["epoch"] == num_epochs: the run reports itself complete
+
+
+def check_step_in_epoch(path: Path | None, state: TrainState, steps: int) -> None:
+    """A resumed step past its epoch's end would train nothing, then save final.pt."""
+    if state.step > steps:
+        raise TrainError(
+            f"{path}: step {state.step} lies beyond epoch {state.epoch}'s {steps} steps (a "
+            "checkpoint of other data or batch sizes?); resume from an epoch-end checkpoint"
+        )
 
 
 def check_ranks_agree(env: DistEnv, resuming: bool, state: TrainState) -> None:

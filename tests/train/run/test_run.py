@@ -157,8 +157,10 @@ def test_plain_state_dict_strips_wrapper_prefixes() -> None:
 
 
 def test_rerun_into_a_finished_run_is_refused_or_a_no_op(smoke_run, tmp_path: Path) -> None:
-    run_dir, _ = smoke_run
-    base = config(tmp_path, out_dir=run_dir)
+    run_dir, _ = (
+        smoke_run  # its recipe: a rerun with another one lists the changes (test_resume_edges)
+    )
+    base = config(tmp_path, out_dir=run_dir, recipe={"ema_decay": 0.9, "val_flip_tta": True})
     with pytest.raises(CheckpointError, match="already holds a run"):
         run(base, StandInData())
     before = (run_dir / "metrics.jsonl").read_text()
