@@ -391,6 +391,11 @@ def test_dropping_a_loader_stops_its_worker_processes_at_once(built_shards):
         )
         for _ in loader:
             break
+        deadline = (
+            time.monotonic() + 30
+        )  # a worker records its PID once started: maybe after batch 1
+        while len(loader.worker_pids()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
         pids = loader.worker_pids()
         assert len(pids) == 2 and all(alive(pid) for pid in pids)
         del loader
