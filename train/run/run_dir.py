@@ -7,6 +7,7 @@ import errno
 import fcntl
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -73,7 +74,7 @@ def acquire(out_dir: Path) -> int:
     except OSError as exc:
         _held_fds.discard(fd)
         held = exc.errno in (errno.EAGAIN, errno.EACCES)
-        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip() if held else ""
+        text = _holder_pid(fd) if held else ""
         os.close(fd)
         if not held:  # a full disk, say: nothing else could be written there either
             raise TrainError(
@@ -89,6 +90,17 @@ def acquire(out_dir: Path) -> int:
         os.register_at_fork(after_in_child=close_inherited_locks)
         _fork_hook.append(True)
     return fd
+
+
+def _holder_pid(fd: int) -> str:
+    # The holder writes its PID just after locking: a refusal in between waits briefly for it
+    # (as prep/lock.py's refusal does; prep and train share no code).
+    for _ in range(50):
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        if text.isdigit():
+            return text
+        time.sleep(0.01)
+    return text
 
 
 def release(fd: int) -> None:
