@@ -31,7 +31,7 @@ def fail(message: str, code: int = EXIT_ERROR, kind: str = "error") -> NoReturn:
     raise typer.Exit(code)
 
 
-def parse_targets(values: List[str]) -> tuple[tuple[str, float], ...]:
+def parse_targets(values: List[str], flag: str = "--target") -> tuple[tuple[str, float], ...]:
     from train.plan.config import TARGET_METRICS
 
     targets = []
@@ -42,7 +42,7 @@ def parse_targets(values: List[str]) -> tuple[tuple[str, float], ...]:
                 raise ValueError
             targets.append((metric, float(number)))
         except ValueError:
-            fail(f"--target {value!r}: expected top1=<percent> or top5=<percent>")
+            fail(f"{flag} {value!r}: expected top1=<percent> or top5=<percent>")
     return tuple(targets)
 
 
@@ -92,10 +92,12 @@ def run_options() -> list[inspect.Parameter]:
         if f.metadata.get("cli")
     ]
     target = typer.Option([], help="top1=75.9 or top5=93 (repeatable)")
+    stop_at = typer.Option(
+        [], help="top1=75.9: end the run at the first evaluation reaching it (repeatable: all)"
+    )
     return params + [
-        inspect.Parameter(
-            "target", inspect.Parameter.KEYWORD_ONLY, annotation=List[str], default=target
-        )
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=List[str], default=d)
+        for name, d in (("target", target), ("stop_at", stop_at))
     ]
 
 
@@ -107,7 +109,8 @@ def run(**options: Any) -> None:
     recipe = {name: options.pop(name) for name in RECIPE_OPTIONS}
     recipe = {name: value for name, value in recipe.items() if value is not None}
     targets = parse_targets(options.pop("target"))
-    call(run_training, RunConfig(**options, targets=targets, recipe=recipe))
+    stop_at = parse_targets(options.pop("stop_at"), "--stop-at")
+    call(run_training, RunConfig(**options, targets=targets, stop_at=stop_at, recipe=recipe))
 
 
 run.__signature__ = inspect.Signature(run_options())

@@ -20,7 +20,9 @@ from train.plan.settings import is_number, problems, setting
 TIMM_PREFIX = "timm/"  # "arch": "timm/resnet50d" builds timm's model (an optional extra)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cuda", "cpu")
-OPTIMIZERS = ("sgd",)
+OPTIMIZERS = ("sgd", "adamw", "lamb", "lars")
+LOSSES = ("ce", "bce")
+GLOBAL_BATCH_MODES = ("keep", "scale")
 MAX_SEED = 2**32 - 1  # train.data.samplers keeps 32 bits of the seed
 WORKERS_PER_CORE = 4  # --workers / --threads beyond this many per core only thrash (capped)
 TARGET_METRICS = ("top1", "top5")
@@ -33,8 +35,18 @@ class Recipe:
     arch: str = setting("resnet50", "torchvision model or timm/<name>", cli=True)
     tuned_num_gpus: int | None = setting(None, "world size the LRs were tuned for", low=1)
     optimizer: str = setting("sgd", "optimizer", choices=OPTIMIZERS)
-    momentum: float = setting(0.9, "SGD momentum", low=0, high=1, bounds="[)")
-    nesterov: bool = setting(False, "Nesterov momentum")
+    momentum: float = setting(0.9, "SGD and LARS momentum", low=0, high=1, bounds="[)")
+    nesterov: bool = setting(False, "Nesterov momentum (SGD)")
+    betas: tuple[float, float] = setting((0.9, 0.999), "AdamW and LAMB betas [beta1, beta2]")
+    eps: float = setting(1e-8, "AdamW, LAMB and LARS epsilon", low=0, bounds="(]")
+    trust_coefficient: float = setting(0.001, "LARS trust coefficient (eta)", low=0, bounds="(]")
+    grad_clip: float = setting(
+        0.0, "clip the global gradient norm to this (0 = off)", low=0, bounds="[)"
+    )
+    loss: str = setting("ce", "ce: softmax cross-entropy; bce: per-class sigmoid", choices=LOSSES)
+    bce_target_threshold: float | None = setting(
+        None, "bce: soft targets above it become 1 (timm's bce_target_thresh)", low=0, high=1
+    )
     weight_decay: float = setting(5e-5, "L2 weight decay", low=0, bounds="[)")
     bn_weight_decay: bool = setting(False, "decay BatchNorm weights and all biases too")
     label_smoothing: float = setting(0.0, "label smoothing", low=0, high=1, bounds="[)", cli=True)
@@ -44,6 +56,13 @@ class Recipe:
         0.0, "stochastic depth of the deepest block", low=0, high=1, bounds="[)"
     )
     auto_augment: str | None = setting(None, "torchvision v2 policy", choices=AUTO_AUGMENT_POLICIES)
+    color_jitter: float = setting(
+        0.0, "ColorJitter brightness, contrast and saturation strength (0 = off)", low=0
+    )
+    random_erasing: float = setting(
+        0.0, "random erasing probability per image (0 = off)", low=0, high=1
+    )
+    repeat_aug: int = setting(1, "repeated augmentation: each image N times per epoch", low=1)
     val_flip_tta: bool = setting(False, "flip-average the final eval", cli=True)
     mixup_alpha: float = setting(0.0, "mixup alpha (0 = off)", low=0, bounds="[)", cli=True)
     cutmix_alpha: float = setting(0.0, "cutmix alpha (0 = off)", low=0, bounds="[)", cli=True)
@@ -51,6 +70,15 @@ class Recipe:
         0.0, "EMA decay of the weights (0 = off)", low=0, high=1, bounds="[)", cli=True
     )
     model_kwargs: Mapping[str, Any] = setting({}, "extra model constructor arguments")
+    init: str | None = setting(
+        None,
+        "start from these weights (a run's checkpoint, torchvision or timm state_dict)",
+        cli=True,
+    )
+    eval_every: int = setting(1, "evaluate every N epochs (the last always)", low=1, cli=True)
+    eval_offset: int = setting(
+        0, "evaluate after epochs eval_offset + k * eval_every (MLPerf's eval_offset)", low=0
+    )
     targets: Mapping[str, float] = setting({}, 'e.g. {"top1": 75.9, "top5": 93}')
 
     @classmethod
@@ -62,7 +90,10 @@ class Recipe:
             raise RecipeError(
                 f"recipe key {unknown[0]!r}: unknown; allowed: {', '.join(sorted(known))}"
             )
-        recipe = cls(**{**data, **{k: v for k, v in overrides.items() if v is not None}})
+        values = {**data, **{k: v for k, v in overrides.items() if v is not None}}
+        if isinstance(values.get("betas"), list):  # JSON has no tuples
+            values["betas"] = tuple(values["betas"])
+        recipe = cls(**values)
         recipe.check()
         return recipe
 
@@ -79,6 +110,13 @@ class Recipe:
         check_arch(self.arch)
         if self.nesterov and self.momentum == 0:  # torch.optim.SGD refuses it, much later
             fail("nesterov", "needs a momentum above 0 (momentum is 0)")
+        betas = self.betas
+        if not (
+            isinstance(betas, tuple)
+            and len(betas) == 2
+            and all(is_number(b) and 0 <= b < 1 for b in betas)
+        ):
+            fail("betas", "must be two numbers in [0, 1), like [0.9, 0.999]")
         if self.drop_path and not self.is_timm and not is_torchvision_resnet(self.arch):
             fail("drop_path", "needs a torchvision ResNet (or a timm/ model)")
         if not all(k in TARGET_METRICS and is_percent(v) for k, v in self.targets.items()):
@@ -87,6 +125,7 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         return {
             **dataclasses.asdict(self),
+            "betas": list(self.betas),
             "model_kwargs": dict(self.model_kwargs),
             "targets": dict(self.targets),
         }
@@ -121,7 +160,6 @@ class RunConfig:
         4, f"loader workers per GPU (capped at {WORKERS_PER_CORE} per core)", low=0
     )
     decode: str = setting("cpu", "JPEG decode", choices=DECODERS)
-    eval_every: int = setting(1, "evaluate every N epochs (the last always)", low=1)
     checkpoint_every_steps: int = setting(
         0, "also checkpoint every N steps (0: epochs only)", low=0
     )
@@ -135,7 +173,14 @@ class RunConfig:
     tensorboard: bool = setting(True, "TensorBoard events in OUT/tb")
     progress: bool = setting(True, "progress bar")
     dry_run: bool = setting(False, "print the per-epoch table and check shards; train nothing")
+    global_batch: str | None = setting(
+        None,
+        "on a GPU count other than the recipe's tuned_num_gpus: keep its global batch, or keep "
+        "the per-GPU batch and scale the LR linearly [default: warn only]",
+        choices=GLOBAL_BATCH_MODES,
+    )
     targets: tuple[tuple[str, float], ...] = ()  # --target top1=75.9 (repeatable)
+    stop_at: tuple[tuple[str, float], ...] = ()  # --stop-at top1=75.9: end once all reached
     recipe: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # RECIPE_OPTIONS given
 
     @property
@@ -154,9 +199,10 @@ def check_config(config: RunConfig) -> None:
         raise TrainError(
             f"{option_name(name, flags[name])} {message}, got {getattr(config, name)!r}"
         )
-    for metric, percent in config.targets:
-        if metric not in TARGET_METRICS or not is_percent(percent):
-            raise TrainError(f"--target {metric}={percent:g}: must be a percentage in (0, 100]")
+    for flag, pairs in (("--target", config.targets), ("--stop-at", config.stop_at)):
+        for metric, percent in pairs:
+            if metric not in TARGET_METRICS or not is_percent(percent):
+                raise TrainError(f"{flag} {metric}={percent:g}: must be a percentage in (0, 100]")
     if config.overwrite and config.resume == "auto":
         raise TrainError(
             "--overwrite and --resume auto contradict each other: --overwrite "

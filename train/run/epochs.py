@@ -266,7 +266,7 @@ class EpochLoop:
         epoch, state = self.state.epoch, self.state
         last_epoch = epoch == self.schedule.num_epochs - 1
         top: dict[str, Any] = {"top1": None, "top5": None, "val_images": None}
-        if last_epoch or (epoch + 1) % self.config.eval_every == 0:
+        if last_epoch or (epoch + 1) % self.recipe.eval_every == 0:
             started = now()
             flip = self.recipe.val_flip_tta and last_epoch
             top = self.evaluate(self.trainer.module, flip) | {"flip_tta": flip}

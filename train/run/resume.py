@@ -65,7 +65,11 @@ def resume_path(out_dir: Path, resume: str | None, overwrite: bool = False) -> P
 RESULT_SCALARS = ("seed", "precision", "sync_bn")
 
 
-REPORTING_ONLY = ("targets",)  # recipe keys that change no number the run computes
+REPORTING_ONLY = (
+    "targets",
+    "eval_every",
+    "eval_offset",
+)  # recipe keys that change no number the run computes
 
 
 def changes_since(saved: dict[str, Any], identity: dict[str, Any]) -> list[str]:

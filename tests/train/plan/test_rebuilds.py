@@ -123,7 +123,7 @@ def test_a_run_rebuilds_exactly_what_the_dry_run_says(tmp_path: Path) -> None:
         device="cpu",
         progress=False,
         tensorboard=False,
-        eval_every=100,
+        recipe={"eval_every": 100},
         log_every=4,
         threads=1,
     )
