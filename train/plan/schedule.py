@@ -50,6 +50,11 @@ class Phase(ShardDirs):
     rect_val: bool = setting(False, "imagenet18's aspect-ratio validation batches")
     val_prep_size: int | None = setting(None, "validation shards [default: prep_size]", low=1)
     val_crop_size: int | None = setting(None, "validation side [default: the last crop]", low=1)
+    val_resize_size: int | None = setting(
+        None,
+        "validation: shorter side resized to this, then the center crop [default: crop / 0.875]",
+        low=1,
+    )
     lr_shape: str = setting("linear", "how lr moves across the phase's steps", choices=LR_SHAPES)
     accum_steps: int = setting(1, "forward/backward passes per optimizer step", low=1)
     crop_multiple: int = setting(DEFAULT_CROP_MULTIPLE, "rounding of a crop ramp", low=1)
@@ -208,6 +213,10 @@ def check_phase(p: Phase, i: int) -> None:
     if p.val_crop_size > p.val_prep_size:
         raise phase_error(
             i, "val_crop_size", f"{p.val_crop_size} > val_prep_size {p.val_prep_size}"
+        )
+    if p.val_resize_size is not None and p.val_resize_size < p.val_crop_size:
+        raise phase_error(
+            i, "val_resize_size", f"{p.val_resize_size} < val_crop_size {p.val_crop_size}"
         )
     _check_lr(p, i)
 
