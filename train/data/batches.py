@@ -93,7 +93,6 @@ class BatchBuilder:
 
     def fill(self, work: BatchWork, chunk: int) -> None:
         if self.decode == "gpu":
-            seeds = work.plan.sample_seeds() if self.augment is not None else None
             work.images = encode_batch(
                 self.records,
                 work.indices,
@@ -101,7 +100,8 @@ class BatchBuilder:
                 work.flips,
                 work.plan.out_size,
                 work.labels,
-                seeds,
+                work.plan.sample_seeds(),
+                work.plan.erase_boxes(),
             )
             return
         start = chunk * CHUNK_IMAGES
@@ -123,7 +123,7 @@ class BatchBuilder:
         if self.augment is not None:
             with one_intra_op_thread():
                 self.augment(images, work.plan.sample_seeds())
-        return images, work.labels
+        return with_erase_boxes((images, work.labels), work.plan)
 
     def decode_into(
         self, images: np.ndarray, indices: np.ndarray, boxes: np.ndarray, flips: np.ndarray
@@ -147,8 +147,17 @@ class BatchBuilder:
         labels = torch.from_numpy(records.labels[indices])
         seeds = plan.sample_seeds() if self.augment is not None else None
         try:
-            if self.decode == "gpu":
-                return encode_batch(records, indices, boxes, flips, plan.out_size, labels, seeds)
+            if self.decode == "gpu":  # the loader augments after the decode, on the device
+                return encode_batch(
+                    records,
+                    indices,
+                    boxes,
+                    flips,
+                    plan.out_size,
+                    labels,
+                    plan.sample_seeds(),
+                    plan.erase_boxes(),
+                )
             images = allocate_images(len(indices), *plan.out_size, pin=self.pin)
             with one_intra_op_thread() if get_worker_info() is None else contextlib.nullcontext():
                 self.decode_into(images.numpy(), indices, boxes, flips)
@@ -157,4 +166,11 @@ class BatchBuilder:
                     self.augment(images, seeds)
         except DatasetError as err:
             return BatchError(str(err))
-        return images, labels
+        return with_erase_boxes((images, labels), plan)
+
+
+def with_erase_boxes(batch: tuple, plan) -> tuple:
+    """(images, labels), plus the (N, 4) random-erasing boxes when the plan erases: applied to
+    the normalised batch by train.data.prefetch (train.data.erasing)."""
+    boxes = plan.erase_boxes()
+    return batch if boxes is None else (*batch, torch.from_numpy(boxes))

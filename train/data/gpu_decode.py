@@ -26,7 +26,8 @@ class EncodedBatch:
     flips: list[bool]
     out_size: tuple[int, int]
     labels: torch.Tensor
-    sample_seeds: list[int] | None  # per image, for augmentation after the decode
+    sample_seeds: Sequence[int] | None  # per image (SampleKeys), for augmentation after the decode
+    erase_boxes: np.ndarray | None  # random erasing's, for the prefetcher (train.data.erasing)
 
     def pin_memory(self, device=None):
         return self
@@ -39,7 +40,8 @@ def encode_batch(
     flips: list,
     out_size: tuple[int, int],
     labels: torch.Tensor,
-    sample_seeds: list[int] | None,
+    sample_seeds: Sequence[int] | None,
+    erase_boxes: np.ndarray | None = None,
 ) -> EncodedBatch:
     """In a worker: copy the batch's JPEG bytes into one tensor (one transfer, one decode call)."""
     views = [records.view(index) for index in indices.tolist()]
@@ -63,6 +65,7 @@ def encode_batch(
         out_size,
         labels,
         sample_seeds,
+        erase_boxes,
     )
 
 
@@ -71,8 +74,9 @@ def decode_on_device(
     device: torch.device,
     records: RecordDataset,
     augment: Callable[[torch.Tensor, Sequence[int]], None] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images uint8 NCHW on `device`, labels); a bad image raises a DatasetError naming it."""
+) -> tuple[torch.Tensor, ...]:
+    """(images uint8 NCHW on `device`, labels); a bad image raises a DatasetError naming it. The
+    uint8 augmentations run here, on the device, from the same per-sample keys as on the CPU."""
     jpegs = [batch.data[start:end] for start, end in zip(batch.offsets, batch.offsets[1:])]
     try:
         images = decode_crop_batch_gpu(
@@ -82,6 +86,8 @@ def decode_on_device(
         raise records.record_error(int(batch.indices[err.position]), err.reason) from None
     if augment is not None and batch.sample_seeds is not None:
         augment(images, batch.sample_seeds)
+    if batch.erase_boxes is not None:
+        return images, batch.labels, torch.from_numpy(batch.erase_boxes)
     return images, batch.labels
 
 

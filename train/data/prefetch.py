@@ -33,8 +33,18 @@ def _mean_and_inv_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]
     return mean.to(device), inv_std.to(device)
 
 
+def erased(x: torch.Tensor, erase_boxes: list) -> torch.Tensor:
+    """Random erasing on the normalised batch (0: the mean colour), if the loader sent boxes."""
+    if not erase_boxes:
+        return x
+    from train.data.erasing import erase
+
+    return erase(x, erase_boxes[0])
+
+
 class DevicePrefetcher:
-    """Iterate `loader`'s (images uint8, labels) as (x, labels) on `device`, one batch ahead.
+    """Iterate `loader`'s (images uint8, labels[, erase boxes]) as (x, labels) on `device`, one
+    batch ahead, random erasing applied to x.
 
     `data_wait_seconds` accumulates the time spent blocked on the loader: the time the consumer
     would have computed if data were free (reported beside img/s)."""
@@ -59,19 +69,19 @@ class DevicePrefetcher:
     def _next_on_device(self, batches):
         started = time.perf_counter()
         try:
-            images, labels = next(batches)
+            images, labels, *erase_boxes = next(batches)  # boxes: train.data.erasing
         except StopIteration:
             return None
         finally:
             self.data_wait_seconds += time.perf_counter() - started
         if self._stream is None:
-            return normalize(images.to(self.device), self.dtype, self.channels_last), labels.to(
-                self.device
-            )
+            x = normalize(images.to(self.device), self.dtype, self.channels_last)
+            return erased(x, erase_boxes), labels.to(self.device)
         with torch.cuda.stream(self._stream):
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
-            return normalize(images, self.dtype, self.channels_last), labels
+            x = normalize(images, self.dtype, self.channels_last)
+            return erased(x, erase_boxes), labels
 
     def __iter__(self):
         batches = iter(self.loader)

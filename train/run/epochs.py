@@ -71,12 +71,7 @@ class EpochLoop:
         self.resumed_from = resume_from
         resumed = self.resume(resume_from) if resume_from is not None else None
         check_ranks_agree(env, resumed is not None, self.state)
-        augment = None
-        if recipe.auto_augment:
-            from train.data.auto_augment import AutoAugment
-
-            augment = AutoAugment(recipe.auto_augment)
-        self.loaders = LiveLoaders(data, env, config, self.schedule, augment)
+        self.loaders = LiveLoaders(data, env, config, self.schedule, recipe)
         record = config_record(config, loaded, recipe, env, num_classes, self.precision, resumed)
         self.log = rank_zero_agreed(env, lambda: self.open_log(record, resumed)) or RunLog(
             self.out_dir, enabled=False

@@ -1,0 +1,111 @@
+"""color_jitter, random_erasing and repeat_aug through the real loaders and the prefetcher: the
+same (seed, epoch, position) gives the same augmented batch under any worker kind and count, after
+a resume mid-epoch, and with decode="gpu" (run on the CPU here)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests.loader_shards import dataset_dir
+from train.data.augment import Augmentation
+from train.data.color import JITTER_DRAWS, JITTER_FIRST_DRAW, color_jitter_, jitter_factors
+from train.data.crops import TrainCrop
+from train.data.loaders import TrainLoader
+from train.data.prefetch import DevicePrefetcher, normalize
+
+AUGMENTATION = Augmentation(color_jitter=0.4, random_erasing=0.5, repeat_aug=2)
+BATCH, CROP = 4, 40  # 18 train images: 4 batches per epoch
+
+
+def make_loader(directory, augmentation=AUGMENTATION, **kwargs):
+    return TrainLoader(
+        directory,
+        BATCH,
+        TrainCrop(CROP),
+        seed=3,
+        augment=augmentation.uint8_ops(),
+        random_erasing=augmentation.random_erasing,
+        repeat_aug=augmentation.repeat_aug,
+        **kwargs,
+    )
+
+
+def float_batches(loader, epoch=1, start_batch=0):
+    try:
+        loader.set_epoch(epoch, start_batch)
+        return [(x.clone(), labels.clone()) for x, labels in DevicePrefetcher(loader, "cpu")]
+    finally:
+        loader.close()
+
+
+@pytest.mark.parametrize("executor,workers", [("threads", 2), ("processes", 2)])
+def test_same_batches_under_any_workers_and_after_a_resume(built_shards, executor, workers):
+    directory = dataset_dir(built_shards)
+    reference = float_batches(make_loader(directory, workers=0, executor="threads"))
+    other = float_batches(make_loader(directory, workers=workers, executor=executor))
+    resumed = float_batches(make_loader(directory, workers=workers, executor=executor), 1, 2)
+    assert len(reference) == len(other) == 4 and len(resumed) == 2
+    for (x_a, labels_a), (x_b, labels_b) in zip(reference, other):
+        assert torch.equal(x_a, x_b) and torch.equal(labels_a, labels_b)
+    for (x_a, _), (x_b, _) in zip(reference[2:], resumed):
+        assert torch.equal(x_a, x_b)
+
+
+def test_prefetched_batch_is_jittered_then_erased(built_shards):
+    """x = normalize(color_jitter(plain crop)) with exactly the plan's boxes zeroed."""
+    directory = dataset_dir(built_shards)
+    plain_loader = make_loader(directory, Augmentation(repeat_aug=2), workers=0)
+    plain_loader.set_epoch(1)
+    plain = [images.clone() for images, _ in plain_loader]
+    plain_loader.close()
+    loader = make_loader(directory, workers=0)
+    loader.set_epoch(1)
+    plans = list(loader.plans())
+    augmented = float_batches(loader)
+    erased_images = 0
+    for images, plan, (x, _) in zip(plain, plans, augmented):
+        keys = plan.sample_seeds()
+        factors, orders = jitter_factors(0.4, keys.uniforms(JITTER_FIRST_DRAW, JITTER_DRAWS))
+        expected = images.clone()
+        color_jitter_(expected, factors, orders)
+        assert not torch.equal(expected, images)
+        expected = normalize(expected)
+        boxes = plan.erase_boxes()
+        for slot, (top, left, height, width) in enumerate(boxes.tolist()):
+            expected[slot, :, top : top + height, left : left + width] = 0
+            erased_images += height > 0
+        assert torch.equal(x, expected)
+    assert 0 < erased_images < len(plans) * BATCH  # p = 0.5 over 16 images
+
+
+def test_decode_gpu_path_applies_the_same_ops(built_shards):
+    """decode="gpu" (the nvJPEG path, on torchvision's CPU decoder here): jitter after the decode
+    from the same keys, erase boxes handed to the prefetcher."""
+    directory = dataset_dir(built_shards)
+    gpu = dict(workers=0, decode="gpu", device="cpu")
+    plain_loader = make_loader(directory, Augmentation(), **gpu)
+    plain_loader.set_epoch(1)
+    plain = [images.clone() for images, _ in plain_loader]
+    plain_loader.close()
+    loader = make_loader(directory, Augmentation(color_jitter=0.4, random_erasing=1.0), **gpu)
+    loader.set_epoch(1)
+    plans = list(loader.plans())
+    batches = [tuple(t.clone() for t in batch) for batch in loader]
+    loader.close()
+    for images, plan, (jittered, _, boxes) in zip(plain, plans, batches):
+        keys = plan.sample_seeds()
+        factors, orders = jitter_factors(0.4, keys.uniforms(JITTER_FIRST_DRAW, JITTER_DRAWS))
+        color_jitter_(images, factors, orders)
+        assert torch.equal(jittered, images)
+        assert np.array_equal(boxes.numpy(), plan.erase_boxes()) and (boxes[:, 2] > 0).all()
+
+
+def test_uint8_ops_in_timms_order():
+    assert Augmentation().uint8_ops() is None
+    assert type(Augmentation(color_jitter=0.3).uint8_ops()).__name__ == "ColorJitter"
+    chain = Augmentation(auto_augment="ra", color_jitter=0.3).uint8_ops()
+    assert [type(op).__name__ for op in chain.ops] == ["AutoAugment", "ColorJitter"]
+    with pytest.raises(ValueError, match="random_erasing"):
+        TrainLoader(None, 4, TrainCrop(8), random_erasing=1.5)

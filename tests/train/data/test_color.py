@@ -1,0 +1,96 @@
+"""train.data.color: the vectorised ColorJitter against torchvision v2's functional ops for given
+factors and orders, its factor range (timm's --color-jitter s), and its per-sample draws."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torchvision.transforms.v2 import functional as TF
+
+from train.data.color import (
+    JITTER_DRAWS,
+    JITTER_FIRST_DRAW,
+    ORDERS,
+    ColorJitter,
+    color_jitter_,
+    jitter_factors,
+)
+from train.data.samplers import SampleKeys
+
+TV_OPS = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
+
+
+def photo_batch(num_images: int, seed: int = 0, size: int = 24) -> torch.Tensor:
+    """uint8 NCHW: gradients, noise and saturated corners (clamping and grayscale both matter)."""
+    generator = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    base = torch.stack([xx * 10, yy * 10, (xx + yy) * 5]).float()
+    noise = torch.randint(-40, 41, (num_images, 3, size, size), generator=generator)
+    images = (base + noise).clamp(0, 255).to(torch.uint8)
+    images[:, :, :3, :3] = 255
+    images[:, :, -3:, -3:] = 0
+    return images
+
+
+def torchvision_jitter(image: torch.Tensor, factors, order) -> torch.Tensor:
+    for op in order:
+        image = TV_OPS[op](image, float(factors[op]))
+    return image
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_matches_torchvision_functional_ops(channels_last):
+    images = photo_batch(12)
+    if channels_last:  # the loader's batches are NHWC memory viewed as NCHW
+        images = images.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    rng = np.random.default_rng(3)
+    factors = rng.uniform(0.0, 2.5, (12, 3)).astype(np.float32)
+    orders = np.arange(12) % len(ORDERS)  # every order, twice
+    expected = torch.stack(
+        [torchvision_jitter(images[i], factors[i], ORDERS[orders[i]]) for i in range(12)]
+    )
+    color_jitter_(images, factors, orders)
+    assert torch.equal(images, expected)  # bit for bit on the CPU (train.data.color._blend)
+
+
+def test_the_order_matters_and_is_honoured():
+    images = photo_batch(1, seed=5)
+    factors = np.array([[1.8, 0.3, 1.9]], dtype=np.float32)
+    results = []
+    for order_index in range(len(ORDERS)):
+        out = images.clone()
+        color_jitter_(out, factors, np.array([order_index]))
+        assert torch.equal(out[0], torchvision_jitter(images[0], factors[0], ORDERS[order_index]))
+        results.append(out)
+    assert len({tuple(r.flatten().tolist()) for r in results}) > 1
+
+
+def test_factor_range_and_order_are_uniform():
+    rng = np.random.default_rng(0)
+    factors, orders = jitter_factors(0.4, rng.random((60000, JITTER_DRAWS)))
+    assert factors.min() >= 0.6 and factors.max() <= 1.4
+    assert abs(factors.mean() - 1.0) < 0.005 and factors.min() < 0.601 and factors.max() > 1.399
+    counts = np.bincount(orders, minlength=len(ORDERS)) / len(orders)
+    assert np.all(np.abs(counts - 1 / 6) < 0.01)  # binomial sd ~0.0015: 6 sd
+    strong, _ = jitter_factors(1.5, rng.random((1000, JITTER_DRAWS)))
+    assert strong.min() >= 0.0 and strong.max() <= 2.5  # max(0, 1 - s)
+
+
+def test_draws_come_from_the_sample_keys():
+    images = photo_batch(6, seed=9)
+    keys = SampleKeys(seed=2, epoch=1, positions=np.array([40, 41, 42, 7, 8, 9]))
+    jitter = ColorJitter(0.4)
+    first, second = images.clone(), images.clone()
+    jitter(first, keys)
+    jitter(second[3:], keys[3:])  # a sub-batch with the same keys: the same result
+    assert torch.equal(first[3:], second[3:])
+    factors, orders = jitter_factors(0.4, keys.uniforms(JITTER_FIRST_DRAW, JITTER_DRAWS))
+    expected = torchvision_jitter(images[0], factors[0].astype(np.float32), ORDERS[orders[0]])
+    assert torch.equal(first[0], expected)
+    assert not torch.equal(first, images)
+    other = images.clone()
+    jitter(other, SampleKeys(seed=3, epoch=1, positions=keys.positions))
+    assert not torch.equal(other, first)
+    with pytest.raises(ValueError, match="strength"):
+        ColorJitter(0.0)
