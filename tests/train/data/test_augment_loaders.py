@@ -109,3 +109,61 @@ def test_uint8_ops_in_timms_order():
     assert [type(op).__name__ for op in chain.ops] == ["AutoAugment", "ColorJitter"]
     with pytest.raises(ValueError, match="random_erasing"):
         TrainLoader(None, 4, TrainCrop(8), random_erasing=1.5)
+
+
+def test_the_recipe_reaches_the_train_loader(built_shards):
+    """train.run.shards: the recipe's keys become the loader's uint8 ops, erasing and sampler."""
+    from train.plan.config import Recipe
+    from train.run.shards import ShardData, train_augmentation
+
+    recipe = Recipe.from_mapping({"color_jitter": 0.4, "random_erasing": 0.25, "repeat_aug": 3})
+    augmentation = train_augmentation(recipe)
+    assert augmentation == Augmentation(None, 0.4, 0.25, 3)
+    loader = ShardData(built_shards / "lmdb").train_loader(
+        "train-160",
+        BATCH,
+        TrainCrop(CROP),
+        rank=0,
+        world_size=1,
+        seed=3,
+        workers=0,
+        decode="cpu",
+        device=None,
+        augment=augmentation,
+    )
+    try:
+        assert loader.sampler.repeat_aug == 3 and loader.random_erasing == 0.25
+        assert type(loader.augment).__name__ == "ColorJitter"
+        loader.set_epoch(0)
+        images, labels, boxes = next(iter(loader))
+        assert boxes.shape == (BATCH, 4) and images.shape == (BATCH, 3, CROP, CROP)
+    finally:
+        loader.close()
+
+
+def test_bench_loader_measures_the_augmentations(built_shards):
+    from tests.train.test_cli import error_line, invoke
+    from train.bench_loader import bench_loader
+
+    directory = dataset_dir(built_shards)
+    result = bench_loader(
+        directory,
+        32,
+        4,
+        0,
+        2,
+        warmup_batches=0,
+        augment=Augmentation(color_jitter=0.4, random_erasing=0.5, repeat_aug=2),
+        normalize=True,
+    )
+    assert result["color_jitter"] == 0.4 and result["random_erasing"] == 0.5
+    assert result["repeat_aug"] == 2 and result["normalize"] and result["images"] == 8
+    base = ["bench-loader", "--data", directory, "--crop-size", "32", "--batch-size", "4"]
+    for extra, expected in (
+        (["--random-erasing", "0.5"], "add --normalize"),
+        (["--random-erasing", "1.5", "--normalize"], "random_erasing"),
+        (["--color-jitter", "-1"], "color_jitter"),
+        (["--repeat-aug", "0"], "repeat_aug"),
+        (["--color-jitter", "0.4", "--val"], "drop --val"),
+    ):
+        assert expected in error_line(invoke(*base, "--batches", "1", *extra)), extra
