@@ -40,17 +40,18 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
 
 
 def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor, complement: torch.Tensor):
-    """torchvision's _blend for uint8 images, kept in float: x * f + other * (1 - f), clamped, then
-    truncated to a level. addcmul with 1 - f rounded from float64 reproduces torchvision's
-    `add_(other, alpha=1 - f)` bit for bit on the CPU (a plain multiply-add differs by a level in
-    ~0.04% of pixels)."""
-    return torch.addcmul(x.mul(factor), other, complement).clamp_(0, 255).floor_()
+    """torchvision's _blend for uint8 images, in place on float levels: x * f + other * (1 - f),
+    clamped, then truncated to a level. addcmul with 1 - f rounded from float64 reproduces
+    torchvision's `add_(other, alpha=1 - f)` bit for bit on the CPU (a plain multiply-add
+    differs by a level in ~0.04% of pixels)."""
+    return x.mul_(factor).addcmul_(other, complement).clamp_(0, 255).floor_()
 
 
-def adjust(x: torch.Tensor, op: int, factor: torch.Tensor, complement: torch.Tensor):
-    """One op on float levels (N, 3, H, W) with per-image factors and 1 - factors (N, 1, 1, 1)."""
+def adjust_(x: torch.Tensor, op: int, factor: torch.Tensor, complement: torch.Tensor):
+    """One op, in place, on float levels (N, 3, H, W); per-image factors and 1 - factors
+    (N, 1, 1, 1)."""
     if OPS[op] == "brightness":
-        return x.mul(factor).clamp_(0, 255).floor_()
+        return x.mul_(factor).clamp_(0, 255).floor_()
     if OPS[op] == "contrast":  # blend with the image's mean grayscale
         mean = _gray(x).mean(dim=(-3, -2, -1), keepdim=True)
         return _blend(x, mean, factor, complement)
@@ -74,7 +75,7 @@ def color_jitter_(images: torch.Tensor, factors, orders) -> None:
         group_factors = factors.index_select(0, rows)[:, :, None, None, None]
         group_complements = complements.index_select(0, rows)[:, :, None, None, None]
         for op in order:
-            x = adjust(x, op, group_factors[:, op], group_complements[:, op])
+            adjust_(x, op, group_factors[:, op], group_complements[:, op])
         images.index_copy_(0, rows, x.to(torch.uint8))
 
 

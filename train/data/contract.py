@@ -8,8 +8,9 @@ import torch
 
 from train.data.crops import TrainCrop
 
-# Per-image augmentation after the crop: augment(images uint8 NCHW, sample seeds), in place
-# (train.data.auto_augment.AutoAugment).
+# Augmentation of the uint8 crops: augment(images uint8 NCHW, keys), in place; keys is a
+# Sequence of per-sample seeds, train.data.samplers.SampleKeys, whose `uniforms` vectorised ops
+# use (train.data.auto_augment.AutoAugment, train.data.color.ColorJitter).
 Augment = Callable[[torch.Tensor, Sequence[int]], None]
 
 
@@ -20,7 +21,9 @@ class TrainBatches(Protocol):
 
     def __len__(self) -> int: ...
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+    # (images, labels), or (images, labels, erase_boxes) with random erasing (the prefetcher
+    # zeroes those boxes of the normalised batch: train.data.erasing)
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]: ...
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None: ...
 

@@ -47,11 +47,22 @@ def erase_boxes(out_size: tuple[int, int], uniforms: np.ndarray, probability: fl
     return boxes
 
 
-def erase(x, boxes):
+def erase(x, boxes, masked: bool | None = None):
     """Zero each image's box of a float NCHW batch `x` (any device, any memory format), in place;
-    `boxes` an (N, 4) integer tensor as erase_boxes makes. Returns x."""
+    `boxes` an (N, 4) integer CPU tensor as erase_boxes makes. Returns x.
+
+    `masked` (default: on CUDA) builds one (N, 1, H, W) mask from the boxes and fills in one
+    kernel, no per-image launches; on the CPU zeroing each erased box's slice touches only those
+    pixels, ~300x cheaper than the mask over the whole batch (docs/BENCHMARKS.md)."""
     import torch
 
+    if masked is None:
+        masked = x.device.type == "cuda"
+    if not masked:
+        for slot, (top, left, height, width) in enumerate(boxes.tolist()):
+            if height:
+                x[slot, :, top : top + height, left : left + width] = 0
+        return x
     boxes = boxes.to(x.device, non_blocking=True)
     height, width = x.shape[-2:]
     rows = torch.arange(height, device=x.device)

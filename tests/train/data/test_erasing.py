@@ -70,8 +70,9 @@ def test_box_distribution():
     assert (erase_boxes((height, width), uniforms, 1.0)[:, 2] > 0).mean() > 0.999
 
 
+@pytest.mark.parametrize("masked", [False, True])  # the CPU's slices, CUDA's one mask
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_mask_equals_torchvision_erase(channels_last):
+def test_erase_equals_torchvision_erase(channels_last, masked):
     x = torch.randn(4, 3, 10, 12)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -82,10 +83,10 @@ def test_mask_equals_torchvision_erase(channels_last):
             for i, box in enumerate(boxes)
         ]
     )
-    out = erase(x.clone(), boxes)
+    out = erase(x.clone(), boxes, masked)
     assert torch.equal(out, expected)
     assert int((out == 0).sum()) == 3 * (4 * 5 + 10 * 11 + 1)
-    assert torch.equal(erase(x.clone(), torch.zeros(4, 4, dtype=torch.int64)), x)
+    assert torch.equal(erase(x.clone(), torch.zeros(4, 4, dtype=torch.int64), masked), x)
 
 
 def test_bad_draws_are_refused():
