@@ -31,70 +31,128 @@ VARIANTS = (
 )
 
 
-def img_per_s(shards: Path, crop_size: int, options: list[str], args) -> float:
+def measure(shards: Path, crop_size: int, options: list[str], args) -> dict:
+    """One bench-loader run in a fresh process: {img_per_s, cpu_ms_per_img}."""
     command = [
         sys.executable,
-        "-m",
-        "train",
-        "bench-loader",
-        "--data",
-        str(shards / SIZES[crop_size]),
-        "--crop-size",
-        str(crop_size),
+        __file__,
+        "--child",
+        json.dumps([str(shards / SIZES[crop_size]), crop_size, options]),
         "--batch-size",
         str(args.batch_size),
         "--workers",
         str(args.workers),
         "--batches",
         str(args.batches),
-        *options,
     ]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=True)
-    return float(done.stdout.strip().splitlines()[-1].split("=", 1)[1])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def child(spec: str, args) -> None:
+    """img/s of the timed batches, and CPU ms per image of everything after the imports: this
+    process's threads plus its worker processes (reaped when the loader closes), which a busy
+    shared machine disturbs far less than wall time."""
+    import resource
+
+    from train.bench_loader import bench_loader
+    from train.data.augment import Augmentation
+
+    data, crop_size, options = json.loads(spec)
+    flags = argparse.ArgumentParser()  # bench-loader's augmentation options
+    flags.add_argument("--color-jitter", type=float, default=0.0)
+    flags.add_argument("--random-erasing", type=float, default=0.0)
+    flags.add_argument("--repeat-aug", type=int, default=1)
+    flags.add_argument("--normalize", action="store_true")
+    chosen = flags.parse_args(options)
+    augment = Augmentation(
+        color_jitter=chosen.color_jitter,
+        random_erasing=chosen.random_erasing,
+        repeat_aug=chosen.repeat_aug,
+    )
+
+    def cpu_seconds() -> float:
+        own, children = (
+            resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+        )
+        return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+    started = cpu_seconds()
+    result = bench_loader(
+        Path(data),
+        crop_size,
+        args.batch_size,
+        args.workers,
+        args.batches,
+        warmup_batches=5,
+        augment=augment,
+        normalize=chosen.normalize,
+    )
+    images = (args.batches + 5) * args.batch_size  # the warm-up batches cost CPU too
+    cpu_ms = 1000 * (cpu_seconds() - started) / images
+    print(json.dumps({"img_per_s": result["img_per_s"], "cpu_ms_per_img": cpu_ms}))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shards", type=Path, required=True)
+    parser.add_argument("--shards", type=Path)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batches", type=int, default=40)
     parser.add_argument("--json-out", type=Path)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    rates: dict[str, list[float]] = {}
+    if args.child:
+        child(args.child, args)
+        return 0
+    if args.shards is None:
+        parser.error("--shards is required")
+    runs: dict[str, list[dict]] = {}
     for round_index in range(args.rounds):
         for crop_size in SIZES:
             for name, options, _ in VARIANTS:
-                rate = img_per_s(args.shards, crop_size, options, args)
-                rates.setdefault(f"{crop_size}/{name}", []).append(rate)
-                print(f"round {round_index} {crop_size} px {name}: {rate:,.0f} img/s", flush=True)
-    print("| crop | variant | img/s per round | median | vs baseline (median; per-round range) |")
-    print("|---|---|---|---|---|")
+                run = measure(args.shards, crop_size, options, args)
+                runs.setdefault(f"{crop_size}/{name}", []).append(run)
+                print(
+                    f"round {round_index} {crop_size} px {name}: {run['img_per_s']:,.0f} img/s, "
+                    f"{run['cpu_ms_per_img']:.3f} CPU ms/img",
+                    flush=True,
+                )
+    print(
+        "| crop | variant | img/s per round | CPU ms/img per round | img/s vs baseline "
+        "(medians; per-round range) | CPU ms/img vs baseline (medians; per-round range) |"
+    )
+    print("|---|---|---|---|---|---|")
     for crop_size in SIZES:
         for name, _, baseline in VARIANTS:
-            runs = rates[f"{crop_size}/{name}"]
-            ratio = "baseline"
-            if baseline is not None:
-                base = rates[f"{crop_size}/{baseline}"]
-                per_round = [a / b for a, b in zip(runs, base)]
-                ratio = (
-                    f"{statistics.median(runs) / statistics.median(base):.2f} "
-                    f"({min(per_round):.2f}-{max(per_round):.2f}) of {baseline}"
+            mine = runs[f"{crop_size}/{name}"]
+            cells = [str(crop_size), name]
+            for key in ("img_per_s", "cpu_ms_per_img"):
+                cells.append(
+                    ", ".join(
+                        f"{r[key]:,.0f}" if key == "img_per_s" else f"{r[key]:.2f}" for r in mine
+                    )
                 )
-            row = ", ".join(f"{r:,.0f}" for r in runs)
-            print(f"| {crop_size} | {name} | {row} | {statistics.median(runs):,.0f} | {ratio} |")
+            for key in ("img_per_s", "cpu_ms_per_img"):
+                if baseline is None:
+                    cells.append("baseline")
+                    continue
+                base = runs[f"{crop_size}/{baseline}"]
+                per_round = [a[key] / b[key] for a, b in zip(mine, base)]
+                median = statistics.median(r[key] for r in mine) / statistics.median(
+                    r[key] for r in base
+                )
+                cells.append(
+                    f"{median:.2f} ({min(per_round):.2f}-{max(per_round):.2f}) of {baseline}"
+                )
+            print("| " + " | ".join(cells) + " |")
     if args.json_out:
-        args.json_out.write_text(
-            json.dumps(
-                {
-                    "args": vars(args)
-                    | {"shards": str(args.shards), "json_out": str(args.json_out)},
-                    "img_per_s": rates,
-                },
-                indent=1,
-            )
-        )
+        record = {
+            key: str(value) if isinstance(value, Path) else value
+            for key, value in vars(args).items()
+        }
+        args.json_out.write_text(json.dumps({"args": record, "runs": runs}, indent=1) + "\n")
     return 0
 
 

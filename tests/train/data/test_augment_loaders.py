@@ -167,3 +167,33 @@ def test_bench_loader_measures_the_augmentations(built_shards):
         (["--color-jitter", "0.4", "--val"], "drop --val"),
     ):
         assert expected in error_line(invoke(*base, "--batches", "1", *extra)), extra
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_same_augmentations(built_shards):
+    """CUDA: jitter after nvJPEG (decode="gpu") and erasing by one mask in the prefetcher: the
+    erased boxes exactly the plan's, the jitter within a level of the CPU's on the same decoded
+    crops (fused multiply-adds may round a blend the other way)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    directory = dataset_dir(built_shards)
+    gpu = dict(workers=0, decode="gpu", device="cuda")
+    plain_loader = make_loader(directory, Augmentation(repeat_aug=2), **gpu)
+    plain_loader.set_epoch(1)
+    plain = [images.cpu() for images, _ in plain_loader]
+    plain_loader.close()
+    loader = make_loader(directory, **gpu)
+    loader.set_epoch(1)
+    plans = list(loader.plans())
+    on_cuda = [x.cpu() for x, _ in DevicePrefetcher(loader, torch.device("cuda"))]
+    loader.close()
+    assert len(plain) == len(on_cuda) == 4
+    for images, plan, x in zip(plain, plans, on_cuda):
+        keys = plan.sample_seeds()
+        factors, orders = jitter_factors(0.4, keys.uniforms(JITTER_FIRST_DRAW, JITTER_DRAWS))
+        color_jitter_(images, factors, orders)
+        expected = normalize(images)
+        for slot, (top, left, height, width) in enumerate(plan.erase_boxes().tolist()):
+            expected[slot, :, top : top + height, left : left + width] = 0
+        assert torch.equal(expected == 0, x == 0)
+        assert (expected - x).abs().max() <= 1.01 / (255 * 0.224)  # one level of 255
