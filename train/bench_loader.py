@@ -75,10 +75,10 @@ def capped_workers(workers: int) -> int:
     return min(workers, cap)
 
 
-def _batches_forever(loader, normalize: bool):
+def _batches_forever(loader, prefetch: bool):
     from train.data.prefetch import DevicePrefetcher
 
-    source = DevicePrefetcher(loader, torch.device("cpu")) if normalize else loader
+    source = DevicePrefetcher(loader, torch.device("cpu")) if prefetch else loader
     epoch = 0
     while True:
         if isinstance(loader, TrainLoader):
@@ -88,10 +88,10 @@ def _batches_forever(loader, normalize: bool):
 
 
 def timed_batches(
-    loader, num_batches: int, warmup_batches: int, decode: str, normalize: bool = False
+    loader, num_batches: int, warmup_batches: int, decode: str, prefetch: bool = False
 ):
     """(images, seconds, memory trace) of `num_batches` batches after the warm-up ones."""
-    batches = _batches_forever(loader, normalize)
+    batches = _batches_forever(loader, prefetch)
     for _ in range(warmup_batches):
         next(batches)
     pids = loader.worker_pids() or [os.getpid()]  # 0 workers: the main process decodes
@@ -123,7 +123,7 @@ def memory_fields(trace: list) -> dict:
     }
 
 
-def check_bench_augment(augment: Augmentation, val: bool, normalize: bool) -> None:
+def check_bench_augment(augment: Augmentation, val: bool, prefetch: bool) -> None:
     """The recipe's range checks (train.plan.config) plus what only the benchmark can get wrong."""
     from train.errors import RecipeError
     from train.plan.config import Recipe
@@ -134,11 +134,6 @@ def check_bench_augment(augment: Augmentation, val: bool, normalize: bool) -> No
         raise TrainError(f"bench-loader: {exc}") from None
     if val and augment != Augmentation():
         raise TrainError("bench-loader: augmentations apply to training batches: drop --val")
-    if augment.random_erasing and not normalize:
-        raise TrainError(
-            "bench-loader: random erasing runs on the normalised batch: add --normalize (and "
-            "compare against --normalize without it)"
-        )
 
 
 def bench_loader(
@@ -154,16 +149,17 @@ def bench_loader(
     warmup_batches: int = 5,
     min_scale: float = 0.08,
     augment: Augmentation = Augmentation(),
-    normalize: bool = False,
+    prefetch: bool = False,
 ) -> dict:
     """img/s of `num_batches` batches after `warmup_batches`, worker memory at start and end;
-    `normalize`: through train.data.prefetch to float on the CPU (where random erasing runs)."""
+    `prefetch`: through train.data.prefetch on the CPU (normalised float batches; ColorJitter
+    and random erasing run there)."""
     if num_batches < 1 or warmup_batches < 0:
         raise TrainError(
             f"bench-loader: need --batches >= 1 and --warmup >= 0, got {num_batches} "
             f"and {warmup_batches}"
         )
-    check_bench_augment(augment, val, normalize)
+    check_bench_augment(augment, val, prefetch)
     workers = capped_workers(workers)
     try:
         if val:
@@ -177,15 +173,13 @@ def bench_loader(
                 TrainCrop(crop_size, min_scale),
                 workers=workers,
                 decode=decode,
-                augment=augment.uint8_ops(),
-                random_erasing=augment.random_erasing,
-                repeat_aug=augment.repeat_aug,
+                **augment.loader_kwargs(),
             )
     except ValueError as exc:  # the loaders' argument checks: one line at the CLI, as train run's
         raise TrainError(f"bench-loader: {exc}") from None
     try:
         images, seconds, trace = timed_batches(
-            loader, num_batches, warmup_batches, decode, normalize
+            loader, num_batches, warmup_batches, decode, prefetch
         )
     finally:
         loader.close()
@@ -206,7 +200,7 @@ def bench_loader(
         "val": val,
         "rect": rect,
         "min_scale": min_scale,
-        "normalize": normalize,
+        "prefetch": prefetch,
         "executor": loader.executor,
         **dataclasses.asdict(augment),
         "data_dir": str(data_dir),

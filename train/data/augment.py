@@ -1,16 +1,14 @@
-"""A recipe's training augmentations, data side: which op runs where (docs/DESIGN.md, augment).
+"""A recipe's training augmentations, data side, and where each runs (docs/DESIGN.md, "Issue 18").
 
-uint8 ops on the cropped batch (auto_augment per image, color_jitter vectorised) run where the
-batch is made (a worker, or the device after decode="gpu"); random erasing needs the normalised
-float batch, so its boxes travel with the batch and train.data.prefetch applies them; repeat_aug
-is the sampler's (train.data.samplers)."""
+auto_augment: per image on the uint8 crop, where the batch is made (a worker, or the device after
+decode="gpu"). color_jitter and random_erasing: drawn in the workers with the batch's other
+draws, applied by train.data.prefetch on the device (train.data.device_ops): ColorJitter on the
+uint8 batch, random erasing on the normalised one. repeat_aug: the sampler's
+(train.data.samplers)."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
-
-import torch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,28 +20,19 @@ class Augmentation:
     random_erasing: float = 0.0  # probability per image
     repeat_aug: int = 1  # each sampled image this many times per epoch
 
-    def uint8_ops(self):
-        """The train.data.contract.Augment for the uint8 batch, or None when there is none."""
-        ops = []
-        if self.auto_augment:
-            from train.data.auto_augment import AutoAugment
-
-            ops.append(AutoAugment(self.auto_augment))
-        if self.color_jitter:
-            from train.data.color import ColorJitter
-
-            ops.append(ColorJitter(self.color_jitter))
-        if not ops:
+    def worker_ops(self):
+        """The train.data.contract.Augment the batch builder runs, or None."""
+        if not self.auto_augment:
             return None
-        return ops[0] if len(ops) == 1 else Chain(tuple(ops))
+        from train.data.auto_augment import AutoAugment
 
+        return AutoAugment(self.auto_augment)
 
-@dataclasses.dataclass(frozen=True)
-class Chain:
-    """Several Augments in order (timm's: the auto-augment policy, then ColorJitter)."""
-
-    ops: tuple
-
-    def __call__(self, images: torch.Tensor, keys: Sequence[int]) -> None:
-        for op in self.ops:
-            op(images, keys)
+    def loader_kwargs(self) -> dict:
+        """TrainLoader's keyword arguments for these augmentations."""
+        return {
+            "augment": self.worker_ops(),
+            "color_jitter": self.color_jitter,
+            "random_erasing": self.random_erasing,
+            "repeat_aug": self.repeat_aug,
+        }

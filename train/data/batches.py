@@ -101,7 +101,7 @@ class BatchBuilder:
                 work.plan.out_size,
                 work.labels,
                 work.plan.sample_seeds(),
-                work.plan.erase_boxes(),
+                work.plan.device_ops(),
             )
             return
         start = chunk * CHUNK_IMAGES
@@ -123,7 +123,7 @@ class BatchBuilder:
         if self.augment is not None:
             with one_intra_op_thread():
                 self.augment(images, work.plan.sample_seeds())
-        return with_erase_boxes((images, work.labels), work.plan)
+        return with_device_ops((images, work.labels), work.plan)
 
     def decode_into(
         self, images: np.ndarray, indices: np.ndarray, boxes: np.ndarray, flips: np.ndarray
@@ -156,7 +156,7 @@ class BatchBuilder:
                     plan.out_size,
                     labels,
                     plan.sample_seeds(),
-                    plan.erase_boxes(),
+                    plan.device_ops(),
                 )
             images = allocate_images(len(indices), *plan.out_size, pin=self.pin)
             with one_intra_op_thread() if get_worker_info() is None else contextlib.nullcontext():
@@ -166,11 +166,11 @@ class BatchBuilder:
                     self.augment(images, seeds)
         except DatasetError as err:
             return BatchError(str(err))
-        return with_erase_boxes((images, labels), plan)
+        return with_device_ops((images, labels), plan)
 
 
-def with_erase_boxes(batch: tuple, plan) -> tuple:
-    """(images, labels), plus the (N, 4) random-erasing boxes when the plan erases: applied to
-    the normalised batch by train.data.prefetch (train.data.erasing)."""
-    boxes = plan.erase_boxes()
-    return batch if boxes is None else (*batch, torch.from_numpy(boxes))
+def with_device_ops(batch: tuple, plan) -> tuple:
+    """(images, labels), plus the plan's DeviceOps (ColorJitter, random erasing) when it has
+    any: train.data.prefetch applies them on the device."""
+    ops = plan.device_ops()
+    return batch if ops is None else (*batch, ops)

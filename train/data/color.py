@@ -1,5 +1,6 @@
-"""ColorJitter (brightness, contrast, saturation; no hue) on a uint8 batch: torchvision v2's
-functional ops, vectorised over the batch with per-image factors and a per-image random order."""
+"""ColorJitter (brightness, contrast, saturation; no hue) on a uint8 batch, on any device:
+torchvision v2's functional ops, vectorised over the batch with per-image factors and a per-image
+random order (train.data.device_ops runs it in the prefetcher)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import numpy as np
 import torch
 
 from train.data.erasing import ERASE_DRAWS, ERASE_FIRST_DRAW
-from train.data.samplers import SampleKeys
 
 # Draw slots (train.data.samplers.sample_uniforms) after random erasing's: the three factors,
 # then the order.
@@ -77,19 +77,3 @@ def color_jitter_(images: torch.Tensor, factors, orders) -> None:
         for op in order:
             adjust_(x, op, group_factors[:, op], group_complements[:, op])
         images.index_copy_(0, rows, x.to(torch.uint8))
-
-
-class ColorJitter:
-    """`augment(images, keys)`: train.data.contract.Augment for color_jitter strength s, its
-    draws from the samples' keys (train.data.samplers.SampleKeys)."""
-
-    def __init__(self, strength: float) -> None:
-        if not strength > 0:
-            raise ValueError(f"color_jitter strength must be > 0, got {strength}")
-        self.strength = strength
-
-    def __call__(self, images: torch.Tensor, keys: SampleKeys) -> None:
-        factors, orders = jitter_factors(
-            self.strength, keys.uniforms(JITTER_FIRST_DRAW, JITTER_DRAWS)
-        )
-        color_jitter_(images, factors, orders)

@@ -27,7 +27,7 @@ class EncodedBatch:
     out_size: tuple[int, int]
     labels: torch.Tensor
     sample_seeds: Sequence[int] | None  # per image (SampleKeys), for augmentation after the decode
-    erase_boxes: np.ndarray | None  # random erasing's, for the prefetcher (train.data.erasing)
+    device_ops: object | None  # for the prefetcher (train.data.device_ops.DeviceOps)
 
     def pin_memory(self, device=None):
         return self
@@ -41,7 +41,7 @@ def encode_batch(
     out_size: tuple[int, int],
     labels: torch.Tensor,
     sample_seeds: Sequence[int] | None,
-    erase_boxes: np.ndarray | None = None,
+    device_ops: object | None = None,
 ) -> EncodedBatch:
     """In a worker: copy the batch's JPEG bytes into one tensor (one transfer, one decode call)."""
     views = [records.view(index) for index in indices.tolist()]
@@ -65,7 +65,7 @@ def encode_batch(
         out_size,
         labels,
         sample_seeds,
-        erase_boxes,
+        device_ops,
     )
 
 
@@ -75,8 +75,8 @@ def decode_on_device(
     records: RecordDataset,
     augment: Callable[[torch.Tensor, Sequence[int]], None] | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """(images uint8 NCHW on `device`, labels); a bad image raises a DatasetError naming it. The
-    uint8 augmentations run here, on the device, from the same per-sample keys as on the CPU."""
+    """(images uint8 NCHW on `device`, labels[, DeviceOps]); a bad image raises a DatasetError
+    naming it. auto_augment runs here, on the device, from the same sample seeds as on the CPU."""
     jpegs = [batch.data[start:end] for start, end in zip(batch.offsets, batch.offsets[1:])]
     try:
         images = decode_crop_batch_gpu(
@@ -86,8 +86,8 @@ def decode_on_device(
         raise records.record_error(int(batch.indices[err.position]), err.reason) from None
     if augment is not None and batch.sample_seeds is not None:
         augment(images, batch.sample_seeds)
-    if batch.erase_boxes is not None:
-        return images, batch.labels, torch.from_numpy(batch.erase_boxes)
+    if batch.device_ops is not None:
+        return images, batch.labels, batch.device_ops
     return images, batch.labels
 
 

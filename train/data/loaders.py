@@ -194,6 +194,7 @@ class TrainLoader(_Core):
         device: str | None = None,
         augment: Augment | None = None,
         executor: str | None = None,
+        color_jitter: float = 0.0,
         random_erasing: float = 0.0,
         repeat_aug: int = 1,
     ):
@@ -201,6 +202,8 @@ class TrainLoader(_Core):
             raise ValueError(
                 f"random_erasing must be a probability in [0, 1], got {random_erasing}"
             )
+        if color_jitter < 0:
+            raise ValueError(f"color_jitter must be >= 0, got {color_jitter}")
         self.setup(dataset_dir, workers, decode, device, augment, executor)
         self.sampler = TrainBatchSampler(
             self.num_images,
@@ -212,7 +215,7 @@ class TrainLoader(_Core):
         )
         self.batch_size = batch_size
         self.seed = seed
-        self.random_erasing = random_erasing
+        self.color_jitter, self.random_erasing = color_jitter, random_erasing
         self.set_crop(crop)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
@@ -229,7 +232,9 @@ class TrainLoader(_Core):
         return len(self.sampler)
 
     def plans(self):
-        return train_plans(self.sampler, self.crop, self.seed, self.random_erasing)
+        return train_plans(
+            self.sampler, self.crop, self.seed, self.color_jitter, self.random_erasing
+        )
 
 
 class ValLoader(_Core):

@@ -33,18 +33,9 @@ def _mean_and_inv_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]
     return mean.to(device), inv_std.to(device)
 
 
-def erased(x: torch.Tensor, erase_boxes: list) -> torch.Tensor:
-    """Random erasing on the normalised batch (0: the mean colour), if the loader sent boxes."""
-    if not erase_boxes:
-        return x
-    from train.data.erasing import erase
-
-    return erase(x, erase_boxes[0])
-
-
 class DevicePrefetcher:
-    """Iterate `loader`'s (images uint8, labels[, erase boxes]) as (x, labels) on `device`, one
-    batch ahead, random erasing applied to x.
+    """Iterate `loader`'s (images uint8, labels[, DeviceOps]) as (x, labels) on `device`, one
+    batch ahead, with the batch's ColorJitter and random erasing (train.data.device_ops).
 
     `data_wait_seconds` accumulates the time spent blocked on the loader: the time the consumer
     would have computed if data were free (reported beside img/s)."""
@@ -69,19 +60,24 @@ class DevicePrefetcher:
     def _next_on_device(self, batches):
         started = time.perf_counter()
         try:
-            images, labels, *erase_boxes = next(batches)  # boxes: train.data.erasing
+            images, labels, *ops = next(batches)  # ops: train.data.device_ops.DeviceOps
         except StopIteration:
             return None
         finally:
             self.data_wait_seconds += time.perf_counter() - started
         if self._stream is None:
-            x = normalize(images.to(self.device), self.dtype, self.channels_last)
-            return erased(x, erase_boxes), labels.to(self.device)
+            return self._to_x(images.to(self.device), ops), labels.to(self.device)
         with torch.cuda.stream(self._stream):
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
-            x = normalize(images, self.dtype, self.channels_last)
-            return erased(x, erase_boxes), labels
+            return self._to_x(images, ops), labels
+
+    def _to_x(self, images: torch.Tensor, ops: list) -> torch.Tensor:
+        """uint8 on the device -> x: ColorJitter on the uint8 batch, normalise, random erasing."""
+        if not ops:
+            return normalize(images, self.dtype, self.channels_last)
+        ops[0].on_uint8(images)
+        return ops[0].on_float(normalize(images, self.dtype, self.channels_last))
 
     def __iter__(self):
         batches = iter(self.loader)

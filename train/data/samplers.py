@@ -246,6 +246,7 @@ class TrainPlan:
     batch: TrainBatchIndices
     crop: TrainCrop
     seed: int
+    color_jitter: float = 0.0  # strength
     random_erasing: float = 0.0  # probability per image
 
     @property
@@ -264,15 +265,23 @@ class TrainPlan:
         boxes = self.crop.boxes(heights[indices], widths[indices], uniforms[:, :CROP_DRAWS])
         return boxes, uniforms[:, CROP_DRAWS] < 0.5
 
-    def erase_boxes(self) -> np.ndarray | None:
-        """(N, 4) int64 random-erasing boxes in the crop (height 0: not erased), or None when
-        random erasing is off (train.data.erasing)."""
-        if not self.random_erasing:
+    def device_ops(self):
+        """The prefetcher's share of the augmentation (train.data.device_ops.DeviceOps): each
+        sample's ColorJitter factors and order, random-erasing box; None when both are off."""
+        if not (self.color_jitter or self.random_erasing):
             return None
+        from train.data.color import JITTER_DRAWS, JITTER_FIRST_DRAW, jitter_factors
+        from train.data.device_ops import DeviceOps
         from train.data.erasing import ERASE_DRAWS, ERASE_FIRST_DRAW, erase_boxes
 
-        uniforms = self.sample_seeds().uniforms(ERASE_FIRST_DRAW, ERASE_DRAWS)
-        return erase_boxes(self.out_size, uniforms, self.random_erasing)
+        keys, ops = self.sample_seeds(), DeviceOps()
+        if self.color_jitter:
+            uniforms = keys.uniforms(JITTER_FIRST_DRAW, JITTER_DRAWS)
+            ops.jitter_factors, ops.jitter_orders = jitter_factors(self.color_jitter, uniforms)
+        if self.random_erasing:
+            uniforms = keys.uniforms(ERASE_FIRST_DRAW, ERASE_DRAWS)
+            ops.erase_boxes = erase_boxes(self.out_size, uniforms, self.random_erasing)
+        return ops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,7 +294,7 @@ class ValPlan:
     def sample_seeds(self) -> None:
         return None  # validation is not augmented
 
-    def erase_boxes(self) -> None:
+    def device_ops(self) -> None:
         return None
 
     def boxes_and_flips(
@@ -305,10 +314,14 @@ class ValPlan:
 # Plan generators are free functions of the loader's settings at the start of an iteration:
 # the DataLoader's iterator keeps one alive, and a method would keep the loader alive with it.
 def train_plans(
-    sampler: TrainBatchSampler, crop: TrainCrop, seed: int, random_erasing: float = 0.0
+    sampler: TrainBatchSampler,
+    crop: TrainCrop,
+    seed: int,
+    color_jitter: float = 0.0,
+    random_erasing: float = 0.0,
 ):
     for batch in sampler:
-        yield TrainPlan(batch, crop, seed, random_erasing)
+        yield TrainPlan(batch, crop, seed, color_jitter, random_erasing)
 
 
 def val_plans(batches: list[ValBatchIndices], crop_size: int, rect: bool, crop_ratio: float):

@@ -104,9 +104,7 @@ class ShardData:
             workers=workers,
             decode=decode,
             device=device,
-            augment=augment.uint8_ops(),
-            random_erasing=augment.random_erasing,
-            repeat_aug=augment.repeat_aug,
+            **augment.loader_kwargs(),
         )
 
     def val_loader(

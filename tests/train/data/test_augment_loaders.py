@@ -21,14 +21,7 @@ BATCH, CROP = 4, 40  # 18 train images: 4 batches per epoch
 
 def make_loader(directory, augmentation=AUGMENTATION, **kwargs):
     return TrainLoader(
-        directory,
-        BATCH,
-        TrainCrop(CROP),
-        seed=3,
-        augment=augmentation.uint8_ops(),
-        random_erasing=augmentation.random_erasing,
-        repeat_aug=augmentation.repeat_aug,
-        **kwargs,
+        directory, BATCH, TrainCrop(CROP), seed=3, **augmentation.loader_kwargs(), **kwargs
     )
 
 
@@ -72,7 +65,7 @@ def test_prefetched_batch_is_jittered_then_erased(built_shards):
         color_jitter_(expected, factors, orders)
         assert not torch.equal(expected, images)
         expected = normalize(expected)
-        boxes = plan.erase_boxes()
+        boxes = plan.device_ops().erase_boxes
         for slot, (top, left, height, width) in enumerate(boxes.tolist()):
             expected[slot, :, top : top + height, left : left + width] = 0
             erased_images += height > 0
@@ -81,34 +74,41 @@ def test_prefetched_batch_is_jittered_then_erased(built_shards):
 
 
 def test_decode_gpu_path_applies_the_same_ops(built_shards):
-    """decode="gpu" (the nvJPEG path, on torchvision's CPU decoder here): jitter after the decode
-    from the same keys, erase boxes handed to the prefetcher."""
+    """decode="gpu" (the nvJPEG path, on torchvision's CPU decoder here): the same DeviceOps
+    handed to the prefetcher, auto_augment applied after the decode (it was skipped before)."""
     directory = dataset_dir(built_shards)
     gpu = dict(workers=0, decode="gpu", device="cpu")
-    plain_loader = make_loader(directory, Augmentation(), **gpu)
-    plain_loader.set_epoch(1)
-    plain = [images.clone() for images, _ in plain_loader]
-    plain_loader.close()
-    loader = make_loader(directory, Augmentation(color_jitter=0.4, random_erasing=1.0), **gpu)
-    loader.set_epoch(1)
-    plans = list(loader.plans())
-    batches = [tuple(t.clone() for t in batch) for batch in loader]
-    loader.close()
-    for images, plan, (jittered, _, boxes) in zip(plain, plans, batches):
-        keys = plan.sample_seeds()
-        factors, orders = jitter_factors(0.4, keys.uniforms(JITTER_FIRST_DRAW, JITTER_DRAWS))
-        color_jitter_(images, factors, orders)
-        assert torch.equal(jittered, images)
-        assert np.array_equal(boxes.numpy(), plan.erase_boxes()) and (boxes[:, 2] > 0).all()
+    batches = {}
+    for name, augmentation in (
+        ("plain", Augmentation()),
+        ("ta_wide", Augmentation(auto_augment="ta_wide")),
+        ("erase", Augmentation(color_jitter=0.4, random_erasing=1.0)),
+    ):
+        loader = make_loader(directory, augmentation, **gpu)
+        loader.set_epoch(1)
+        batches[name] = (list(loader.plans()), [tuple(b) for b in loader])
+        loader.close()
+    plans, erased = batches["erase"]
+    for plan, (images, _, ops), (plain, _) in zip(plans, erased, batches["plain"][1]):
+        expected = plan.device_ops()
+        assert torch.equal(images, plain)  # the jitter waits for the prefetcher
+        assert np.array_equal(ops.erase_boxes, expected.erase_boxes)
+        assert np.array_equal(ops.jitter_factors, expected.jitter_factors)
+        assert (ops.erase_boxes[:, 2] > 0).all()
+    changed = [
+        not torch.equal(a[0], b[0]) for a, b in zip(batches["ta_wide"][1], batches["plain"][1])
+    ]
+    assert any(changed)
 
 
-def test_uint8_ops_in_timms_order():
-    assert Augmentation().uint8_ops() is None
-    assert type(Augmentation(color_jitter=0.3).uint8_ops()).__name__ == "ColorJitter"
-    chain = Augmentation(auto_augment="ra", color_jitter=0.3).uint8_ops()
-    assert [type(op).__name__ for op in chain.ops] == ["AutoAugment", "ColorJitter"]
+def test_worker_ops_and_loader_arguments():
+    assert Augmentation().worker_ops() is None
+    assert Augmentation(color_jitter=0.3, random_erasing=0.1).worker_ops() is None
+    assert type(Augmentation(auto_augment="ra").worker_ops()).__name__ == "AutoAugment"
     with pytest.raises(ValueError, match="random_erasing"):
         TrainLoader(None, 4, TrainCrop(8), random_erasing=1.5)
+    with pytest.raises(ValueError, match="color_jitter"):
+        TrainLoader(None, 4, TrainCrop(8), color_jitter=-0.1)
 
 
 def test_the_recipe_reaches_the_train_loader(built_shards):
@@ -133,10 +133,11 @@ def test_the_recipe_reaches_the_train_loader(built_shards):
     )
     try:
         assert loader.sampler.repeat_aug == 3 and loader.random_erasing == 0.25
-        assert type(loader.augment).__name__ == "ColorJitter"
+        assert loader.color_jitter == 0.4 and loader.augment is None
         loader.set_epoch(0)
-        images, labels, boxes = next(iter(loader))
-        assert boxes.shape == (BATCH, 4) and images.shape == (BATCH, 3, CROP, CROP)
+        images, labels, ops = next(iter(loader))
+        assert ops.erase_boxes.shape == (BATCH, 4) and ops.jitter_factors.shape == (BATCH, 3)
+        assert images.shape == (BATCH, 3, CROP, CROP)
     finally:
         loader.close()
 
@@ -154,17 +155,16 @@ def test_bench_loader_measures_the_augmentations(built_shards):
         2,
         warmup_batches=0,
         augment=Augmentation(color_jitter=0.4, random_erasing=0.5, repeat_aug=2),
-        normalize=True,
+        prefetch=True,
     )
     assert result["color_jitter"] == 0.4 and result["random_erasing"] == 0.5
-    assert result["repeat_aug"] == 2 and result["normalize"] and result["images"] == 8
+    assert result["repeat_aug"] == 2 and result["prefetch"] and result["images"] == 8
     base = ["bench-loader", "--data", directory, "--crop-size", "32", "--batch-size", "4"]
     for extra, expected in (
-        (["--random-erasing", "0.5"], "add --normalize"),
-        (["--random-erasing", "1.5", "--normalize"], "random_erasing"),
-        (["--color-jitter", "-1"], "color_jitter"),
+        (["--random-erasing", "1.5", "--prefetch"], "random_erasing"),
+        (["--color-jitter", "-1", "--prefetch"], "color_jitter"),
         (["--repeat-aug", "0"], "repeat_aug"),
-        (["--color-jitter", "0.4", "--val"], "drop --val"),
+        (["--repeat-aug", "2", "--val"], "drop --val"),
     ):
         assert expected in error_line(invoke(*base, "--batches", "1", *extra)), extra
 
@@ -193,7 +193,7 @@ def test_on_cuda_the_same_augmentations(built_shards):
         factors, orders = jitter_factors(0.4, keys.uniforms(JITTER_FIRST_DRAW, JITTER_DRAWS))
         color_jitter_(images, factors, orders)
         expected = normalize(images)
-        for slot, (top, left, height, width) in enumerate(plan.erase_boxes().tolist()):
+        for slot, (top, left, height, width) in enumerate(plan.device_ops().erase_boxes.tolist()):
             expected[slot, :, top : top + height, left : left + width] = 0
         assert torch.equal(expected == 0, x == 0)
         assert (expected - x).abs().max() <= 1.01 / (255 * 0.224)  # one level of 255

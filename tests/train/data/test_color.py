@@ -8,14 +8,7 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from train.data.color import (
-    JITTER_DRAWS,
-    JITTER_FIRST_DRAW,
-    ORDERS,
-    ColorJitter,
-    color_jitter_,
-    jitter_factors,
-)
+from train.data.color import JITTER_DRAWS, JITTER_FIRST_DRAW, ORDERS, color_jitter_, jitter_factors
 from train.data.samplers import SampleKeys
 
 TV_OPS = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
@@ -78,19 +71,22 @@ def test_factor_range_and_order_are_uniform():
 
 
 def test_draws_come_from_the_sample_keys():
-    images = photo_batch(6, seed=9)
-    keys = SampleKeys(seed=2, epoch=1, positions=np.array([40, 41, 42, 7, 8, 9]))
-    jitter = ColorJitter(0.4)
-    first, second = images.clone(), images.clone()
-    jitter(first, keys)
-    jitter(second[3:], keys[3:])  # a sub-batch with the same keys: the same result
-    assert torch.equal(first[3:], second[3:])
+    """A plan's jitter is its samples' draws: the same positions give the same factors in any
+    batch they sit in, another seed others."""
+    from train.data.crops import TrainCrop
+    from train.data.samplers import TrainBatchIndices, TrainPlan
+
+    def ops(seed, positions):
+        positions = np.asarray(positions)
+        batch = TrainBatchIndices(1, 0, positions % 5, int(positions[0]), positions)
+        return TrainPlan(batch, TrainCrop(16), seed, color_jitter=0.4).device_ops()
+
+    whole, part = ops(2, [40, 41, 42, 7, 8, 9]), ops(2, [7, 8, 9])
+    assert np.array_equal(whole.jitter_factors[3:], part.jitter_factors)
+    assert np.array_equal(whole.jitter_orders[3:], part.jitter_orders)
+    keys = SampleKeys(2, 1, np.array([40, 41, 42, 7, 8, 9]))
     factors, orders = jitter_factors(0.4, keys.uniforms(JITTER_FIRST_DRAW, JITTER_DRAWS))
-    expected = torchvision_jitter(images[0], factors[0].astype(np.float32), ORDERS[orders[0]])
-    assert torch.equal(first[0], expected)
-    assert not torch.equal(first, images)
-    other = images.clone()
-    jitter(other, SampleKeys(seed=3, epoch=1, positions=keys.positions))
-    assert not torch.equal(other, first)
-    with pytest.raises(ValueError, match="strength"):
-        ColorJitter(0.0)
+    assert np.array_equal(whole.jitter_factors, factors)
+    assert np.array_equal(whole.jitter_orders, orders)
+    assert not np.array_equal(ops(3, [40, 41, 42]).jitter_factors, whole.jitter_factors[:3])
+    assert whole.erase_boxes is None and ops(2, [1]).jitter_factors.shape == (1, 3)
