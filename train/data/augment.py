@@ -1,10 +1,6 @@
-"""A recipe's training augmentations, data side, and where each runs (docs/DESIGN.md, "Issue 18").
-
-auto_augment: per image on the uint8 crop, where the batch is made (a worker, or the device after
-decode="gpu"). color_jitter and random_erasing: drawn in the workers with the batch's other
-draws, applied by train.data.prefetch on the device (train.data.device_ops): ColorJitter on the
-uint8 batch, random erasing on the normalised one. repeat_aug: the sampler's
-(train.data.samplers)."""
+"""A recipe's training augmentations, data side: auto_augment in the workers, color_jitter and
+random_erasing drawn there and applied by the prefetcher (train.data.device_ops), repeat_aug in
+the sampler. Why there: docs/DESIGN.md, "Issue 18"."""
 
 from __future__ import annotations
 
