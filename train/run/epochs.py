@@ -134,10 +134,10 @@ class EpochLoop:
             log.event(
                 f"Resumed from {resumed['path']} at epoch {self.state.epoch} step {self.state.step}"
             )
-            if resumed["world_size_change"]:
-                log.event(resumed["world_size_change"])
             if resumed["allowed_changes"]:
                 log.event(f"--allow-changed: {'; '.join(resumed['allowed_changes'])}")
+        for line in self.world.lines:  # the global batch on this world size
+            log.event(line)
         return log
 
     def elapsed_now(self) -> float:
