@@ -25,9 +25,11 @@ import pytest
 import torch
 
 from tests.train.run import elastic_standin
+from tests.train.standin import quick_config
 from train.errors import TrainError
 from train.plan.schedule import Schedule
 from train.plan.world_size import plan_world
+from train.run.main import run
 from train.run.metrics import read_metrics
 from train.run.resume import check_resume_on
 
@@ -111,10 +113,14 @@ def test_global_batch_keep_and_scale_on_one_process(tmp_path: Path, capsys) -> N
     halves the LR; without tuned_num_gpus either is one line."""
     tuned = {**BN_FREE, "tuned_num_gpus": 2}
     phases = phases_file(tmp_path / "phases.json", tuned)
-    for mode in ("keep", "scale"):
-        elastic_standin.main(
-            ["--phases", str(phases), "--out", str(tmp_path / mode), "--global-batch", mode]
-        )
+    threads = torch.get_num_threads()
+    try:
+        for mode in ("keep", "scale"):
+            elastic_standin.main(
+                ["--phases", str(phases), "--out", str(tmp_path / mode), "--global-batch", mode]
+            )
+    finally:  # the runs set one thread
+        torch.set_num_threads(threads)
     out = capsys.readouterr().err
     assert "global batch 16 kept on 1 GPU: batch_size 8 x accum_steps 2 (tuned for 2 GPUs:" in out
     assert "per-GPU batch kept on 1 GPU: global batch 8 instead of 16, every LR x 1/2" in out
@@ -132,6 +138,21 @@ def test_global_batch_keep_and_scale_on_one_process(tmp_path: Path, capsys) -> N
         elastic_standin.main(
             ["--phases", str(phases), "--out", str(tmp_path / "no"), "--global-batch", "keep"]
         )
+
+
+def test_the_dry_run_plans_for_the_launchers_world_size(tmp_path: Path, capsys, monkeypatch):
+    phases = phases_file(tmp_path / "phases.json", {**BN_FREE, "tuned_num_gpus": 2})
+    config = quick_config(phases_path=phases, dry_run=True, global_batch="keep")
+    run(config)
+    out = capsys.readouterr().out
+    assert "global batch 16 kept on 1 GPU: batch_size 8 x accum_steps 2 (tuned for 2" in out
+    assert sum(" 8x2 " in line for line in out.splitlines()) == 2  # both epochs' table rows
+    monkeypatch.setenv("WORLD_SIZE", "4")  # as torchrun --nproc_per_node=4 sets it
+    run(config)
+    assert "global batch 16 kept on 4 GPUs: batch_size 4 x accum_steps 1" in capsys.readouterr().out
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(TrainError, match="over 3 ranks; nearest world sizes that keep it: 2 or 4$"):
+        run(config)
 
 
 # --- gloo: 2 ranks -> 1 -> 2 against an uninterrupted run -----------------------------------------
