@@ -72,7 +72,7 @@ class EpochLoop:
             "recipe": recipe.to_dict(),
             "schedule": self.schedule.to_dicts(),
             "seed": config.seed,
-            "world_size": env.world_size,
+            "world_size": env.world_size,  # the one "schedule" is planned for (resume keeps it)
             "precision": self.precision,
             "sync_bn": config.sync_bn,
         }
