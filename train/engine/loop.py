@@ -27,13 +27,14 @@ class DeviceBatches(Protocol):
 
 @dataclass
 class EpochSums:
-    """Sums over the epoch so far (over ranks), kept in checkpoints so a resumed epoch reports
-    the whole of it."""
+    """Sums over the epoch so far, kept in checkpoints so a resumed epoch reports the whole of
+    it; per-rank quantities as their mean over ranks, so an epoch resumed on another world size
+    weighs every step alike."""
 
     loss_sum: float = 0.0  # of each optimizer step's mean loss
     batches: float = 0.0  # optimizer steps
-    images: float = 0.0
-    data_wait_s: float = 0.0
+    images: float = 0.0  # over all ranks
+    data_wait_s: float = 0.0  # mean over ranks
     train_s: float = 0.0
 
 
@@ -198,10 +199,11 @@ def _sync_point(
 
 
 def _fold(sums: EpochSums, sync: SyncPoint) -> None:
-    sums.loss_sum += sync.loss_sum
-    sums.batches += sync.batches
+    ranks = sync.world_size
+    sums.loss_sum += sync.loss_sum / ranks
+    sums.batches += sync.batches / ranks
     sums.images += sync.images
-    sums.data_wait_s += sync.data_wait_s
+    sums.data_wait_s += sync.data_wait_s / ranks
     sums.train_s += sync.seconds
 
 

@@ -111,7 +111,11 @@ def format_table(rows: Sequence[EpochRow]) -> str:
 
 
 def dry_run_text(
-    config: RunConfig, loaded: LoadedSchedule, recipe: Recipe, classes: list[str] | None
+    config: RunConfig,
+    loaded: LoadedSchedule,
+    recipe: Recipe,
+    classes: list[str] | None,
+    world_lines: Sequence[str] = (),
 ) -> str:
     schedule = loaded.schedule
     lines = [
@@ -119,14 +123,7 @@ def dry_run_text(
         f"phases ({loaded.source_format} format); batch is per GPU",
         f"recipe: {', '.join(f'{k}={v}' for k, v in recipe.to_dict().items())}",
     ]
-    if recipe.tuned_num_gpus is not None:
-        sizes = sorted(
-            {p.batch_size * p.accum_steps * recipe.tuned_num_gpus for p in schedule.phases}
-        )
-        lines.append(
-            f"LRs tuned for {recipe.tuned_num_gpus} GPU(s): global batch "
-            f"{', '.join(map(str, sizes))} there; on N GPUs it is batch/gpu x N"
-        )
+    lines += world_lines  # train.plan.world_size: the global batch on this world size
     if loaded.note:
         lines.append(f"note: {loaded.note}")
     if classes is not None:

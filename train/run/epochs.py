@@ -3,6 +3,7 @@ metrics and a checkpoint."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,12 @@ from train.errors import Interrupted, TrainError
 from train.plan.config import Recipe, RunConfig
 from train.plan.phases import LoadedSchedule
 from train.plan.rebuilds import loader_settings
+from train.plan.schedule import Schedule
+from train.plan.world_size import plan_world
 from train.run import checkpoint as ckpt
 from train.run.metrics import RunLog, config_record, epoch_record, now, read_metrics
 from train.run.report import format_targets, time_to_targets
-from train.run.resume import check_ranks_agree, check_resume, check_step_in_epoch, resume_path
+from train.run.resume import check_ranks_agree, check_resume_on, check_step_in_epoch, resume_path
 from train.run.run_dir import clear_outputs
 from train.run.shards import DataSource, LiveLoaders
 from train.run.signals import StopFlag
@@ -45,7 +48,13 @@ class EpochLoop:
         """Call with the run directory locked (train.run.run_dir.hold_run_dir): this decides
         between a fresh start (old outputs cleared), a resume and a refusal."""
         self.config, self.recipe, self.env, self.stop, self.data = config, recipe, env, stop, data
-        self.schedule, self.out_dir = loaded.schedule, config.run_dir
+        # The phases file's schedule (tuned for recipe.tuned_num_gpus) and the one this world
+        # size trains (train.plan.world_size; a resume on another world size re-plans it).
+        self.file_schedule, self.out_dir = loaded.schedule, config.run_dir
+        self.world = plan_world(
+            loaded.schedule, recipe.tuned_num_gpus, env.world_size, config.global_batch
+        )
+        self.schedule = self.world.schedule
         self.precision = resolve_precision(config.precision, env.device)
         configure_torch(config, env.device)
         resume_from = resume_path(self.out_dir, config.resume, config.overwrite)
@@ -63,7 +72,7 @@ class EpochLoop:
             "recipe": recipe.to_dict(),
             "schedule": self.schedule.to_dicts(),
             "seed": config.seed,
-            "world_size": env.world_size,
+            "world_size": env.world_size,  # the one "schedule" is planned for (resume keeps it)
             "precision": self.precision,
             "sync_bn": config.sync_bn,
         }
@@ -71,8 +80,11 @@ class EpochLoop:
         self.resumed_from = resume_from
         resumed = self.resume(resume_from) if resume_from is not None else None
         check_ranks_agree(env, resumed is not None, self.state)
+        for line in self.world.lines:
+            say(line)
         self.loaders = LiveLoaders(data, env, config, self.schedule, recipe)
-        record = config_record(config, loaded, recipe, env, num_classes, self.precision, resumed)
+        trained = dataclasses.replace(loaded, schedule=self.schedule)
+        record = config_record(config, trained, recipe, env, num_classes, self.precision, resumed)
         self.log = rank_zero_agreed(env, lambda: self.open_log(record, resumed)) or RunLog(
             self.out_dir, enabled=False
         )
@@ -82,7 +94,11 @@ class EpochLoop:
         """Load, check (train.run.resume.check_resume) and restore `path`; what config.json
         records about it."""
         saved = ckpt.load(path)
-        changes = check_resume(saved, path, self.identity, self.config.allow_changed)
+        self.identity, changes, moved = check_resume_on(
+            saved, path, self.identity, self.planned_at, self.config.allow_changed
+        )
+        if moved is not None:  # another world size: the checkpoint's global batch kept
+            self.world, self.schedule = moved, moved.schedule
         try:
             ckpt.restore(saved, self.state, self.trainer)
         except TrainError as exc:
@@ -92,7 +108,13 @@ class EpochLoop:
             "epoch": self.state.epoch,
             "step": self.state.step,
             "allowed_changes": changes,
+            "world_size_change": moved.lines[0] if moved is not None else None,
         }
+
+    def planned_at(self, world_size: int) -> Schedule:
+        """The schedule this run's inputs plan for `world_size` ranks (train.plan.world_size)."""
+        tuned, mode = self.recipe.tuned_num_gpus, self.config.global_batch
+        return plan_world(self.file_schedule, tuned, world_size, mode).schedule
 
     def open_log(self, record: dict[str, Any], resumed: dict[str, Any] | None) -> RunLog:
         """Rank 0's run outputs: config.json (or config.resume-<n>.json), event.log, tb/."""
@@ -109,6 +131,8 @@ class EpochLoop:
             )
             if resumed["allowed_changes"]:
                 log.event(f"--allow-changed: {'; '.join(resumed['allowed_changes'])}")
+        for line in self.world.lines:  # the global batch on this world size
+            log.event(line)
         return log
 
     def elapsed_now(self) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import traceback
 from typing import Any
 
@@ -10,6 +11,7 @@ from train.errors import RecipeError, ScheduleError, TrainError
 from train.plan.config import Recipe, RunConfig, available_cpus, cap_workers, check_config
 from train.plan.dry_run import dry_run_text
 from train.plan.phases import LoadedSchedule, load_schedule
+from train.plan.world_size import plan_world
 from train.run.metrics import tensorboard_writer
 from train.run.report import DEFAULT_TARGETS
 from train.run.shards import DataSource, ShardData, check_shards
@@ -60,16 +62,21 @@ def run(config: RunConfig, data: DataSource | None = None) -> dict[str, Any]:
     if data is None and config.data_dir is not None:
         data = ShardData(config.data_dir)
     world_size = launch_world_size()
+    # The schedule this world size trains (--global-batch); EpochLoop plans it again, and
+    # re-plans it on a resume from another world size.
+    world = plan_world(loaded.schedule, recipe.tuned_num_gpus, world_size, config.global_batch)
+    planned = dataclasses.replace(loaded, schedule=world.schedule)
     if config.dry_run:
-        classes = check_shards(loaded.schedule, data, world_size) if data is not None else None
-        print(dry_run_text(config, loaded, recipe, classes), flush=True)  # before torch loads
-        check_recipe_model(config, loaded, recipe, len(classes) if classes else IMAGENET_CLASSES)
+        classes = check_shards(world.schedule, data, world_size) if data is not None else None
+        text = dry_run_text(config, planned, recipe, classes, world.lines)
+        print(text, flush=True)  # before torch loads
+        check_recipe_model(config, planned, recipe, len(classes) if classes else IMAGENET_CLASSES)
         print(f"model: {recipe.arch} builds and takes every crop of the schedule")
         return {}
     if data is None:
         raise TrainError("--data is required (the directory holding train-<N>/ and val-<N>/)")
-    classes = check_shards(loaded.schedule, data, world_size)
-    check_recipe_model(config, loaded, recipe, len(classes))
+    classes = check_shards(world.schedule, data, world_size)
+    check_recipe_model(config, planned, recipe, len(classes))
     if config.tensorboard:
         tensorboard_writer()
     from train.engine.dist import init_distributed, shutdown  # torch: after the cheap checks
@@ -77,13 +84,6 @@ def run(config: RunConfig, data: DataSource | None = None) -> dict[str, Any]:
     from train.run.run_dir import hold_run_dir
 
     env = init_distributed(config.device)
-    tuned = recipe.tuned_num_gpus
-    if tuned is not None and tuned != env.world_size:
-        say(
-            f"note: this schedule's LRs were tuned for {tuned} GPU(s); this run has "
-            f"{env.world_size}, so its global batch is {env.world_size}/{tuned} of the "
-            "tuned one at the same LR (batch_size is per GPU)"
-        )
     training = None
     try:
         with StopFlag() as stop, hold_run_dir(config.run_dir, env):

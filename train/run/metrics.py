@@ -281,7 +281,7 @@ def epoch_record(
         "train_loss": sums.loss_sum / max(sums.batches, 1),
         "lr": lr,
         "img_per_s": sums.images / sums.train_s if sums.train_s > 0 else 0.0,
-        "data_wait": sums.data_wait_s / max(sums.train_s * world_size, 1e-9),
+        "data_wait": sums.data_wait_s / max(sums.train_s, 1e-9),
         "phase": phase_index,
         "crop_size": phase.crop_size_at(state.epoch),
         "batch_size": batch,

@@ -4,13 +4,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from train.engine.dist import DistEnv, all_reduce_max
 from train.engine.loop import TrainState
-from train.errors import CheckpointError, TrainError
+from train.errors import CheckpointError, ScheduleError, TrainError
+from train.plan.schedule import Schedule
+from train.plan.world_size import WorldPlan, resume_on
 from train.run.checkpoint import CHECKPOINTS_DIR, LAST_NAME, checkpoint_dir
 from train.run.run_dir import run_outputs
 
@@ -109,12 +111,6 @@ def check_resume(
             f"{path}: holds {saved['arch']} with {saved['num_classes']} classes, "
             f"this run builds {identity['arch']} with {identity['num_classes']}"
         )
-    if saved["step"] > 0 and saved["world_size"] != identity["world_size"]:
-        raise TrainError(
-            f"{path}: stopped mid-epoch with world size {saved['world_size']}; "
-            f"resume it with the same number of processes (not "
-            f"{identity['world_size']}) or from an epoch-end checkpoint"
-        )
     changes = changes_since(saved, identity)
     if changes and not allow_changed:
         raise TrainError(
@@ -129,6 +125,34 @@ def check_resume(
             f"schedule's {num_epochs} epochs; nothing to resume"
         )
     return changes  # saved["epoch"] == num_epochs: the run reports itself complete
+
+
+def check_resume_on(
+    saved: dict[str, Any],
+    path: Path,
+    identity: dict[str, Any],
+    planned_at: Callable[[int], Schedule],
+    allow_changed: bool = False,
+) -> tuple[dict[str, Any], list[str], WorldPlan | None]:
+    """check_resume on any world size: a checkpoint's "world_size" is the one its schedule was
+    planned for, so this run's inputs are planned for that one too (`planned_at`) and compared;
+    on another world size the run then trains that schedule with its global batch kept.
+    Returns (the identity to compare and keep saving, allowed changes, the WorldPlan on this
+    world size or None when it is the checkpoint's)."""
+    saved_world, world_size = saved["world_size"], identity["world_size"]
+    if saved_world == world_size:
+        return identity, check_resume(saved, path, identity, allow_changed), None
+    try:
+        planned = planned_at(saved_world)
+    except ScheduleError as exc:
+        raise TrainError(f"{path}: planned for {saved_world} rank(s): {exc}") from None
+    identity = {**identity, "schedule": planned.to_dicts(), "world_size": saved_world}
+    changes = check_resume(saved, path, identity, allow_changed)
+    try:
+        moved = resume_on(planned, saved_world, world_size)
+    except ScheduleError as exc:
+        raise TrainError(f"{path}: {exc}") from None
+    return identity, changes, moved
 
 
 def check_step_in_epoch(path: Path | None, state: TrainState, steps: int) -> None:

@@ -251,10 +251,10 @@ def test_resume_auto_before_any_save_starts_clean(tmp_path: Path) -> None:
     """A run stopped before its first checkpoint trained nothing that could be kept."""
     out = tmp_path / "run"
     out.mkdir()
-    (out / "config.json").write_text('{"old": true}')
+    (out / "config.json").write_text('{"stale_run_marker": true}')
     (out / "event.log").write_text("old\n")
     run(config(tmp_path, resume="auto"), StandInData())
-    assert "old" not in (out / "config.json").read_text()
+    assert "stale_run_marker" not in (out / "config.json").read_text()
     assert not (out / "event.log").read_text().startswith("old")
 
 
