@@ -8,9 +8,9 @@ import torch
 
 from train.data.crops import TrainCrop
 
-# Augmentation of the uint8 crops: augment(images uint8 NCHW, keys), in place; keys is a
-# Sequence of per-sample seeds, train.data.samplers.SampleKeys, whose `uniforms` vectorised ops
-# use (train.data.auto_augment.AutoAugment, train.data.color.ColorJitter).
+# Per-image augmentation of the uint8 crops where the batch is made: augment(images uint8 NCHW,
+# keys), in place; keys: the per-sample seeds (train.data.samplers.SampleKeys, a Sequence[int])
+# (train.data.auto_augment.AutoAugment).
 Augment = Callable[[torch.Tensor, Sequence[int]], None]
 
 
