@@ -65,12 +65,14 @@ def color_jitter_(images: torch.Tensor, factors, orders) -> None:
     orders = torch.as_tensor(np.asarray(orders), dtype=torch.int64)
     factors = torch.as_tensor(np.asarray(factors, dtype=np.float32))
     complements = (1.0 - factors.double()).float()
-    factors, complements = factors.to(images.device), complements.to(images.device)
+    # non_blocking: on CUDA no host wait for the side stream (small pageable copies are staged)
+    factors = factors.to(images.device, non_blocking=True)
+    complements = complements.to(images.device, non_blocking=True)
     for order_index, order in enumerate(ORDERS):
         rows = torch.nonzero(orders == order_index).flatten()
         if len(rows) == 0:
             continue
-        rows = rows.to(images.device)
+        rows = rows.to(images.device, non_blocking=True)
         x = images.index_select(0, rows).float()
         group_factors = factors.index_select(0, rows)[:, :, None, None, None]
         group_complements = complements.index_select(0, rows)[:, :, None, None, None]
