@@ -26,6 +26,14 @@ def photo_batch(num_images: int, seed: int = 0, size: int = 24) -> torch.Tensor:
     return images
 
 
+def assert_same_images(ours: torch.Tensor, theirs: torch.Tensor) -> None:
+    """Bit for bit with torch 2.13 here; allow another torch's CPU kernels to round a blend the
+    other way (one level, rarely). A wrong op, factor, order or grayscale is off by many levels
+    in many pixels."""
+    difference = (ours.int() - theirs.int()).abs()
+    assert difference.max() <= 1 and (difference > 0).float().mean() < 1e-3
+
+
 def torchvision_jitter(image: torch.Tensor, factors, order) -> torch.Tensor:
     for op in order:
         image = TV_OPS[op](image, float(factors[op]))
@@ -44,7 +52,7 @@ def test_matches_torchvision_functional_ops(channels_last):
         [torchvision_jitter(images[i], factors[i], ORDERS[orders[i]]) for i in range(12)]
     )
     color_jitter_(images, factors, orders)
-    assert torch.equal(images, expected)  # bit for bit on the CPU (train.data.color._blend)
+    assert_same_images(images, expected)
 
 
 def test_the_order_matters_and_is_honoured():
@@ -54,7 +62,7 @@ def test_the_order_matters_and_is_honoured():
     for order_index in range(len(ORDERS)):
         out = images.clone()
         color_jitter_(out, factors, np.array([order_index]))
-        assert torch.equal(out[0], torchvision_jitter(images[0], factors[0], ORDERS[order_index]))
+        assert_same_images(out[0], torchvision_jitter(images[0], factors[0], ORDERS[order_index]))
         results.append(out)
     assert len({tuple(r.flatten().tolist()) for r in results}) > 1
 
