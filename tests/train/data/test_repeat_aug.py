@@ -51,14 +51,14 @@ def test_each_sampled_image_n_times_and_epoch_length_kept(world_size):
     assert set(counts) == set(epoch_permutation(NUM_IMAGES, 4, 1)[: NUM_IMAGES // REPEAT].tolist())
 
 
-def test_copies_land_on_different_ranks_when_world_size_reaches_n():
-    batches = epoch_batches(3)
+@pytest.mark.parametrize("world_size", [3, 4])
+def test_copies_land_on_different_ranks_when_world_size_reaches_n(world_size):
     ranks_of = {}
-    for rank, rank_batches in batches.items():
+    for rank, rank_batches in epoch_batches(world_size).items():
         for batch in rank_batches:
             for record in batch.indices.tolist():
                 ranks_of.setdefault(record, []).append(rank)
-    assert all(sorted(ranks) == [0, 1, 2] for ranks in ranks_of.values())
+    assert all(len(set(ranks)) == REPEAT == len(ranks) for ranks in ranks_of.values())
     # ... and with fewer ranks than copies, each rank holds at most ceil(N / W) of them
     for rank_lists in [epoch_batches(2)]:
         per_record = Counter(
