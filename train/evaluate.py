@@ -28,7 +28,7 @@ class EvalConfig:
     prep_size: int | None = None
     crop_size: int | None = None
     resize_size: int | None = None
-    rect: bool | None = None  # None: the checkpoint's last phase's rect_val (else center)
+    rect: bool | None = None  # None: the checkpoint's phase's rect_val (else center)
     ema: bool = False
     flip_tta: bool = False
     batch_size: int = 100
@@ -41,8 +41,8 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class Weights:
-    """What to evaluate: the model's constructor input and its weights, and the eval settings a
-    checkpoint's last phase used (None for a state_dict)."""
+    """What to evaluate: the model's constructor input and its weights, and the phase whose
+    evaluation settings a checkpoint's epoch used (None for a state_dict)."""
 
     path: Path
     arch: str
@@ -50,7 +50,7 @@ class Weights:
     num_classes: int | None  # a checkpoint's; a state_dict's comes from its head
     weights: dict
     epoch: int | None
-    last_phase: Any  # train.plan.schedule.Phase of a checkpoint, else None
+    phase: Any  # train.plan.schedule.Phase of the checkpoint's epoch, else None
 
 
 def read_weights(config: EvalConfig) -> Weights:
@@ -58,6 +58,8 @@ def read_weights(config: EvalConfig) -> Weights:
     from train.plan.config import Recipe
 
     source = Path(config.source)
+    if not source.exists():
+        raise TrainError(f"{source}: no such run directory or weights file")
     if source.is_file() and config.checkpoint:
         raise TrainError(f"--checkpoint picks a run directory's checkpoint; {source} is a file")
     path = ckpt.find_for_export(source, config.checkpoint) if source.is_dir() else source
@@ -79,12 +81,15 @@ def read_weights(config: EvalConfig) -> Weights:
         raise TrainError(f"--arch {config.arch}: {path} is a checkpoint of {state['arch']}")
     try:
         recipe = Recipe.from_mapping(state["recipe"])
-        last_phase = Schedule.from_dicts(state["schedule"]).phases[-1]
+        schedule = Schedule.from_dicts(state["schedule"])
+        # the epoch these weights finished (a mid-epoch last.pt: the one in progress)
+        trained = state["epoch"] - 1 if state["step"] == 0 else state["epoch"]
+        phase = schedule.phase_at(min(max(trained, 0), schedule.num_epochs - 1))
     except (RecipeError, ScheduleError) as exc:
         raise TrainError(f"{path}: {exc}") from None
     weights = weights_of(state, path, ema=config.ema)
     return Weights(
-        path, state["arch"], recipe, state["num_classes"], weights, state["epoch"], last_phase
+        path, state["arch"], recipe, state["num_classes"], weights, state["epoch"], phase
     )
 
 
@@ -102,9 +107,9 @@ class ValSettings:
 
 
 def val_settings(config: EvalConfig, found: Weights) -> ValSettings:
-    """--prep-size/--crop-size/--resize-size/--rect, else what the checkpoint's last phase
-    evaluated with (its final evaluation), else torchvision's 256 -> 224."""
-    phase = found.last_phase
+    """--prep-size/--crop-size/--resize-size/--rect, else what the run evaluated the
+    checkpoint's epoch with, else torchvision's 256 -> 224."""
+    phase = found.phase
     data_dir = Path(config.data_dir)
     if (data_dir / MANIFEST_FILE).is_file():
         dataset_dir = data_dir
@@ -158,10 +163,9 @@ def build(found: Weights, num_classes: int):
             model = create_model(found.arch, num_classes)
     except (ImportError, RuntimeError, ValueError, TypeError) as exc:
         raise TrainError(f"cannot build {found.arch}: {one_line(exc)}") from None
-    had = head_classes(found.weights, model)
-    if had is not None and had != num_classes:
+    if load_weights(model, found.weights, f"{found.path} ({found.arch})"):  # backbone first
+        had = head_classes(found.weights, model)
         raise TrainError(f"{found.path}: weights for {had} classes, the shards have {num_classes}")
-    load_weights(model, found.weights, f"{found.path} ({found.arch})", remake_head=False)
     return model
 
 

@@ -90,19 +90,15 @@ def head_classes(weights: Mapping[str, torch.Tensor], model: nn.Module) -> int |
     return int(weight.shape[0]) if weight is not None and weight.dim() >= 1 else None
 
 
-def load_weights(
-    model: nn.Module, weights: Mapping[str, torch.Tensor], what: str, remake_head: bool
-) -> list[str]:
-    """Load strictly; with remake_head, a head for another class count is left as the
-    constructor made it. Returns the notes to print; a mismatch is one TrainError line."""
+def load_weights(model: nn.Module, weights: Mapping[str, torch.Tensor], what: str) -> list[str]:
+    """Load strictly, except a head made for another class count: that one is left as the
+    constructor made it, and said in the one note returned. A mismatch is one TrainError."""
     own = model.state_dict()
     notes, skip = [], set()
     head = head_name(model)
     had = head_classes(weights, model)
     wanted = head_classes(own, model)
     if had is not None and had != wanted:
-        if not remake_head:
-            raise TrainError(f"{what}: weights for {had} classes, the data has {wanted}")
         skip = {k for k in own if k.startswith(f"{head}.")}
         notes.append(f"init: {head} re-made for {wanted} classes (weights had {had})")
     missing = [k for k in own if k not in weights and k not in skip]
@@ -128,6 +124,6 @@ def init_from(model: nn.Module, path: Path, arch: str) -> list[str]:
     state = read_file(path)
     if is_checkpoint(state) and state["arch"] != arch:
         raise TrainError(f"init {path}: a checkpoint of {state['arch']}, this run trains {arch}")
-    notes = load_weights(model, weights_of(state, Path(path)), f"init {path}", remake_head=True)
+    notes = load_weights(model, weights_of(state, Path(path)), f"init {path}")
     kind = f"{state['arch']} checkpoint, epoch {state['epoch']}" if is_checkpoint(state) else arch
     return [f"init: weights from {path} ({kind})", *notes]
