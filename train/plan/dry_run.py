@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 from train.plan.config import Recipe, RunConfig
@@ -141,7 +142,8 @@ def dry_run_text(
     if classes is not None:
         lines.append(f"shards: all present under {config.data_dir} ({len(classes)} classes)")
     if recipe.init:
-        lines.append(f"init: the model starts from {recipe.init} (not on a resume)")
+        missing = "" if Path(recipe.init).is_file() else "; warning: no such file"
+        lines.append(f"init: the model starts from {recipe.init} (not on a resume){missing}")
     rows = epoch_rows(schedule, recipe.eval_every, recipe.eval_offset)
     lines += ["", format_table(rows)]
     return "\n".join(lines)

@@ -4,6 +4,8 @@ round trip, and its one-line refusals; `--checkpoint best`."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from train.run.checkpoint import load
 from train.run.main import run
 from train.run.metrics import read_metrics
 
+REPO = Path(__file__).resolve().parents[3]
 RECIPE = {"arch": "resnet18", "ema_decay": 0.5}
 PHASES = [
     {"epochs": [0, 1], "prep_size": 160, "crop_size": 32, "batch_size": 6, "lr": 0.1},
@@ -133,3 +136,37 @@ def test_one_line_refusals(real_run, tmp_path: Path) -> None:
     assert "--precision must be one of" in error_line(run_dir, "--data", data, "--precision", "fp8")
     saved = load(run_dir / "checkpoints" / "final.pt")
     assert saved["num_classes"] == 3
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_count_each_image_once(real_run) -> None:
+    """12 images in batches of 5 over 2 ranks: rank 1's second batch is empty, not padded."""
+    run_dir, data = real_run
+    single = eval_json(run_dir, "--data", data, "--batch-size", "5")
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "train",
+        "eval",
+        str(run_dir),
+        "--data",
+        str(data),
+        "--batch-size",
+        "5",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+    ]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 1, done.stdout  # rank 0 alone prints
+    both = json.loads(lines[0])
+    assert both["world_size"] == 2 and both["images"] == single["images"] == 12
+    assert (both["top1"], both["top5"]) == (single["top1"], single["top5"])
+    assert both["val_loss"] == pytest.approx(single["val_loss"], rel=1e-6)
