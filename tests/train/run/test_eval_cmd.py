@@ -103,6 +103,8 @@ def test_export_round_trip_and_best(real_run, tmp_path: Path) -> None:
     records = read_metrics(run_dir)
     best_epoch = max(records, key=lambda r: r["top1"])["epoch"]  # first of the highest
     best = eval_json(run_dir, "--checkpoint", "best", "--data", data)
+    exported_best = invoke("export", run_dir, "--checkpoint", "best", "--out", tmp_path / "b.pth")
+    assert "best.pt" in exported_best.stdout
     assert best["source"].endswith("best.pt") and best["epoch"] == best_epoch + 1
     assert best["top1"] == records[best_epoch]["top1"]
 
