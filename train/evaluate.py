@@ -179,8 +179,15 @@ def evaluate_weights(config: EvalConfig) -> dict[str, Any]:
     from train.engine.loop import EvalSums, evaluate
     from train.engine.step import resolve_precision
 
-    if config.batch_size < 1 or config.workers < 0:
-        raise TrainError("--batch-size must be >= 1 and --workers >= 0")
+    for flag, value, low in (
+        ("--batch-size", config.batch_size, 1),
+        ("--workers", config.workers, 0),
+        ("--prep-size", config.prep_size, 1),
+        ("--crop-size", config.crop_size, 1),
+        ("--resize-size", config.resize_size, 1),
+    ):
+        if value is not None and value < low:
+            raise TrainError(f"{flag} must be >= {low}, got {value}")
     found = read_weights(config)
     settings = val_settings(config, found)
     num_classes = check_data(settings)
@@ -218,7 +225,7 @@ def evaluate_weights(config: EvalConfig) -> dict[str, Any]:
         "images": int(result.count),
         "source": str(found.path),
         "arch": found.arch,
-        "epoch": found.epoch,
+        "epochs_done": found.epoch,  # a checkpoint's; None for a state_dict
         "ema": config.ema,
         "flip_tta": config.flip_tta,
         "crop": settings.describe(),

@@ -15,7 +15,6 @@ from typer.testing import CliRunner
 
 from tests.train.standin import quick_config
 from train.cli import app
-from train.run.checkpoint import load
 from train.run.main import run
 from train.run.metrics import read_metrics
 
@@ -70,7 +69,7 @@ def test_eval_of_a_run_equals_its_final_evaluation(real_run) -> None:
     run_dir, data = real_run
     final = read_metrics(run_dir)[-1]
     out = eval_json(run_dir, "--data", data)
-    assert out["source"].endswith("final.pt") and out["epoch"] == 2
+    assert out["source"].endswith("final.pt") and out["epochs_done"] == 2
     assert out["crop"] == "center 32 (resize 48)"  # the last phase's, read from the checkpoint
     assert out["images"] == final["val_images"] == 12
     assert (out["top1"], out["top5"]) == (final["top1"], final["top5"])
@@ -99,13 +98,15 @@ def test_export_round_trip_and_best(real_run, tmp_path: Path) -> None:
         "--resize-size",
         "48",
     )
-    assert (out["top1"], out["top5"]) == (final["top1"], final["top5"]) and out["epoch"] is None
+    assert (out["top1"], out["top5"]) == (final["top1"], final["top5"]) and out[
+        "epochs_done"
+    ] is None
     records = read_metrics(run_dir)
     best_epoch = max(records, key=lambda r: r["top1"])["epoch"]  # first of the highest
     best = eval_json(run_dir, "--checkpoint", "best", "--data", data)
     exported_best = invoke("export", run_dir, "--checkpoint", "best", "--out", tmp_path / "b.pth")
     assert "best.pt" in exported_best.stdout
-    assert best["source"].endswith("best.pt") and best["epoch"] == best_epoch + 1
+    assert best["source"].endswith("best.pt") and best["epochs_done"] == best_epoch + 1
     assert best["top1"] == records[best_epoch]["top1"]
 
 
@@ -136,8 +137,20 @@ def test_one_line_refusals(real_run, tmp_path: Path) -> None:
     assert "'train' images, not 'val'" in error_line(run_dir, "--data", data / "train-160")
     assert "--checkpoint 'first'" in error_line(run_dir, "--checkpoint", "first", "--data", data)
     assert "--precision must be one of" in error_line(run_dir, "--data", data, "--precision", "fp8")
-    saved = load(run_dir / "checkpoints" / "final.pt")
-    assert saved["num_classes"] == 3
+    assert "--crop-size must be >= 1, got 0" in error_line(
+        run_dir, "--data", data, "--crop-size", "0"
+    )
+
+
+def test_eval_of_a_timm_state_dict(real_run, tmp_path: Path) -> None:
+    timm = pytest.importorskip("timm")
+    _, data = real_run
+    path = tmp_path / "timm.pth"
+    torch.save(timm.create_model("test_resnet", num_classes=3).state_dict(), path)
+    args = ("--arch", "timm/test_resnet", "--data", data / "val-160", "--crop-size", "32")
+    out = eval_json(path, *args, "--rect")
+    assert out["images"] == 12 and out["crop"] == "rect 32" and out["arch"] == "timm/test_resnet"
+    assert "weights do not fit the model" in error_line(path, "--arch", "resnet18", *args[2:])
 
 
 @pytest.mark.slow
