@@ -250,7 +250,9 @@ def eval_command(
     batch_size: int = typer.Option(100, help="per GPU"),
     workers: int = typer.Option(4),
     device: str = typer.Option("auto", help="auto | cuda | cpu"),
-    precision: str = typer.Option("auto", help="auto | fp32 | bf16 | fp16"),
+    precision: str = typer.Option(
+        "auto", help="auto (the run's, else bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16"
+    ),
     decode: str = typer.Option("cpu", help="cpu | gpu"),
 ) -> None:
     """Top-1/top-5 on validation shards, as ONE JSON line on stdout; torchrun -m train eval

@@ -50,6 +50,7 @@ class Weights:
     num_classes: int | None  # a checkpoint's; a state_dict's comes from its head
     weights: dict
     epoch: int | None
+    precision: str | None  # the run's (what its evaluations used), else None
     phase: Any  # train.plan.schedule.Phase of the checkpoint's epoch, else None
 
 
@@ -75,7 +76,7 @@ def read_weights(config: EvalConfig) -> Weights:
             reason = str(exc).removeprefix("recipe key 'arch': ")
             raise TrainError(f"--arch {reason}") from None
         weights = weights_of(state, path, ema=config.ema)
-        return Weights(path, config.arch, None, None, weights, None, None)
+        return Weights(path, config.arch, None, None, weights, None, None, None)
     state = ckpt.load(path)  # the version and field checks of a resume
     if config.arch is not None and config.arch != state["arch"]:
         raise TrainError(f"--arch {config.arch}: {path} is a checkpoint of {state['arch']}")
@@ -89,7 +90,14 @@ def read_weights(config: EvalConfig) -> Weights:
         raise TrainError(f"{path}: {exc}") from None
     weights = weights_of(state, path, ema=config.ema)
     return Weights(
-        path, state["arch"], recipe, state["num_classes"], weights, state["epoch"], phase
+        path,
+        state["arch"],
+        recipe,
+        state["num_classes"],
+        weights,
+        state["epoch"],
+        state["precision"],
+        phase,
     )
 
 
@@ -169,6 +177,14 @@ def build(found: Weights, num_classes: int):
     return model
 
 
+def eval_precision(config: EvalConfig, found: Weights, device) -> str:
+    """--precision; its "auto" is the run's own precision (fp16 only on CUDA), so a checkpoint
+    evaluates as its run did, else bf16 on CUDA and fp32 on CPU."""
+    if config.precision != "auto" or found.precision is None:
+        return config.precision
+    return found.precision if found.precision != "fp16" or device.type == "cuda" else "auto"
+
+
 def evaluate_weights(config: EvalConfig) -> dict[str, Any]:
     """Every check before any process group, then one evaluation pass per rank, summed."""
     import torch
@@ -195,7 +211,7 @@ def evaluate_weights(config: EvalConfig) -> dict[str, Any]:
     env = init_distributed(config.device)
     loader = None
     try:
-        precision = resolve_precision(config.precision, env.device)
+        precision = resolve_precision(eval_precision(config, found, env.device), env.device)
         memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
         model = model.to(env.device, memory_format=memory_format)
         loader = ValLoader(

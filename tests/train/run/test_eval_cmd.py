@@ -185,3 +185,20 @@ def test_two_gloo_ranks_count_each_image_once(real_run) -> None:
     assert both["world_size"] == 2 and both["images"] == single["images"] == 12
     assert (both["top1"], both["top5"]) == (single["top1"], single["top5"])
     assert both["val_loss"] == pytest.approx(single["val_loss"], rel=1e-6)
+
+
+def test_auto_precision_is_the_runs_where_the_device_allows() -> None:
+    from train.evaluate import EvalConfig, Weights, eval_precision
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+
+    def precision(run_precision, asked="auto", device=cpu):
+        found = Weights(Path("w"), "resnet18", None, 3, {}, 1, run_precision, None)
+        return eval_precision(EvalConfig(Path("w"), Path("d"), precision=asked), found, device)
+
+    assert precision("bf16") == "bf16"  # a GPU run's bf16 evaluation, repeated on CPU
+    assert precision("fp32", device=cuda) == "fp32"  # a CPU run's exact numbers on a GPU
+    assert precision("fp16", device=cuda) == "fp16"
+    assert precision("fp16") == "auto"  # fp16 needs CUDA: the device's default
+    assert precision(None) == "auto"  # a state_dict
+    assert precision("bf16", asked="fp32") == "fp32"  # asked for wins
