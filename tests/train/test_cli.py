@@ -205,13 +205,18 @@ def test_dry_run_shows_evaluations_resize_and_init(tmp_path: Path) -> None:
     phase = {**PHASE, "epochs": [0, 5], "lr": 0.1, "val_crop_size": 64, "val_resize_size": 80}
     path = write_phases(tmp_path, [phase])
     args = ("run", "--phases", path, "--dry-run", "--eval-every", "2", "--init", tmp_path / "w.pth")
-    result = invoke(*args)
+    result = invoke(*args, "--stop-at", "top1=75.9", "--stop-at", "top5=93")
     assert result.exit_code == 0, result.stderr
     lines = result.stdout.splitlines()
     assert (
         f"init: the model starts from {tmp_path / 'w.pth'} (not on a resume); warning: no such file"
         in lines
     )
+    assert (
+        "stop: at the first evaluation with top1 >= 75.9% and top5 >= 93% (final.pt, report)"
+        in (lines)
+    )
+    assert "--stop-at 'top1'" in error_line(invoke(*args, "--stop-at", "top1"))
     header = next(i for i, line in enumerate(lines) if line.startswith("epoch"))
     names = lines[header].split()
     rows = [line.split() for line in lines[header + 1 : header + 6]]

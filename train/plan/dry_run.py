@@ -144,6 +144,9 @@ def dry_run_text(
     if recipe.init:
         missing = "" if Path(recipe.init).is_file() else "; warning: no such file"
         lines.append(f"init: the model starts from {recipe.init} (not on a resume){missing}")
+    if config.stop_at:
+        reach = " and ".join(f"{metric} >= {percent:g}%" for metric, percent in config.stop_at)
+        lines.append(f"stop: at the first evaluation with {reach} (final.pt, report)")
     rows = epoch_rows(schedule, recipe.eval_every, recipe.eval_offset)
     lines += ["", format_table(rows)]
     return "\n".join(lines)
