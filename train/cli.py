@@ -204,7 +204,7 @@ def report(
     typer.echo(call(make_report, run_dirs, dict(parse_targets(target)) or None, plot))
 
 
-CHECKPOINT_HELP = "a run directory's best | final | last [default: final.pt, else last.pt]"
+CHECKPOINT_HELP = "a run directory's best | final | last (default: final.pt, else last.pt)"
 
 
 @app.command()
@@ -237,13 +237,13 @@ def eval_command(
     data: Path = typer.Option(..., help="val shards: D/val-<N>, or D with --prep-size"),
     checkpoint: Optional[str] = typer.Option(None, help=CHECKPOINT_HELP),
     arch: Optional[str] = typer.Option(None, help="a state_dict's model: resnet50, timm/<name>"),
-    prep_size: Optional[int] = typer.Option(None, help="read D/val-<N> [default: the run's]"),
-    crop_size: Optional[int] = typer.Option(None, help="[default: the run's last, else 224]"),
+    prep_size: Optional[int] = typer.Option(None, help="read D/val-<N> (default: the run's)"),
+    crop_size: Optional[int] = typer.Option(None, help="(default: the run's, else 224)"),
     resize_size: Optional[int] = typer.Option(
-        None, help="shorter side before the center crop [default: the run's, else crop / 0.875]"
+        None, help="shorter side before the center crop (default: the run's, else crop / 0.875)"
     ),
     rect: Optional[bool] = typer.Option(
-        None, "--rect/--center", help="imagenet18's rect batches [default: the run's]"
+        None, "--rect/--center", help="imagenet18's rect batches (default: the run's)"
     ),
     ema: bool = typer.Option(False, "--ema", help="the checkpoint's EMA weights"),
     flip_tta: bool = typer.Option(False, "--flip-tta", help="average with the flipped image"),
