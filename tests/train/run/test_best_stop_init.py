@@ -46,13 +46,17 @@ def scripted_top1(monkeypatch):
     return script
 
 
+def small_data() -> StandInData:
+    return StandInData(num_train=16, num_val=6)  # 2 steps an epoch: the runs are about epochs
+
+
 def checkpoint_epoch(run_dir: Path, name: str) -> int:
     return load(run_dir / "checkpoints" / name)["epoch"]
 
 
 def test_best_pt_holds_the_highest_top1_under_an_eval_schedule(tmp_path, scripted_top1) -> None:
     scripted_top1([50.0, 80.0, 80.0])  # evaluations after epochs 0, 2 and 3
-    run(config(tmp_path, {"eval_every": 2, "eval_offset": 1}), StandInData())
+    run(config(tmp_path, {"eval_every": 2, "eval_offset": 1}), small_data())
     records = read_metrics(tmp_path / "run")
     assert [r["top1"] for r in records] == [50.0, None, 80.0, 80.0]
     assert checkpoint_epoch(tmp_path / "run", "best.pt") == 3  # after epoch 2 (a tie keeps it)
@@ -65,7 +69,7 @@ def test_best_pt_holds_the_highest_top1_under_an_eval_schedule(tmp_path, scripte
 def test_stop_at_ends_the_run_with_a_final_checkpoint_and_report(tmp_path, scripted_top1) -> None:
     scripted_top1([50.0, 76.0, 90.0, 95.0])
     cfg = config(tmp_path, stop_at=(("top1", 75.9), ("top5", 93.0)))
-    last = run(cfg, StandInData())
+    last = run(cfg, small_data())
     run_dir = tmp_path / "run"
     records = read_metrics(run_dir)
     assert [r["epoch"] for r in records] == [0, 1] and last["epoch"] == 1
@@ -81,7 +85,7 @@ def test_stop_at_ends_the_run_with_a_final_checkpoint_and_report(tmp_path, scrip
 
 def test_stop_at_on_a_real_evaluation(tmp_path) -> None:
     # 3 classes: top-5 is 100% at every evaluation, so the first one stops the run
-    run(config(tmp_path, stop_at=(("top5", 50.0),)), StandInData())
+    run(config(tmp_path, stop_at=(("top5", 50.0),)), small_data())
     records = read_metrics(tmp_path / "run")
     assert len(records) == 1 and records[0]["top5"] == 100.0 and "stopped_at" in records[0]
     assert checkpoint_epoch(tmp_path / "run", "final.pt") == 1
@@ -89,7 +93,7 @@ def test_stop_at_on_a_real_evaluation(tmp_path) -> None:
 
 def test_stop_at_unreached_runs_to_the_end(tmp_path, scripted_top1) -> None:
     scripted_top1([50.0, 60.0, 70.0, 99.0])  # the last reaches it: a normal end
-    run(config(tmp_path, stop_at=(("top1", 75.9),)), StandInData())
+    run(config(tmp_path, stop_at=(("top1", 75.9),)), small_data())
     records = read_metrics(tmp_path / "run")
     assert len(records) == 4 and not any("stopped_at" in r for r in records)
 
@@ -147,7 +151,7 @@ def test_a_run_starts_from_init_and_a_resume_does_not_reapply_it(tmp_path, capsy
     torch.save(torchvision.models.resnet18().state_dict(), weights)
     phases = [{**PHASES[0], "epochs": [0, 1], "lr": 0.0}]
     cfg = config(tmp_path, {"init": str(weights), "weight_decay": 0.0}, phases)
-    run(cfg, StandInData())
+    run(cfg, small_data())
     assert "init: fc re-made for 3 classes (weights had 1000)" in capsys.readouterr().err
     saved = load(tmp_path / "run" / "checkpoints" / "final.pt")["model"]
     source = torch.load(weights)
@@ -156,7 +160,7 @@ def test_a_run_starts_from_init_and_a_resume_does_not_reapply_it(tmp_path, capsy
     assert (
         run(
             config(tmp_path, {"init": str(weights), "weight_decay": 0.0}, phases, resume="auto"),
-            StandInData(),
+            small_data(),
         )
         == {}
     )
@@ -164,7 +168,7 @@ def test_a_run_starts_from_init_and_a_resume_does_not_reapply_it(tmp_path, capsy
 
 
 def test_init_from_a_checkpoint_of_another_arch_is_refused(tmp_path) -> None:
-    run(config(tmp_path, phases=[{**PHASES[0], "epochs": [0, 1]}]), StandInData())
+    run(config(tmp_path, phases=[{**PHASES[0], "epochs": [0, 1]}]), small_data())
     final = tmp_path / "run" / "checkpoints" / "final.pt"
     model = build_model(Recipe.from_mapping({"arch": "resnet34"}), 3)
     with pytest.raises(TrainError, match="a checkpoint of resnet18, this run trains resnet34"):
