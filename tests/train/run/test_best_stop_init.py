@@ -19,6 +19,7 @@ from train.run.epochs import EpochLoop
 from train.run.main import run
 from train.run.metrics import read_metrics
 from train.run.report import report
+from train.run.resume import changes_since
 
 PHASES = [{"epochs": [0, 4], "prep_size": 160, "crop_size": 32, "batch_size": 8, "lr": 0.05}]
 
@@ -177,3 +178,19 @@ def test_init_from_a_checkpoint_of_another_arch_is_refused(tmp_path) -> None:
     assert "resnet18 checkpoint, epoch 1" in init_from(same, final, "resnet18")[0]
     for key, value in load(final)["model"].items():  # the model's weights, not the EMA's
         assert torch.equal(same.state_dict()[key], value), key
+
+
+def test_a_missing_init_file_is_refused_before_the_run_directory_is_touched(tmp_path) -> None:
+    cfg = config(tmp_path, {"init": str(tmp_path / "absent.pth")})
+    with pytest.raises(TrainError, match=r"^init: .*absent\.pth: no such weights file$"):
+        run(cfg, small_data())
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_resume_need_not_repeat_init() -> None:
+    """init is read at the start only: a resume without it (or with another) is no change."""
+    recipe = Recipe.from_mapping({"arch": "resnet18"}).to_dict()
+    identity = {"recipe": recipe, "schedule": [], "seed": 0}
+    saved = {**identity, "recipe": {**recipe, "init": "/weights/tv.pth"}}
+    assert changes_since(saved, identity) == []
+    assert changes_since(saved, {**identity, "recipe": {**recipe, "lr_scale": 2}}) != []
