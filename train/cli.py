@@ -220,16 +220,20 @@ def report(
     typer.echo(call(make_report, run_dirs, dict(parse_targets(target)) or None, plot))
 
 
+CHECKPOINT_HELP = "a run directory's best | final | last (default: final.pt, else last.pt)"
+
+
 @app.command()
 def export(
     run_dir: Path = typer.Argument(..., help="run directory (final.pt, else last.pt) or a .pt"),
     out: Path = typer.Option(..., help="where to write the state_dict"),
     ema: bool = typer.Option(False, "--ema", help="export the EMA weights"),
+    checkpoint: Optional[str] = typer.Option(None, help=CHECKPOINT_HELP),
 ) -> None:
     """A state_dict that torchvision's constructor for the arch loads strictly."""
     from train.export import export as run_export
 
-    info = call(run_export, run_dir, out, ema=ema)
+    info = call(run_export, run_dir, out, ema=ema, which=checkpoint)
     typer.echo(
         f"wrote {info['out']}: {info['arch']} ({info['num_classes']} classes, epoch "
         f"{info['epoch']}{', EMA' if info['ema'] else ''}) from {info['source']}"
@@ -239,6 +243,69 @@ def export(
             "note: trained with BlurPool: after load_state_dict, call "
             "train.engine.layers.add_blurpool(model) (no weights) to compute what the run evaluated"
         )
+
+
+@app.command("eval")
+def eval_command(
+    source: Path = typer.Argument(
+        ..., help="run directory, one of its checkpoints, or a torchvision/timm state_dict"
+    ),
+    data: Path = typer.Option(..., help="val shards: D/val-<N>, or D with --prep-size"),
+    checkpoint: Optional[str] = typer.Option(None, help=CHECKPOINT_HELP),
+    arch: Optional[str] = typer.Option(None, help="a state_dict's model: resnet50, timm/<name>"),
+    prep_size: Optional[int] = typer.Option(None, help="read D/val-<N> (default: the run's)"),
+    crop_size: Optional[int] = typer.Option(None, help="(default: the run's, else 224)"),
+    resize_size: Optional[int] = typer.Option(
+        None, help="shorter side before the center crop (default: the run's, else crop / 0.875)"
+    ),
+    rect: Optional[bool] = typer.Option(
+        None, "--rect/--center", help="imagenet18's rect batches (default: the run's)"
+    ),
+    ema: bool = typer.Option(False, "--ema", help="the checkpoint's EMA weights"),
+    flip_tta: bool = typer.Option(False, "--flip-tta", help="average with the flipped image"),
+    batch_size: int = typer.Option(100, help="per GPU"),
+    workers: int = typer.Option(4),
+    device: str = typer.Option("auto", help="auto | cuda | cpu"),
+    precision: str = typer.Option(
+        "auto", help="auto (the run's, else bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16"
+    ),
+    decode: str = typer.Option("cpu", help="cpu | gpu"),
+) -> None:
+    """Top-1/top-5 on validation shards, as ONE JSON line on stdout; torchrun -m train eval
+    for several GPUs (exact: each image counted once)."""
+    import json
+
+    from train.engine.launch import is_main_process
+    from train.evaluate import EvalConfig, evaluate_weights
+    from train.plan.config import DECODERS, DEVICES, PRECISIONS
+
+    for flag, value, allowed in (
+        ("--device", device, DEVICES),
+        ("--precision", precision, PRECISIONS),
+        ("--decode", decode, DECODERS),
+    ):
+        if value not in allowed:
+            fail(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
+    config = EvalConfig(
+        source,
+        data,
+        checkpoint,
+        arch,
+        prep_size,
+        crop_size,
+        resize_size,
+        rect,
+        ema,
+        flip_tta,
+        batch_size,
+        workers,
+        device,
+        precision,
+        decode,
+    )
+    result = call(evaluate_weights, config)
+    if is_main_process():
+        typer.echo(json.dumps(result))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -2,39 +2,23 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-import torch
-
+from train.engine.init_weights import plain_state_dict
 from train.engine.model import create_model
 from train.errors import TrainError, one_line
 from train.run import checkpoint as ckpt
 
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-EMA_ONLY_KEYS = ("n_averaged",)  # AveragedModel's counter, not part of the model
+__all__ = ["export", "plain_state_dict"]
 
 
-def plain_state_dict(state: Mapping[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
-    """Strip wrapper prefixes (any order, any depth) and AveragedModel's counter."""
-    out: OrderedDict[str, torch.Tensor] = OrderedDict()
-    for key, value in state.items():
-        if key in EMA_ONLY_KEYS:
-            continue
-        stripped = True
-        while stripped:
-            stripped = False
-            for prefix in WRAPPER_PREFIXES:
-                if key.startswith(prefix):
-                    key, stripped = key[len(prefix) :], True
-        out[key] = value.detach().cpu().contiguous()
-    return out
-
-
-def export(run_dir: Path, out_path: Path, *, ema: bool = False) -> dict[str, Any]:
-    """Write the model (or its EMA) of a run's final (else last) checkpoint as a state_dict."""
-    path = ckpt.find_for_export(Path(run_dir))
+def export(
+    run_dir: Path, out_path: Path, *, ema: bool = False, which: str | None = None
+) -> dict[str, Any]:
+    """Write the model (or its EMA) of a run's checkpoint as a state_dict: `which` (best,
+    final or last), else final.pt, else last.pt."""
+    path = ckpt.find_for_export(Path(run_dir), which)
     state = ckpt.load(path)
     if ema and state.get("ema") is None:
         raise TrainError(f"{path}: no EMA weights (the run had no ema_decay)")

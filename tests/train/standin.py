@@ -124,7 +124,7 @@ class StandInValLoader:
         self.num_batches = -(-per_rank // batch_size)
         self.batch_size = batch_size
 
-    def set_crop_size(self, crop_size: int) -> None:
+    def set_crop_size(self, crop_size: int, resize_size: int | None = None) -> None:
         self.calls.append(("set_crop_size", crop_size))
         self.crop_size = crop_size
 
@@ -231,6 +231,7 @@ class StandInData:
         rect,
         decode,
         device=None,
+        resize_size=None,  # the stand-in resizes whole images: no center crop to place
     ):
         self.calls.append(("val_loader", dir_name, batch_size, crop_size, rect))
         return StandInValLoader(

@@ -40,7 +40,7 @@ PHASE = {"epochs": [0, 2], "prep_size": 160, "crop_size": 64, "batch_size": 8, "
 def test_subcommands_exist() -> None:
     result = invoke("--help")
     assert result.exit_code == 0
-    for command in ("run", "bench", "bench-loader", "report", "export"):
+    for command in ("run", "bench", "bench-loader", "report", "export", "eval"):
         assert command in result.stdout
 
 
@@ -199,3 +199,26 @@ def test_bench_loader_caps_workers_with_a_warning(built_shards: Path) -> None:
     assert result.exit_code == 0, result.stderr
     assert "--workers 1000 is more than 4 per core" in result.stderr
     assert result.stdout.strip().splitlines()[-1].startswith("img_per_s=")
+
+
+def test_dry_run_shows_evaluations_resize_and_init(tmp_path: Path) -> None:
+    phase = {**PHASE, "epochs": [0, 5], "lr": 0.1, "val_crop_size": 64, "val_resize_size": 80}
+    path = write_phases(tmp_path, [phase])
+    args = ("run", "--phases", path, "--dry-run", "--eval-every", "2", "--init", tmp_path / "w.pth")
+    result = invoke(*args, "--stop-at", "top1=75.9", "--stop-at", "top5=93")
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert (
+        f"init: the model starts from {tmp_path / 'w.pth'} (not on a resume); warning: no such file"
+        in lines
+    )
+    assert (
+        "stop: at the first evaluation with top1 >= 75.9% and top5 >= 93% (final.pt, report)"
+        in (lines)
+    )
+    assert "--stop-at 'top1'" in error_line(invoke(*args, "--stop-at", "top1"))
+    header = next(i for i, line in enumerate(lines) if line.startswith("epoch"))
+    names = lines[header].split()
+    rows = [line.split() for line in lines[header + 1 : header + 6]]
+    assert [row[names.index("val_resize")] for row in rows] == ["80"] * 5
+    assert ["yes" in row for row in rows] == [False, True, False, True, True]  # rect_val: no

@@ -239,8 +239,8 @@ class TrainLoader(_Core):
 
 class ValLoader(_Core):
     """One rank's validation batches (train.data.contract.ValBatches). rect=False: resize the
-    shorter side to crop_size / crop_ratio, center crop; rect=True: imagenet18's aspect-ratio
-    batches."""
+    shorter side to resize_size (default crop_size / crop_ratio), center crop; rect=True:
+    imagenet18's aspect-ratio batches."""
 
     def __init__(
         self,
@@ -253,6 +253,7 @@ class ValLoader(_Core):
         workers: int = 2,
         rect: bool = False,
         crop_ratio: float = 0.875,
+        resize_size: int | None = None,
         decode: str = "cpu",
         device: str | None = None,
         executor: str | None = None,
@@ -269,13 +270,16 @@ class ValLoader(_Core):
             self.batches = center_val_batches(
                 self.num_images, batch_size, rank=rank, world_size=world_size
             )
-        self.set_crop_size(crop_size)
+        self.set_crop_size(crop_size, resize_size)
 
-    def set_crop_size(self, crop_size: int) -> None:
-        """A new validation crop from the next iteration on (same batches, workers and store)."""
+    def set_crop_size(self, crop_size: int, resize_size: int | None = None) -> None:
+        """A new validation crop (and resize before it; None: crop_size / crop_ratio) from the
+        next iteration on (same batches, workers and store)."""
         if crop_size < 1:
             raise ValueError(f"crop_size must be >= 1, got {crop_size}")
-        self.crop_size = crop_size
+        if resize_size is not None and resize_size < crop_size:
+            raise ValueError(f"resize_size must be >= crop_size {crop_size}, got {resize_size}")
+        self.crop_size, self.resize_size = crop_size, resize_size
 
     @property
     def num_images_on_rank(self) -> int:
@@ -285,4 +289,5 @@ class ValLoader(_Core):
         return len(self.batches)
 
     def plans(self):
-        return val_plans(self.batches, self.crop_size, self.rect, self.crop_ratio)
+        resize_size = self.resize_size or round(self.crop_size / self.crop_ratio)
+        return val_plans(self.batches, self.crop_size, self.rect, resize_size)

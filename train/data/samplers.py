@@ -11,10 +11,10 @@ import numpy as np
 from train.data.crops import (
     CROP_DRAWS,
     TrainCrop,
-    center_crop_box,
     rect_batches,
     rect_crop_box,
     rect_target_size,
+    resize_center_crop_box,
 )
 
 
@@ -289,7 +289,7 @@ class ValPlan:
     batch: ValBatchIndices
     out_size: tuple[int, int]
     rect: bool
-    crop_ratio: float
+    resize_size: int  # center crop: the shorter side is resized to this first (not rect)
 
     def sample_seeds(self) -> None:
         return None  # validation is not augmented
@@ -307,7 +307,9 @@ class ValPlan:
             if self.rect:
                 boxes[slot] = rect_crop_box(height, width, out_height, out_width)
             else:
-                boxes[slot] = center_crop_box(height, width, out_height, self.crop_ratio)
+                boxes[slot] = resize_center_crop_box(
+                    height, width, self.resize_size, out_height, out_width
+                )
         return boxes, np.zeros(len(boxes), dtype=bool)
 
 
@@ -324,9 +326,9 @@ def train_plans(
         yield TrainPlan(batch, crop, seed, color_jitter, random_erasing)
 
 
-def val_plans(batches: list[ValBatchIndices], crop_size: int, rect: bool, crop_ratio: float):
+def val_plans(batches: list[ValBatchIndices], crop_size: int, rect: bool, resize_size: int):
     for batch in batches:
         out_size = (
             rect_target_size(crop_size, batch.aspect_ratio) if rect else (crop_size, crop_size)
         )
-        yield ValPlan(batch, out_size, rect, crop_ratio)
+        yield ValPlan(batch, out_size, rect, resize_size)

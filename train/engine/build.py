@@ -30,14 +30,25 @@ def configure_torch(config: RunConfig, device: torch.device) -> None:
 
 
 def build_trainer(
-    config: RunConfig, recipe: Recipe, env: DistEnv, num_classes: int, precision: str
+    config: RunConfig,
+    recipe: Recipe,
+    env: DistEnv,
+    num_classes: int,
+    precision: str,
+    apply_init: bool = True,
 ) -> ModelStep:
-    """Model (same initial weights on every rank), EMA, optimizer, scaler, DDP, compile."""
+    """Model (same initial weights on every rank), EMA, optimizer, scaler, DDP, compile.
+    apply_init=False (a resume) leaves the recipe's "init" weights out: the checkpoint wins."""
     torch.manual_seed(config.seed)
     random.seed(config.seed)  # nothing draws from it; seeded, its saved state is the same too
     module = build_model(recipe, num_classes)
     for note in model_notes(recipe, module):
         say(note)
+    if recipe.init and apply_init:  # before EMA and DDP: both start from these weights
+        from train.engine.init_weights import init_from
+
+        for note in init_from(module, recipe.init, recipe.arch):
+            say(note)
     if config.sync_bn:
         if env.device.type != "cuda":
             raise TrainError("--sync-bn needs CUDA (torch's SyncBatchNorm is GPU-only)")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 from train.plan.config import Recipe, RunConfig
+from train.plan.evals import evaluates_after
 from train.plan.phases import LoadedSchedule
 from train.plan.rebuilds import loader_changes, loader_settings
 from train.plan.schedule import Schedule
@@ -28,11 +30,13 @@ class EpochRow:
     lr_shape: str
     val_dir_name: str
     val_crop_size: int
+    val_resize_size: int  # center crop only (rect_val ignores it)
     rect_val: bool
+    evaluates: bool  # an evaluation after this epoch (eval_every, eval_offset, the last)
     loaders: str  # LoaderChanges.describe() for this epoch
 
 
-def epoch_rows(schedule: Schedule) -> list[EpochRow]:
+def epoch_rows(schedule: Schedule, eval_every: int = 1, eval_offset: int = 0) -> list[EpochRow]:
     """One row per epoch, for `train run --dry-run`."""
     rows = []
     for epoch in range(schedule.num_epochs):
@@ -54,7 +58,9 @@ def epoch_rows(schedule: Schedule) -> list[EpochRow]:
                 lr_shape=phase.lr_shape,
                 val_dir_name=settings.val_dir_name,
                 val_crop_size=settings.val_crop_size,
+                val_resize_size=settings.val_resize_size,
                 rect_val=settings.rect_val,
+                evaluates=evaluates_after(epoch, schedule.num_epochs, eval_every, eval_offset),
                 loaders=loader_changes(schedule, epoch).describe(),
             )
         )
@@ -78,7 +84,9 @@ def format_table(rows: Sequence[EpochRow]) -> str:
         "lr_shape",
         "val_dir",
         "val_crop",
+        "val_resize",
         "rect_val",
+        "eval",
         "loaders",
     )
     body = [
@@ -93,13 +101,15 @@ def format_table(rows: Sequence[EpochRow]) -> str:
             r.lr_shape,
             r.val_dir_name,
             str(r.val_crop_size),
+            "-" if r.rect_val else str(r.val_resize_size),
             "yes" if r.rect_val else "no",
+            "yes" if r.evaluates else "",
             r.loaders,
         )
         for r in rows
     ]
     widths = [max(len(row[c]) for row in [header, *body]) for c in range(len(header))]
-    text_columns = {2, 6, 7, 8, 11}
+    text_columns = {2, 6, 7, 8, 13}
     lines = []
     for row in [header, *body]:
         cells = [
@@ -128,5 +138,12 @@ def dry_run_text(
         lines.append(f"note: {loaded.note}")
     if classes is not None:
         lines.append(f"shards: all present under {config.data_dir} ({len(classes)} classes)")
-    lines += ["", format_table(epoch_rows(schedule))]
+    if recipe.init:
+        missing = "" if Path(recipe.init).is_file() else "; warning: no such file"
+        lines.append(f"init: the model starts from {recipe.init} (not on a resume){missing}")
+    if config.stop_at:
+        reach = " and ".join(f"{metric} >= {percent:g}%" for metric, percent in config.stop_at)
+        lines.append(f"stop: at the first evaluation with {reach} (final.pt, report)")
+    rows = epoch_rows(schedule, recipe.eval_every, recipe.eval_offset)
+    lines += ["", format_table(rows)]
     return "\n".join(lines)

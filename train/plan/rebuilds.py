@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from train.plan.schedule import Schedule, ShardDirs
+from train.plan.schedule import Phase, Schedule, ShardDirs
+
+DEFAULT_VAL_CROP_RATIO = 0.875  # val_crop_size / val_resize_size where a phase sets no resize
 
 # A change in TRAIN_/VAL_LOADER_FIELDS rebuilds that loader (new shards, new batch sampler);
 # a change in IN_PLACE_FIELDS alone is applied to the live loader (`set_crop`,
@@ -12,7 +14,7 @@ from train.plan.schedule import Schedule, ShardDirs
 # batch_size, and rect_val needs a different sampler.
 TRAIN_LOADER_FIELDS = ("prep_size", "batch_size")
 VAL_LOADER_FIELDS = ("val_prep_size", "rect_val", "batch_size")
-IN_PLACE_FIELDS = ("crop_size", "min_scale", "val_crop_size")
+IN_PLACE_FIELDS = ("crop_size", "min_scale", "val_crop_size", "val_resize_size")
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,7 @@ class LoaderSettings(ShardDirs):
     rect_val: bool
     val_prep_size: int
     val_crop_size: int
+    val_resize_size: int  # resolved: the phase's, else val_crop_size / DEFAULT_VAL_CROP_RATIO
 
 
 LOADER_KEYS = tuple(f.name for f in fields(LoaderSettings))
@@ -56,6 +59,7 @@ class LoaderChanges:
             "crop_size": not self.rebuild_train,
             "min_scale": not self.rebuild_train,
             "val_crop_size": not self.rebuild_val,
+            "val_resize_size": not self.rebuild_val,
         }
         return tuple(k for k in self.changed if k in IN_PLACE_FIELDS and kept[k])
 
@@ -73,6 +77,11 @@ class LoaderChanges:
         return "; ".join(parts)
 
 
+def val_resize_size(p: Phase) -> int:
+    """The shorter side the validation image is resized to before its center crop."""
+    return p.val_resize_size or round(p.val_crop_size / DEFAULT_VAL_CROP_RATIO)
+
+
 def loader_settings(schedule: Schedule, epoch: int) -> LoaderSettings:
     p = schedule.phase_at(epoch)
     return LoaderSettings(
@@ -83,6 +92,7 @@ def loader_settings(schedule: Schedule, epoch: int) -> LoaderSettings:
         p.rect_val,
         p.val_prep_size,
         p.val_crop_size,
+        val_resize_size(p),
     )
 
 

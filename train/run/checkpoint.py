@@ -20,6 +20,8 @@ CHECKPOINT_VERSION = 2  # 2: phases gained lr_shape, accum_steps, crop_multiple
 CHECKPOINTS_DIR = "checkpoints"
 LAST_NAME = "last.pt"
 FINAL_NAME = "final.pt"
+BEST_NAME = "best.pt"  # the evaluation with the highest top-1 of the model (not the EMA)
+CHECKPOINT_CHOICES = {"final": FINAL_NAME, "last": LAST_NAME, "best": BEST_NAME}
 
 
 def checkpoint_dir(out_dir: Path) -> Path:
@@ -106,16 +108,24 @@ def _unpickler_reason(exc: pickle.UnpicklingError) -> str:
     return (detail[0] if detail else lines[0] if lines else "UnpicklingError")[:200]
 
 
-def find_for_export(run_dir: Path) -> Path:
-    """final.pt when the run finished, else last.pt; a .pt path is taken as it is."""
+def find_for_export(run_dir: Path, which: str | None = None) -> Path:
+    """A run's checkpoints/<which>.pt (best, final or last); without `which`, final.pt when the
+    run finished, else last.pt. A .pt path is taken as it is."""
     run_dir = Path(run_dir)
     if run_dir.is_file():
         return run_dir
-    for name in (FINAL_NAME, LAST_NAME):
+    if which is not None and which not in CHECKPOINT_CHOICES:
+        raise CheckpointError(
+            f"--checkpoint {which!r}: expected one of {', '.join(CHECKPOINT_CHOICES)}"
+        )
+    names = [CHECKPOINT_CHOICES[which]] if which else [FINAL_NAME, LAST_NAME]
+    for name in names:
         path = checkpoint_dir(run_dir) / name
         if path.is_file():
             return path
-    raise CheckpointError(f"{run_dir}: no checkpoints/{FINAL_NAME} or checkpoints/{LAST_NAME}")
+    if not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir}: no such run directory or checkpoint file")
+    raise CheckpointError(f"{run_dir}: no {' or '.join(f'{CHECKPOINTS_DIR}/{n}' for n in names)}")
 
 
 def rng_state() -> dict[str, Any]:
@@ -197,14 +207,17 @@ def last_kept(out_dir: Path) -> str:
     )
 
 
-def save_run(saved: dict[str, Any], out_dir: Path, final: bool) -> None:
-    """last.pt (and final.pt at the end); a failed write (full disk, read-only --out) is one
-    line, the previous last.pt kept whole (save_atomic replaces it only when complete)."""
+def save_run(saved: dict[str, Any], out_dir: Path, final: bool, best: bool = False) -> None:
+    """last.pt (and final.pt at the end, best.pt at a new best top-1); a failed write (full
+    disk, read-only --out) is one line, the previous last.pt kept whole (save_atomic replaces
+    it only when complete)."""
     directory = checkpoint_dir(out_dir)
     try:
         save_atomic(saved, directory / LAST_NAME)
         if final:
             save_atomic(saved, directory / FINAL_NAME)
+        if best:
+            save_atomic(saved, directory / BEST_NAME)
     except (OSError, RuntimeError) as exc:  # torch's zip writer wraps some OSErrors
         raise TrainError(
             f"cannot save a checkpoint in {directory} ({write_reason(exc)}); {last_kept(out_dir)}"

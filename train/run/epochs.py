@@ -19,6 +19,7 @@ from train.engine.loop import EvalSums, SyncPoint, TrainState, evaluate, train_s
 from train.engine.step import resolve_precision
 from train.errors import Interrupted, TrainError
 from train.plan.config import Recipe, RunConfig
+from train.plan.evals import evaluates_after, is_new_best, stop_reached
 from train.plan.phases import LoadedSchedule
 from train.plan.rebuilds import loader_settings
 from train.plan.schedule import Schedule
@@ -65,7 +66,9 @@ class EpochLoop:
                     f"{self.out_dir}: removed the old run's {', '.join(cleared)} "
                     f"({'--overwrite' if config.overwrite else 'nothing trained to resume'})"
                 )
-        self.trainer = build_trainer(config, recipe, env, num_classes, self.precision)
+        self.trainer = build_trainer(
+            config, recipe, env, num_classes, self.precision, apply_init=resume_from is None
+        )
         self.identity = {
             "arch": recipe.arch,
             "num_classes": num_classes,
@@ -151,13 +154,22 @@ class EpochLoop:
         rank_zero_agreed(self.env, lambda: self.write_outputs(final, record))
 
     def write_outputs(self, final: bool, record: dict[str, Any] | None) -> None:
+        best = False
         try:
             if record is not None:
+                # metrics.jsonl holds this run's earlier epochs (a resume dropped later ones)
+                best = is_new_best(self.earlier_records(), record)
                 self.log.epoch(record)
         except TrainError as exc:  # the metrics line (train.run.metrics says which file)
             raise TrainError(f"{exc}; {self.kept()}") from None
         saved = ckpt.capture(self.state, self.trainer, self.identity, self.elapsed_now())
-        ckpt.save_run(saved, self.out_dir, final)
+        ckpt.save_run(saved, self.out_dir, final, best=best)
+
+    def earlier_records(self) -> list[dict[str, Any]]:
+        try:
+            return read_metrics(self.out_dir)
+        except FileNotFoundError:  # the first epoch's record is not written yet
+            return []
 
     def release(self) -> None:  # the DDP model must go before its process group (dist.shutdown)
         self.trainer = None
@@ -183,7 +195,11 @@ class EpochLoop:
             while state.epoch < schedule.num_epochs:
                 records.append(self.train_epoch())
                 state.next_epoch()
-                self.save(final=state.epoch == schedule.num_epochs, record=records[-1])
+                stopped = "stopped_at" in records[-1]  # the same on every rank (all-reduced)
+                self.save(final=state.epoch == schedule.num_epochs or stopped, record=records[-1])
+                if stopped:
+                    self.log.event(self.stopped_text(records[-1]))
+                    break
                 flag = torch.tensor([float(self.stop.requested)], device=self.env.device)
                 if state.epoch < schedule.num_epochs and all_reduce_max(self.env, flag).item():
                     raise Interrupted(
@@ -285,7 +301,8 @@ class EpochLoop:
         epoch, state = self.state.epoch, self.state
         last_epoch = epoch == self.schedule.num_epochs - 1
         top: dict[str, Any] = {"top1": None, "top5": None, "val_images": None}
-        if last_epoch or (epoch + 1) % self.recipe.eval_every == 0:
+        recipe = self.recipe
+        if evaluates_after(epoch, self.schedule.num_epochs, recipe.eval_every, recipe.eval_offset):
             started = now()
             flip = self.recipe.val_flip_tta and last_epoch
             top = self.evaluate(self.trainer.module, flip) | {"flip_tta": flip}
@@ -295,6 +312,8 @@ class EpochLoop:
             state.eval_s += now() - started
         phase, world_size = self.schedule.phases[phase_index], self.env.world_size
         record = epoch_record(state, self.elapsed_now(), top, lr, phase_index, phase, world_size)
+        if not last_epoch and stop_reached(record, self.config.stop_at):
+            record["stopped_at"] = dict(self.config.stop_at)
         if record["top1"] is not None:
             say(
                 f"epoch {epoch}: top-1 {record['top1']:.2f}%  top-5 {record['top5']:.2f}%  "
@@ -302,6 +321,12 @@ class EpochLoop:
                 f"data-wait {100 * record['data_wait']:.0f}%  {record['hours']:.4f} h"
             )
         return record
+
+    def stopped_text(self, record: dict[str, Any]) -> str:
+        reached = ", ".join(f"{m} {record[m]:.2f}% >= {v:g}%" for m, v in self.config.stop_at)
+        text = f"Stopped early after epoch {record['epoch']} (--stop-at): {reached}"
+        say(text)
+        return text
 
     def evaluate(self, module: nn.Module, flip: bool) -> dict[str, Any]:
         dist.broadcast_buffers(self.env, module)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import traceback
+from pathlib import Path
 from typing import Any
 
 from train.engine.launch import launch_world_size, processes_per_node, say
@@ -77,6 +78,9 @@ def run(config: RunConfig, data: DataSource | None = None) -> dict[str, Any]:
         raise TrainError("--data is required (the directory holding train-<N>/ and val-<N>/)")
     classes = check_shards(world.schedule, data, world_size)
     check_recipe_model(config, planned, recipe, len(classes))
+    if recipe.init and config.resume is None and not Path(recipe.init).is_file():
+        # A fresh start reads it; fail here, before the process group and --overwrite.
+        raise TrainError(f"init: {recipe.init}: no such weights file")
     if config.tensorboard:
         tensorboard_writer()
     from train.engine.dist import init_distributed, shutdown  # torch: after the cheap checks

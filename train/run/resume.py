@@ -67,11 +67,9 @@ def resume_path(out_dir: Path, resume: str | None, overwrite: bool = False) -> P
 RESULT_SCALARS = ("seed", "precision", "sync_bn")
 
 
-REPORTING_ONLY = (
-    "targets",
-    "eval_every",
-    "eval_offset",
-)  # recipe keys that change no number the run computes
+# Recipe keys a resume need not match: they change no number the run computes from here on
+# (init is read only at the start; a resume continues from the checkpoint's weights).
+REPORTING_ONLY = ("targets", "eval_every", "eval_offset", "init")
 
 
 def changes_since(saved: dict[str, Any], identity: dict[str, Any]) -> list[str]:

@@ -59,6 +59,7 @@ class DataSource(Protocol):
         rect: bool,
         decode: str,
         device: str | None,
+        resize_size: int | None = None,
     ) -> ValBatches: ...
 
     def prefetcher(
@@ -108,7 +109,18 @@ class ShardData:
         )
 
     def val_loader(
-        self, dir_name, batch_size, crop_size, *, rank, world_size, workers, rect, decode, device
+        self,
+        dir_name,
+        batch_size,
+        crop_size,
+        *,
+        rank,
+        world_size,
+        workers,
+        rect,
+        decode,
+        device,
+        resize_size=None,
     ):
         from train.data.loaders import ValLoader
 
@@ -122,6 +134,7 @@ class ShardData:
             rect=rect,
             decode=decode,
             device=device,
+            resize_size=resize_size,
         )
 
     def prefetcher(self, loader, device, channels_last):
@@ -246,9 +259,10 @@ class LiveLoaders:
                 rect=settings.rect_val,
                 decode=cfg.decode,
                 device=device,
+                resize_size=settings.val_resize_size,
             )
-        elif "val_crop_size" in changes.in_place:
-            self.val.set_crop_size(settings.val_crop_size)
+        elif {"val_crop_size", "val_resize_size"} & set(changes.in_place):
+            self.val.set_crop_size(settings.val_crop_size, settings.val_resize_size)
         return self.train, events
 
     def _close_train(self) -> None:

@@ -59,6 +59,7 @@ ACTIONS = {
     "crop_size": "set_crop",
     "min_scale": "set_crop",
     "val_crop_size": "set_crop_size",
+    "val_resize_size": "set_crop_size",
 }
 
 

@@ -201,7 +201,8 @@ def test_loader_changes() -> None:
     assert not loader_changes(schedule, 1).rebuild_train
     crop = loader_changes(schedule, 2)
     assert not crop.rebuild_train and not crop.rebuild_val
-    assert crop.in_place == ("crop_size", "min_scale", "val_crop_size")
+    # the val crop moved, and with it the default resize (crop / 0.875)
+    assert crop.in_place == ("crop_size", "min_scale", "val_crop_size", "val_resize_size")
     batch = loader_changes(schedule, 4)
     assert batch.changed == ("batch_size",) and batch.rebuild_train and batch.rebuild_val
     shards = loader_changes(schedule, 5)

@@ -116,7 +116,11 @@ def test_smoke_run_writes_metrics_config_and_event_log(smoke_run) -> None:
     event_log = (run_dir / "event.log").read_text()
     assert event_log.startswith("~~epoch\thours\ttop1\ttop5")
     assert event_log.count("Dataset changed.") == 2 and "~~1\t" in event_log
-    assert {p.name for p in (run_dir / "checkpoints").iterdir()} == {"last.pt", "final.pt"}
+    assert {p.name for p in (run_dir / "checkpoints").iterdir()} == {
+        "last.pt",
+        "final.pt",
+        "best.pt",
+    }
 
 
 def test_report_prints_time_to_accuracy(smoke_run, tmp_path: Path) -> None:

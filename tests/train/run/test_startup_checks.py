@@ -42,7 +42,7 @@ def error_line(*args) -> str:
         (["--seed", str(2**32)], "--seed must be <= 4294967295"),
         (["--full-prep-size", "0"], "--full-prep-size must be a positive integer"),
         (["--threads", "0"], "--threads must be a positive integer"),
-        (["--eval-every", "0"], "--eval-every must be a positive integer"),
+        (["--eval-every", "0"], "recipe key 'eval_every': must be a positive integer, got 0"),
         (["--checkpoint-every-steps", "-1"], "--checkpoint-every-steps must be >= 0"),
         (["--workers", "-3"], "--workers must be >= 0"),
         (["--precision", "fp8"], "--precision must be one of auto, fp32, bf16, fp16, got 'fp8'"),
