@@ -42,6 +42,7 @@ class BatchWork:
     labels: torch.Tensor
     images: np.ndarray | None  # (N, H, W, 3); None for decode="gpu"
     num_chunks: int
+    device_ops: object | None  # the prefetcher's share (train.data.device_ops), drawn here
 
 
 def allocate_images(num_images: int, height: int, width: int, pin: bool) -> torch.Tensor:
@@ -84,12 +85,12 @@ class BatchBuilder:
         indices = plan.batch.indices
         boxes, flips = plan.boxes_and_flips(self.records.heights, self.records.widths)
         labels = torch.from_numpy(self.records.labels[indices])
+        ops = plan.device_ops()  # in a worker thread, not the consumer's
         if self.decode == "gpu":
-            return BatchWork(number, plan, indices, boxes, flips, labels, None, 1)
+            return BatchWork(number, plan, indices, boxes, flips, labels, None, 1, ops)
         images = ring.images(number, len(indices), *plan.out_size)
-        return BatchWork(
-            number, plan, indices, boxes, flips, labels, images, -(-len(indices) // CHUNK_IMAGES)
-        )
+        chunks = -(-len(indices) // CHUNK_IMAGES)
+        return BatchWork(number, plan, indices, boxes, flips, labels, images, chunks, ops)
 
     def fill(self, work: BatchWork, chunk: int) -> None:
         if self.decode == "gpu":
@@ -101,7 +102,7 @@ class BatchBuilder:
                 work.plan.out_size,
                 work.labels,
                 work.plan.sample_seeds(),
-                work.plan.device_ops(),
+                work.device_ops,
             )
             return
         start = chunk * CHUNK_IMAGES
@@ -123,7 +124,8 @@ class BatchBuilder:
         if self.augment is not None:
             with one_intra_op_thread():
                 self.augment(images, work.plan.sample_seeds())
-        return with_device_ops((images, work.labels), work.plan)
+        batch = images, work.labels
+        return batch if work.device_ops is None else (*batch, work.device_ops)
 
     def decode_into(
         self, images: np.ndarray, indices: np.ndarray, boxes: np.ndarray, flips: np.ndarray
