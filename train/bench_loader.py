@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import time
@@ -10,6 +11,7 @@ from pathlib import Path
 import torch
 
 from formats import jpeg
+from train.data.augment import Augmentation
 from train.data.crops import TrainCrop
 from train.data.loaders import TrainLoader, ValLoader
 from train.engine.launch import say
@@ -73,18 +75,23 @@ def capped_workers(workers: int) -> int:
     return min(workers, cap)
 
 
-def _batches_forever(loader):
+def _batches_forever(loader, prefetch: bool):
+    from train.data.prefetch import DevicePrefetcher
+
+    source = DevicePrefetcher(loader, torch.device("cpu")) if prefetch else loader
     epoch = 0
     while True:
         if isinstance(loader, TrainLoader):
             loader.set_epoch(epoch)
-        yield from loader
+        yield from source
         epoch += 1
 
 
-def timed_batches(loader, num_batches: int, warmup_batches: int, decode: str):
+def timed_batches(
+    loader, num_batches: int, warmup_batches: int, decode: str, prefetch: bool = False
+):
     """(images, seconds, memory trace) of `num_batches` batches after the warm-up ones."""
-    batches = _batches_forever(loader)
+    batches = _batches_forever(loader, prefetch)
     for _ in range(warmup_batches):
         next(batches)
     pids = loader.worker_pids() or [os.getpid()]  # 0 workers: the main process decodes
@@ -116,6 +123,19 @@ def memory_fields(trace: list) -> dict:
     }
 
 
+def check_bench_augment(augment: Augmentation, val: bool, prefetch: bool) -> None:
+    """The recipe's range checks (train.plan.config) plus what only the benchmark can get wrong."""
+    from train.errors import RecipeError
+    from train.plan.config import Recipe
+
+    try:
+        Recipe(**dataclasses.asdict(augment)).check()
+    except RecipeError as exc:
+        raise TrainError(f"bench-loader: {exc}") from None
+    if val and augment != Augmentation():
+        raise TrainError("bench-loader: augmentations apply to training batches: drop --val")
+
+
 def bench_loader(
     data_dir: Path,
     crop_size: int,
@@ -128,13 +148,18 @@ def bench_loader(
     rect: bool = False,
     warmup_batches: int = 5,
     min_scale: float = 0.08,
+    augment: Augmentation = Augmentation(),
+    prefetch: bool = False,
 ) -> dict:
-    """img/s of `num_batches` batches after `warmup_batches`, worker memory at start and end."""
+    """img/s of `num_batches` batches after `warmup_batches`, worker memory at start and end;
+    `prefetch`: through train.data.prefetch on the CPU (normalised float batches; ColorJitter
+    and random erasing run there)."""
     if num_batches < 1 or warmup_batches < 0:
         raise TrainError(
             f"bench-loader: need --batches >= 1 and --warmup >= 0, got {num_batches} "
             f"and {warmup_batches}"
         )
+    check_bench_augment(augment, val, prefetch)
     workers = capped_workers(workers)
     try:
         if val:
@@ -148,11 +173,14 @@ def bench_loader(
                 TrainCrop(crop_size, min_scale),
                 workers=workers,
                 decode=decode,
+                **augment.loader_kwargs(),
             )
     except ValueError as exc:  # the loaders' argument checks: one line at the CLI, as train run's
         raise TrainError(f"bench-loader: {exc}") from None
     try:
-        images, seconds, trace = timed_batches(loader, num_batches, warmup_batches, decode)
+        images, seconds, trace = timed_batches(
+            loader, num_batches, warmup_batches, decode, prefetch
+        )
     finally:
         loader.close()
     img_per_s = images / max(seconds, 1e-9)
@@ -172,6 +200,9 @@ def bench_loader(
         "val": val,
         "rect": rect,
         "min_scale": min_scale,
+        "prefetch": prefetch,
+        "executor": loader.executor,
+        **dataclasses.asdict(augment),
         "data_dir": str(data_dir),
         "machine": machine_description(),
     }

@@ -167,9 +167,23 @@ def bench_loader(
     rect: bool = typer.Option(False, "--rect", help="rect validation batches (with --val)"),
     warmup: int = typer.Option(5, help="untimed batches first"),
     min_scale: float = typer.Option(0.08),
+    color_jitter: float = typer.Option(
+        0.0, help="recipe's color_jitter (drawn in the workers, applied with --prefetch)"
+    ),
+    random_erasing: float = typer.Option(
+        0.0, help="recipe's random_erasing (drawn in the workers, applied with --prefetch)"
+    ),
+    repeat_aug: int = typer.Option(1, help="recipe's repeat_aug"),
+    auto_augment: Optional[str] = typer.Option(None, help="recipe's auto_augment policy"),
+    prefetch: bool = typer.Option(
+        False,
+        "--prefetch",
+        help="also run train.data.prefetch on the CPU (normalise; ColorJitter, random erasing)",
+    ),
 ) -> None:
     """Loader throughput alone; the LAST line is machine-readable: img_per_s=<float>."""
     from train.bench_loader import bench_loader as run_bench
+    from train.data.augment import Augmentation
 
     result = call(
         run_bench,
@@ -183,6 +197,8 @@ def bench_loader(
         rect=rect,
         warmup_batches=warmup,
         min_scale=min_scale,
+        augment=Augmentation(auto_augment, color_jitter, random_erasing, repeat_aug),
+        prefetch=prefetch,
     )
     for key, value in result.items():
         if key != "img_per_s":

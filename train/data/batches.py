@@ -42,6 +42,7 @@ class BatchWork:
     labels: torch.Tensor
     images: np.ndarray | None  # (N, H, W, 3); None for decode="gpu"
     num_chunks: int
+    device_ops: object | None  # the prefetcher's share (train.data.device_ops), drawn here
 
 
 def allocate_images(num_images: int, height: int, width: int, pin: bool) -> torch.Tensor:
@@ -84,16 +85,15 @@ class BatchBuilder:
         indices = plan.batch.indices
         boxes, flips = plan.boxes_and_flips(self.records.heights, self.records.widths)
         labels = torch.from_numpy(self.records.labels[indices])
+        ops = plan.device_ops()  # in a worker thread, not the consumer's
         if self.decode == "gpu":
-            return BatchWork(number, plan, indices, boxes, flips, labels, None, 1)
+            return BatchWork(number, plan, indices, boxes, flips, labels, None, 1, ops)
         images = ring.images(number, len(indices), *plan.out_size)
-        return BatchWork(
-            number, plan, indices, boxes, flips, labels, images, -(-len(indices) // CHUNK_IMAGES)
-        )
+        chunks = -(-len(indices) // CHUNK_IMAGES)
+        return BatchWork(number, plan, indices, boxes, flips, labels, images, chunks, ops)
 
     def fill(self, work: BatchWork, chunk: int) -> None:
         if self.decode == "gpu":
-            seeds = work.plan.sample_seeds() if self.augment is not None else None
             work.images = encode_batch(
                 self.records,
                 work.indices,
@@ -101,7 +101,8 @@ class BatchBuilder:
                 work.flips,
                 work.plan.out_size,
                 work.labels,
-                seeds,
+                work.plan.sample_seeds(),
+                work.device_ops,
             )
             return
         start = chunk * CHUNK_IMAGES
@@ -123,7 +124,8 @@ class BatchBuilder:
         if self.augment is not None:
             with one_intra_op_thread():
                 self.augment(images, work.plan.sample_seeds())
-        return images, work.labels
+        batch = images, work.labels
+        return batch if work.device_ops is None else (*batch, work.device_ops)
 
     def decode_into(
         self, images: np.ndarray, indices: np.ndarray, boxes: np.ndarray, flips: np.ndarray
@@ -147,8 +149,17 @@ class BatchBuilder:
         labels = torch.from_numpy(records.labels[indices])
         seeds = plan.sample_seeds() if self.augment is not None else None
         try:
-            if self.decode == "gpu":
-                return encode_batch(records, indices, boxes, flips, plan.out_size, labels, seeds)
+            if self.decode == "gpu":  # the loader augments after the decode, on the device
+                return encode_batch(
+                    records,
+                    indices,
+                    boxes,
+                    flips,
+                    plan.out_size,
+                    labels,
+                    plan.sample_seeds(),
+                    plan.device_ops(),
+                )
             images = allocate_images(len(indices), *plan.out_size, pin=self.pin)
             with one_intra_op_thread() if get_worker_info() is None else contextlib.nullcontext():
                 self.decode_into(images.numpy(), indices, boxes, flips)
@@ -157,4 +168,11 @@ class BatchBuilder:
                     self.augment(images, seeds)
         except DatasetError as err:
             return BatchError(str(err))
-        return images, labels
+        return with_device_ops((images, labels), plan)
+
+
+def with_device_ops(batch: tuple, plan) -> tuple:
+    """(images, labels), plus the plan's DeviceOps (ColorJitter, random erasing) when it has
+    any: train.data.prefetch applies them on the device."""
+    ops = plan.device_ops()
+    return batch if ops is None else (*batch, ops)

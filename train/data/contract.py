@@ -8,7 +8,8 @@ import torch
 
 from train.data.crops import TrainCrop
 
-# Per-image augmentation after the crop: augment(images uint8 NCHW, sample seeds), in place
+# Per-image augmentation of the uint8 crops where the batch is made: augment(images uint8 NCHW,
+# keys), in place; keys: the per-sample seeds (train.data.samplers.SampleKeys, a Sequence[int])
 # (train.data.auto_augment.AutoAugment).
 Augment = Callable[[torch.Tensor, Sequence[int]], None]
 
@@ -20,7 +21,9 @@ class TrainBatches(Protocol):
 
     def __len__(self) -> int: ...
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+    # (images, labels), or (images, labels, erase_boxes) with random erasing (the prefetcher
+    # zeroes those boxes of the normalised batch: train.data.erasing)
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]: ...
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None: ...
 

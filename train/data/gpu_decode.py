@@ -26,7 +26,8 @@ class EncodedBatch:
     flips: list[bool]
     out_size: tuple[int, int]
     labels: torch.Tensor
-    sample_seeds: list[int] | None  # per image, for augmentation after the decode
+    sample_seeds: Sequence[int] | None  # per image (SampleKeys), for augmentation after the decode
+    device_ops: object | None  # for the prefetcher (train.data.device_ops.DeviceOps)
 
     def pin_memory(self, device=None):
         return self
@@ -39,7 +40,8 @@ def encode_batch(
     flips: list,
     out_size: tuple[int, int],
     labels: torch.Tensor,
-    sample_seeds: list[int] | None,
+    sample_seeds: Sequence[int] | None,
+    device_ops: object | None = None,
 ) -> EncodedBatch:
     """In a worker: copy the batch's JPEG bytes into one tensor (one transfer, one decode call)."""
     views = [records.view(index) for index in indices.tolist()]
@@ -63,6 +65,7 @@ def encode_batch(
         out_size,
         labels,
         sample_seeds,
+        device_ops,
     )
 
 
@@ -71,8 +74,9 @@ def decode_on_device(
     device: torch.device,
     records: RecordDataset,
     augment: Callable[[torch.Tensor, Sequence[int]], None] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images uint8 NCHW on `device`, labels); a bad image raises a DatasetError naming it."""
+) -> tuple[torch.Tensor, ...]:
+    """(images uint8 NCHW on `device`, labels[, DeviceOps]); a bad image raises a DatasetError
+    naming it. auto_augment runs here, on the device, from the same sample seeds as on the CPU."""
     jpegs = [batch.data[start:end] for start, end in zip(batch.offsets, batch.offsets[1:])]
     try:
         images = decode_crop_batch_gpu(
@@ -82,6 +86,8 @@ def decode_on_device(
         raise records.record_error(int(batch.indices[err.position]), err.reason) from None
     if augment is not None and batch.sample_seeds is not None:
         augment(images, batch.sample_seeds)
+    if batch.device_ops is not None:
+        return images, batch.labels, batch.device_ops
     return images, batch.labels
 
 

@@ -194,13 +194,28 @@ class TrainLoader(_Core):
         device: str | None = None,
         augment: Augment | None = None,
         executor: str | None = None,
+        color_jitter: float = 0.0,
+        random_erasing: float = 0.0,
+        repeat_aug: int = 1,
     ):
+        if not 0 <= random_erasing <= 1:
+            raise ValueError(
+                f"random_erasing must be a probability in [0, 1], got {random_erasing}"
+            )
+        if color_jitter < 0:
+            raise ValueError(f"color_jitter must be >= 0, got {color_jitter}")
         self.setup(dataset_dir, workers, decode, device, augment, executor)
         self.sampler = TrainBatchSampler(
-            self.num_images, batch_size, rank=rank, world_size=world_size, seed=seed
+            self.num_images,
+            batch_size,
+            rank=rank,
+            world_size=world_size,
+            seed=seed,
+            repeat_aug=repeat_aug,
         )
         self.batch_size = batch_size
         self.seed = seed
+        self.color_jitter, self.random_erasing = color_jitter, random_erasing
         self.set_crop(crop)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
@@ -217,7 +232,9 @@ class TrainLoader(_Core):
         return len(self.sampler)
 
     def plans(self):
-        return train_plans(self.sampler, self.crop, self.seed)
+        return train_plans(
+            self.sampler, self.crop, self.seed, self.color_jitter, self.random_erasing
+        )
 
 
 class ValLoader(_Core):

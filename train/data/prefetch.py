@@ -34,7 +34,8 @@ def _mean_and_inv_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]
 
 
 class DevicePrefetcher:
-    """Iterate `loader`'s (images uint8, labels) as (x, labels) on `device`, one batch ahead.
+    """Iterate `loader`'s (images uint8, labels[, DeviceOps]) as (x, labels) on `device`, one
+    batch ahead, with the batch's ColorJitter and random erasing (train.data.device_ops).
 
     `data_wait_seconds` accumulates the time spent blocked on the loader: the time the consumer
     would have computed if data were free (reported beside img/s)."""
@@ -59,19 +60,24 @@ class DevicePrefetcher:
     def _next_on_device(self, batches):
         started = time.perf_counter()
         try:
-            images, labels = next(batches)
+            images, labels, *ops = next(batches)  # ops: train.data.device_ops.DeviceOps
         except StopIteration:
             return None
         finally:
             self.data_wait_seconds += time.perf_counter() - started
         if self._stream is None:
-            return normalize(images.to(self.device), self.dtype, self.channels_last), labels.to(
-                self.device
-            )
+            return self._to_x(images.to(self.device), ops), labels.to(self.device)
         with torch.cuda.stream(self._stream):
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
-            return normalize(images, self.dtype, self.channels_last), labels
+            return self._to_x(images, ops), labels
+
+    def _to_x(self, images: torch.Tensor, ops: list) -> torch.Tensor:
+        """uint8 on the device -> x: ColorJitter on the uint8 batch, normalise, random erasing."""
+        if not ops:
+            return normalize(images, self.dtype, self.channels_last)
+        ops[0].on_uint8(images)
+        return ops[0].on_float(normalize(images, self.dtype, self.channels_last))
 
     def __iter__(self):
         batches = iter(self.loader)

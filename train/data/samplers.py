@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -48,12 +49,24 @@ def sample_uniforms(
 ) -> np.ndarray:
     """(num_samples, num_draws) float64 in [0, 1): the draws of the samples at permutation positions
     first_position, first_position + 1, ... of epoch `epoch`. (more: docs/DESIGN.md)"""
-    if not 0 <= num_draws <= _DRAWS_PER_SAMPLE:
-        raise ValueError(f"num_draws must be in [0, {_DRAWS_PER_SAMPLE}], got {num_draws}")
+    positions = np.arange(first_position, first_position + num_samples, dtype=np.int64)
+    return position_uniforms(seed, epoch, positions, 0, num_draws)
+
+
+def position_uniforms(
+    seed: int, epoch: int, positions: np.ndarray, first_draw: int, num_draws: int
+) -> np.ndarray:
+    """(len(positions), num_draws) float64 in [0, 1): draw slots first_draw .. first_draw +
+    num_draws - 1 of the samples at these permutation positions (sample_uniforms' draws)."""
+    if not (0 <= first_draw and 0 <= num_draws and first_draw + num_draws <= _DRAWS_PER_SAMPLE):
+        raise ValueError(
+            f"draw slots {first_draw}..{first_draw + num_draws - 1} are outside "
+            f"[0, {_DRAWS_PER_SAMPLE})"
+        )
     key = _mix64(((seed & 0xFFFFFFFF) << 32) | (epoch & 0xFFFFFFFF))
-    positions = np.arange(first_position, first_position + num_samples, dtype=np.uint64)
+    positions = np.asarray(positions, dtype=np.int64).astype(np.uint64)
     counters = positions[:, None] * np.uint64(_DRAWS_PER_SAMPLE) + np.arange(
-        num_draws, dtype=np.uint64
+        first_draw, first_draw + num_draws, dtype=np.uint64
     )
     bits = _mix64(counters * np.uint64(_GOLDEN) + np.uint64(key))
     return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
@@ -65,22 +78,63 @@ def sample_seed(seed: int, epoch: int, position: int) -> int:
     return ((seed & 0xFFFFFFFF) << 80) | ((epoch & 0xFFFFFFFF) << 48) | position
 
 
+class SampleKeys(Sequence):
+    """A batch's per-sample randomness, keyed by (seed, epoch, permutation position): as a
+    sequence, each sample's seed (sample_seed, for per-image torch RNGs); `uniforms`, each
+    sample's counter-based draws (for vectorised ops). Any process, any worker count, after any
+    resume: the same keys give the same draws."""
+
+    def __init__(self, seed: int, epoch: int, positions: np.ndarray) -> None:
+        self.seed, self.epoch = seed, epoch
+        self.positions = np.asarray(positions, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, slot):
+        if isinstance(slot, slice):
+            return SampleKeys(self.seed, self.epoch, self.positions[slot])
+        return sample_seed(self.seed, self.epoch, int(self.positions[slot]))
+
+    def uniforms(self, first_draw: int, num_draws: int) -> np.ndarray:
+        return position_uniforms(self.seed, self.epoch, self.positions, first_draw, num_draws)
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainBatchIndices:
-    """One rank's batch: record indices, and the permutation position of the first of them
-    (sample i sits at `first_position + i`)."""
+    """One rank's batch: record indices, and the permutation position of each of them."""
 
     epoch: int
     batch: int  # index of this batch within the rank's epoch
     indices: np.ndarray  # int64 record indices
-    first_position: int
+    first_position: int  # of sample 0
+    positions: np.ndarray  # int64, sample i's; first_position + i unless repeat_aug > 1
+
+
+def repeated_records(permutation: np.ndarray, repeat_aug: int) -> np.ndarray:
+    """Record at each position of a repeated-augmentation epoch: every record of `permutation`
+    `repeat_aug` times in a row, cut to the epoch length len(permutation) (DeiT's RASampler
+    keeps the epoch length too): a function of (seed, epoch, repeat_aug, num_images) only."""
+    return np.repeat(permutation, repeat_aug)[: len(permutation)]
 
 
 class TrainBatchSampler:
-    """This rank's batches of one epoch, seeded per epoch, resumable inside it."""
+    """This rank's batches of one epoch, seeded per epoch, resumable inside it.
+
+    Global micro-batch b holds positions [b*W*B, (b+1)*W*B) of the epoch's order. With
+    repeat_aug 1, rank r takes a contiguous slice of it; with repeat_aug N > 1 the order holds
+    each record N times in a row and rank r takes every W-th position from b*W*B + r, so a
+    record's copies go to different ranks when W >= N (docs/DESIGN.md, repeated augmentation)."""
 
     def __init__(
-        self, num_images: int, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0
+        self,
+        num_images: int,
+        batch_size: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        repeat_aug: int = 1,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -92,11 +146,14 @@ class TrainBatchSampler:
             raise ValueError(
                 f"{num_images} images fill no global batch of {batch_size} x {world_size} ranks"
             )
+        if repeat_aug < 1:
+            raise ValueError(f"repeat_aug must be >= 1, got {repeat_aug}")
         self.num_images = num_images
         self.batch_size = batch_size
         self.rank = rank
         self.world_size = world_size
         self.seed = seed
+        self.repeat_aug = repeat_aug
         self.epoch = 0
         self.start_batch = 0
         self._cached: tuple[int, np.ndarray] | None = None
@@ -112,14 +169,24 @@ class TrainBatchSampler:
         self.epoch, self.start_batch = epoch, start_batch
 
     def permutation(self) -> np.ndarray:
+        """The record at each position of the epoch."""
         if self._cached is None or self._cached[0] != self.epoch:
-            self._cached = (self.epoch, epoch_permutation(self.num_images, self.seed, self.epoch))
+            order = epoch_permutation(self.num_images, self.seed, self.epoch)
+            self._cached = (self.epoch, repeated_records(order, self.repeat_aug))
         return self._cached[1]
 
+    def batch_positions(self, batch: int) -> np.ndarray:
+        global_first = batch * self.world_size * self.batch_size
+        if self.repeat_aug == 1:  # today's contiguous slices: the same order and draws as before
+            first = global_first + self.rank * self.batch_size
+            return np.arange(first, first + self.batch_size, dtype=np.int64)
+        first = global_first + self.rank
+        return first + self.world_size * np.arange(self.batch_size, dtype=np.int64)
+
     def batch_indices(self, batch: int) -> TrainBatchIndices:
-        first_position = (batch * self.world_size + self.rank) * self.batch_size
-        indices = self.permutation()[first_position : first_position + self.batch_size]
-        return TrainBatchIndices(self.epoch, batch, indices, first_position)
+        positions = self.batch_positions(batch)
+        indices = self.permutation()[positions]
+        return TrainBatchIndices(self.epoch, batch, indices, int(positions[0]), positions)
 
     def __iter__(self):
         for batch in range(self.start_batch, len(self)):
@@ -179,27 +246,42 @@ class TrainPlan:
     batch: TrainBatchIndices
     crop: TrainCrop
     seed: int
+    color_jitter: float = 0.0  # strength
+    random_erasing: float = 0.0  # probability per image
 
     @property
     def out_size(self) -> tuple[int, int]:
         return self.crop.crop_size, self.crop.crop_size
 
-    def sample_seeds(self) -> list[int]:
-        first, epoch = self.batch.first_position, self.batch.epoch
-        return [
-            sample_seed(self.seed, epoch, first + slot) for slot in range(len(self.batch.indices))
-        ]
+    def sample_seeds(self) -> SampleKeys:
+        return SampleKeys(self.seed, self.batch.epoch, self.batch.positions)
 
     def boxes_and_flips(
         self, heights: np.ndarray, widths: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
         """(N, 4) int64 crop boxes and (N,) bool flips, each sample's from its own draws."""
-        indices, batch = self.batch.indices, self.batch
-        uniforms = sample_uniforms(
-            self.seed, batch.epoch, batch.first_position, len(indices), CROP_DRAWS + 1
-        )
+        indices = self.batch.indices
+        uniforms = self.sample_seeds().uniforms(0, CROP_DRAWS + 1)
         boxes = self.crop.boxes(heights[indices], widths[indices], uniforms[:, :CROP_DRAWS])
         return boxes, uniforms[:, CROP_DRAWS] < 0.5
+
+    def device_ops(self):
+        """The prefetcher's share of the augmentation (train.data.device_ops.DeviceOps): each
+        sample's ColorJitter factors and order, random-erasing box; None when both are off."""
+        if not (self.color_jitter or self.random_erasing):
+            return None
+        from train.data.color import JITTER_DRAWS, JITTER_FIRST_DRAW, jitter_factors
+        from train.data.device_ops import DeviceOps
+        from train.data.erasing import ERASE_DRAWS, ERASE_FIRST_DRAW, erase_boxes
+
+        keys, ops = self.sample_seeds(), DeviceOps()
+        if self.color_jitter:
+            uniforms = keys.uniforms(JITTER_FIRST_DRAW, JITTER_DRAWS)
+            ops.jitter_factors, ops.jitter_orders = jitter_factors(self.color_jitter, uniforms)
+        if self.random_erasing:
+            uniforms = keys.uniforms(ERASE_FIRST_DRAW, ERASE_DRAWS)
+            ops.erase_boxes = erase_boxes(self.out_size, uniforms, self.random_erasing)
+        return ops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,6 +293,9 @@ class ValPlan:
 
     def sample_seeds(self) -> None:
         return None  # validation is not augmented
+
+    def device_ops(self) -> None:
+        return None
 
     def boxes_and_flips(
         self, heights: np.ndarray, widths: np.ndarray
@@ -230,9 +315,15 @@ class ValPlan:
 
 # Plan generators are free functions of the loader's settings at the start of an iteration:
 # the DataLoader's iterator keeps one alive, and a method would keep the loader alive with it.
-def train_plans(sampler: TrainBatchSampler, crop: TrainCrop, seed: int):
+def train_plans(
+    sampler: TrainBatchSampler,
+    crop: TrainCrop,
+    seed: int,
+    color_jitter: float = 0.0,
+    random_erasing: float = 0.0,
+):
     for batch in sampler:
-        yield TrainPlan(batch, crop, seed)
+        yield TrainPlan(batch, crop, seed, color_jitter, random_erasing)
 
 
 def val_plans(batches: list[ValBatchIndices], crop_size: int, rect: bool, resize_size: int):

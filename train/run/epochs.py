@@ -85,12 +85,7 @@ class EpochLoop:
         check_ranks_agree(env, resumed is not None, self.state)
         for line in self.world.lines:
             say(line)
-        augment = None
-        if recipe.auto_augment:
-            from train.data.auto_augment import AutoAugment
-
-            augment = AutoAugment(recipe.auto_augment)
-        self.loaders = LiveLoaders(data, env, config, self.schedule, augment)
+        self.loaders = LiveLoaders(data, env, config, self.schedule, recipe)
         trained = dataclasses.replace(loaded, schedule=self.schedule)
         record = config_record(config, trained, recipe, env, num_classes, self.precision, resumed)
         self.log = rank_zero_agreed(env, lambda: self.open_log(record, resumed)) or RunLog(

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from train.data.crops import TrainCrop
 from train.errors import TrainError
-from train.plan.config import RunConfig
+from train.plan.config import Recipe, RunConfig
 from train.plan.rebuilds import loader_changes, loader_settings
 from train.plan.schedule import Schedule
 from train.run.shard_checks import (
@@ -21,7 +21,8 @@ from train.run.shard_checks import (
 if TYPE_CHECKING:  # annotations only: the dry run reads shards without importing torch
     import torch
 
-    from train.data.contract import Augment, TrainBatches, ValBatches
+    from train.data.augment import Augmentation
+    from train.data.contract import TrainBatches, ValBatches
     from train.engine.dist import DistEnv
     from train.engine.loop import DeviceBatches
 
@@ -43,7 +44,7 @@ class DataSource(Protocol):
         workers: int,
         decode: str,
         device: str | None,
-        augment: Augment | None,
+        augment: Augmentation | None,
     ) -> TrainBatches: ...
 
     def val_loader(
@@ -90,8 +91,10 @@ class ShardData:
         device,
         augment,
     ):
+        from train.data.augment import Augmentation
         from train.data.loaders import TrainLoader
 
+        augment = augment or Augmentation()
         return TrainLoader(
             self.data_dir / dir_name,
             batch_size,
@@ -102,7 +105,7 @@ class ShardData:
             workers=workers,
             decode=decode,
             device=device,
-            augment=augment,
+            **augment.loader_kwargs(),
         )
 
     def val_loader(
@@ -184,6 +187,18 @@ def check_shards(schedule: Schedule, data: DataSource, world_size: int = 1) -> l
     return classes
 
 
+def train_augmentation(recipe: Recipe) -> Augmentation:
+    """The recipe's augmentation keys, as the train loaders take them."""
+    from train.data.augment import Augmentation
+
+    return Augmentation(
+        auto_augment=recipe.auto_augment,
+        color_jitter=recipe.color_jitter,
+        random_erasing=recipe.random_erasing,
+        repeat_aug=recipe.repeat_aug,
+    )
+
+
 class LiveLoaders:
     """The loaders of the current epoch; `for_epoch` applies that epoch's LoaderChanges."""
 
@@ -193,10 +208,10 @@ class LiveLoaders:
         env: DistEnv,
         config: RunConfig,
         schedule: Schedule,
-        augment: Augment | None = None,
+        recipe: Recipe | None = None,
     ) -> None:
         self.data, self.env, self.config, self.schedule = data, env, config, schedule
-        self.augment = augment
+        self.augment = train_augmentation(recipe) if recipe is not None else None
         self.train: TrainBatches | None = None
         self.val: ValBatches | None = None
 
