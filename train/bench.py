@@ -15,7 +15,8 @@ import torch
 from train.data.crops import TrainCrop
 from train.engine.dist import resolve_device
 from train.engine.loop import DeviceBatches, SyncPoint, TrainState, train_steps
-from train.engine.model import build_model, build_optimizer
+from train.engine.model import build_model
+from train.engine.optim import build_optimizer
 from train.engine.step import ModelStep, make_scaler, resolve_precision
 from train.plan.schedule import Phase
 
