@@ -175,7 +175,17 @@ def bench_step(config: BenchConfig, recipe: Any, num_classes: int, device, preci
     model = torch.compile(module, dynamic=False) if config.compile else module
     optimizer = build_optimizer(module, recipe, device)
     scaler = make_scaler(device, precision)
-    return ModelStep(model, optimizer, device, precision, recipe.label_smoothing, scaler)
+    return ModelStep(
+        model,
+        optimizer,
+        device,
+        precision,
+        recipe.label_smoothing,
+        scaler,
+        loss=recipe.loss,
+        bce_target_threshold=recipe.bce_target_threshold,
+        grad_clip=recipe.grad_clip,
+    )
 
 
 def real_rates(

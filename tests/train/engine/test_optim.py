@@ -12,6 +12,9 @@ import torch
 from torch import nn
 
 from tests.train.run.test_resume import assert_bit_identical
+from train import bench_optim
+from train.bench import BenchConfig
+from train.bench_optim import OPTIMIZER_ROWS, bench_optimizers, format_optimizer_rows
 from train.engine.build import build_trainer
 from train.engine.dist import DistEnv
 from train.engine.loop import TrainState
@@ -20,6 +23,7 @@ from train.engine.optim import build_optimizer, fused_option, implementation, pa
 from train.engine.step import ModelStep
 from train.errors import RecipeError
 from train.plan.config import OPTIMIZERS, Recipe, RunConfig
+from train.plan.dry_run import optimizer_line
 from train.run import checkpoint
 
 CPU = torch.device("cpu")
@@ -298,3 +302,55 @@ def test_grad_clip_scales_the_global_norm_once_per_step(precision) -> None:
     loose, seen_loose = clipping_trainer(float(free_norm) * 1.01, precision)
     loose.accumulate(micro, 0.1, [None, None])
     assert all(torch.equal(g, free) for g, free in zip(seen_loose[0][1], free_grads))
+
+
+def test_dry_run_names_the_optimizer_its_keys_clip_and_loss() -> None:
+    lamb = Recipe(optimizer="lamb", eps=1e-6, grad_clip=1.0, loss="bce", bce_target_threshold=0.2)
+    line = optimizer_line(lamb)
+    assert line.startswith("optimizer: lamb (betas=(0.9, 0.999), eps=1e-06, weight_decay=5e-05")
+    assert "no decay or trust ratio on BN and biases" in line and "momentum" not in line
+    assert "grad_clip=1 (global norm); loss=bce (targets above 0.2 -> 1)" in line
+    sgd = optimizer_line(Recipe(bn_weight_decay=True))
+    assert "momentum=0.9, nesterov=False, weight_decay=5e-05)" in sgd and "no grad_clip" in sgd
+
+
+def bench_config(tmp_path: Path) -> BenchConfig:
+    phases = tmp_path / "p.json"
+    phases.write_text(
+        '{"recipe": {"arch": "squeezenet1_1"}, "phases": [{"epochs": [0, 1], "prep_size": 160,'
+        ' "crop_size": 32, "batch_size": 2, "lr": 0.1}]}'
+    )
+    return BenchConfig(phases, device="cpu", steps=1, warmup_steps=1, num_classes=3)
+
+
+def test_bench_rows_without_timm_say_so(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "timm", None)
+    monkeypatch.setattr(bench_optim, "ROUNDS", 1)  # one model timed: seconds
+    setting, rows = bench_optimizers(bench_config(tmp_path))
+    assert [r["optimizer"] for r in rows] == [name for name, _, _ in OPTIMIZER_ROWS]
+    assert [r["note"] for r in rows] == ["", "", "", "needs timm", "needs timm"]
+    assert rows[0]["vs_sgd"] == 1.0 and rows[0]["step_ms"] > rows[0]["optimizer_step_ms"] > 0
+    assert setting.startswith("squeezenet1_1, batch 2 x 32 px, 3 classes, fp32")
+    assert "best of 1 rounds" in setting and "torch threads" in setting
+    table = format_optimizer_rows(setting, rows).splitlines()
+    assert table[1].split() == [
+        "optimizer",
+        "kernels",
+        "ms/step",
+        "x",
+        "sgd",
+        "optimizer.step()",
+        "ms",
+        "note",
+    ]
+    assert table[2].split()[:4] == ["sgd", "fused", f"{rows[0]['step_ms']:.1f}", "1.00"]
+    assert table[-1].split() == ["lars", "-", "-", "-", "-", "needs", "timm"]
+
+
+@pytest.mark.slow
+def test_bench_times_every_optimizer_against_sgd(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(bench_optim, "ROUNDS", 2)
+    monkeypatch.setattr(bench_optim, "OPTIMIZER_STEP_CALLS", 2)
+    _, rows = bench_optimizers(bench_config(tmp_path))
+    assert [r["kernels"] for r in rows] == ["fused", "fused", "fused", "default", "default"]
+    assert all(r["step_ms"] > r["optimizer_step_ms"] > 0 and r["vs_sgd"] > 0 for r in rows)
