@@ -354,3 +354,28 @@ def test_bench_times_every_optimizer_against_sgd(tmp_path: Path, monkeypatch) ->
     _, rows = bench_optimizers(bench_config(tmp_path))
     assert [r["kernels"] for r in rows] == ["fused", "fused", "fused", "default", "default"]
     assert all(r["step_ms"] > r["optimizer_step_ms"] > 0 and r["vs_sgd"] > 0 for r in rows)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_cuda_optimizers_with_fp16_scaler_and_clip(name) -> None:
+    """On CUDA: torch's fused kernels (sgd, adamw) or timm's foreach ones under the fp16
+    GradScaler, clipped on unscaled gradients; the first step's update is finite and the same
+    as the fp32 step's to fp16 tolerance."""
+    cuda = torch.device("cuda")
+    updates = {}
+    for precision in ("fp32", "fp16"):
+        model = tiny_model().to(cuda)
+        recipe = Recipe(optimizer=name, weight_decay=0.01, grad_clip=0.5)
+        optimizer = build_optimizer(model, recipe, cuda)
+        scaler = torch.amp.GradScaler("cuda", init_scale=256.0) if precision == "fp16" else None
+        trainer = ModelStep(model, optimizer, cuda, precision, scaler=scaler, grad_clip=0.5)
+        before = [p.detach().clone() for p in model.parameters()]
+        x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0)).to(cuda)
+        trainer.step(x, torch.tensor([0, 1, 2, 3], device=cuda), 0.1)
+        updates[precision] = [p.detach() - b for p, b in zip(model.parameters(), before)]
+    if name in ("sgd", "adamw"):
+        assert implementation(optimizer) == "fused"
+    for fp16, fp32 in zip(updates["fp16"], updates["fp32"]):
+        assert torch.isfinite(fp16).all() and torch.allclose(fp16, fp32, rtol=0.05, atol=1e-3)
