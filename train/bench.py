@@ -104,9 +104,11 @@ class EndlessEpochs:
             yield from self.batches
 
 
-def timed_steps(trainer: ModelStep, batches: DeviceBatches, warmup: int, steps: int) -> dict:
-    """img/s and data-wait share of `steps` steps after `warmup` untimed ones, timed between
-    train_steps' sync points (one every gcd(warmup, steps) steps)."""
+def timed_steps(
+    trainer: ModelStep, batches: DeviceBatches, warmup: int, steps: int, lr: float = 0.01
+) -> dict:
+    """img/s and data-wait share of `steps` steps at `lr` after `warmup` untimed ones, timed
+    between train_steps' sync points (one every gcd(warmup, steps) steps)."""
     marks: list[tuple[float, SyncPoint]] = []
 
     def mark(sync: SyncPoint) -> None:
@@ -117,7 +119,7 @@ def timed_steps(trainer: ModelStep, batches: DeviceBatches, warmup: int, steps: 
         TrainState(),
         batches,
         steps=warmup + steps,
-        lr_at=lambda step: 0.01,
+        lr_at=lambda step: lr,
         on_sync=mark,
         sync_every=math.gcd(warmup, steps) or steps,
         seed=None,
