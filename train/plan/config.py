@@ -138,11 +138,13 @@ class Recipe:
             fail("targets", 'must be an object of percentages like {"top1": 75.9, "top5": 93.0}')
 
     def check_optimizer_keys(self, given: Mapping[str, Any]) -> None:
-        """A key `given` explicitly (defaults do not count) that the optimizer does not read is
-        a mistake, likely a recipe written for another optimizer: refused, not ignored."""
+        """A key `given` (defaults do not count) that the optimizer does not read, set to other
+        than its default, is likely a recipe written for another optimizer: refused, not
+        ignored. At its default it changes nothing (a full to_dict() dump passes)."""
         used = OPTIMIZER_KEYS[self.optimizer]
+        defaults = Recipe()
         for key in sorted(set(given) & {k for keys in OPTIMIZER_KEYS.values() for k in keys}):
-            if key not in used:
+            if key not in used and getattr(self, key) != getattr(defaults, key):
                 raise RecipeError(
                     f"recipe key {key!r}: optimizer {self.optimizer!r} does not use it "
                     f"(it reads {', '.join(used)})"

@@ -178,7 +178,7 @@ def test_lamb_trust_ratio_exclusion_and_no_hidden_clip() -> None:
         ({"betas": [0.9, 0.99]}, "'betas': optimizer 'sgd' does not use it (it reads momentum"),
         ({"optimizer": "adamw", "trust_coefficient": 0.01}, "'trust_coefficient': optimizer"),
         ({"optimizer": "adamw", "nesterov": True}, "'nesterov': optimizer 'adamw' does not"),
-        ({"optimizer": "lamb", "momentum": 0.9}, "'momentum': optimizer 'lamb' does not"),
+        ({"optimizer": "lamb", "momentum": 0.8}, "'momentum': optimizer 'lamb' does not"),
         ({"optimizer": "sgd", "eps": 1e-6}, "'eps': optimizer 'sgd' does not use it"),
         ({"loss": "ce", "bce_target_threshold": 0.2}, "only applies to loss 'bce'"),
         ({"optimizer": "lars", "betas": [0.9, 0.99, 0.9]}, "'betas': must be two numbers"),
@@ -196,8 +196,12 @@ def test_keys_the_optimizer_reads_and_defaults_pass() -> None:
     assert (lars.eps, lars.trust_coefficient, lars.betas) == (0.0001, 0.02, (0.9, 0.999))
     lamb = Recipe.from_mapping({"optimizer": "lamb", "betas": [0.9, 0.99], "grad_clip": 1})
     assert lamb.betas == (0.9, 0.99) and lamb.grad_clip == 1
-    # The defaults of momentum/nesterov/trust_coefficient are not "given": adamw alone passes.
+    # The defaults of momentum/nesterov/trust_coefficient are not "given": adamw alone passes;
+    # nor does a key at its default change anything: a full dump (to_dict) reads back.
     assert Recipe.from_mapping({"optimizer": "adamw"}).momentum == 0.9
+    assert Recipe.from_mapping({"optimizer": "adamw", "momentum": 0.9}).optimizer == "adamw"
+    for recipe in (Recipe(), lamb, lars):
+        assert Recipe.from_mapping(recipe.to_dict()) == recipe
     bce = Recipe.from_mapping({"loss": "bce", "bce_target_threshold": 0.2})
     assert bce.bce_target_threshold == 0.2
 
