@@ -96,9 +96,9 @@ def time_optimizers(
         for row, trainer in zip(rows, trainers):
             if trainer is None:
                 continue
-            # lr 0: the same arithmetic, but the weights stay put. At a real LR the model
-            # memorizes the one synthetic batch; the softmax's tails turn subnormal and the CPU
-            # slows down many times over, first for the row that learns fastest (SGD's).
+            # lr 0: every optimizer still does all its arithmetic, and every row and round
+            # steps the same model on the same batch (at a real LR each row would drift to
+            # its own weights, fitting the one synthetic batch at its own pace).
             timed = timed_steps(trainer, batches, config.warmup_steps, config.steps, lr=0.0)
             step_ms = 1000 * timed["seconds"] / config.steps
             alone_ms = 1000 * time_optimizer_step(trainer.optimizer, device)
