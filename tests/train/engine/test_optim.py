@@ -1,5 +1,6 @@
 """The optimizers (sgd, adamw, lamb, lars): parameter groups, each update against its formula,
-MLPerf's LARS exclusion, the recipe checks of their keys, and their state through a checkpoint."""
+MLPerf's LARS exclusion, the recipe checks of their keys, their state through a checkpoint, and
+the dry run's optimizer line."""
 
 from __future__ import annotations
 
@@ -12,9 +13,6 @@ import torch
 from torch import nn
 
 from tests.train.run.test_resume import assert_bit_identical
-from train import bench_optim
-from train.bench import BenchConfig
-from train.bench_optim import OPTIMIZER_ROWS, bench_optimizers, format_optimizer_rows
 from train.engine.build import build_trainer
 from train.engine.dist import DistEnv
 from train.engine.loop import TrainState
@@ -256,58 +254,6 @@ def test_optimizer_state_resumes_bit_exact_through_a_checkpoint(tmp_path: Path, 
     assert len(straight.optimizer.state) == len(list(straight.model.parameters()))
 
 
-def clipping_trainer(grad_clip: float, precision: str = "fp32") -> tuple[ModelStep, list]:
-    """A tiny ModelStep whose optimizer records the gradients it steps with, and their norm."""
-    model = tiny_model()
-    optimizer = build_optimizer(model, Recipe(weight_decay=0), CPU)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12) if precision == "fp16" else None
-    trainer = ModelStep(model, optimizer, CPU, precision, scaler=scaler, grad_clip=grad_clip)
-    seen: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
-    real_step = optimizer.step
-
-    def recording_step(*args, **kwargs):
-        # A fused optimizer under a GradScaler is handed scaled gradients and the scale to
-        # divide by (None when unscale_ already ran): record what it will step with.
-        scale = getattr(optimizer, "grad_scale", None)
-        grads = [
-            p.grad / scale if scale is not None else p.grad.clone() for p in model.parameters()
-        ]
-        seen.append((torch.stack([g.norm() for g in grads]).norm(), grads))
-        return real_step(*args, **kwargs)
-
-    optimizer.step = recording_step
-    return trainer, seen
-
-
-def batches(scale: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    generator = torch.Generator().manual_seed(0)
-    return [
-        (scale * torch.randn(4, 3, 8, 8, generator=generator), torch.tensor([0, 1, 2, 3]))
-        for _ in range(2)
-    ]
-
-
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_grad_clip_scales_the_global_norm_once_per_step(precision) -> None:
-    """Above grad_clip the optimizer sees the accumulated gradient scaled to norm grad_clip (in
-    its direction; clipping each micro-batch would change both); below, untouched. fp16: on
-    unscaled gradients (clipping scaled ones would leave norm clip / 4096 after unscaling)."""
-    micro = batches(scale=3.0)
-    unclipped, seen_free = clipping_trainer(0.0, precision)
-    unclipped.accumulate(micro, 0.1, [None, None])
-    ((free_norm, free_grads),) = seen_free
-    clip = float(free_norm) / 4
-    clipped, seen = clipping_trainer(clip, precision)
-    clipped.accumulate(micro, 0.1, [None, None])
-    ((norm, grads),) = seen
-    assert torch.allclose(norm, torch.tensor(clip), rtol=1e-4)
-    for g, free in zip(grads, free_grads):
-        assert torch.allclose(g, free / 4, rtol=1e-3, atol=1e-7)
-    loose, seen_loose = clipping_trainer(float(free_norm) * 1.01, precision)
-    loose.accumulate(micro, 0.1, [None, None])
-    assert all(torch.equal(g, free) for g, free in zip(seen_loose[0][1], free_grads))
-
-
 def test_dry_run_names_the_optimizer_its_keys_clip_and_loss() -> None:
     lamb = Recipe(optimizer="lamb", eps=1e-6, grad_clip=1.0, loss="bce", bce_target_threshold=0.2)
     line = optimizer_line(lamb)
@@ -316,70 +262,3 @@ def test_dry_run_names_the_optimizer_its_keys_clip_and_loss() -> None:
     assert "grad_clip=1 (global norm); loss=bce (targets above 0.2 -> 1)" in line
     sgd = optimizer_line(Recipe(bn_weight_decay=True))
     assert "momentum=0.9, nesterov=False, weight_decay=5e-05)" in sgd and "no grad_clip" in sgd
-
-
-def bench_config(tmp_path: Path) -> BenchConfig:
-    phases = tmp_path / "p.json"
-    phases.write_text(
-        '{"recipe": {"arch": "squeezenet1_1"}, "phases": [{"epochs": [0, 1], "prep_size": 160,'
-        ' "crop_size": 32, "batch_size": 2, "lr": 0.1}]}'
-    )
-    return BenchConfig(phases, device="cpu", steps=1, warmup_steps=1, num_classes=3)
-
-
-def test_bench_rows_without_timm_say_so(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setitem(sys.modules, "timm", None)
-    monkeypatch.setattr(bench_optim, "ROUNDS", 1)  # one model timed: seconds
-    setting, rows = bench_optimizers(bench_config(tmp_path))
-    assert [r["optimizer"] for r in rows] == [name for name, _, _ in OPTIMIZER_ROWS]
-    assert [r["note"] for r in rows] == ["", "", "", "needs timm", "needs timm"]
-    assert rows[0]["vs_sgd"] == 1.0 and rows[0]["step_ms"] > rows[0]["optimizer_step_ms"] > 0
-    assert setting.startswith("squeezenet1_1, batch 2 x 32 px, 3 classes, fp32")
-    assert "best of 1 rounds" in setting and "torch threads" in setting
-    table = format_optimizer_rows(setting, rows).splitlines()
-    assert table[1].split() == [
-        "optimizer",
-        "kernels",
-        "ms/step",
-        "x",
-        "sgd",
-        "optimizer.step()",
-        "ms",
-        "note",
-    ]
-    assert table[2].split()[:4] == ["sgd", "fused", f"{rows[0]['step_ms']:.1f}", "1.00"]
-    assert table[-1].split() == ["lars", "-", "-", "-", "-", "needs", "timm"]
-
-
-@pytest.mark.slow
-def test_bench_times_every_optimizer_against_sgd(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(bench_optim, "ROUNDS", 2)
-    monkeypatch.setattr(bench_optim, "OPTIMIZER_STEP_CALLS", 2)
-    _, rows = bench_optimizers(bench_config(tmp_path))
-    assert [r["kernels"] for r in rows] == ["fused", "fused", "fused", "default", "default"]
-    assert all(r["step_ms"] > r["optimizer_step_ms"] > 0 and r["vs_sgd"] > 0 for r in rows)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("name", OPTIMIZERS)
-def test_cuda_optimizers_with_fp16_scaler_and_clip(name) -> None:
-    """On CUDA: torch's fused kernels (sgd, adamw) or timm's foreach ones under the fp16
-    GradScaler, clipped on unscaled gradients; the first step's update is finite and the same
-    as the fp32 step's to fp16 tolerance."""
-    cuda = torch.device("cuda")
-    updates = {}
-    for precision in ("fp32", "fp16"):
-        model = tiny_model().to(cuda)
-        recipe = Recipe(optimizer=name, weight_decay=0.01, grad_clip=0.5)
-        optimizer = build_optimizer(model, recipe, cuda)
-        scaler = torch.amp.GradScaler("cuda", init_scale=256.0) if precision == "fp16" else None
-        trainer = ModelStep(model, optimizer, cuda, precision, scaler=scaler, grad_clip=0.5)
-        before = [p.detach().clone() for p in model.parameters()]
-        x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0)).to(cuda)
-        trainer.step(x, torch.tensor([0, 1, 2, 3], device=cuda), 0.1)
-        updates[precision] = [p.detach() - b for p, b in zip(model.parameters(), before)]
-    if name in ("sgd", "adamw"):
-        assert implementation(optimizer) == "fused"
-    for fp16, fp32 in zip(updates["fp16"], updates["fp32"]):
-        assert torch.isfinite(fp16).all() and torch.allclose(fp16, fp32, rtol=0.05, atol=1e-3)
