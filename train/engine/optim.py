@@ -1,5 +1,6 @@
 """The recipe's optimizer over its parameter groups: torch's SGD and AdamW, timm's LAMB and LARS
-(docs/DESIGN.md, "Optimizers": why timm's, and how MLPerf's LARS exclusion maps onto them)."""
+(docs/DESIGN.md, "Optimizers, gradient clipping and the BCE loss": why timm's, and how MLPerf's
+LARS exclusion maps onto them)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from train.plan.config import Recipe
-
-LAYERWISE = ("lamb", "lars")  # per-layer trust ratio; from timm.optim
+from train.plan.config import TIMM_OPTIMIZERS, Recipe
 
 
 def param_groups(
@@ -59,9 +58,9 @@ def build_optimizer(
     """The recipe's optimizer with the recipe's hyperparameters. The LR is set before every step
     from the schedule, so the constructor's lr is a placeholder."""
     groups = param_groups(
-        model, recipe.weight_decay, recipe.bn_weight_decay, recipe.optimizer in LAYERWISE
+        model, recipe.weight_decay, recipe.bn_weight_decay, recipe.optimizer in TIMM_OPTIMIZERS
     )
-    if recipe.optimizer in LAYERWISE:
+    if recipe.optimizer in TIMM_OPTIMIZERS:  # layer-wise trust ratios
         from timm.optim import Lamb, Lars  # the recipe check made sure timm is there
 
         if recipe.optimizer == "lamb":
