@@ -63,6 +63,7 @@ TINY = {
     "budget_seconds": 240.0,
     "config_seconds": 20.0,
     "photos": "synthetic",
+    "optimizer_rows": False,  # minutes on a CPU; time_optimizers has its own tests
 }
 
 
@@ -143,6 +144,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--cache", type=Path, default=HERE / ".cache" / "gpu")
     add("--schedules", default=",".join(SCHEDULES), help="phases files to project")
     add("--json-out", type=Path, help="results as JSON, rewritten after every row")
+    add(
+        "--optimizer-rows",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="`train bench --optimizers`' rows last: the first arch at the first size, synthetic",
+    )
     add(
         "--tiny",
         action="store_true",
@@ -318,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"\nmachine: {out['machine']}\n{format_table(add_ratios(shown))}\n")
     print(format_projection(projections))
+    if args.optimizer_rows:
+        out["optimizers"] = optimizer_rows(args, device, recipe, started)
     write_json(args.json_out, out, started)
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
     return 0
@@ -369,6 +378,34 @@ def run_row(row: dict, inputs, args, cuda: bool, started: float) -> None:
         f"{row['precision']}{' compile' if row['compile'] else ''}: {rate or row['note']}",
         flush=True,
     )
+
+
+def optimizer_rows(args, device, recipe: dict, started: float) -> list[dict]:
+    """`train bench --optimizers`' rows (each optimizer's step time against SGD's)."""
+    from train.bench import BenchConfig
+    from train.bench_optim import format_optimizer_rows, time_optimizers
+    from train.plan.config import Recipe
+
+    left = args.budget_seconds - (time.perf_counter() - started)
+    if left < 60:
+        print(f"\noptimizer rows skipped: time budget ({left:.0f} s left)")
+        return []
+    arch, crop_size = _split(args.archs)[0], int(_split(args.sizes)[0])
+    batch_size = args.batch_size or default_batch_size(crop_size)
+    precision = "bf16" if device.type == "cuda" else "fp32"
+    config = BenchConfig(HERE.parent / SCHEDULES[0], steps=args.steps, warmup_steps=args.warmup)
+    rows = time_optimizers(
+        config,
+        Recipe.from_mapping(recipe, arch=arch),
+        batch_size,
+        crop_size,
+        1000,
+        device,
+        precision,
+    )
+    setting = f"{arch}, batch {batch_size} x {crop_size} px, {precision}, synthetic"
+    print("\n" + format_optimizer_rows(setting, rows))
+    return rows
 
 
 def write_json(path: Path | None, out: dict, started: float) -> None:

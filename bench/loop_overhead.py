@@ -22,7 +22,7 @@ import torch  # noqa: E402
 
 from train.bench_loader import machine_description  # noqa: E402
 from train.engine.loop import TrainState, train_steps  # noqa: E402
-from train.engine.model import build_optimizer  # noqa: E402
+from train.engine.optim import build_optimizer  # noqa: E402
 from train.engine.step import ModelStep  # noqa: E402
 from train.plan.config import Recipe  # noqa: E402
 

@@ -15,7 +15,8 @@ import torch
 from train.data.crops import TrainCrop
 from train.engine.dist import resolve_device
 from train.engine.loop import DeviceBatches, SyncPoint, TrainState, train_steps
-from train.engine.model import build_model, build_optimizer
+from train.engine.model import build_model
+from train.engine.optim import build_optimizer
 from train.engine.step import ModelStep, make_scaler, resolve_precision
 from train.plan.schedule import Phase
 
@@ -103,9 +104,11 @@ class EndlessEpochs:
             yield from self.batches
 
 
-def timed_steps(trainer: ModelStep, batches: DeviceBatches, warmup: int, steps: int) -> dict:
-    """img/s and data-wait share of `steps` steps after `warmup` untimed ones, timed between
-    train_steps' sync points (one every gcd(warmup, steps) steps)."""
+def timed_steps(
+    trainer: ModelStep, batches: DeviceBatches, warmup: int, steps: int, lr: float = 0.01
+) -> dict:
+    """img/s and data-wait share of `steps` steps at `lr` after `warmup` untimed ones, timed
+    between train_steps' sync points (one every gcd(warmup, steps) steps)."""
     marks: list[tuple[float, SyncPoint]] = []
 
     def mark(sync: SyncPoint) -> None:
@@ -116,7 +119,7 @@ def timed_steps(trainer: ModelStep, batches: DeviceBatches, warmup: int, steps: 
         TrainState(),
         batches,
         steps=warmup + steps,
-        lr_at=lambda step: 0.01,
+        lr_at=lambda step: lr,
         on_sync=mark,
         sync_every=math.gcd(warmup, steps) or steps,
         seed=None,
@@ -174,7 +177,17 @@ def bench_step(config: BenchConfig, recipe: Any, num_classes: int, device, preci
     model = torch.compile(module, dynamic=False) if config.compile else module
     optimizer = build_optimizer(module, recipe, device)
     scaler = make_scaler(device, precision)
-    return ModelStep(model, optimizer, device, precision, recipe.label_smoothing, scaler)
+    return ModelStep(
+        model,
+        optimizer,
+        device,
+        precision,
+        recipe.label_smoothing,
+        scaler,
+        loss=recipe.loss,
+        bce_target_threshold=recipe.bce_target_threshold,
+        grad_clip=recipe.grad_clip,
+    )
 
 
 def real_rates(

@@ -132,27 +132,34 @@ def bench(
     warmup: int = typer.Option(5, help="untimed steps first"),
     workers: int = typer.Option(4),
     decode: str = typer.Option("cpu"),
+    optimizers: bool = typer.Option(
+        False,
+        "--optimizers",
+        help="instead: each optimizer's step time vs SGD at the first phase's batch and crop",
+    ),
 ) -> None:
     """Per phase: img/s on synthetic on-device data vs real shards, and the data-wait share."""
     from train.bench import BenchConfig, bench_phases, format_bench
 
-    rows = call(
-        bench_phases,
-        BenchConfig(
-            phases_path=phases,
-            data_dir=data,
-            arch=arch,
-            device=device,
-            precision=precision,
-            compile=compile,
-            channels_last=channels_last,
-            steps=steps,
-            warmup_steps=warmup,
-            workers=workers,
-            decode=decode,
-        ),
+    config = BenchConfig(
+        phases_path=phases,
+        data_dir=data,
+        arch=arch,
+        device=device,
+        precision=precision,
+        compile=compile,
+        channels_last=channels_last,
+        steps=steps,
+        warmup_steps=warmup,
+        workers=workers,
+        decode=decode,
     )
-    typer.echo(format_bench(rows))
+    if optimizers:
+        from train.bench_optim import bench_optimizers, format_optimizer_rows
+
+        typer.echo(format_optimizer_rows(*call(bench_optimizers, config)))
+        return
+    typer.echo(format_bench(call(bench_phases, config)))
 
 
 @app.command("bench-loader")

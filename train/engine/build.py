@@ -10,7 +10,8 @@ from torch import nn
 
 from train.engine.dist import DistEnv
 from train.engine.launch import say
-from train.engine.model import build_model, build_optimizer, model_notes
+from train.engine.model import build_model, model_notes
+from train.engine.optim import build_optimizer
 from train.engine.step import ModelStep, make_mix, make_scaler
 from train.errors import TrainError
 from train.plan.config import Recipe, RunConfig
@@ -86,4 +87,7 @@ def build_trainer(
         ema,
         module,
         ddp,
+        recipe.loss,
+        recipe.bce_target_threshold,
+        recipe.grad_clip,
     )

@@ -1,4 +1,4 @@
-"""The model (torchvision or timm, with the recipe's init and layers) and SGD optimizer."""
+"""The model: torchvision or timm, with the recipe's init and layers (its optimizer: optim.py)."""
 
 from __future__ import annotations
 
@@ -117,43 +117,3 @@ def model_notes(recipe: Recipe, model: nn.Module) -> list[str]:
             "with >= 16 input channels)"
         )
     return notes
-
-
-def param_groups(model: nn.Module, weight_decay: float, bn_weight_decay: bool) -> list[dict]:
-    """Weight decay on conv/linear weights only, unless bn_weight_decay asks for it everywhere.
-
-    One-dimensional parameters are exactly the BatchNorm/LayerNorm weights and biases and the
-    layer biases: decaying them only shrinks the scale the next layer undoes (imagenet18, FFCV).
-    """
-    if bn_weight_decay:
-        return [
-            {
-                "params": [p for p in model.parameters() if p.requires_grad],
-                "weight_decay": weight_decay,
-            }
-        ]
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-
-
-def build_optimizer(model: nn.Module, recipe: Recipe, device: torch.device) -> torch.optim.SGD:
-    """SGD with momentum; fused kernels on CUDA (one launch for all params), default on CPU.
-
-    The LR is set before every step from the schedule, so the constructor's lr is a placeholder.
-    """
-    groups = param_groups(model, recipe.weight_decay, recipe.bn_weight_decay)
-    kwargs: dict[str, Any] = {"fused": True} if device.type == "cuda" else {}
-    return torch.optim.SGD(
-        groups, lr=0.0, momentum=recipe.momentum, nesterov=recipe.nesterov, **kwargs
-    )
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr

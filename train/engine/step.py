@@ -1,4 +1,5 @@
-"""One optimizer step: autocast, grad scaler, mixup/cutmix, accumulation, EMA; seeded per step."""
+"""One optimizer step: autocast, grad scaler, mixup/cutmix, accumulation, grad clipping, EMA;
+seeded per step."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from train.engine.model import set_lr
+from train.engine.loss import training_loss
+from train.engine.optim import set_lr
 from train.errors import TrainError
 from train.plan.config import PRECISIONS
 
@@ -89,6 +90,9 @@ class ModelStep:
     ema: nn.Module | None = None  # torch.optim.swa_utils.AveragedModel of the plain module
     module: nn.Module | None = None
     ddp: nn.parallel.DistributedDataParallel | None = None
+    loss: str = "ce"  # train.engine.loss.training_loss's kind
+    bce_target_threshold: float | None = None
+    grad_clip: float = 0.0  # max global gradient norm (0: off)
 
     def step(
         self, x: torch.Tensor, labels: torch.Tensor, lr: float, seed: int | None = None
@@ -117,6 +121,8 @@ class ModelStep:
                 scaled = loss / count if count > 1 else loss
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             total = loss.detach() if total is None else total + loss.detach()
+        if self.grad_clip:
+            self.clip_gradients()
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -126,13 +132,27 @@ class ModelStep:
             self.ema.update_parameters(self.module if self.module is not None else self.model)
         return total if count == 1 else total / count
 
+    def clip_gradients(self) -> torch.Tensor:
+        """Scale all gradients together so their global L2 norm is at most grad_clip; returns
+        the norm before. Once per optimizer step, after accumulation and DDP's all-reduce (so
+        every rank clips alike), on unscaled gradients (fp16: the scaler's unscale_ first)."""
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        return nn.utils.clip_grad_norm_(params, self.grad_clip)
+
     def _loss(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         targets = labels
         if self.mix is not None:
             x, targets = self.mix(x, labels)
         with autocast(self.device, self.precision):
             logits = self.model(x)
-        return F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)
+        return self.loss_of(logits, targets)
+
+    def loss_of(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return training_loss(
+            self.loss, logits, targets, self.label_smoothing, self.bce_target_threshold
+        )
 
     def warm_up(
         self,
@@ -154,7 +174,7 @@ class ModelStep:
             labels = torch.zeros(batch_size, dtype=torch.long, device=self.device)
             with autocast(self.device, self.precision):
                 logits = self.model(x.contiguous(memory_format=memory_format))
-            F.cross_entropy(logits.float(), labels).backward()
+            self.loss_of(logits, labels).backward()
             self.optimizer.zero_grad(set_to_none=True)
         plain.load_state_dict(saved)
         if self.device.type == "cuda":

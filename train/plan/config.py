@@ -20,7 +20,14 @@ from train.plan.settings import is_number, problems, setting
 TIMM_PREFIX = "timm/"  # "arch": "timm/resnet50d" builds timm's model (an optional extra)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cuda", "cpu")
-OPTIMIZERS = ("sgd", "adamw", "lamb", "lars")
+OPTIMIZER_KEYS = {  # the recipe keys each optimizer reads (given for another one: refused)
+    "sgd": ("momentum", "nesterov"),
+    "adamw": ("betas", "eps"),
+    "lamb": ("betas", "eps"),
+    "lars": ("momentum", "nesterov", "eps", "trust_coefficient"),
+}
+OPTIMIZERS = tuple(OPTIMIZER_KEYS)
+TIMM_OPTIMIZERS = ("lamb", "lars")  # timm.optim's (the timm extra)
 LOSSES = ("ce", "bce")
 GLOBAL_BATCH_MODES = ("keep", "scale")
 MAX_SEED = 2**32 - 1  # train.data.samplers keeps 32 bits of the seed
@@ -36,7 +43,7 @@ class Recipe:
     tuned_num_gpus: int | None = setting(None, "world size the LRs were tuned for", low=1)
     optimizer: str = setting("sgd", "optimizer", choices=OPTIMIZERS)
     momentum: float = setting(0.9, "SGD and LARS momentum", low=0, high=1, bounds="[)")
-    nesterov: bool = setting(False, "Nesterov momentum (SGD)")
+    nesterov: bool = setting(False, "Nesterov momentum (SGD, LARS)")
     betas: tuple[float, float] = setting((0.9, 0.999), "AdamW and LAMB betas [beta1, beta2]")
     eps: float = setting(1e-8, "AdamW, LAMB and LARS epsilon", low=0, bounds="(]")
     trust_coefficient: float = setting(0.001, "LARS trust coefficient (eta)", low=0, bounds="(]")
@@ -95,6 +102,7 @@ class Recipe:
             values["betas"] = tuple(values["betas"])
         recipe = cls(**values)
         recipe.check()
+        recipe.check_optimizer_keys(values)
         return recipe
 
     @property
@@ -110,6 +118,13 @@ class Recipe:
         check_arch(self.arch)
         if self.nesterov and self.momentum == 0:  # torch.optim.SGD refuses it, much later
             fail("nesterov", "needs a momentum above 0 (momentum is 0)")
+        if self.optimizer in TIMM_OPTIMIZERS and importlib.util.find_spec("timm") is None:
+            raise RecipeError(
+                f"recipe key 'optimizer': {self.optimizer!r} is timm's and needs it (pip "
+                "install 'shardtrain[timm]' or pip install timm)"
+            )
+        if self.bce_target_threshold is not None and self.loss != "bce":
+            fail("bce_target_threshold", f"only applies to loss 'bce' (loss is {self.loss!r})")
         betas = self.betas
         if not (
             isinstance(betas, tuple)
@@ -121,6 +136,19 @@ class Recipe:
             fail("drop_path", "needs a torchvision ResNet (or a timm/ model)")
         if not all(k in TARGET_METRICS and is_percent(v) for k, v in self.targets.items()):
             fail("targets", 'must be an object of percentages like {"top1": 75.9, "top5": 93.0}')
+
+    def check_optimizer_keys(self, given: Mapping[str, Any]) -> None:
+        """A key `given` (defaults do not count) that the optimizer does not read, set to other
+        than its default, is likely a recipe written for another optimizer: refused, not
+        ignored. At its default it changes nothing (a full to_dict() dump passes)."""
+        used = OPTIMIZER_KEYS[self.optimizer]
+        defaults = Recipe()
+        for key in sorted(set(given) & {k for keys in OPTIMIZER_KEYS.values() for k in keys}):
+            if key not in used and getattr(self, key) != getattr(defaults, key):
+                raise RecipeError(
+                    f"recipe key {key!r}: optimizer {self.optimizer!r} does not use it "
+                    f"(it reads {', '.join(used)})"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         return {

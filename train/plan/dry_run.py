@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from train.plan.config import Recipe, RunConfig
+from train.plan.config import OPTIMIZER_KEYS, TIMM_OPTIMIZERS, Recipe, RunConfig
 from train.plan.evals import evaluates_after
 from train.plan.phases import LoadedSchedule
 from train.plan.rebuilds import loader_changes, loader_settings
@@ -120,6 +120,23 @@ def format_table(rows: Sequence[EpochRow]) -> str:
     return "\n".join(lines)
 
 
+def optimizer_line(recipe: Recipe) -> str:
+    """The optimizer with the hyperparameters it reads, grad_clip and the training loss."""
+    hyper = [f"{key}={getattr(recipe, key)}" for key in OPTIMIZER_KEYS[recipe.optimizer]]
+    decay = f"weight_decay={recipe.weight_decay:g}"
+    if not recipe.bn_weight_decay:
+        trust = " or trust ratio" if recipe.optimizer in TIMM_OPTIMIZERS else ""
+        decay += f" (no decay{trust} on BN and biases)"
+    clip = f"grad_clip={recipe.grad_clip:g} (global norm)" if recipe.grad_clip else "no grad_clip"
+    loss = f"loss={recipe.loss}"
+    if recipe.bce_target_threshold is not None:
+        loss += f" (targets above {recipe.bce_target_threshold:g} -> 1)"
+    return (
+        f"optimizer: {recipe.optimizer} ({', '.join([*hyper, decay])}); {clip}; {loss}, "
+        f"label_smoothing={recipe.label_smoothing:g}; validation loss: ce"
+    )
+
+
 def dry_run_text(
     config: RunConfig,
     loaded: LoadedSchedule,
@@ -132,6 +149,7 @@ def dry_run_text(
         f"{config.phases_path}: {schedule.num_epochs} epochs in {len(schedule.phases)} "
         f"phases ({loaded.source_format} format); batch is per GPU",
         f"recipe: {', '.join(f'{k}={v}' for k, v in recipe.to_dict().items())}",
+        optimizer_line(recipe),
     ]
     lines += world_lines  # train.plan.world_size: the global batch on this world size
     if loaded.note:

@@ -13,7 +13,8 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 from tests.train.standin import StandInData
 from train.bench import BenchConfig, SyntheticBatches, bench_phases, format_bench, verdict
 from train.engine.loop import evaluate
-from train.engine.model import build_model, build_optimizer, param_groups
+from train.engine.model import build_model
+from train.engine.optim import build_optimizer
 from train.engine.step import ModelStep, make_mix, resolve_precision, step_seed
 from train.errors import RecipeError
 from train.plan.config import Recipe
@@ -29,7 +30,7 @@ def test_recipe_defaults_overrides_and_errors() -> None:
     assert Recipe.from_mapping({}).arch == "resnet50"
     for data, message in [
         ({"lr": 1}, "recipe key 'lr': unknown"),
-        ({"optimizer": "adam"}, "'optimizer': must be one of sgd, got 'adam'"),
+        ({"optimizer": "adam"}, "'optimizer': must be one of sgd, adamw, lamb, lars, got 'adam'"),
         ({"nesterov": 1}, "must be true or false"),
         ({"ema_decay": 1.0}, "'ema_decay': must be a number in [0, 1)"),
         ({"targets": {"top3": 1}}, "'targets'"),
@@ -53,20 +54,6 @@ def test_zero_init_of_the_last_bn_gamma_per_block(arch, block, last_bn) -> None:
         for b in plain.modules()
         if isinstance(b, block)
     )
-
-
-def test_no_weight_decay_on_bn_and_bias() -> None:
-    model = build_model(Recipe(arch="resnet18"), num_classes=3)
-    decay, no_decay = param_groups(model, 5e-5, bn_weight_decay=False)
-    assert decay["weight_decay"] == 5e-5 and no_decay["weight_decay"] == 0.0
-    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
-    assert any(p is model.fc.bias for p in no_decay["params"])
-    assert any(p is model.bn1.weight for p in no_decay["params"])
-    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
-    (everything,) = param_groups(model, 5e-5, bn_weight_decay=True)
-    assert len(everything["params"]) == len(list(model.parameters()))
-    optimizer = build_optimizer(model, Recipe(momentum=0.8, nesterov=True), CPU)
-    assert optimizer.defaults["momentum"] == 0.8 and optimizer.defaults["nesterov"]
 
 
 def test_precision_resolution() -> None:

@@ -19,7 +19,8 @@ from train.data.crops import TrainCrop
 from train.data.loaders import TrainLoader
 from train.engine.layers import add_blurpool, add_drop_path, count_blurpool
 from train.engine.loop import TrainState, train_steps
-from train.engine.model import build_model, build_optimizer
+from train.engine.model import build_model
+from train.engine.optim import build_optimizer
 from train.engine.step import ModelStep, seeded
 from train.errors import RecipeError, ScheduleError
 from train.export import export
