@@ -176,6 +176,24 @@ def test_lr_at_is_linear_over_all_steps_of_a_phase() -> None:
     assert schedule.lr_at(4, 9, 10) == pytest.approx(0.5 + 1.5 / 30)
 
 
+def test_poly_lr_is_mlperfs_power_two_decay() -> None:
+    """MLPerf ResNet-50 (lars_util.PolynomialDecayWithWarmup): after warm-up,
+    end + (base - end) * (1 - step / decay_steps) ** 2, per step."""
+    base, end, steps = 8.5, 1e-4, 10
+    schedule = parse_schedule(
+        [phase(0, 1, lr=[0.0, base]), phase(1, 3, lr=[base, end], lr_shape="poly")]
+    ).schedule
+    assert schedule.lr_at(0, 9, steps) == pytest.approx(base * 9 / 10)  # linear warm-up
+    decay = [schedule.lr_at(e, s, steps) for e in (1, 2) for s in range(steps)]
+    expected = [end + (base - end) * (1 - k / 20) ** 2 for k in range(20)]
+    assert decay == pytest.approx(expected)
+    assert decay[0] == base and decay[10] == pytest.approx(end + (base - end) / 4)  # not 1/2
+    assert all(a > b for a, b in zip(decay, decay[1:]))
+    rows = epoch_rows(schedule)
+    assert rows[2].lr_shape == "poly"
+    assert (rows[2].lr_start, rows[2].lr_end) == pytest.approx((end + (base - end) / 4, end))
+
+
 def test_lr_at_constant_phase_and_bad_steps() -> None:
     schedule = parse_schedule([phase(0, 3, lr=0.1)]).schedule
     assert {schedule.lr_at(e, s, 7) for e in range(3) for s in range(7)} == {0.1}
