@@ -14,7 +14,8 @@ from train.plan.settings import is_int, is_number, problems, setting
 
 DEFAULT_MIN_SCALE = 0.08
 DEFAULT_CROP_MULTIPLE = 32
-LR_SHAPES = ("linear", "cosine", "constant", "step")
+LR_SHAPES = ("linear", "cosine", "constant", "step", "poly")
+POLY_POWER = 2  # MLPerf ResNet-50's polynomial decay: power 2, fixed by its rules (docs/RECIPES.md)
 MAX_EPOCHS = 100_000  # far above any recipe; a typo beyond it would hang the dry run's table
 
 
@@ -108,6 +109,8 @@ class Phase(ShardDirs):
             return end
         if self.lr_shape == "cosine":
             return end + (start - end) * (1 + math.cos(math.pi * progress)) / 2
+        if self.lr_shape == "poly":
+            return end + (start - end) * (1 - progress) ** POLY_POWER
         return start + (end - start) * progress
 
     def step_lr(self, epoch: int) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -174,6 +175,24 @@ def test_lr_at_is_linear_over_all_steps_of_a_phase() -> None:
     assert schedule.lr_at(2, 0, steps) == 2.0
     # The last phase heads to its end value (0.5) at the end of epoch 5.
     assert schedule.lr_at(4, 9, 10) == pytest.approx(0.5 + 1.5 / 30)
+
+
+def test_poly_lr_is_mlperfs_power_two_decay() -> None:
+    """MLPerf ResNet-50 (lars_util.PolynomialDecayWithWarmup): after warm-up,
+    end + (base - end) * (1 - step / decay_steps) ** 2, per step."""
+    base, end, steps = 8.5, 1e-4, 10
+    schedule = parse_schedule(
+        [phase(0, 1, lr=[0.0, base]), phase(1, 3, lr=[base, end], lr_shape="poly")]
+    ).schedule
+    assert schedule.lr_at(0, 9, steps) == pytest.approx(base * 9 / 10)  # linear warm-up
+    decay = [schedule.lr_at(e, s, steps) for e in (1, 2) for s in range(steps)]
+    expected = [end + (base - end) * (1 - k / 20) ** 2 for k in range(20)]
+    assert decay == pytest.approx(expected)
+    assert decay[0] == base and decay[10] == pytest.approx(end + (base - end) / 4)  # not 1/2
+    assert all(a > b for a, b in zip(decay, decay[1:]))
+    rows = epoch_rows(schedule)
+    assert rows[2].lr_shape == "poly"
+    assert (rows[2].lr_start, rows[2].lr_end) == pytest.approx((end + (base - end) / 4, end))
 
 
 def test_lr_at_constant_phase_and_bad_steps() -> None:
@@ -412,6 +431,9 @@ def test_the_expected_recipes_ship() -> None:
         "rn50-16ep.json",
         "rn18-16ep.json",
         "demo.json",
+        "mlperf-rn50.json",
+        "tv-rn50-v2.json",
+        "rsb-a3.json",
     }
 
 
@@ -443,6 +465,85 @@ def test_ffcv_recipes_follow_ffcv(name: str, peak: float, num_gpus: int) -> None
     for epoch in range(2, 16):  # FFCV: linear from the peak at epoch 2 to 0 at epoch 16
         assert schedule.lr_at(epoch, 0, steps) == pytest.approx(peak * (16 - epoch) / 14)
     assert schedule.phases[-1].lr[1] == 0.0
+
+
+def test_mlperf_recipe_follows_the_reference() -> None:
+    """mlcommons/training image_classification (docs/RECIPES.md): global batch 2048, LARS,
+    lars_util.PolynomialDecayWithWarmup(8.5, end 1e-4, power 2, 5 warm-up epochs), 41 epochs,
+    evaluation after epochs 2, 6, 10, ... (epochs_between_evals 4, eval_offset_epochs 2)."""
+    loaded = load_schedule(PHASES_DIR / "mlperf-rn50.json")
+    schedule, recipe = loaded.schedule, loaded.recipe
+    assert (
+        schedule.num_epochs == 41
+        and recipe["tuned_num_gpus"] * schedule.phases[0].batch_size == 2048
+    )
+    assert (recipe["optimizer"], recipe["weight_decay"], recipe["label_smoothing"]) == (
+        "lars",
+        2e-4,
+        0.1,
+    )
+    assert (recipe["eval_every"], recipe["eval_offset"], recipe["targets"]) == (
+        4,
+        2,
+        {"top1": 75.9},
+    )
+    steps = 625  # 1,281,167 // 2048
+    warmup, train = 5 * steps, 41 * steps
+    for epoch, step in ((0, 0), (2, 100), (4, 624), (5, 0), (20, 300), (40, 624)):
+        k = epoch * steps + step
+        if k < warmup:
+            expected = 8.5 * k / warmup
+        else:
+            expected = 1e-4 + (8.5 - 1e-4) * (1 - (k - warmup) / (train - warmup)) ** 2
+        assert schedule.lr_at(epoch, step, steps) == pytest.approx(expected)
+    assert {(p.val_resize_size, p.val_crop_size, p.min_scale) for p in schedule.phases} == {
+        (256, 224, 0.1)
+    }
+
+
+def test_torchvision_recipe_matches_its_per_epoch_schedulers() -> None:
+    """torchvision's train.py steps LinearLR(start_factor 0.01, 5 epochs) then
+    CosineAnnealingLR(T_max 595) once per epoch: ours equals both at every epoch's first step."""
+    loaded = load_schedule(PHASES_DIR / "tv-rn50-v2.json")
+    schedule, recipe = loaded.schedule, loaded.recipe
+    assert (
+        schedule.num_epochs == 600
+        and recipe["tuned_num_gpus"] * schedule.phases[0].batch_size == 1024
+    )
+    for epoch in range(600):
+        if epoch < 5:
+            torchvision_lr = 0.5 * (0.01 + 0.99 * epoch / 5)
+        else:
+            torchvision_lr = 0.5 * (1 + math.cos(math.pi * (epoch - 5) / 595)) / 2
+        assert schedule.lr_at(epoch, 0, 1251) == pytest.approx(torchvision_lr, abs=1e-12)
+    # EMA: 0.99998 adjusted by world x batch x ema_steps / epochs, applied every 32 steps
+    per_update = 1 - (1 - 0.99998) * 8 * 128 * 32 / 600
+    assert recipe["ema_decay"] == pytest.approx(per_update ** (1 / 32), abs=1e-8)
+    assert {(p.crop_size, p.val_resize_size, p.val_crop_size) for p in schedule.phases} == {
+        (176, 232, 224)
+    }
+    assert (recipe["repeat_aug"], recipe["random_erasing"], recipe["auto_augment"]) == (
+        4,
+        0.1,
+        "ta_wide",
+    )
+
+
+def test_rsb_a3_recipe_follows_timm() -> None:
+    """timm resnet50.a3_in1k: 160 px train, 224 test at crop_pct 0.95 (floor(224 / 0.95)),
+    LAMB with timm's eps and in-optimizer clip, BCE, 100 epochs, 5 of them warm-up."""
+    loaded = load_schedule(PHASES_DIR / "rsb-a3.json")
+    schedule, recipe = loaded.schedule, loaded.recipe
+    assert (
+        schedule.num_epochs == 100
+        and recipe["tuned_num_gpus"] * schedule.phases[0].batch_size == 2048
+    )
+    assert (recipe["optimizer"], recipe["eps"], recipe["grad_clip"]) == ("lamb", 1e-6, 1.0)
+    assert (recipe["loss"], recipe["label_smoothing"], recipe["weight_decay"]) == ("bce", 0.0, 0.02)
+    assert {(p.crop_size, p.val_resize_size, p.val_crop_size) for p in schedule.phases} == {
+        (160, math.floor(224 / 0.95), 224)
+    }
+    assert schedule.lr_at(5, 0, 100) == 8e-3 and schedule.phases[-1].lr[1] == 0.0
 
 
 def test_demo_is_small_enough_for_two_cpu_cores() -> None:
