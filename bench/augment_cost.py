@@ -60,7 +60,7 @@ def child(spec: str, args) -> None:
 
     import torch
 
-    from train.bench_loader import bench_loader
+    from train.bench.loader import bench_loader
     from train.data.augment import Augmentation
 
     data, crop_size, options = json.loads(spec)

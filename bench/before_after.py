@@ -33,7 +33,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from proctree import children_cpu_seconds  # noqa: E402  (bench/proctree.py)
 
-from train.bench_loader import machine_description  # noqa: E402
+from train.bench.loader import machine_description  # noqa: E402
 
 
 def bench_synthetic(tree: Path, args) -> float:

@@ -220,7 +220,7 @@ def machine_line(cuda: bool) -> str:
     import torch
     import torchvision
 
-    from train.bench_loader import machine_description
+    from train.bench.loader import machine_description
 
     gpu = "no CUDA (CPU run)"
     if cuda:
@@ -382,8 +382,8 @@ def run_row(row: dict, inputs, args, cuda: bool, started: float) -> None:
 
 def optimizer_rows(args, device, recipe: dict, started: float) -> list[dict]:
     """`train bench --optimizers`' rows (each optimizer's step time against SGD's)."""
-    from train.bench import BenchConfig
-    from train.bench_optim import format_optimizer_rows, time_optimizers
+    from train.bench.optim import format_optimizer_rows, time_optimizers
+    from train.bench.phases import BenchConfig
     from train.plan.config import Recipe
 
     left = args.budget_seconds - (time.perf_counter() - started)

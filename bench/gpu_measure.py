@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from gpu_report import Mark, window_rate  # bench/ is on sys.path (bench/gpu.py puts it there)
 
-from train.bench import SyntheticBatches
+from train.bench.phases import SyntheticBatches
 from train.data import TrainLoader
 from train.data.constants import IMAGENET_MEAN, IMAGENET_STD
 from train.data.crops import TrainCrop

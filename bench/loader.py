@@ -43,7 +43,7 @@ import fixture  # noqa: E402  (bench/fixture.py)
 import loader_baselines as base  # noqa: E402  (bench/loader_baselines.py)
 import peer_servers  # noqa: E402  (bench/peer_servers.py: FFCV, DALI in their own venv)
 
-from train.bench_loader import machine_description  # noqa: E402
+from train.bench.loader import machine_description  # noqa: E402
 from train.data import TrainLoader, ValLoader  # noqa: E402
 from train.data.crops import TrainCrop  # noqa: E402
 

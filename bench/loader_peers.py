@@ -38,7 +38,7 @@ import fixture  # noqa: E402
 import loader_baselines as base  # noqa: E402
 import peer_servers as servers  # noqa: E402
 
-from train.bench_loader import machine_description  # noqa: E402
+from train.bench.loader import machine_description  # noqa: E402
 
 GROUPS = {"train128": (160, 128), "train224": (320, 224)}  # group: (prep_size, crop_size)
 DEFAULT_LOADERS = ("ours", "ours-processes", "ffcv", "ffcv-contiguous")

@@ -20,7 +20,7 @@ sys.path.insert(0, str(HERE.parent))
 
 import torch  # noqa: E402
 
-from train.bench_loader import machine_description  # noqa: E402
+from train.bench.loader import machine_description  # noqa: E402
 from train.engine.loop import TrainState, train_steps  # noqa: E402
 from train.engine.optim import build_optimizer  # noqa: E402
 from train.engine.step import ModelStep  # noqa: E402

@@ -19,7 +19,7 @@ import torch  # noqa: E402
 import torchvision  # noqa: E402
 from timm.optim import Lamb, Lars  # noqa: E402
 
-from train.bench_loader import machine_description  # noqa: E402
+from train.bench.loader import machine_description  # noqa: E402
 from train.engine.optim import param_groups  # noqa: E402
 
 ROWS = (  # name, constructor, layer-wise (timm's), kernel options to time

@@ -139,7 +139,7 @@ def bench(
     ),
 ) -> None:
     """Per phase: img/s on synthetic on-device data vs real shards, and the data-wait share."""
-    from train.bench import BenchConfig, bench_phases, format_bench
+    from train.bench.phases import BenchConfig, bench_phases, format_bench
 
     config = BenchConfig(
         phases_path=phases,
@@ -155,7 +155,7 @@ def bench(
         decode=decode,
     )
     if optimizers:
-        from train.bench_optim import bench_optimizers, format_optimizer_rows
+        from train.bench.optim import bench_optimizers, format_optimizer_rows
 
         typer.echo(format_optimizer_rows(*call(bench_optimizers, config)))
         return
@@ -189,7 +189,7 @@ def bench_loader(
     ),
 ) -> None:
     """Loader throughput alone; the LAST line is machine-readable: img_per_s=<float>."""
-    from train.bench_loader import bench_loader as run_bench
+    from train.bench.loader import bench_loader as run_bench
     from train.data.augment import Augmentation
 
     result = call(

@@ -105,7 +105,7 @@ def test_report_and_export_errors(tmp_path: Path) -> None:
 
 
 def test_bench_loader_last_line_is_machine_readable(monkeypatch, tmp_path: Path) -> None:
-    import train.bench_loader
+    import train.bench.loader
 
     calls = []
 
@@ -113,7 +113,7 @@ def test_bench_loader_last_line_is_machine_readable(monkeypatch, tmp_path: Path)
         calls.append((data_dir, crop_size, batch_size, workers, num_batches, kwargs))
         return {"img_per_s": 1234.5, "batches": num_batches, "data_dir": str(data_dir)}
 
-    monkeypatch.setattr(train.bench_loader, "bench_loader", fake)
+    monkeypatch.setattr(train.bench.loader, "bench_loader", fake)
     result = invoke(
         "bench-loader",
         "--data",
@@ -140,7 +140,7 @@ def test_bench_loader_last_line_is_machine_readable(monkeypatch, tmp_path: Path)
 def test_train_library_imports_neither_typer_nor_prep() -> None:
     code = (
         "import sys, train.run.main, train.run.epochs, train.run.report, train.export, "
-        "train.bench, train.bench_loader, train.plan.imagenet18; "
+        "train.bench.phases, train.bench.loader, train.bench.optim, train.plan.imagenet18; "
         "bad = [m for m in ('typer', 'prep') if m in sys.modules]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )

@@ -144,7 +144,7 @@ def test_the_recipe_reaches_the_train_loader(built_shards):
 
 def test_bench_loader_measures_the_augmentations(built_shards):
     from tests.train.test_cli import error_line, invoke
-    from train.bench_loader import bench_loader
+    from train.bench.loader import bench_loader
 
     directory = dataset_dir(built_shards)
     result = bench_loader(

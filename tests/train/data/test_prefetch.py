@@ -1,4 +1,4 @@
-"""train.data.prefetch (device-side normalize, one batch ahead) and train.bench_loader (img/s,
+"""train.data.prefetch (device-side normalize, one batch ahead) and train.bench.loader (img/s,
 worker memory): same API on CPU as on CUDA."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.loader_shards import dataset_dir
-from train.bench_loader import bench_loader, process_memory_mb
+from train.bench.loader import bench_loader, process_memory_mb
 from train.data.constants import IMAGENET_MEAN, IMAGENET_STD
 from train.data.crops import TrainCrop
 from train.data.loaders import TrainLoader, ValLoader

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from train import bench_optim
-from train.bench import BenchConfig
-from train.bench_optim import OPTIMIZER_ROWS, bench_optimizers, format_optimizer_rows
+from train.bench import optim as bench_optim
+from train.bench.optim import OPTIMIZER_ROWS, bench_optimizers, format_optimizer_rows
+from train.bench.phases import BenchConfig
 
 
 def bench_config(tmp_path: Path) -> BenchConfig:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.train.standin import StandInData
-from train.bench import BenchConfig, bench_phases
+from train.bench.phases import BenchConfig, bench_phases
 from train.plan.config import RunConfig
 from train.run.main import run
 from train.run.metrics import read_metrics

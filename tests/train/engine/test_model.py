@@ -11,7 +11,7 @@ import torch
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from tests.train.standin import StandInData
-from train.bench import BenchConfig, SyntheticBatches, bench_phases, format_bench, verdict
+from train.bench.phases import BenchConfig, SyntheticBatches, bench_phases, format_bench, verdict
 from train.engine.loop import evaluate
 from train.engine.model import build_model
 from train.engine.optim import build_optimizer

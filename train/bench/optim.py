@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from train.bench import (
+from train.bench.phases import (
     BenchConfig,
     SyntheticBatches,
     bench_step,
@@ -39,7 +39,7 @@ def machine_name(device: torch.device) -> str:
     """The GPU's name, or the CPU's model and the threads torch uses."""
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
-    from train.bench_loader import machine_description
+    from train.bench.loader import machine_description
 
     return f"{machine_description()}; {torch.get_num_threads()} torch threads"
 
