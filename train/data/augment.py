@@ -16,10 +16,10 @@ def auto_augment_problem(name: str) -> str | None:
         return None
     if not name.startswith(TIMM_AUGMENT_PREFIX):
         return f"must be one of {', '.join(AUTO_AUGMENT_POLICIES)} or {TIMM_AUGMENT_PREFIX}<config>"
-    from train.data.timm_augment import TimmAugmentError, make_timm_transform
+    from train.data.timm_augment import TimmAugmentError, check_timm_config
 
     try:
-        make_timm_transform(name.removeprefix(TIMM_AUGMENT_PREFIX), 224)
+        check_timm_config(name.removeprefix(TIMM_AUGMENT_PREFIX))
     except TimmAugmentError as err:
         return str(err)
     return None

@@ -17,6 +17,7 @@ from train.data.constants import IMAGENET_MEAN, TIMM_AUGMENT_PREFIX
 # rand_augment_transform / auto_augment_transform (augmix mixes images: not taken).
 TIMM_RAND = ("rand",)
 TIMM_POLICIES = ("original", "originalr", "v0", "v0r", "3a")
+CHECK_CROP_SIZE = 224  # any side: timm parses a string the same way for every crop size
 
 
 class TimmAugmentError(ValueError):
@@ -54,6 +55,11 @@ def make_timm_transform(config: str, crop_size: int):
         raise TimmAugmentError(f"timm refuses it: {err or type(err).__name__}") from None
 
 
+def check_timm_config(config: str) -> None:
+    """TimmAugmentError (one line) unless timm is installed and builds `config`."""
+    make_timm_transform(config, CHECK_CROP_SIZE)
+
+
 def numpy_seed(seed: int) -> list[int]:
     """A 63-bit seed as the 32-bit words numpy's legacy global RandomState takes."""
     return [seed & 0xFFFFFFFF, seed >> 32]
@@ -68,7 +74,7 @@ class TimmAugment:
         self.name = name  # the recipe's value, "timm:..."
         self.config = name.removeprefix(TIMM_AUGMENT_PREFIX)
         self.transforms: dict[int, object] = {}  # by crop side: the crop ramp changes it
-        make_timm_transform(self.config, 224)  # refuse a bad string now, not in a worker
+        check_timm_config(self.config)  # a bad string fails here, not in a loader worker
 
     def transform_for(self, crop_size: int):
         if crop_size not in self.transforms:
