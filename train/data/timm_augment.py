@@ -90,8 +90,9 @@ class TimmAugment:
         python_state, numpy_state = random.getstate(), np.random.get_state()
         try:
             for slot, seed in enumerate(seeds):
-                random.seed(torch_seed(seed))
-                np.random.seed(numpy_seed(torch_seed(seed)))
+                image_seed = torch_seed(seed)
+                random.seed(image_seed)
+                np.random.seed(numpy_seed(image_seed))
                 hwc = host[slot].permute(1, 2, 0).numpy()  # a view: written back in place
                 hwc[...] = np.asarray(transform(Image.fromarray(hwc)))
         finally:  # the caller's streams as they were
