@@ -3,12 +3,15 @@ without it, interleaved round by round (a shared machine drifts), at 128 px from
 224 px from train-320 shards.
 
     python bench/augment_cost.py --shards DIR [--rounds 3] [--json-out r.json]
+    python bench/augment_cost.py --shards DIR --set auto_augment  # timm's RandAugment vs "ra"
 
 DIR holds train-160/ and train-320/ (e.g. `prep build-lmdb --src <fixture>/archives --out DIR
 --size 160 --size 320` over bench/fixture.py's photos). ColorJitter and random erasing are drawn
 in the loader's workers and applied by the prefetcher on the device: "drawn" rows are the
 loader's cost (a GPU machine's CPU side), the --prefetch rows add the prefetcher's work on the
 CPU (normalising, jitter, erasing: what a CPU-only run pays), against --prefetch alone.
+`--set auto_augment`: RSB A3's "timm:rand-m6-mstd0.5-inc1" against torchvision's "ra", both per
+image in worker processes, at RSB A3's 160 px crop from train-320.
 """
 
 from __future__ import annotations
@@ -21,10 +24,10 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SIZES = {128: "train-160", 224: "train-320"}
+SHARDS_BY_CROP = {128: "train-160", 160: "train-320", 224: "train-320"}
 # (name, bench-loader options, the name of its baseline)
 BOTH = ["--color-jitter", "0.4", "--random-erasing", "0.25"]
-VARIANTS = (
+OPS_VARIANTS = (
     ("uint8", [], None),
     ("jitter+erasing drawn", BOTH, "uint8"),
     ("repeat_aug 3", ["--repeat-aug", "3"], "uint8"),
@@ -32,6 +35,13 @@ VARIANTS = (
     ("prefetch color_jitter 0.4", ["--prefetch", "--color-jitter", "0.4"], "prefetch"),
     ("prefetch random_erasing 0.25", ["--prefetch", "--random-erasing", "0.25"], "prefetch"),
 )
+RSB_AUGMENT = "timm:rand-m6-mstd0.5-inc1"
+AUTO_AUGMENT_VARIANTS = (
+    ("auto_augment ra", ["--auto-augment", "ra"], None),
+    (f"auto_augment {RSB_AUGMENT}", ["--auto-augment", RSB_AUGMENT], "auto_augment ra"),
+)
+# --set: (variants, crop sizes)
+VARIANT_SETS = {"ops": (OPS_VARIANTS, (128, 224)), "auto_augment": (AUTO_AUGMENT_VARIANTS, (160,))}
 
 
 def measure(shards: Path, crop_size: int, options: list[str], args) -> dict:
@@ -40,7 +50,7 @@ def measure(shards: Path, crop_size: int, options: list[str], args) -> dict:
         sys.executable,
         __file__,
         "--child",
-        json.dumps([str(shards / SIZES[crop_size]), crop_size, options]),
+        json.dumps([str(shards / SHARDS_BY_CROP[crop_size]), crop_size, options]),
         "--batch-size",
         str(args.batch_size),
         "--workers",
@@ -69,8 +79,10 @@ def child(spec: str, args) -> None:
     flags.add_argument("--random-erasing", type=float, default=0.0)
     flags.add_argument("--repeat-aug", type=int, default=1)
     flags.add_argument("--prefetch", action="store_true")
+    flags.add_argument("--auto-augment")
     chosen = flags.parse_args(options)
     augment = Augmentation(
+        auto_augment=chosen.auto_augment,
         color_jitter=chosen.color_jitter,
         random_erasing=chosen.random_erasing,
         repeat_aug=chosen.repeat_aug,
@@ -109,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batches", type=int, default=40)
     parser.add_argument("--json-out", type=Path)
+    parser.add_argument("--set", choices=sorted(VARIANT_SETS), default="ops")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -116,10 +129,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.shards is None:
         parser.error("--shards is required")
+    variants, crop_sizes = VARIANT_SETS[args.set]
     runs: dict[str, list[dict]] = {}
     for round_index in range(args.rounds):
-        for crop_size in SIZES:
-            for name, options, _ in VARIANTS:
+        for crop_size in crop_sizes:
+            for name, options, _ in variants:
                 run = measure(args.shards, crop_size, options, args)
                 runs.setdefault(f"{crop_size}/{name}", []).append(run)
                 print(
@@ -132,8 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         "(medians; per-round range) | CPU ms/img vs baseline (medians; per-round range) |"
     )
     print("|---|---|---|---|---|---|")
-    for crop_size in SIZES:
-        for name, _, baseline in VARIANTS:
+    for crop_size in crop_sizes:
+        for name, _, baseline in variants:
             mine = runs[f"{crop_size}/{name}"]
             cells = [str(crop_size), name]
             for key in ("img_per_s", "cpu_ms_per_img"):

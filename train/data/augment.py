@@ -6,6 +6,24 @@ from __future__ import annotations
 
 import dataclasses
 
+from train.data.constants import AUTO_AUGMENT_POLICIES, TIMM_AUGMENT_PREFIX
+
+
+def auto_augment_problem(name: str) -> str | None:
+    """Why `name` is no auto_augment ("must be ..."), None if it is one; a timm string is
+    checked by building timm's transform (which also needs timm installed)."""
+    if name in AUTO_AUGMENT_POLICIES:
+        return None
+    if not name.startswith(TIMM_AUGMENT_PREFIX):
+        return f"must be one of {', '.join(AUTO_AUGMENT_POLICIES)} or {TIMM_AUGMENT_PREFIX}<config>"
+    from train.data.timm_augment import TimmAugmentError, check_timm_config
+
+    try:
+        check_timm_config(name.removeprefix(TIMM_AUGMENT_PREFIX))
+    except TimmAugmentError as err:
+        return str(err)
+    return None
+
 
 @dataclasses.dataclass(frozen=True)
 class Augmentation:
@@ -20,6 +38,10 @@ class Augmentation:
         """The train.data.contract.Augment the batch builder runs, or None."""
         if not self.auto_augment:
             return None
+        if self.auto_augment.startswith(TIMM_AUGMENT_PREFIX):
+            from train.data.timm_augment import TimmAugment
+
+            return TimmAugment(self.auto_augment)
         from train.data.auto_augment import AutoAugment
 
         return AutoAugment(self.auto_augment)

@@ -8,4 +8,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # torchvision v2 policies by the recipe's "auto_augment" name (train.data.auto_augment).
 AUTO_AUGMENT_POLICIES = ("ra", "ta_wide", "imagenet")
+# ... or timm's config string after this prefix: "timm:rand-m6-mstd0.5-inc1" (timm_augment.py)
+TIMM_AUGMENT_PREFIX = "timm:"
 DECODERS = ("cpu", "gpu")  # JPEG decode: CPU threads/processes, or nvJPEG (train.data.gpu_decode)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from train.data.augment import auto_augment_problem
 from train.data.constants import AUTO_AUGMENT_POLICIES, DECODERS
 from train.errors import RecipeError, TrainError
 from train.plan.settings import is_number, problems, setting
@@ -62,7 +63,9 @@ class Recipe:
     drop_path: float = setting(
         0.0, "stochastic depth of the deepest block", low=0, high=1, bounds="[)"
     )
-    auto_augment: str | None = setting(None, "torchvision v2 policy", choices=AUTO_AUGMENT_POLICIES)
+    auto_augment: str | None = setting(
+        None, f"torchvision v2 policy ({' | '.join(AUTO_AUGMENT_POLICIES)}) or timm:<config>"
+    )
     color_jitter: float = setting(
         0.0, "ColorJitter brightness, contrast and saturation strength (0 = off)", low=0
     )
@@ -123,6 +126,8 @@ class Recipe:
                 f"recipe key 'optimizer': {self.optimizer!r} is timm's and needs it (pip "
                 "install 'shardtrain[timm]' or pip install timm)"
             )
+        if self.auto_augment is not None and (why := auto_augment_problem(self.auto_augment)):
+            fail("auto_augment", why)
         if self.bce_target_threshold is not None and self.loss != "bce":
             fail("bce_target_threshold", f"only applies to loss 'bce' (loss is {self.loss!r})")
         betas = self.betas
