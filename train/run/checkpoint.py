@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import io
+import os
 import pickle
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from formats import write_atomic
+from formats import fsync_dir, write_atomic
 from train.engine.loop import TrainState, sums_from_dict
 from train.engine.step import ModelStep
 from train.errors import CheckpointError, TrainError, one_line
@@ -63,6 +66,26 @@ def save_atomic(state: dict[str, Any], path: Path) -> Path:
     buffer = io.BytesIO()
     torch.save(state, buffer)
     return write_atomic(path, lambda f: f.write(buffer.getbuffer()))
+
+
+def link_atomic(source: Path, target: Path) -> Path:
+    """`target` holds `source`'s bytes without a second write of a checkpoint (ResNet-50 with its
+    optimizer state: ~200 MB, fsynced): a hard link, replaced by rename. Saves rename a new file
+    over `source`, so the link keeps these bytes. A file system without hard links gets a copy."""
+    tmp = target.with_name(target.name + ".tmp")
+    try:
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(source, tmp)
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EMLINK):
+                raise
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(target.parent)
+    return target
 
 
 def write_reason(exc: BaseException) -> str:
@@ -213,11 +236,10 @@ def save_run(saved: dict[str, Any], out_dir: Path, final: bool, best: bool = Fal
     it only when complete)."""
     directory = checkpoint_dir(out_dir)
     try:
-        save_atomic(saved, directory / LAST_NAME)
-        if final:
-            save_atomic(saved, directory / FINAL_NAME)
-        if best:
-            save_atomic(saved, directory / BEST_NAME)
+        last = save_atomic(saved, directory / LAST_NAME)
+        for name, wanted in ((FINAL_NAME, final), (BEST_NAME, best)):
+            if wanted:
+                link_atomic(last, directory / name)
     except (OSError, RuntimeError) as exc:  # torch's zip writer wraps some OSErrors
         raise TrainError(
             f"cannot save a checkpoint in {directory} ({write_reason(exc)}); {last_kept(out_dir)}"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ from train.engine.init_weights import init_from
 from train.engine.model import build_model
 from train.errors import TrainError
 from train.plan.config import Recipe
-from train.run.checkpoint import load
+from train.run.checkpoint import load, save_run
 from train.run.epochs import EpochLoop
 from train.run.main import run
 from train.run.metrics import read_metrics
@@ -194,3 +196,28 @@ def test_a_resume_need_not_repeat_init() -> None:
     saved = {**identity, "recipe": {**recipe, "init": "/weights/tv.pth"}}
     assert changes_since(saved, identity) == []
     assert changes_since(saved, {**identity, "recipe": {**recipe, "lr_scale": 2}}) != []
+
+
+def step_in(path: Path) -> int:
+    return torch.load(path, weights_only=True)["global_step"]
+
+
+def test_best_and_final_share_last_pts_bytes_and_keep_them(tmp_path, monkeypatch) -> None:
+    """final.pt/best.pt are hard links of the last.pt just written (no second write); the next
+    save renames a new last.pt in, the links keep theirs; no hard links: a copy."""
+    save_run({"global_step": 1}, tmp_path, final=False, best=True)
+    directory = tmp_path / "checkpoints"
+    assert (directory / "best.pt").stat().st_ino == (directory / "last.pt").stat().st_ino
+    save_run({"global_step": 2}, tmp_path, final=True)
+    assert step_in(directory / "best.pt") == 1
+    assert step_in(directory / "final.pt") == 2
+    assert step_in(directory / "last.pt") == 2
+
+    def no_links(source, target):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    save_run({"global_step": 3}, tmp_path, final=False, best=True)
+    assert step_in(directory / "best.pt") == 3
+    assert (directory / "best.pt").stat().st_ino != (directory / "last.pt").stat().st_ino
+    assert sorted(p.name for p in directory.iterdir()) == ["best.pt", "final.pt", "last.pt"]
