@@ -207,12 +207,17 @@ def link_val_split(folders: Path, per_class: int) -> Path:
     return folders
 
 
-def gpu_tests(args: argparse.Namespace, steps: Steps) -> None:
-    files = sorted(
-        str(p.relative_to(REPO))
-        for p in (REPO / "tests").glob("test_*.py")
+def gpu_test_files(tests_dir: Path) -> list[str]:
+    """The test files (tests/ and its subfolders) that hold a CUDA-marked test."""
+    return sorted(
+        str(p.relative_to(tests_dir.parent))
+        for p in tests_dir.rglob("test_*.py")
         if "mark.gpu" in p.read_text() or "mark.cuda" in p.read_text()
     )
+
+
+def gpu_tests(args: argparse.Namespace, steps: Steps) -> None:
+    files = gpu_test_files(REPO / "tests")
     started = time.monotonic()
     code, output = steps.run(
         "tests-gpu",

@@ -70,3 +70,15 @@ def test_gpu_check_tiny_resumes_bit_identically_and_prints_the_table(tmp_path: P
         and "epoch 0 step" in steps["resume"]["detail"]
     )
     assert "| resume | ok |" in result.stdout  # the table printed last
+
+
+def test_the_gpu_call_runs_the_cuda_tests_of_every_test_folder() -> None:
+    """tests/ has subfolders since issue 17: the GPU call must find their CUDA-marked files."""
+    files = gpu_check.gpu_test_files(REPO / "tests")
+    for expected in (
+        "tests/train/engine/test_gpu.py",
+        "tests/train/engine/test_grad_clip.py",
+        "tests/train/data/test_augment_loaders.py",
+    ):
+        assert expected in files, files
+    assert "tests/train/plan/test_schedule.py" not in files
