@@ -77,7 +77,7 @@ def read_weights(config: EvalConfig) -> Weights:
             raise TrainError(f"--arch {reason}") from None
         weights = weights_of(state, path, ema=config.ema)
         return Weights(path, config.arch, None, None, weights, None, None, None)
-    state = ckpt.load(path)  # the version and field checks of a resume
+    state = ckpt.check_loaded(state, path)  # the version and field checks of a resume
     if config.arch is not None and config.arch != state["arch"]:
         raise TrainError(f"--arch {config.arch}: {path} is a checkpoint of {state['arch']}")
     try:

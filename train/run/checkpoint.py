@@ -107,6 +107,12 @@ def load(path: Path) -> dict[str, Any]:
         ) from None
     except Exception as exc:  # torch raises several types for truncated or foreign files
         raise CheckpointError(f"{path}: unreadable checkpoint ({one_line(exc)})") from None
+    return check_loaded(state, path)
+
+
+def check_loaded(state: Any, path: Path) -> dict[str, Any]:
+    """`state`, read from `path`, if it is a whole checkpoint of this version (load's checks,
+    for a caller that has read the file already); else one CheckpointError."""
     if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
         raise CheckpointError(
             f"{path}: not a shardtrain checkpoint of version {CHECKPOINT_VERSION}"
