@@ -11,3 +11,7 @@ AUTO_AUGMENT_POLICIES = ("ra", "ta_wide", "imagenet")
 # ... or timm's config string after this prefix: "timm:rand-m6-mstd0.5-inc1" (timm_augment.py)
 TIMM_AUGMENT_PREFIX = "timm:"
 DECODERS = ("cpu", "gpu")  # JPEG decode: CPU threads/processes, or nvJPEG (train.data.gpu_decode)
+
+# How to get timm, for every feature that needs the optional extra (timm/ models, LAMB/LARS,
+# timm: augmentations).
+INSTALL_TIMM = "pip install 'shardtrain[timm]' or pip install timm"

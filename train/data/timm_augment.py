@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from train.data.auto_augment import torch_seed
-from train.data.constants import IMAGENET_MEAN, TIMM_AUGMENT_PREFIX
+from train.data.constants import IMAGENET_MEAN, INSTALL_TIMM, TIMM_AUGMENT_PREFIX
 
 # timm's config strings this key takes: those its transforms_factory hands to
 # rand_augment_transform / auto_augment_transform (augmix mixes images: not taken).
@@ -40,9 +40,7 @@ def make_timm_transform(config: str, crop_size: int):
     try:
         from timm.data.auto_augment import auto_augment_transform, rand_augment_transform
     except ImportError:
-        raise TimmAugmentError(
-            "timm augmentations need timm (pip install 'shardtrain[timm]' or pip install timm)"
-        ) from None
+        raise TimmAugmentError(f"timm augmentations need timm ({INSTALL_TIMM})") from None
     head = config.split("-")[0]
     if head not in TIMM_RAND + TIMM_POLICIES:
         raise TimmAugmentError(

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from train.data.augment import auto_augment_problem
-from train.data.constants import AUTO_AUGMENT_POLICIES, DECODERS
+from train.data.constants import AUTO_AUGMENT_POLICIES, DECODERS, INSTALL_TIMM
 from train.errors import RecipeError, TrainError
 from train.plan.settings import is_number, problems, setting
 
@@ -123,8 +123,8 @@ class Recipe:
             fail("nesterov", "needs a momentum above 0 (momentum is 0)")
         if self.optimizer in TIMM_OPTIMIZERS and importlib.util.find_spec("timm") is None:
             raise RecipeError(
-                f"recipe key 'optimizer': {self.optimizer!r} is timm's and needs it (pip "
-                "install 'shardtrain[timm]' or pip install timm)"
+                f"recipe key 'optimizer': {self.optimizer!r} is timm's and needs it "
+                f"({INSTALL_TIMM})"
             )
         if self.auto_augment is not None and (why := auto_augment_problem(self.auto_augment)):
             fail("auto_augment", why)
@@ -300,10 +300,7 @@ def check_arch(arch: str) -> None:
         try:
             import timm
         except ImportError:
-            raise RecipeError(
-                f"recipe key 'arch': {arch!r} needs timm (pip install "
-                "'shardtrain[timm]' or pip install timm)"
-            ) from None
+            raise RecipeError(f"recipe key 'arch': {arch!r} needs timm ({INSTALL_TIMM})") from None
         if not timm.is_model(arch[len(TIMM_PREFIX) :]):
             raise RecipeError(
                 f"recipe key 'arch': timm has no model {arch[len(TIMM_PREFIX) :]!r} "
