@@ -107,8 +107,11 @@ class TrainBatchIndices:
     epoch: int
     batch: int  # index of this batch within the rank's epoch
     indices: np.ndarray  # int64 record indices
-    first_position: int  # of sample 0
     positions: np.ndarray  # int64, sample i's; first_position + i unless repeat_aug > 1
+
+    @property
+    def first_position(self) -> int:  # of sample 0
+        return int(self.positions[0])
 
 
 def repeated_records(permutation: np.ndarray, repeat_aug: int) -> np.ndarray:
@@ -186,7 +189,7 @@ class TrainBatchSampler:
     def batch_indices(self, batch: int) -> TrainBatchIndices:
         positions = self.batch_positions(batch)
         indices = self.permutation()[positions]
-        return TrainBatchIndices(self.epoch, batch, indices, int(positions[0]), positions)
+        return TrainBatchIndices(self.epoch, batch, indices, positions)
 
     def __iter__(self):
         for batch in range(self.start_batch, len(self)):

@@ -86,7 +86,7 @@ def test_draws_come_from_the_sample_keys():
 
     def ops(seed, positions):
         positions = np.asarray(positions)
-        batch = TrainBatchIndices(1, 0, positions % 5, int(positions[0]), positions)
+        batch = TrainBatchIndices(1, 0, positions % 5, positions)
         return TrainPlan(batch, TrainCrop(16), seed, color_jitter=0.4).device_ops()
 
     whole, part = ops(2, [40, 41, 42, 7, 8, 9]), ops(2, [7, 8, 9])
