@@ -9,9 +9,10 @@ from typing import Any
 
 from formats import DatasetError, split_dir_name
 from formats.record import MANIFEST_FILE
+from train.data.constants import DEFAULT_VAL_CROP_RATIO
 from train.errors import RecipeError, ScheduleError, TrainError, one_line
 from train.plan.config import check_arch
-from train.plan.rebuilds import DEFAULT_VAL_CROP_RATIO, val_resize_size
+from train.plan.rebuilds import val_resize_size
 from train.plan.schedule import Schedule
 from train.run import checkpoint as ckpt
 from train.run.shard_checks import read_shard_info

@@ -10,6 +10,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 AUTO_AUGMENT_POLICIES = ("ra", "ta_wide", "imagenet")
 # ... or timm's config string after this prefix: "timm:rand-m6-mstd0.5-inc1" (timm_augment.py)
 TIMM_AUGMENT_PREFIX = "timm:"
+# Center-crop validation without a given resize: shorter side crop / 0.875 (256 -> 224), as
+# torchvision's and timm's ResNet evaluation.
+DEFAULT_VAL_CROP_RATIO = 0.875
 DECODERS = ("cpu", "gpu")  # JPEG decode: CPU threads/processes, or nvJPEG (train.data.gpu_decode)
 
 # How to get timm, for every feature that needs the optional extra (timm/ models, LAMB/LARS,

@@ -9,6 +9,7 @@ from fractions import Fraction
 import numpy as np
 
 from formats.jpeg import POW2_SCALES, scaled_dim
+from train.data.constants import DEFAULT_VAL_CROP_RATIO
 
 Box = tuple[int, int, int, int]  # (top, left, height, width)
 
@@ -171,7 +172,9 @@ def _map_span(start: int, length: int, scale: float, limit: int) -> tuple[int, i
     return begin, end
 
 
-def center_crop_box(height: int, width: int, crop_size: int, crop_ratio: float = 0.875) -> Box:
+def center_crop_box(
+    height: int, width: int, crop_size: int, crop_ratio: float = DEFAULT_VAL_CROP_RATIO
+) -> Box:
     """``Resize(round(crop_size / crop_ratio))`` + ``CenterCrop(crop_size)``, a stored box."""
     if not 0 < crop_ratio <= 1:
         raise ValueError(f"crop_ratio must be in (0, 1], got {crop_ratio}")

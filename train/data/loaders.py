@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from formats import DatasetError
 from formats.dataset import RecordDataset
 from train.data.batches import BatchBuilder, BatchError
-from train.data.constants import DECODERS
+from train.data.constants import DECODERS, DEFAULT_VAL_CROP_RATIO
 from train.data.contract import Augment
 from train.data.crops import TrainCrop
 from train.data.decode import backend as decode_backend
@@ -252,7 +252,7 @@ class ValLoader(_Core):
         world_size: int = 1,
         workers: int = 2,
         rect: bool = False,
-        crop_ratio: float = 0.875,
+        crop_ratio: float = DEFAULT_VAL_CROP_RATIO,
         resize_size: int | None = None,
         decode: str = "cpu",
         device: str | None = None,

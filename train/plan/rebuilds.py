@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from train.data.constants import DEFAULT_VAL_CROP_RATIO
 from train.plan.schedule import Phase, Schedule, ShardDirs
-
-DEFAULT_VAL_CROP_RATIO = 0.875  # val_crop_size / val_resize_size where a phase sets no resize
 
 # A change in TRAIN_/VAL_LOADER_FIELDS rebuilds that loader (new shards, new batch sampler);
 # a change in IN_PLACE_FIELDS alone is applied to the live loader (`set_crop`,
